@@ -12,7 +12,7 @@ import pytest
 
 from lrq import assets, tools
 
-_native = pytest.importorskip("lrq._native", reason="run `make build` first")
+from lrq import _native  # built by `make build`; a missing build must fail, not skip
 
 # llama-perplexity and the binding run the same kernels on the same windows; llama-perplexity
 # batches 4 windows per decode and the binding one, which may reorder float sums slightly.

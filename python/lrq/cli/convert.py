@@ -1,0 +1,85 @@
+"""lrq-convert: quantize a GGUF or Hugging Face model into an LRQ GGUF (docs/FORMAT.md).
+
+Examples:
+    lrq-convert model.Q4_1.gguf out.lrq.gguf --bits 2 --group-size 64
+    lrq-convert model.gguf out.gguf --bits 2 --plan last-8 --grid-offset 0.5
+    lrq-convert hf-model-dir/ out.gguf --ternary --scale-search mse --plan plan.yaml
+    lrq-convert model.gguf out.gguf --keep 'token_embd|output' --plan progressive
+
+Plans: none (default), all (every layer twice), last-N (last N layers twice), progressive
+(first third x1, middle x2, last third x3), or a JSON/YAML file
+{"layers": {"27": {"replicas": 2, "mode": "serial"}}}.
+Tensors other than the block linears (embeddings, output, norms, biases) keep their source type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lrq-convert", description=__doc__.splitlines()[0],
+                                 epilog=__doc__.split("\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src", metavar="SRC", help="GGUF file (any type gguf-py dequantizes) or HF model directory")
+    ap.add_argument("out", metavar="OUT.gguf", help="output LRQ GGUF (written atomically)")
+    q = ap.add_argument_group("quantizer")
+    q.add_argument("--bits", type=int, choices=(1, 2, 3, 4), default=None, help="code bits (default 2)")
+    m = q.add_mutually_exclusive_group()
+    m.add_argument("--asym", dest="mode", action="store_const", const="asym",
+                   help="per-group scale and minimum (default)")
+    m.add_argument("--sym", dest="mode", action="store_const", const="sym", help="per-group scale, symmetric grid")
+    m.add_argument("--ternary", dest="mode", action="store_const", const="ternary",
+                   help="codes -1/0/+1 times a per-group scale (2-bit storage)")
+    q.add_argument("--group-size", type=int, choices=(32, 64, 128, 256), default=64)
+    q.add_argument("--scale-search", choices=("minmax", "mse"), default="minmax",
+                   help="mse: per-group clipping that minimises the squared error")
+    q.add_argument("--rounding", choices=("nearest", "stochastic"), default="nearest")
+    q.add_argument("--noise", type=float, default=0.0,
+                   help="std of Gaussian noise (in code units) added before rounding")
+    q.add_argument("--seed", type=int, default=0, help="seed of stochastic rounding / noise")
+    q.add_argument("--keep", metavar="REGEX", default=None,
+                   help="tensors whose name matches keep their source type (e.g. 'ffn_down')")
+    r = ap.add_argument_group("replication")
+    r.add_argument("--plan", default="none", metavar="FILE|PRESET",
+                   help="none | all | last-N | progressive | plan.json | plan.yaml (default none)")
+    r.add_argument("--grid-offset", type=float, default=0.0,
+                   help="initial grid offset (code units) of replicas r>=1: +x, -x, +2x, ...")
+    r.add_argument("--scale-delta", type=float, default=0.0,
+                   help="initial scale multipliers of replicas r>=1: 1+d, 1-d, 1+2d, ...")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    from ..convert import ConvertError, ConvertOptions, convert
+    from ..gguf_write import WriterError
+
+    mode = args.mode or "asym"
+    bits = args.bits if args.bits is not None else 2
+    opts = ConvertOptions(bits=bits, mode=mode, group_size=args.group_size,
+                          scale_search=args.scale_search, rounding=args.rounding, noise=args.noise,
+                          grid_offset=args.grid_offset, scale_delta=args.scale_delta, keep=args.keep,
+                          plan=args.plan, seed=args.seed, progress=not args.quiet)
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
+    try:
+        summary = convert(args.src, args.out, opts, log=log)
+    except (ConvertError, WriterError) as e:
+        print(f"lrq-convert: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:   # e.g. the disk filled up: the temporary output is already removed
+        print(f"lrq-convert: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lrq-convert: interrupted; nothing written", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print("\n".join(summary.lines()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""lrq-inspect: metadata, schedule, tensors and bits per weight of an LRQ GGUF.
+
+Examples:
+    lrq-inspect out.lrq.gguf                 # summary, schedule, per-tensor table
+    lrq-inspect out.lrq.gguf --json          # everything as one JSON object
+    lrq-inspect out.lrq.gguf --no-tensors    # without the per-tensor table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+# arrays longer than this (tokenizer vocabularies) are summarised, not printed
+MAX_ARRAY_SHOWN = 16
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, list):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (bytes, bytearray)):
+        return v.decode("utf-8", "replace")
+    if hasattr(v, "item"):      # numpy scalar
+        return v.item()
+    return v
+
+
+def _short(v: Any, full: bool) -> Any:
+    if isinstance(v, list) and len(v) > MAX_ARRAY_SHOWN and not full:
+        return {"array_length": len(v), "first": _jsonable(v[:4])}
+    return _jsonable(v)
+
+
+def collect(path: str, full_metadata: bool = False) -> dict:
+    """Everything lrq-inspect reports, as plain JSON-able data."""
+    from ..constants import Keys
+    from ..lrq_file import LRQModelFile
+
+    f = LRQModelFile(path)
+    lrq_keys = {k: _jsonable(v) for k, v in f.kv.items() if k.startswith("lrq.")}
+    other = {k: _short(v, full_metadata) for k, v in f.kv.items() if not k.startswith("lrq.")}
+    tensors = []
+    for name in f.tensor_names:
+        ti = f.tensor_info(name)
+        tensors.append({"name": name, "type": ti.type_name, "type_id": ti.type_id,
+                        "shape": list(ti.shape), "bytes": ti.nbytes})
+    bpw = f.bpw()
+    return {
+        "file": str(f.path),
+        "format_version": f.format_version,
+        "architecture": f.kv.get("general.architecture"),
+        "base_architecture": f.arch,
+        "hparams": f.hparams_dict,
+        "quant": {"mode": f.mode, "group_size": f.group_size, "bits": f.kv.get(Keys.BITS),
+                  "scale_search": f.kv.get(Keys.SCALE_SEARCH), "rounding": f.kv.get(Keys.ROUNDING)},
+        "schedule": [{"layer": e.layer, "replica": e.replica, "group": e.group, "weight": e.weight}
+                     for e in f.schedule],
+        "schedule_summary": f.plan.describe(),
+        "bpw": {"lrq": bpw["lrq"], "file": bpw["file"], "lrq_recorded": f.kv.get(Keys.BPW_LRQ)},
+        "counts": {"tensors": len(tensors), "lrq_weights": len(f.lrq_weights()),
+                   "n_lrq_weights": bpw["n_lrq_weights"], "n_base_params": bpw["n_base_params"],
+                   "tensor_bytes": bpw["tensor_bytes"], "file_bytes": f.path.stat().st_size},
+        "lrq_metadata": lrq_keys,
+        "metadata": other,
+        "tensors": tensors,
+    }
+
+
+def _print(info: dict, show_tensors: bool) -> None:
+    q = info["quant"]
+    print(f"{info['file']}")
+    print(f"  LRQ format v{info['format_version']}, {info['architecture']} "
+          f"(base {info['base_architecture']})")
+    h = info["hparams"]
+    print(f"  {h['n_layer']} layers, d={h['n_embd']}, ffn={h['n_ff']}, heads {h['n_head']}/{h['n_head_kv']}, "
+          f"vocab {h['n_vocab']}")
+    print(f"  quant: {q['mode']}, {q['bits']} bits, group {q['group_size']}, scale search "
+          f"{q['scale_search']}, rounding {q['rounding']}")
+    b = info["bpw"]
+    print(f"  bpw: {b['lrq']:.4f} LRQ weights incl. parameters (recorded {b['lrq_recorded']}), "
+          f"{b['file']:.4f} whole file")
+    c = info["counts"]
+    print(f"  {c['tensors']} tensors, {c['lrq_weights']} LRQ weights, {c['file_bytes']} bytes")
+    print("lrq metadata:")
+    for k, v in info["lrq_metadata"].items():
+        if not k.startswith("lrq.schedule."):
+            print(f"  {k} = {v}")
+    print(f"schedule: {info['schedule_summary']}")
+    for i, e in enumerate(info["schedule"]):
+        print(f"  exec {i:3d}: layer {e['layer']:3d} replica {e['replica']} "
+              f"group {e['group']:3d} weight {e['weight']:.4g}")
+    print("metadata:")
+    for k, v in info["metadata"].items():
+        print(f"  {k} = {v}")
+    if show_tensors:
+        print("tensors:")
+        for t in info["tensors"]:
+            print(f"  {t['name']:40s} {t['type']:6s} {str(t['shape']):16s} {t['bytes']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lrq-inspect", description=__doc__.splitlines()[0],
+                                 epilog=__doc__.split("\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("file", metavar="FILE", help="an LRQ GGUF")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--full-metadata", action="store_true", help="do not shorten long arrays")
+    ap.add_argument("--no-tensors", action="store_true", help="leave out the per-tensor table")
+    args = ap.parse_args(argv)
+
+    from ..gguf_hparams import GGUFFileError
+
+    try:
+        info = collect(args.file, args.full_metadata)
+    except GGUFFileError as e:
+        print(f"lrq-inspect: error: {e}", file=sys.stderr)
+        return 1
+    try:
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            _print(info, not args.no_tensors)
+    except BrokenPipeError:     # `lrq-inspect FILE | head` is fine
+        sys.stdout = None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Constants of the LRQ GGUF format v1 (docs/FORMAT.md is the specification).
+
+Everything a reader or writer of an LRQ GGUF needs to agree on lives here: the format version,
+every ``lrq.*`` key, the ggml type ids of the code tensors, the supported base architectures and
+the names of the per-weight auxiliary tensors.  Pure data: importing this module does no work.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import IntEnum
+
+# Must equal LRQ_FORMAT_VERSION in native/include/lrq-format.h (tests/test_convert.py checks it).
+# Readers refuse any other value.
+FORMAT_VERSION = 1
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+ARCH_PREFIX = "lrq-"        # general.architecture = "lrq-" + base: stock llama.cpp refuses it
+
+
+def lrq_arch(base: str) -> str:
+    return ARCH_PREFIX + base
+
+
+def base_arch(arch: str) -> str:
+    """``lrq-llama`` -> ``llama``; a plain name is returned unchanged."""
+    return arch[len(ARCH_PREFIX):] if arch.startswith(ARCH_PREFIX) else arch
+
+
+class Keys:
+    """Every GGUF key the LRQ format adds, all under ``lrq.``.
+
+    Required in every LRQ file: FORMAT_VERSION, BASE_ARCH, QUANT_MODE, GROUP_SIZE and the four
+    SCHEDULE_* arrays.  The others record how the file was made (provenance) or a derived figure.
+    """
+
+    FORMAT_VERSION = "lrq.format_version"          # uint32, = constants.FORMAT_VERSION
+    BASE_ARCH = "lrq.base_architecture"            # string, llama | qwen2 | qwen3
+
+    # how the codes were made; mode and group size are needed to dequantize
+    QUANT_MODE = "lrq.quant.mode"                  # string, asym | sym | ternary
+    GROUP_SIZE = "lrq.quant.group_size"            # uint32, 32 | 64 | 128 | 256
+    BITS = "lrq.quant.bits"                        # uint32, nominal bits (each tensor's type rules)
+    SCALE_SEARCH = "lrq.quant.scale_search"        # string, minmax | mse
+    ROUNDING = "lrq.quant.rounding"                # string, nearest | stochastic
+    NOISE = "lrq.quant.noise"                      # float32, std of the pre-rounding noise (codes)
+    SEED = "lrq.quant.seed"                        # uint32
+
+    # replica initialisation used by the converter (provenance)
+    INIT_SCALE_DELTA = "lrq.init.scale_delta"      # float32
+    INIT_GRID_OFFSET = "lrq.init.grid_offset"      # float32
+
+    # the execution schedule (docs/FORMAT.md, "Schedule")
+    SCHEDULE_LAYER = "lrq.schedule.layer"          # uint32[n_exec]
+    SCHEDULE_REPLICA = "lrq.schedule.replica"      # uint32[n_exec]
+    SCHEDULE_GROUP = "lrq.schedule.group"          # uint32[n_exec]
+    SCHEDULE_WEIGHT = "lrq.schedule.weight"        # float32[n_exec]
+
+    PLAN = "lrq.plan"                              # string, the --plan the converter was given
+    KEEP = "lrq.keep"                              # string, the --keep regex (absent when none)
+    BPW_LRQ = "lrq.bpw.lrq"                        # float32, see docs/FORMAT.md "bpw accounting"
+    SOURCE = "lrq.source"                          # string, file name of the converted source
+    CONVERTER = "lrq.converter"                    # string, "lrq <version>"
+
+    @classmethod
+    def all(cls) -> dict[str, str]:
+        """{attribute name: key} of every key."""
+        return {k: v for k, v in vars(cls).items() if k.isupper() and isinstance(v, str)}
+
+
+REQUIRED_KEYS = (Keys.FORMAT_VERSION, Keys.BASE_ARCH, Keys.QUANT_MODE, Keys.GROUP_SIZE,
+                 Keys.SCHEDULE_LAYER, Keys.SCHEDULE_REPLICA, Keys.SCHEDULE_GROUP,
+                 Keys.SCHEDULE_WEIGHT)
+
+
+class LRQType(IntEnum):
+    """ggml type ids of the LRQ code tensors (blocks of 32 weights, 4*b bytes).
+
+    The first free ids after the last type of the pinned llama.cpp (GGML_TYPE_Q2_0 = 42; the
+    gguf-py 0.19 on PyPI stops at Q1_0 = 41, so its maximum is not the right reference).  They
+    are part of the file format: never reuse or renumber them, even if a type is retired.
+    """
+
+    LRQ1 = 43
+    LRQ2 = 44
+    LRQ3 = 45
+    LRQ4 = 46
+
+
+LRQ_BLOCK = 32                      # weights per code block (= ggml's QK)
+
+
+def lrq_type(bits: int) -> LRQType:
+    return LRQType(LRQType.LRQ1 + bits - 1)
+
+
+def lrq_bits(type_id: int) -> int | None:
+    """Bits of an LRQ type id, None for any other id."""
+    return int(type_id) - LRQType.LRQ1 + 1 if LRQType.LRQ1 <= int(type_id) <= LRQType.LRQ4 else None
+
+
+def lrq_block_bytes(bits: int) -> int:
+    return 4 * bits
+
+
+MODES = ("asym", "sym", "ternary")
+GROUP_SIZES = (32, 64, 128, 256)
+BITS_CHOICES = (1, 2, 3, 4)
+TERNARY_BITS = 2                    # ternary codes 0, 1, 2 are stored as LRQ2
+ACT_BITS_MAX = 16
+
+# ---- tensor names ---------------------------------------------------------------------------
+# For a weight "blk.5.attn_q.weight" the stem is "blk.5.attn_q".
+SCALE_SUFFIX = ".lrq_scale"          # F16 [n_out, n_groups]: d
+MIN_SUFFIX = ".lrq_min"              # F16 [n_out, n_groups]: m (asym only)
+REPLICA_PARAMS = ("scale_mult", "grid_offset", "gain", "bias", "act")
+
+_REPLICA_RE = re.compile(r"^(?P<stem>.+)\.lrq_r(?P<replica>\d+)\.(?P<param>" + "|".join(REPLICA_PARAMS) + r")$")
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+
+
+def weight_stem(weight_name: str) -> str:
+    """``blk.5.attn_q.weight`` -> ``blk.5.attn_q``."""
+    return weight_name[:-len(".weight")] if weight_name.endswith(".weight") else weight_name
+
+
+def scale_name(weight_name: str) -> str:
+    return weight_stem(weight_name) + SCALE_SUFFIX
+
+
+def min_name(weight_name: str) -> str:
+    return weight_stem(weight_name) + MIN_SUFFIX
+
+
+def replica_param_name(weight_name: str, replica: int, param: str) -> str:
+    """``blk.5.attn_q.weight``, 1, ``scale_mult`` -> ``blk.5.attn_q.lrq_r1.scale_mult``."""
+    if param not in REPLICA_PARAMS:
+        raise ValueError(f"unknown replica parameter '{param}'; known: {', '.join(REPLICA_PARAMS)}")
+    if replica < 0:
+        raise ValueError(f"replica index must be >= 0, got {replica}")
+    return f"{weight_stem(weight_name)}.lrq_r{replica}.{param}"
+
+
+def parse_replica_param_name(name: str) -> tuple[str, int, str] | None:
+    """(weight name, replica, param) of a per-replica tensor name, else None."""
+    m = _REPLICA_RE.match(name)
+    if not m:
+        return None
+    return m.group("stem") + ".weight", int(m.group("replica")), m.group("param")
+
+
+def is_aux_tensor(name: str) -> bool:
+    """True for tensors that are parameters of an LRQ weight, not base model parameters."""
+    return name.endswith(SCALE_SUFFIX) or name.endswith(MIN_SUFFIX) or _REPLICA_RE.match(name) is not None
+
+
+def layer_of(name: str) -> int | None:
+    m = _LAYER_RE.match(name)
+    return int(m.group(1)) if m else None

@@ -1,0 +1,315 @@
+"""GGUF / Hugging Face model -> LRQ GGUF, streamed tensor by tensor, written atomically.
+
+Order of work: options and output path are checked, the source's header is read, the
+architecture, its tensors and the plan are validated — all before a single weight is touched.
+Then every output tensor is declared (so the header, including lrq.bpw.lrq, can be written
+first) and the data is produced one source tensor at a time.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+
+from .. import __version__
+from ..constants import (BITS_CHOICES, FORMAT_VERSION, GROUP_SIZES, MODES, TERNARY_BITS, Keys,
+                         is_aux_tensor, layer_of, lrq_arch, lrq_type, min_name,
+                         replica_param_name, scale_name)
+from ..gguf_hparams import GGUFFileError, dequantize_tensor, numpy_shape, open_reader, read_kv
+from ..gguf_write import GGUFStreamWriter, WriterError, check_output_path, tensor_nbytes
+from ..plan import Plan, PlanError, make_plan
+from ..quant import QuantError, n_groups, quantize
+from .arch import ArchConverter, ConvertError, converter_for, converter_for_hf
+from .hf import hf_config, hf_n_layer, run_convert_hf
+from .replicas import initial_param_names, initial_params
+
+U32 = gguf.GGUFValueType.UINT32
+F32V = gguf.GGUFValueType.FLOAT32
+F16 = gguf.GGMLQuantizationType.F16
+
+
+@dataclass
+class ConvertOptions:
+    bits: int = 2
+    mode: str = "asym"                 # asym | sym | ternary
+    group_size: int = 64
+    scale_search: str = "minmax"       # minmax | mse
+    rounding: str = "nearest"          # nearest | stochastic
+    noise: float = 0.0                 # std (code units) of Gaussian noise added before rounding
+    grid_offset: float = 0.0           # replica r >= 1 initial grid offset magnitude (code units)
+    scale_delta: float = 0.0           # replica r >= 1 initial scale multiplier deviation
+    keep: str | None = None            # regex: matching tensors keep their source type
+    plan: str = "none"                 # preset or plan file
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ConvertError(f"--mode: '{self.mode}' is not one of {', '.join(MODES)}")
+        if self.bits not in BITS_CHOICES:
+            raise ConvertError(f"--bits: {self.bits} is not one of {', '.join(map(str, BITS_CHOICES))}")
+        if self.mode == "ternary" and self.bits != TERNARY_BITS:
+            raise ConvertError(f"--ternary stores codes with {TERNARY_BITS} bits; --bits {self.bits} "
+                               f"contradicts it")
+        if self.group_size not in GROUP_SIZES:
+            raise ConvertError(f"--group-size: {self.group_size} is not one of "
+                               f"{', '.join(map(str, GROUP_SIZES))}")
+        if self.scale_search not in ("minmax", "mse"):
+            raise ConvertError(f"--scale-search: '{self.scale_search}' is not minmax or mse")
+        if self.rounding not in ("nearest", "stochastic"):
+            raise ConvertError(f"--rounding: '{self.rounding}' is not nearest or stochastic")
+        for opt, v in (("--noise", self.noise), ("--grid-offset", self.grid_offset),
+                       ("--scale-delta", self.scale_delta)):
+            if not np.isfinite(v) or v < 0:
+                raise ConvertError(f"{opt}: must be a finite value >= 0, got {v}")
+        if not (0 <= self.seed < 1 << 32):
+            raise ConvertError(f"--seed: must be in 0..2^32-1, got {self.seed}")
+        if self.keep is not None:
+            try:
+                re.compile(self.keep)
+            except re.error as e:
+                raise ConvertError(f"--keep: '{self.keep}' is not a valid regular expression ({e})") from None
+
+
+@dataclass
+class OutTensor:
+    name: str
+    shape: tuple[int, ...]
+    type_id: int
+    nbytes: int = 0
+
+
+@dataclass
+class SourceTensorPlan:
+    """What one source tensor becomes."""
+    source: str
+    lrq: bool
+    outputs: list[OutTensor] = field(default_factory=list)
+    replicas: list[int] = field(default_factory=list)      # r >= 1 with initial tensors
+
+
+@dataclass
+class ConvertSummary:
+    output: Path
+    arch: str
+    n_layer: int
+    n_exec: int
+    n_lrq_tensors: int
+    n_kept_tensors: int
+    n_replica_tensors: int
+    bpw_lrq: float
+    bpw_file: float
+    file_bytes: int
+    seconds: float
+    plan: str
+
+    def lines(self) -> list[str]:
+        return [
+            f"wrote {self.output} ({self.file_bytes / 2**20:.1f} MiB) in {self.seconds:.1f} s",
+            f"  arch lrq-{self.arch}: {self.n_layer} layers, {self.n_exec} executions (plan {self.plan})",
+            f"  tensors: {self.n_lrq_tensors} LRQ, {self.n_kept_tensors} kept, "
+            f"{self.n_replica_tensors} replica parameter tensors",
+            f"  bpw: {self.bpw_lrq:.3f} (LRQ weights incl. parameters), {self.bpw_file:.3f} (whole file)",
+        ]
+
+
+def tensor_seed(seed: int, name: str) -> list[int]:
+    """Per-tensor RNG seed: stochastic rounding / noise are reproducible and independent of order."""
+    return [seed, zlib.crc32(name.encode("utf-8"))]
+
+
+def _layout(conv: ArchConverter, reader, plan: Plan, opts: ConvertOptions,
+            keep: re.Pattern | None) -> list[SourceTensorPlan]:
+    rep_params = initial_param_names(opts.scale_delta, opts.grid_offset)
+    out = []
+    for t in reader.tensors:
+        shape = numpy_shape(t)
+        is_lrq = conv.is_lrq_candidate(t.name, shape) and not (keep and keep.search(t.name))
+        sp = SourceTensorPlan(t.name, is_lrq)
+        if not is_lrq:
+            sp.outputs.append(OutTensor(t.name, shape, int(t.tensor_type)))
+            out.append(sp)
+            continue
+        n_out, n_in = shape
+        sp.outputs.append(OutTensor(t.name, shape, int(lrq_type(opts.bits))))
+        ng = n_groups(n_in, opts.group_size)
+        sp.outputs.append(OutTensor(scale_name(t.name), (n_out, ng), int(F16)))
+        if opts.mode == "asym":
+            sp.outputs.append(OutTensor(min_name(t.name), (n_out, ng), int(F16)))
+        if rep_params:
+            sp.replicas = [r for r in plan.replicas(layer_of(t.name)) if r >= 1]
+            for r in sp.replicas:
+                for p in rep_params:
+                    sp.outputs.append(OutTensor(replica_param_name(t.name, r, p), (n_out, 1), int(F16)))
+        out.append(sp)
+    return out
+
+
+def _open_gguf(path: Path):
+    try:
+        return open_reader(path)
+    except GGUFFileError as e:
+        raise ConvertError(str(e)) from None
+
+
+def convert(src: str | Path, out: str | Path, opts: ConvertOptions,
+            log: Callable[[str], None] = lambda s: None) -> ConvertSummary:
+    """Convert ``src`` (GGUF or HF directory) to the LRQ GGUF ``out``.  ConvertError on bad input;
+    nothing is left at ``out`` (or next to it) unless the conversion succeeds."""
+    t0 = time.monotonic()
+    opts.validate()
+    src, out = Path(src), Path(out)
+    try:
+        out = check_output_path(out)
+    except WriterError as e:
+        raise ConvertError(str(e)) from None
+    if not src.exists():
+        raise ConvertError(f"{src}: no such file or directory")
+    if src.is_file() and out.exists() and src.resolve() == out.resolve():
+        raise ConvertError(f"{out}: the output would overwrite the source")
+    if src.is_dir():
+        cfg = hf_config(src)
+        conv_cls = converter_for_hf(list(cfg.get("architectures") or []), str(src / "config.json"))
+        plan = _make_plan(opts.plan, hf_n_layer(cfg, str(src / "config.json")))
+        # the F32 intermediate sits next to the output (it can be large; /tmp may be small)
+        with tempfile.TemporaryDirectory(prefix=".lrq-convert-", dir=out.parent) as tmp:
+            log(f"converting {src} to an F32 GGUF with convert_hf_to_gguf.py ...")
+            f32 = run_convert_hf(src, Path(tmp) / "source-f32.gguf")
+            return _convert_gguf(f32, out, opts, t0, log, expect=conv_cls, source_name=src.name)
+    return _convert_gguf(src, out, opts, t0, log, source_name=src.name)
+
+
+def _make_plan(spec: str, n_layer: int) -> Plan:
+    try:
+        return make_plan(spec, n_layer)
+    except PlanError as e:
+        raise ConvertError(str(e)) from None
+
+
+def _convert_gguf(src: Path, out: Path, opts: ConvertOptions, t0: float, log,
+                  expect: type[ArchConverter] | None = None, source_name: str = "") -> ConvertSummary:
+    reader = _open_gguf(src)
+    kv = read_kv(reader)
+    arch = kv.get("general.architecture")
+    if arch is None:
+        raise ConvertError(f"{src}: key general.architecture is missing")
+    conv_cls = converter_for(str(arch), str(src))
+    if expect is not None and conv_cls is not expect:
+        raise ConvertError(f"{src}: convert_hf_to_gguf.py wrote architecture '{arch}', expected '{expect.arch}'")
+    shapes = {t.name: numpy_shape(t) for t in reader.tensors}
+    conv = conv_cls(kv, shapes, str(src))
+    conv.check()
+    n_layer = conv.n_layer
+    plan = _make_plan(opts.plan, n_layer)
+    # replica 2k gets scale multiplier 1 - k * scale_delta (see replicas.py): it must stay > 0
+    max_rep = max(e.replica for e in plan.executions)
+    if opts.scale_delta * (max_rep // 2) >= 1:
+        raise ConvertError(f"--scale-delta {opts.scale_delta}: replica {max_rep} would get a scale "
+                           f"multiplier <= 0")
+    keep = re.compile(opts.keep) if opts.keep else None
+    layout = _layout(conv, reader, plan, opts, keep)
+    n_lrq_sources = sum(sp.lrq for sp in layout)
+    if n_lrq_sources == 0:
+        raise ConvertError(f"{src}: no tensor would be quantized (every block linear is kept or has "
+                           f"n_in not a multiple of 32)")
+    by_name = {t.name: t for t in reader.tensors}
+
+    try:
+        writer = GGUFStreamWriter(out, lrq_arch(conv.arch))
+    except WriterError as e:
+        raise ConvertError(str(e)) from None
+    with writer:
+        for key, f in reader.fields.items():
+            if not key.startswith("GGUF.") and conv.copy_key(key):
+                writer.copy_field(f)
+        writer.add_uint32(Keys.FORMAT_VERSION, FORMAT_VERSION)
+        writer.add_string(Keys.BASE_ARCH, conv.arch)
+        writer.add_string(Keys.QUANT_MODE, opts.mode)
+        writer.add_uint32(Keys.GROUP_SIZE, opts.group_size)
+        writer.add_uint32(Keys.BITS, opts.bits)
+        writer.add_string(Keys.SCALE_SEARCH, opts.scale_search)
+        writer.add_string(Keys.ROUNDING, opts.rounding)
+        writer.add_float32(Keys.NOISE, opts.noise)
+        writer.add_uint32(Keys.SEED, opts.seed)
+        writer.add_float32(Keys.INIT_SCALE_DELTA, opts.scale_delta)
+        writer.add_float32(Keys.INIT_GRID_OFFSET, opts.grid_offset)
+        arrays = plan.to_gguf_arrays()
+        for k in (Keys.SCHEDULE_LAYER, Keys.SCHEDULE_REPLICA, Keys.SCHEDULE_GROUP):
+            writer.add_array(k, arrays[k], U32)
+        writer.add_array(Keys.SCHEDULE_WEIGHT, arrays[Keys.SCHEDULE_WEIGHT], F32V)
+        writer.add_string(Keys.PLAN, plan.source or opts.plan)
+        if opts.keep:
+            writer.add_string(Keys.KEEP, opts.keep)
+        writer.add_string(Keys.SOURCE, source_name or src.name)
+        writer.add_string(Keys.CONVERTER, f"lrq {__version__}")
+
+        # sizes are known before any data, so lrq.bpw.lrq can go in the KV section
+        lrq_bits_total = n_lrq_weights = 0
+        for sp in layout:
+            for o in sp.outputs:
+                o.nbytes = tensor_nbytes(o.shape, o.type_id)
+            if sp.lrq:
+                n_lrq_weights += int(np.prod(sp.outputs[0].shape))
+                lrq_bits_total += 8 * sum(o.nbytes for o in sp.outputs)
+        bpw_lrq = lrq_bits_total / n_lrq_weights
+        writer.add_float32(Keys.BPW_LRQ, bpw_lrq)
+        for sp in layout:
+            for o in sp.outputs:
+                writer.add_tensor_info(o.name, o.shape, o.type_id)
+        writer.write_header()
+
+        total = sum(int(np.prod(shapes[sp.source])) for sp in layout)
+        bar = None
+        if opts.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=total, unit="w", unit_scale=True, desc="lrq-convert", leave=False)
+        try:
+            for sp in layout:
+                t = by_name[sp.source]
+                if sp.lrq:
+                    _write_lrq(writer, sp, t, opts)
+                else:
+                    writer.write_tensor(sp.source, np.asarray(t.data))
+                if bar is not None:
+                    bar.update(int(np.prod(shapes[sp.source])))
+        finally:
+            if bar is not None:
+                bar.close()
+        writer.finish()
+
+    all_bytes = sum(o.nbytes for sp in layout for o in sp.outputs)
+    n_base = sum(int(np.prod(o.shape)) for sp in layout for o in sp.outputs if not is_aux_tensor(o.name))
+    return ConvertSummary(
+        output=out, arch=conv.arch, n_layer=n_layer, n_exec=plan.n_exec,
+        n_lrq_tensors=n_lrq_sources, n_kept_tensors=len(layout) - n_lrq_sources,
+        n_replica_tensors=sum(1 for sp in layout for o in sp.outputs if ".lrq_r" in o.name),
+        bpw_lrq=bpw_lrq, bpw_file=8 * all_bytes / n_base, file_bytes=out.stat().st_size,
+        seconds=time.monotonic() - t0, plan=plan.source or opts.plan)
+
+
+def _write_lrq(writer: GGUFStreamWriter, sp: SourceTensorPlan, t, opts: ConvertOptions) -> None:
+    w = dequantize_tensor(t).astype(np.float32)
+    if not np.isfinite(w).all():
+        raise ConvertError(f"tensor {t.name}: the source contains NaN or infinite values")
+    try:
+        qt = quantize(w, opts.bits, opts.group_size, opts.mode, scale_search=opts.scale_search,
+                      rounding=opts.rounding, noise=opts.noise, seed=tensor_seed(opts.seed, t.name))
+    except QuantError as e:
+        raise ConvertError(f"tensor {t.name}: {e}") from None
+    del w
+    writer.write_tensor(t.name, qt.codes)
+    writer.write_tensor(scale_name(t.name), qt.scale)
+    if qt.min is not None:
+        writer.write_tensor(min_name(t.name), qt.min)
+    n_out = qt.n_out
+    for r in sp.replicas:
+        for p, arr in initial_params(n_out, r, opts.scale_delta, opts.grid_offset).items():
+            writer.write_tensor(replica_param_name(t.name, r, p), arr)

@@ -1,0 +1,109 @@
+"""Read a GGUF's metadata and tensor directory with gguf-py, with clear errors; model
+hyper-parameters from the base-architecture keys.
+
+Shared by lrq.lrq_file and the converter.  (lrq.model_file, owned separately, may reuse these
+helpers; they live here because that module did not exist when the LRQ reader was written.)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from . import gguf_types
+
+GGUF_MAGIC = b"GGUF"
+_MIN_SIZE = 24          # magic + version + tensor count + kv count
+
+
+class GGUFFileError(ValueError):
+    """A file is not a readable GGUF; the message names the file (and key / tensor)."""
+
+
+def open_reader(path: str | os.PathLike) -> gguf.GGUFReader:
+    """gguf.GGUFReader on ``path`` (LRQ types registered); errors name the file and say why."""
+    gguf_types.register()
+    p = Path(path)
+    if not p.is_file():
+        raise GGUFFileError(f"{p}: no such file")
+    size = p.stat().st_size
+    if size < _MIN_SIZE:
+        raise GGUFFileError(f"{p}: {size} bytes is too short to be a GGUF file (truncated?)")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise GGUFFileError(f"{p}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    try:
+        reader = gguf.GGUFReader(p)
+    except Exception as e:  # gguf-py raises ValueError/IndexError/... on short or corrupt data
+        raise GGUFFileError(f"{p}: cannot parse the GGUF ({type(e).__name__}: {e}); the file is "
+                            f"truncated or corrupt") from None
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size or t.data.nbytes != int(t.n_bytes):
+            raise GGUFFileError(f"{p}: tensor {t.name} needs bytes up to {end} but the file has "
+                                f"{size}; the file is truncated")
+    return reader
+
+
+def read_kv(reader: gguf.GGUFReader) -> dict[str, Any]:
+    """Every key (except gguf-py's GGUF.* pseudo keys) -> its python value."""
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def numpy_shape(t) -> tuple[int, ...]:
+    """Element shape of a ReaderTensor in numpy order ([n_out, n_in] for a weight)."""
+    return tuple(int(x) for x in reversed(t.shape.tolist()))
+
+
+def _get(kv: dict, key: str, where: str, default: Any = ...) -> Any:
+    if key in kv:
+        return kv[key]
+    if default is ...:
+        raise GGUFFileError(f"{where}: required key {key} is missing")
+    return default
+
+
+def hparams(kv: dict[str, Any], base: str, tensor_shapes: dict[str, tuple[int, ...]],
+            where: str) -> dict[str, Any]:
+    """Hyper-parameters of a llama-like model from its ``<base>.*`` keys and tensor shapes."""
+    n_embd = int(_get(kv, f"{base}.embedding_length", where))
+    n_head = int(_get(kv, f"{base}.attention.head_count", where))
+    n_vocab = kv.get(f"{base}.vocab_size")
+    if n_vocab is None:
+        if "token_embd.weight" in tensor_shapes:
+            n_vocab = tensor_shapes["token_embd.weight"][0]
+        else:
+            n_vocab = len(_get(kv, "tokenizer.ggml.tokens", where))
+    head_dim = int(kv.get(f"{base}.attention.key_length", n_embd // n_head))
+    return {
+        "arch": base,
+        "n_layer": int(_get(kv, f"{base}.block_count", where)),
+        "n_embd": n_embd,
+        "n_head": n_head,
+        "n_head_kv": int(kv.get(f"{base}.attention.head_count_kv", n_head)),
+        "n_ff": int(_get(kv, f"{base}.feed_forward_length", where)),
+        "n_vocab": int(n_vocab),
+        "n_ctx_train": int(kv.get(f"{base}.context_length", 0)),
+        "rope_theta": float(kv.get(f"{base}.rope.freq_base", 10000.0)),
+        "rope_dim": int(kv.get(f"{base}.rope.dimension_count", head_dim)),
+        "rms_eps": float(_get(kv, f"{base}.attention.layer_norm_rms_epsilon", where)),
+        "head_dim": head_dim,
+        "head_dim_v": int(kv.get(f"{base}.attention.value_length", head_dim)),
+        "tied_embeddings": "output.weight" not in tensor_shapes,
+        "qk_norm": "blk.0.attn_q_norm.weight" in tensor_shapes,
+        "attn_bias": "blk.0.attn_q.bias" in tensor_shapes,
+    }
+
+
+def dequantize_tensor(t) -> np.ndarray:
+    """float64 numpy array (numpy element shape) of a stock-typed ReaderTensor."""
+    qtype = t.tensor_type
+    if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                 gguf.GGMLQuantizationType.F64):
+        return np.asarray(t.data, dtype=np.float64).reshape(numpy_shape(t))
+    return gguf.quants.dequantize(t.data, qtype).astype(np.float64).reshape(numpy_shape(t))

@@ -1,0 +1,313 @@
+"""Read an LRQ GGUF (docs/FORMAT.md) — validated on open, dequantized on demand.
+
+    >>> f = LRQModelFile("model.lrq.gguf")                   # doctest: +SKIP
+    >>> f.arch, f.hparams.n_layer, len(f.schedule)
+    >>> W, rp = f.weight("blk.5.attn_q.weight", replica=1)   # float64 [n_out, n_in], gain folded in
+    >>> y = W @ quantize_activations(x, rp.act_clip, rp.act_bits) + (rp.bias if rp.bias is not None else 0)
+
+Opening checks, each failure naming the file and the key or tensor: the format version (any
+other than lrq.constants.FORMAT_VERSION is refused), the architecture, the quantization keys,
+the schedule (against the model's layer count and the replica tensors), and the type and shape
+of every LRQ tensor and its parameter tensors; a truncated file is reported as such.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from .constants import (ARCH_PREFIX, FORMAT_VERSION, GROUP_SIZES, MODES, SUPPORTED_ARCHS,
+                        TERNARY_BITS, Keys, is_aux_tensor, layer_of, lrq_bits, min_name,
+                        parse_replica_param_name, replica_param_name, scale_name)
+from .gguf_hparams import GGUFFileError, dequantize_tensor, hparams, numpy_shape, open_reader, read_kv
+from .gguf_types import type_name
+from .plan import Execution, Plan, PlanError
+from .quant import QuantizedTensor, ReplicaParams, dequantize, n_groups, row_bytes, check_activation_params, QuantError
+
+F16 = gguf.GGMLQuantizationType.F16
+F32 = gguf.GGMLQuantizationType.F32
+
+
+class LRQFileError(GGUFFileError):
+    """An LRQ GGUF is invalid: wrong version, missing key, bad tensor, bad schedule."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    type_id: int
+    type_name: str
+    shape: tuple[int, ...]     # numpy order: [n_out, n_in] for a weight
+    nbytes: int
+    lrq_bits: int | None       # 1..4 for an LRQ code tensor, else None
+
+
+def read_format_version(path: str | os.PathLike) -> int | None:
+    """lrq.format_version of a GGUF, None for a plain GGUF (cheap header check helper)."""
+    v = read_kv(open_reader(path)).get(Keys.FORMAT_VERSION)
+    return None if v is None else int(v)
+
+
+class LRQModelFile:
+    """An opened, validated LRQ GGUF (the interface of lrq.model_file.open_model)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._reader = open_reader(self.path)
+        self.kv: dict[str, Any] = read_kv(self._reader)
+        self._t = {t.name: t for t in self._reader.tensors}
+        self._check_keys()
+        shapes = {n: numpy_shape(t) for n, t in self._t.items()}
+        # plain dict of the base hyper-parameters (validation, lrq-inspect); .hparams is the
+        # executors' view (lrq.model_file.HParams), built lazily by the base-model reader
+        self.hparams_dict: dict[str, Any] = hparams(self.kv, self.arch, shapes, str(self.path))
+        self.plan = self._read_schedule()
+        self.schedule: list[Execution] = list(self.plan.executions)
+        self._check_tensors()
+
+    # ---- validation -------------------------------------------------------------------------
+    def _err(self, msg: str) -> LRQFileError:
+        return LRQFileError(f"{self.path}: {msg}")
+
+    def _check_keys(self) -> None:
+        v = self.kv.get(Keys.FORMAT_VERSION)
+        if v is None:
+            raise self._err(f"key {Keys.FORMAT_VERSION} is missing: not an LRQ file")
+        if int(v) != FORMAT_VERSION:
+            raise self._err(f"LRQ format version {int(v)} is not supported (this lrq reads version "
+                            f"{FORMAT_VERSION})")
+        base = self.kv.get(Keys.BASE_ARCH)
+        if base is None:
+            raise self._err(f"key {Keys.BASE_ARCH} is missing")
+        if base not in SUPPORTED_ARCHS:
+            raise self._err(f"{Keys.BASE_ARCH} = '{base}' is not supported (supported: "
+                            f"{', '.join(SUPPORTED_ARCHS)})")
+        arch = self.kv.get("general.architecture")
+        if arch != ARCH_PREFIX + base:
+            raise self._err(f"general.architecture = '{arch}' does not match {Keys.BASE_ARCH} = "
+                            f"'{base}' (expected '{ARCH_PREFIX + base}')")
+        self.arch: str = base
+        mode = self.kv.get(Keys.QUANT_MODE)
+        if mode not in MODES:
+            raise self._err(f"key {Keys.QUANT_MODE} = {mode!r} is not one of {', '.join(MODES)}")
+        self.mode: str = mode
+        g = self.kv.get(Keys.GROUP_SIZE)
+        if g not in GROUP_SIZES:
+            raise self._err(f"key {Keys.GROUP_SIZE} = {g!r} is not one of {GROUP_SIZES}")
+        self.group_size: int = int(g)
+
+    def _read_schedule(self) -> Plan:
+        keys = (Keys.SCHEDULE_LAYER, Keys.SCHEDULE_REPLICA, Keys.SCHEDULE_GROUP, Keys.SCHEDULE_WEIGHT)
+        try:
+            plan = Plan.from_gguf_arrays({k: self.kv.get(k) for k in keys}, f"{self.path}: schedule")
+            return plan.validate(self.hparams_dict["n_layer"], f"{self.path}: schedule ({Keys.SCHEDULE_LAYER}...)")
+        except PlanError as e:
+            raise LRQFileError(str(e)) from None
+
+    def _check_shape(self, name: str, want_type, shapes: list[tuple[int, ...]]) -> None:
+        t = self._t[name]
+        if int(t.tensor_type) != int(want_type):
+            raise self._err(f"tensor {name} has type {type_name(t.tensor_type)}, expected "
+                            f"{type_name(want_type)}")
+        if numpy_shape(t) not in shapes:
+            raise self._err(f"tensor {name} has shape {list(numpy_shape(t))}, expected "
+                            + " or ".join(str(list(s)) for s in shapes))
+
+    def _check_tensors(self) -> None:
+        lrq = [n for n, t in self._t.items() if lrq_bits(t.tensor_type) is not None]
+        for name in lrq:
+            t = self._t[name]
+            bits = lrq_bits(t.tensor_type)
+            if self.mode == "ternary" and bits != TERNARY_BITS:
+                raise self._err(f"tensor {name}: ternary codes must be LRQ{TERNARY_BITS}, got LRQ{bits}")
+            shape = numpy_shape(t)
+            if len(shape) != 2:
+                raise self._err(f"tensor {name}: LRQ weights are 2-D, got shape {list(shape)}")
+            n_out, n_in = shape
+            ng = n_groups(n_in, self.group_size)
+            for aux, wanted in ((scale_name(name), True), (min_name(name), self.mode == "asym")):
+                if wanted and aux not in self._t:
+                    raise self._err(f"tensor {aux} (parameters of {name}) is missing")
+                if not wanted and aux in self._t:
+                    raise self._err(f"tensor {aux} must not exist in mode {self.mode}")
+                if wanted:
+                    self._check_shape(aux, F16, [(n_out, ng)])
+        layers_of_replicas = {}
+        for e in self.schedule:
+            layers_of_replicas.setdefault(e.layer, set()).add(e.replica)
+        for name in self._t:
+            if name.endswith(".lrq_scale") or name.endswith(".lrq_min"):
+                w = name.rsplit(".", 1)[0] + ".weight"
+                if w not in self._t or lrq_bits(self._t[w].tensor_type) is None:
+                    raise self._err(f"tensor {name} belongs to no LRQ weight ({w} is missing or not LRQ)")
+                continue
+            parsed = parse_replica_param_name(name)
+            if parsed is None:
+                continue
+            w, r, param = parsed
+            if w not in self._t or lrq_bits(self._t[w].tensor_type) is None:
+                raise self._err(f"tensor {name} belongs to no LRQ weight ({w} is missing or not LRQ)")
+            layer = layer_of(w)
+            if layer is None or r not in layers_of_replicas.get(layer, set()):
+                raise self._err(f"tensor {name} is for replica {r} of layer {layer}, which the "
+                                f"schedule never runs")
+            n_out, n_in = numpy_shape(self._t[w])
+            if param in ("scale_mult", "grid_offset"):
+                self._check_shape(name, F16, [(n_out, n_groups(n_in, self.group_size)), (n_out, 1), (1, 1)])
+            elif param in ("gain", "bias"):
+                self._check_shape(name, F32, [(n_out,)])
+            else:
+                self._check_shape(name, F32, [(2,)])
+                c, k = (float(x) for x in self._t[name].data)
+                try:
+                    if k != int(k):
+                        raise QuantError(f"activation bits {k} is not an integer")
+                    check_activation_params(c, int(k))
+                except QuantError as e:
+                    raise self._err(f"tensor {name}: {e}") from None
+
+    # ---- metadata ---------------------------------------------------------------------------
+    @property
+    def format_version(self) -> int:
+        return int(self.kv[Keys.FORMAT_VERSION])
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self._t)
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self._t
+
+    def tensor_type(self, name: str) -> str:
+        return type_name(self._get(name).tensor_type)
+
+    # ---- the base model's view (hyper-parameters, tokenizer), shared with plain GGUFs ---------
+    @cached_property
+    def _base(self):
+        """lrq.model_file.ModelFile over this file with the base architecture: hyper-parameters
+        and tokenizer facts are read exactly as for a plain GGUF (its tensor() is not used)."""
+        from .model_file import ModelFile
+        return ModelFile(self.path, dict(self.kv, **{"general.architecture": self.arch}))
+
+    @property
+    def hparams(self):
+        """lrq.model_file.HParams (attribute and dict-style access)."""
+        return self._base.hparams
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.kv
+
+    @property
+    def vocab(self):
+        return self._base.vocab
+
+    @property
+    def tokens(self) -> list[str]:
+        return self._base.tokens
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._base.bos_id
+
+    @property
+    def add_bos(self) -> bool:
+        return self._base.add_bos
+
+    def tensor_info(self, name: str) -> TensorInfo:
+        t = self._get(name)
+        return TensorInfo(name, int(t.tensor_type), type_name(t.tensor_type), numpy_shape(t),
+                          int(t.n_bytes), lrq_bits(t.tensor_type))
+
+    def lrq_weights(self) -> list[str]:
+        return [n for n, t in self._t.items() if lrq_bits(t.tensor_type) is not None]
+
+    def is_lrq(self, name: str) -> bool:
+        return lrq_bits(self._get(name).tensor_type) is not None
+
+    def _get(self, name: str):
+        try:
+            return self._t[name]
+        except KeyError:
+            raise LRQFileError(f"{self.path}: no tensor named {name}") from None
+
+    def bpw(self) -> dict[str, float]:
+        """lrq: bits of LRQ codes + their parameter tensors / LRQ weights;
+        file: bits of all tensor data / base parameters (each base weight once)."""
+        lrq_w = set(self.lrq_weights())
+        n_lrq = sum(int(np.prod(numpy_shape(self._t[n]))) for n in lrq_w)
+        # aux tensors only exist for LRQ weights (checked on open)
+        lrq_bytes = sum(int(t.n_bytes) for n, t in self._t.items() if n in lrq_w or is_aux_tensor(n))
+        all_bytes = sum(int(t.n_bytes) for t in self._t.values())
+        n_base = sum(int(np.prod(numpy_shape(t))) for n, t in self._t.items() if not is_aux_tensor(n))
+        return {"lrq": 8 * lrq_bytes / n_lrq if n_lrq else 0.0,
+                "file": 8 * all_bytes / n_base if n_base else 0.0,
+                "n_lrq_weights": n_lrq, "n_base_params": n_base,
+                "lrq_bytes": lrq_bytes, "tensor_bytes": all_bytes}
+
+    # ---- data -------------------------------------------------------------------------------
+    def quantized(self, name: str) -> QuantizedTensor:
+        """The codes and base parameters of an LRQ weight."""
+        t = self._get(name)
+        bits = lrq_bits(t.tensor_type)
+        if bits is None:
+            raise LRQFileError(f"{self.path}: tensor {name} is {type_name(t.tensor_type)}, not an LRQ type")
+        n_out, n_in = numpy_shape(t)
+        codes = np.asarray(t.data, dtype=np.uint8).reshape(n_out, row_bytes(n_in, bits))
+        scale = np.asarray(self._t[scale_name(name)].data, dtype=np.float16)
+        mn = self._t.get(min_name(name))
+        return QuantizedTensor(codes, scale, None if mn is None else np.asarray(mn.data, np.float16),
+                               bits, self.group_size, self.mode, n_in)
+
+    def replica_params(self, name: str, replica: int) -> ReplicaParams:
+        """Parameters of ``replica`` of an LRQ weight (defaults for absent tensors)."""
+        def get(param):
+            t = self._t.get(replica_param_name(name, replica, param))
+            return None if t is None else np.asarray(t.data, dtype=np.float64).reshape(numpy_shape(t))
+        act = get("act")
+        return ReplicaParams(scale_mult=get("scale_mult"), grid_offset=get("grid_offset"),
+                             gain=get("gain"), bias=get("bias"),
+                             act_clip=1.0 if act is None else float(act[0]),
+                             act_bits=0 if act is None else int(act[1]))
+
+    def tensor(self, name: str) -> np.ndarray:
+        """float64 array in numpy shape.  An LRQ weight gives its replica-0 base weight
+        d * level(q) + m (no replica tensors applied); other tensors are dequantized by gguf-py."""
+        t = self._get(name)
+        if lrq_bits(t.tensor_type) is not None:
+            return dequantize(self.quantized(name))
+        return dequantize_tensor(t)
+
+    def weight(self, name: str, replica: int = 0) -> tuple[np.ndarray, ReplicaParams]:
+        """(W_r float64 [n_out, n_in], ReplicaParams) of replica ``replica``.
+
+        W_r = gain * (scale_mult * d * (level(q) + grid_offset) + m): the gain is FOLDED IN
+        (params.gain_folded is True; do not apply params.gain again).  The caller applies
+        params.act_clip / act_bits to the input and adds params.bias to the output.  A tensor
+        that is not LRQ is returned as is with default params, whatever the replica.
+        """
+        t = self._get(name)
+        if lrq_bits(t.tensor_type) is None:
+            return dequantize_tensor(t), ReplicaParams()
+        rp = self.replica_params(name, replica)
+        w = dequantize(self.quantized(name), rp)
+        rp.gain_folded = True
+        return w, rp
+
+    def close(self) -> None:
+        # np.memmap closes when the reader is garbage collected; drop our references
+        self._t = {}
+        self._reader = None
+        self.__dict__.pop("_base", None)
+
+    def __enter__(self) -> "LRQModelFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,242 @@
+"""Replication schedules: which base layer runs, with which replica, in which order.
+
+A ``Plan`` is the ordered list of executions of docs/FORMAT.md "Schedule".  It is built from a
+preset (``none``, ``all``, ``last-N``, ``progressive``) or an explicit JSON / YAML file::
+
+    {"layers": {"27": {"replicas": 2, "mode": "serial"},
+                "28": {"replicas": 3, "mode": "parallel", "weights": [0.5, 0.25, 0.25]}}}
+
+(layers not named run once, replica 0), validated against a model's layer count, and stored as
+the four ``lrq.schedule.*`` key arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .constants import Keys
+
+PRESETS = ("none", "all", "last-N", "progressive")
+_LAST_N = re.compile(r"^last-(\d+)$")
+# weights of a parallel group are normally 1/size; the converter accepts explicit ones that sum
+# to 1 within this tolerance (float32 storage of e.g. 1/3 is not exact)
+WEIGHT_SUM_TOL = 1e-5
+
+
+class PlanError(ValueError):
+    """A plan or schedule is invalid; the message names the file / key and the layer."""
+
+
+@dataclass(frozen=True)
+class Execution:
+    layer: int          # base layer index
+    replica: int        # replica of that layer (0 = the base parameters)
+    group: int          # parallel-group id (non-decreasing along the schedule)
+    weight: float = 1.0  # weight in its group
+
+
+@dataclass(frozen=True)
+class Plan:
+    executions: tuple[Execution, ...]
+    source: str = ""     # what it was made from (preset name or file), for messages and lrq.plan
+
+    @property
+    def n_exec(self) -> int:
+        return len(self.executions)
+
+    @property
+    def n_layer(self) -> int:
+        return max((e.layer for e in self.executions), default=-1) + 1
+
+    def replicas(self, layer: int) -> list[int]:
+        """Distinct replica indices the schedule runs for ``layer``, sorted."""
+        return sorted({e.replica for e in self.executions if e.layer == layer})
+
+    def groups(self) -> list[list[Execution]]:
+        """Executions split into their parallel groups, in order."""
+        out: list[list[Execution]] = []
+        for e in self.executions:
+            if out and out[-1][0].group == e.group:
+                out[-1].append(e)
+            else:
+                out.append([e])
+        return out
+
+    def validate(self, n_layer: int, where: str = "plan") -> "Plan":
+        """Raise PlanError (naming ``where`` and the layer) unless the schedule is valid."""
+        if not self.executions:
+            raise PlanError(f"{where}: the schedule is empty")
+        prev_layer = prev_group = -1
+        for i, e in enumerate(self.executions):
+            if not (0 <= e.layer < n_layer):
+                raise PlanError(f"{where}: layer {e.layer} does not exist in a model with {n_layer} "
+                                f"layers (valid: 0..{n_layer - 1})")
+            if e.replica < 0:
+                raise PlanError(f"{where}: execution {i} (layer {e.layer}) has replica {e.replica} < 0")
+            if e.layer < prev_layer:
+                raise PlanError(f"{where}: execution {i} runs layer {e.layer} after layer {prev_layer}; "
+                                f"layers must be in non-decreasing order")
+            if e.group < prev_group:
+                raise PlanError(f"{where}: execution {i} (layer {e.layer}) has group id {e.group} after "
+                                f"{prev_group}; group ids must be non-decreasing")
+            if not math.isfinite(e.weight):
+                raise PlanError(f"{where}: execution {i} (layer {e.layer}) has weight {e.weight}")
+            prev_layer, prev_group = e.layer, e.group
+        for grp in self.groups():
+            if len({e.layer for e in grp}) != 1:
+                raise PlanError(f"{where}: parallel group {grp[0].group} mixes layers "
+                                f"{sorted({e.layer for e in grp})}")
+            reps = [e.replica for e in grp]
+            if len(set(reps)) != len(reps):
+                raise PlanError(f"{where}: parallel group {grp[0].group} of layer {grp[0].layer} "
+                                f"runs a replica twice: {reps}")
+        missing = sorted(set(range(n_layer)) - {e.layer for e in self.executions})
+        if missing:
+            raise PlanError(f"{where}: layer(s) {', '.join(map(str, missing))} never run; every layer "
+                            f"0..{n_layer - 1} must appear at least once")
+        return self
+
+    # ---- GGUF key arrays ------------------------------------------------------------------
+    def to_gguf_arrays(self) -> dict[str, list]:
+        return {
+            Keys.SCHEDULE_LAYER: [e.layer for e in self.executions],
+            Keys.SCHEDULE_REPLICA: [e.replica for e in self.executions],
+            Keys.SCHEDULE_GROUP: [e.group for e in self.executions],
+            Keys.SCHEDULE_WEIGHT: [float(e.weight) for e in self.executions],
+        }
+
+    @classmethod
+    def from_gguf_arrays(cls, arrays: dict[str, list], where: str = "schedule") -> "Plan":
+        keys = (Keys.SCHEDULE_LAYER, Keys.SCHEDULE_REPLICA, Keys.SCHEDULE_GROUP, Keys.SCHEDULE_WEIGHT)
+        for k in keys:
+            if k not in arrays or arrays[k] is None:
+                raise PlanError(f"{where}: key {k} is missing")
+        lens = {k: len(arrays[k]) for k in keys}
+        if len(set(lens.values())) != 1:
+            raise PlanError(f"{where}: schedule arrays differ in length: "
+                            + ", ".join(f"{k}={n}" for k, n in lens.items()))
+        ex = tuple(Execution(int(l), int(r), int(g), float(w)) for l, r, g, w in
+                   zip(*(arrays[k] for k in keys)))
+        return cls(ex, where)
+
+    def describe(self) -> str:
+        """One line: executions, layers, replicated layers."""
+        rep = {e.layer for e in self.executions if e.replica > 0}
+        par = sum(1 for g in self.groups() if len(g) > 1)
+        return (f"{self.n_exec} executions over {self.n_layer} layers; {len(rep)} layers replicated"
+                f"{f', {par} parallel groups' if par else ''}")
+
+
+# ---- building plans ------------------------------------------------------------------------
+
+def from_replicas(counts: dict[int, tuple[int, str, list[float] | None]], n_layer: int,
+                  source: str = "") -> Plan:
+    """Plan from {layer: (replicas, "serial" | "parallel", weights | None)}; others run once."""
+    ex: list[Execution] = []
+    group = 0
+    for layer in range(n_layer):
+        n, mode, weights = counts.get(layer, (1, "serial", None))
+        if mode == "parallel" and n > 1:
+            ws = weights if weights is not None else [1.0 / n] * n
+            ex += [Execution(layer, r, group, float(ws[r])) for r in range(n)]
+            group += 1
+        else:
+            for r in range(n):
+                ex.append(Execution(layer, r, group, 1.0))
+                group += 1
+    return Plan(tuple(ex), source)
+
+
+def preset(name: str, n_layer: int) -> Plan:
+    """none | all | last-N | progressive (serial replicas)."""
+    if name == "none":
+        counts = {}
+    elif name == "all":
+        counts = {l: (2, "serial", None) for l in range(n_layer)}
+    elif m := _LAST_N.match(name):
+        n = int(m.group(1))
+        if not (1 <= n <= n_layer):
+            raise PlanError(f"plan '{name}': N must be in 1..{n_layer} for a model with {n_layer} layers")
+        counts = {l: (2, "serial", None) for l in range(n_layer - n, n_layer)}
+    elif name == "progressive":
+        third = n_layer // 3
+        counts = {l: (2 if l < n_layer - third else 3, "serial", None) for l in range(third, n_layer)}
+    else:
+        raise PlanError(f"unknown plan preset '{name}'; presets: none, all, last-N (e.g. last-8), "
+                        f"progressive, or a .json / .yaml file")
+    return from_replicas(counts, n_layer, name)
+
+
+def _load_file(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PlanError(f"plan file {path}: cannot read it ({e.strerror or e})") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
+        raise PlanError(f"plan file {path}: not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {e}") from None
+    return data
+
+
+def from_file(path: str | os.PathLike, n_layer: int) -> Plan:
+    """Plan from an explicit JSON / YAML file, validated against n_layer."""
+    path = Path(path)
+    data = _load_file(path)
+    where = f"plan file {path}"
+    if not isinstance(data, dict) or set(data) - {"layers"} or not isinstance(data.get("layers"), dict):
+        raise PlanError(f"{where}: expected an object {{\"layers\": {{\"<layer>\": {{\"replicas\": N, "
+                        f"\"mode\": \"serial\"|\"parallel\"}}}}}}")
+    counts: dict[int, tuple[int, str, list[float] | None]] = {}
+    for key, spec in data["layers"].items():
+        try:
+            layer = int(key)
+        except (TypeError, ValueError):
+            raise PlanError(f"{where}: layer key '{key}' is not an integer") from None
+        if not (0 <= layer < n_layer):
+            raise PlanError(f"{where}: layer {layer} does not exist in a model with {n_layer} layers "
+                            f"(valid: 0..{n_layer - 1})")
+        if not isinstance(spec, dict):
+            raise PlanError(f"{where}: layer {layer}: expected an object, got {spec!r}")
+        unknown = set(spec) - {"replicas", "mode", "weights"}
+        if unknown:
+            raise PlanError(f"{where}: layer {layer}: unknown field(s) {', '.join(sorted(unknown))} "
+                            f"(known: replicas, mode, weights)")
+        n = spec.get("replicas", 1)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise PlanError(f"{where}: layer {layer}: replicas must be an integer >= 1, got {n!r}")
+        mode = spec.get("mode", "serial")
+        if mode not in ("serial", "parallel"):
+            raise PlanError(f"{where}: layer {layer}: mode must be 'serial' or 'parallel', got {mode!r}")
+        weights = spec.get("weights")
+        if weights is not None:
+            if mode != "parallel":
+                raise PlanError(f"{where}: layer {layer}: weights are only meaningful with mode 'parallel'")
+            if (not isinstance(weights, list) or len(weights) != n
+                    or not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights)):
+                raise PlanError(f"{where}: layer {layer}: weights must be a list of {n} numbers")
+            if abs(sum(weights) - 1.0) > WEIGHT_SUM_TOL:
+                raise PlanError(f"{where}: layer {layer}: weights sum to {sum(weights)}, not 1")
+        counts[layer] = (n, mode, weights)
+    return from_replicas(counts, n_layer, str(path)).validate(n_layer, where)
+
+
+def make_plan(spec: str, n_layer: int) -> Plan:
+    """A preset name or a plan file path -> a validated Plan for a model of n_layer layers."""
+    if spec in ("none", "all", "progressive") or _LAST_N.match(spec):
+        return preset(spec, n_layer).validate(n_layer, f"plan '{spec}'")
+    p = Path(spec)
+    if p.suffix.lower() in (".json", ".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise PlanError(f"plan file {p} does not exist")
+        return from_file(p, n_layer)
+    return preset(spec, n_layer)   # raises the unknown-preset error

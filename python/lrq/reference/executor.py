@@ -1,0 +1,224 @@
+"""The torch reference executor: the project's oracle for llama / qwen2 / qwen3 GGUFs.
+
+It follows llama.cpp's graphs (src/models/llama.cpp, qwen2.cpp, qwen3.cpp) and the model's
+LRQ schedule (lrq-design.md): executions in order; a group of one execution is a serial step
+x -> B(x; theta_r); a parallel group computes x + sum_j w_j (B(x; theta_j) - x); every
+execution has its OWN KV cache.  Per-replica weights come from ``model.weight(name, replica)``;
+the replica's gain and bias are applied after the matmul and its activation clip/quant before.
+
+    ref = Reference(open_model("tiny.gguf"))            # float64 by default
+    logits = ref.logits(np.array([1, 42, 7]))           # [3, n_vocab], positions 0..2
+    cache = ref.new_cache(); ref.forward(t[:2], cache); ref.forward(t[2:], cache)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..model_file import HParams, open_model
+from .ops import Linear, act_clip_quant, apply_rope, attention, rms_norm, rope_angles  # noqa: F401
+from .perplexity import PerplexityResult, perplexity as _perplexity
+
+_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+class ReferenceError(ValueError):
+    """The model or its schedule cannot be executed by the reference."""
+
+
+@dataclass
+class Block:
+    """The parameters of one (base layer, replica)."""
+    attn_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+    lin: dict[str, Linear]
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+
+
+@dataclass
+class KVCache:
+    """One K and one V per execution (virtual layer), each [n_head_kv, n_past, head_dim]."""
+    k: list[torch.Tensor | None]
+    v: list[torch.Tensor | None]
+    n_past: int = 0
+
+
+@dataclass
+class _Step:
+    """A schedule group: serial (one execution) or parallel (several, with weights)."""
+    layer: int
+    execs: list[int]                        # execution indices (= KV cache slots)
+    replicas: list[int]
+    weights: list[float] = field(default_factory=list)
+
+
+def _replica_terms(params) -> tuple[np.ndarray | None, np.ndarray | None, float, int]:
+    """(gain, bias, act_clip, act_bits) to apply around the matmul for lrq.quant.ReplicaParams.
+
+    A gain already folded into the handed-out W (``gain_folded``) is not applied again."""
+    if params is None:
+        return None, None, 1.0, 0
+    gain = None if params.gain_folded else params.gain
+    return gain, params.bias, float(params.act_clip), int(params.act_bits)
+
+
+class Reference:
+    """Run a model file's schedule in torch (float64: the oracle; float32: a faster check)."""
+
+    def __init__(self, model, dtype: torch.dtype = torch.float64):
+        if isinstance(model, (str, os.PathLike)):
+            model = open_model(Path(model))
+        if dtype not in (torch.float64, torch.float32):
+            raise ReferenceError(f"dtype must be torch.float64 or torch.float32, not {dtype}")
+        self.model = model
+        self.dtype = dtype
+        hp = self.hp = HParams.from_mapping(model.hparams, self._has)
+        if hp.rope_scaling is not None and hp.rope_scaling.type not in ("linear", "none"):
+            raise ReferenceError(f"{model.path}: rope scaling '{hp.rope_scaling.type}' is not "
+                                 f"implemented by the reference (only linear)")
+        self._freq_scale = 1.0 / hp.rope_scaling.factor if hp.rope_scaling else 1.0
+        self._freq_factors = (self._t(model.tensor("rope_freqs.weight")).to(torch.float64)
+                              if hp.has_rope_freqs else None)
+        self.schedule = list(model.schedule)
+        self.steps = self._plan_steps()
+        self.tok_embd = self._t(model.tensor("token_embd.weight"))
+        self.output_norm = self._t(model.tensor("output_norm.weight"))
+        self.output = (self.tok_embd if hp.tied_embeddings
+                       else self._t(model.tensor("output.weight")))
+        self._norms: dict[int, tuple] = {}
+        self.blocks: dict[tuple[int, int], Block] = {}
+        for e in self.schedule:
+            if (e.layer, e.replica) not in self.blocks:
+                self.blocks[(e.layer, e.replica)] = self._load_block(e.layer, e.replica)
+
+    # ---- loading ---------------------------------------------------------------------------
+    def _t(self, a: np.ndarray | None) -> torch.Tensor | None:
+        return None if a is None else torch.from_numpy(np.asarray(a, dtype=np.float64)).to(self.dtype)
+
+    def _has(self, name: str) -> bool:
+        m = self.model
+        return m.has_tensor(name) if hasattr(m, "has_tensor") else name in m.tensor_names
+
+    def _opt(self, name: str) -> torch.Tensor | None:
+        return self._t(self.model.tensor(name)) if self._has(name) else None
+
+    def _load_block(self, layer: int, replica: int) -> Block:
+        p = f"blk.{layer}"
+        lin = {}
+        for name in _LINEARS:
+            w, params = self.model.weight(f"{p}.{name}.weight", replica)
+            gain, rbias, clip, bits = _replica_terms(params)
+            lin[name] = Linear(self._t(w), self._opt(f"{p}.{name}.bias"), self._t(gain),
+                               self._t(rbias), clip, bits)
+        # norms are not LRQ tensors: every replica of a layer shares one copy
+        if layer not in self._norms:
+            self._norms[layer] = (self._t(self.model.tensor(f"{p}.attn_norm.weight")),
+                                  self._t(self.model.tensor(f"{p}.ffn_norm.weight")),
+                                  self._opt(f"{p}.attn_q_norm.weight"),
+                                  self._opt(f"{p}.attn_k_norm.weight"))
+        attn_norm, ffn_norm, q_norm, k_norm = self._norms[layer]
+        return Block(attn_norm, ffn_norm, lin, q_norm, k_norm)
+
+    def _plan_steps(self) -> list[_Step]:
+        """Group consecutive executions by group id and check the schedule's invariants."""
+        where = getattr(self.model, "path", "model")
+        steps: list[_Step] = []
+        prev_group = None
+        for i, e in enumerate(self.schedule):
+            if prev_group is not None and e.group < prev_group:
+                raise ReferenceError(f"{where}: schedule group ids decrease at execution {i}")
+            if steps and e.group == prev_group:
+                s = steps[-1]
+                if e.layer != s.layer or e.replica in s.replicas:
+                    raise ReferenceError(f"{where}: parallel group {e.group} mixes layers or repeats "
+                                         f"a replica (execution {i})")
+                s.execs.append(i); s.replicas.append(e.replica); s.weights.append(float(e.weight))
+            else:
+                if steps and e.layer < steps[-1].layer:
+                    raise ReferenceError(f"{where}: schedule layers decrease at execution {i}")
+                steps.append(_Step(e.layer, [i], [e.replica], [float(e.weight)]))
+            prev_group = e.group
+        missing = set(range(self.hp.n_layer)) - {e.layer for e in self.schedule}
+        if missing or any(not 0 <= e.layer < self.hp.n_layer for e in self.schedule):
+            raise ReferenceError(f"{where}: schedule must run every layer 0..{self.hp.n_layer - 1} "
+                                 f"(missing {sorted(missing)})")
+        return steps
+
+    # ---- execution -------------------------------------------------------------------------
+    def new_cache(self) -> KVCache:
+        n = len(self.schedule)
+        return KVCache([None] * n, [None] * n, 0)
+
+    def _block(self, x: torch.Tensor, blk: Block, cache: KVCache, slot: int,
+               pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        hp, n = self.hp, x.shape[0]
+        h = rms_norm(x, blk.attn_norm, hp.rms_eps)
+        q = blk.lin["attn_q"](h).view(n, hp.n_head, hp.head_dim).transpose(0, 1)
+        k = blk.lin["attn_k"](h).view(n, hp.n_head_kv, hp.head_dim).transpose(0, 1)
+        v = blk.lin["attn_v"](h).view(n, hp.n_head_kv, hp.head_dim_v).transpose(0, 1)
+        if blk.q_norm is not None:          # qwen3: per-head RMS norm before RoPE
+            q = rms_norm(q, blk.q_norm, hp.rms_eps)
+        if blk.k_norm is not None:
+            k = rms_norm(k, blk.k_norm, hp.rms_eps)
+        q = apply_rope(q, cos, sin, hp.rope_type)
+        k = apply_rope(k, cos, sin, hp.rope_type)
+        if cache.k[slot] is not None:
+            k = torch.cat((cache.k[slot], k), dim=1)
+            v = torch.cat((cache.v[slot], v), dim=1)
+        cache.k[slot], cache.v[slot] = k, v
+        x = x + blk.lin["attn_output"](attention(q, k, v, pos, hp.attn_scale))
+        h = rms_norm(x, blk.ffn_norm, hp.rms_eps)
+        ffn = torch.nn.functional.silu(blk.lin["ffn_gate"](h)) * blk.lin["ffn_up"](h)
+        return x + blk.lin["ffn_down"](ffn)
+
+    def hidden(self, tokens, cache: KVCache | None = None) -> torch.Tensor:
+        """Residual stream after the last execution, [n, n_embd], for ``tokens`` appended at
+        positions cache.n_past.. (a fresh cache: 0..n-1); the cache is updated."""
+        hp = self.hp
+        cache = cache if cache is not None else self.new_cache()
+        ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64).reshape(-1))
+        if ids.numel() == 0:
+            raise ReferenceError("no tokens to evaluate")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.tok_embd.shape[0]:
+            raise ReferenceError(f"token ids must lie in 0..{self.tok_embd.shape[0] - 1}")
+        pos = torch.arange(cache.n_past, cache.n_past + ids.numel())
+        cos, sin = rope_angles(pos, hp.rope_dim, hp.rope_theta, self._freq_scale,
+                               self._freq_factors, self.dtype)
+        x = self.tok_embd[ids]
+        with torch.no_grad():
+            for s in self.steps:
+                if len(s.execs) == 1:
+                    x = self._block(x, self.blocks[(s.layer, s.replicas[0])], cache, s.execs[0],
+                                    pos, cos, sin)
+                else:
+                    acc = x
+                    for slot, r, w in zip(s.execs, s.replicas, s.weights):
+                        acc = acc + w * (self._block(x, self.blocks[(s.layer, r)], cache, slot,
+                                                     pos, cos, sin) - x)
+                    x = acc
+        cache.n_past += ids.numel()
+        return x
+
+    def forward(self, tokens, cache: KVCache | None = None, first_output: int = 0) -> torch.Tensor:
+        """Logits [n - first_output, n_vocab] (torch, reference dtype) of the new tokens."""
+        x = self.hidden(tokens, cache)[first_output:]
+        with torch.no_grad():
+            return rms_norm(x, self.output_norm, self.hp.rms_eps) @ self.output.T
+
+    def logits(self, tokens) -> np.ndarray:
+        """Logits [n, n_vocab] of ``tokens`` at positions 0..n-1 of an empty cache."""
+        return self.forward(tokens).numpy()
+
+    def perplexity(self, tokens, n_ctx: int = 512, n_chunks: int = -1) -> PerplexityResult:
+        """llama-perplexity's figure over ``tokens`` (tokenized with the BOS policy of the
+        model, e.g. ``_native.Model.tokenize(text)``): see lrq.reference.perplexity."""
+        first = n_ctx // 2
+        return _perplexity(lambda w: self.forward(w, first_output=first).to(torch.float64).numpy(),
+                           tokens, n_ctx, n_chunks, bos_id=self.model.bos_id,
+                           add_bos=self.model.add_bos, logits_from=first)
