@@ -13,6 +13,8 @@
 
 namespace py = pybind11;
 
+void lrq_register_kernels(py::module_ & m);  // kernels.cpp
+
 namespace {
 
 using TokenArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
@@ -60,6 +62,8 @@ PYBIND11_MODULE(_native, m) {
             py::set_error(load_error, e.what());
         }
     });
+
+    lrq_register_kernels(m);  // _native.kernels (kernels.cpp)
 
     m.def("version_info", []() {
         py::dict d;

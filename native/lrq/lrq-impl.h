@@ -1,0 +1,77 @@
+// lrq kernels: helpers shared by the .c files of native/lrq (not a public header).
+#pragma once
+
+#include "lrq-kernels.h"
+
+#include <string.h>
+
+// fp16 bits -> float, exact (also used in hot loops of the generic path, hence inline).
+static inline float lrq_h2f(uint16_t h) {
+    const uint32_t sign = (uint32_t) (h & 0x8000u) << 16;
+    const uint32_t exp  = (h >> 10) & 0x1fu;
+    uint32_t       mant = h & 0x3ffu;
+    uint32_t       bits;
+    if (exp == 0x1fu) {                     // inf / NaN (payload kept, as numpy does)
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else if (exp != 0) {                  // normal: rebias 15 -> 127
+        bits = sign | ((exp + 112u) << 23) | (mant << 13);
+    } else if (mant == 0) {                 // signed zero
+        bits = sign;
+    } else {                                // subnormal: mant * 2^-24, normalise
+        uint32_t e = 113;                   // exponent of 2^-14, decremented while shifting
+        while (!(mant & 0x400u)) {
+            mant <<= 1;
+            --e;
+        }
+        bits = sign | (e << 23) | ((mant & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+// Unpack one block of 32 codes (4*bits bytes) into q[32] (planar layout of FORMAT.md 4).
+static inline void lrq_unpack_block(const uint8_t * p, int bits, uint8_t * q) {
+    switch (bits) {
+        case 1:
+            for (int j = 0; j < 32; ++j) q[j] = (p[j % 4] >> (j / 4)) & 1;
+            break;
+        case 2:
+            for (int j = 0; j < 32; ++j) q[j] = (p[j % 8] >> (2 * (j / 8))) & 3;
+            break;
+        case 3:
+            for (int j = 0; j < 32; ++j) {
+                q[j] = (uint8_t) (((p[j % 8] >> (2 * (j / 8))) & 3) | (((p[8 + j % 4] >> (j / 4)) & 1) << 2));
+            }
+            break;
+        default:   // 4
+            for (int j = 0; j < 32; ++j) q[j] = (p[j % 16] >> (4 * (j / 16))) & 15;
+            break;
+    }
+}
+
+// Per-(row, group) factors of the fast path: ad = alpha * d, off = ad * (beta - z) + m.
+static inline void lrq_group_factors(const lrq_weight * w, const lrq_replica * r, int64_t o, int64_t G,
+                                     float z, float * ad, float * off) {
+    float d = lrq_h2f(w->d[o * w->d_row_stride + G]);
+    if (r && r->alpha) d *= lrq_h2f(r->alpha[o * r->alpha_row_stride + G * r->alpha_group_stride]);
+    float lv = -z;
+    if (r && r->beta) lv += lrq_h2f(r->beta[o * r->beta_row_stride + G * r->beta_group_stride]);
+    float c = d * lv;
+    if (w->m) c += lrq_h2f(w->m[o * w->m_row_stride + G]);
+    *ad  = d;
+    *off = c;
+}
+
+// The AVX2 kernel (q8-avx2.c); only compiled for x86-64 with a GCC-compatible compiler
+// (-DLRQ_NO_AVX2 builds the portable code alone, e.g. to test it).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(LRQ_NO_AVX2)
+#define LRQ_HAVE_AVX2_KERNEL 1
+int lrq_mul_mat_q8_avx2(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a,
+                        float * y, int64_t y_stride, int64_t row0, int64_t row1);
+#endif
+
+// Row / token blocking of the fast path: 16 rows of codes stay in L1/L2 while every token block
+// passes over them; 4 tokens share one decode of each 32-weight block (4 accumulators).
+#define LRQ_ROW_BLOCK 16
+#define LRQ_TOK_BLOCK 4

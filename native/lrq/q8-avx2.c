@@ -1,0 +1,187 @@
+// lrq kernels: the AVX2 + FMA + F16C mat-mul of the fast path (compiled with -mavx2 -mfma -mf16c
+// as a source property; only called after a run-time CPU check, so the rest of the library and
+// of the build stays portable).  Numerics as lrq_mul_mat_q8_generic (q8.c): the integer dot of
+// each 32-weight block is exact, only the float summation order differs.
+#include "lrq-impl.h"
+
+#ifdef LRQ_HAVE_AVX2_KERNEL
+
+#include <immintrin.h>
+#include <stdlib.h>
+
+#define LRQ_INLINE static inline __attribute__((always_inline))
+
+// 32 codes of one block -> 32 unsigned bytes, position j = weight j (planar layout, FORMAT.md 4).
+LRQ_INLINE __m256i unpack1(const uint8_t * p) {
+    // weight 4l + k is bit l of byte k: broadcast the 4 bytes, shift 32-bit lane l right by l
+    uint32_t v;
+    memcpy(&v, p, 4);
+    const __m256i s = _mm256_srlv_epi32(_mm256_set1_epi32((int) v), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_and_si256(s, _mm256_set1_epi8(1));
+}
+
+LRQ_INLINE __m256i unpack2(const uint8_t * p) {
+    // weight 8l + k is bits 2l..2l+1 of byte k: broadcast the 8 bytes, shift 64-bit lane l by 2l
+    uint64_t v;
+    memcpy(&v, p, 8);
+    const __m256i s = _mm256_srlv_epi64(_mm256_set1_epi64x((long long) v), _mm256_setr_epi64x(0, 2, 4, 6));
+    return _mm256_and_si256(s, _mm256_set1_epi8(3));
+}
+
+LRQ_INLINE __m256i unpack4(const uint8_t * p) {
+    // weights 0..15 are the low nibbles of the 16 bytes, 16..31 the high nibbles (q4_0 layout)
+    const __m128i v  = _mm_loadu_si128((const __m128i *) p);
+    const __m256i vv = _mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1);
+    return _mm256_and_si256(vv, _mm256_set1_epi8(15));
+}
+
+LRQ_INLINE __m256i unpack_block(const uint8_t * p, int bits) {
+    switch (bits) {
+        case 1:  return unpack1(p);
+        case 2:  return unpack2(p);
+        case 3:  return _mm256_or_si256(unpack2(p), _mm256_slli_epi16(unpack1(p + 8), 2));   // 0/1 bytes: no carry
+        default: return unpack4(p);
+    }
+}
+
+// 8 int32 partial sums of q . xq (q unsigned <= 15, xq signed int8: maddubs cannot saturate,
+// 2 * 15 * 127 < 32767), as float.
+LRQ_INLINE __m256 dot_block(__m256i q, const int8_t * xq) {
+    const __m256i x   = _mm256_loadu_si256((const __m256i *) xq);
+    const __m256i p16 = _mm256_maddubs_epi16(q, x);
+    const __m256i p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+    return _mm256_cvtepi32_ps(p32);
+}
+
+LRQ_INLINE float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s        = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s        = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// 8 consecutive fp16 parameters (n <= 8 of them) with an element stride (0 = broadcast) as floats.
+LRQ_INLINE __m256 load8_h(const uint16_t * p, int64_t stride, int n) {
+    if (stride == 1 && n == 8) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) p));
+    if (stride == 0) return _mm256_set1_ps(_cvtsh_ss(p[0]));
+    float f[8] = {0};
+    for (int k = 0; k < n; ++k) f[k] = _cvtsh_ss(p[k * stride]);
+    return _mm256_loadu_ps(f);
+}
+
+// Per-group factors of row o, 8 groups per step: ad = alpha * d, off = ad * (beta - z) + m.
+// (Done per row rather than per group inside the dot loop: scalar fp16 conversions per group
+// cost as much as the 32-weight block dots of g = 64.)
+LRQ_INLINE void row_factors(const lrq_weight * w, const lrq_replica * r, int64_t o, int64_t ng, float z,
+                            float * ad, float * off) {
+    for (int64_t G = 0; G < ng; G += 8) {
+        const int n = (int) (ng - G < 8 ? ng - G : 8);
+        __m256    d = load8_h(w->d + o * w->d_row_stride + G, 1, n);
+        if (r && r->alpha) {
+            d = _mm256_mul_ps(d, load8_h(r->alpha + o * r->alpha_row_stride + G * r->alpha_group_stride,
+                                         r->alpha_group_stride, n));
+        }
+        __m256 lv = _mm256_set1_ps(-z);
+        if (r && r->beta) {
+            lv = _mm256_add_ps(lv, load8_h(r->beta + o * r->beta_row_stride + G * r->beta_group_stride,
+                                           r->beta_group_stride, n));
+        }
+        __m256 c = _mm256_mul_ps(d, lv);
+        if (w->m) c = _mm256_add_ps(c, load8_h(w->m + o * w->m_row_stride + G, 1, n));
+        _mm256_storeu_ps(ad + G, d);       // ad / off have room for ng rounded up to 8
+        _mm256_storeu_ps(off + G, c);
+    }
+}
+
+// sum_G off[G] * sx[G]
+LRQ_INLINE float offset_dot(const float * off, const float * sx, int64_t ng) {
+    __m256  acc = _mm256_setzero_ps();
+    int64_t G   = 0;
+    for (; G + 8 <= ng; G += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(off + G), _mm256_loadu_ps(sx + G), acc);
+    float s = hsum(acc);
+    for (; G < ng; ++G) s += off[G] * sx[G];
+    return s;
+}
+
+// One row o, NT consecutive tokens from t0 (NT and BITS are constants after inlining, so the NT
+// accumulators live in registers and the unpack is branch-free).  ad / off: scratch of
+// ng rounded up to 8 floats each.
+//   y[t0 + tt, o - row0] = gain[o] * sum_G (ad * sum_b dx_b (q_b . xq_b) + off * Sx_G) + bias[o]
+LRQ_INLINE void row_tokens(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y,
+                           int64_t y_stride, int64_t row0, int64_t o, int64_t t0, float * ad, float * off,
+                           const int NT, const int BITS) {
+    const int64_t   n_in = w->n_in, nb = n_in / LRQ_QK, ng = lrq_n_groups(n_in, w->group_size);
+    const int       bpg  = w->group_size / LRQ_QK;
+    const uint8_t * p    = w->codes + (size_t) o * w->codes_row_bytes;
+    const int8_t *  xq[LRQ_TOK_BLOCK];
+    const float *   dx[LRQ_TOK_BLOCK];
+    __m256          acc[LRQ_TOK_BLOCK];
+    row_factors(w, r, o, ng, lrq_zero_point(BITS, w->mode), ad, off);
+    for (int tt = 0; tt < NT; ++tt) {
+        xq[tt]  = a->qs + (t0 + tt) * n_in;
+        dx[tt]  = a->dx + (t0 + tt) * nb;
+        acc[tt] = _mm256_setzero_ps();
+    }
+    for (int64_t G = 0; G < ng; ++G) {
+        __m256        gs[LRQ_TOK_BLOCK];
+        const int64_t b1 = (G + 1) * bpg < nb ? (G + 1) * bpg : nb;
+        for (int tt = 0; tt < NT; ++tt) gs[tt] = _mm256_setzero_ps();
+        for (int64_t b = G * bpg; b < b1; ++b) {
+            const __m256i q = unpack_block(p + b * 4 * BITS, BITS);   // decoded once for NT tokens
+            for (int tt = 0; tt < NT; ++tt) {
+                gs[tt] = _mm256_fmadd_ps(dot_block(q, xq[tt] + b * LRQ_QK), _mm256_broadcast_ss(dx[tt] + b), gs[tt]);
+            }
+        }
+        const __m256 vad = _mm256_broadcast_ss(ad + G);
+        for (int tt = 0; tt < NT; ++tt) acc[tt] = _mm256_fmadd_ps(gs[tt], vad, acc[tt]);
+    }
+    const float gain = (r && r->gain) ? r->gain[o] : 1.0f;
+    const float bias = (r && r->bias) ? r->bias[o] : 0.0f;
+    for (int tt = 0; tt < NT; ++tt) {
+        const float offs = offset_dot(off, a->sx + (t0 + tt) * ng, ng);
+        y[(t0 + tt) * y_stride + (o - row0)] = gain * (hsum(acc[tt]) + offs) + bias;
+    }
+}
+
+#define LRQ_DEFINE_ROWS(BITS)                                                                          \
+    static void rows_b##BITS(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y, \
+                             int64_t y_stride, int64_t row0, int64_t row1, float * ad, float * off) {  \
+        for (int64_t o0 = row0; o0 < row1; o0 += LRQ_ROW_BLOCK) {                                      \
+            const int64_t o1 = o0 + LRQ_ROW_BLOCK < row1 ? o0 + LRQ_ROW_BLOCK : row1;                  \
+            int64_t       t0 = 0;                                                                      \
+            for (; t0 + LRQ_TOK_BLOCK <= a->n_tok; t0 += LRQ_TOK_BLOCK) {                              \
+                for (int64_t o = o0; o < o1; ++o) {                                                    \
+                    row_tokens(w, r, a, y, y_stride, row0, o, t0, ad, off, LRQ_TOK_BLOCK, BITS);       \
+                }                                                                                      \
+            }                                                                                          \
+            for (; t0 < a->n_tok; ++t0) {                                                              \
+                for (int64_t o = o0; o < o1; ++o) row_tokens(w, r, a, y, y_stride, row0, o, t0, ad, off, 1, BITS); \
+            }                                                                                          \
+        }                                                                                              \
+    }
+
+LRQ_DEFINE_ROWS(1)
+LRQ_DEFINE_ROWS(2)
+LRQ_DEFINE_ROWS(3)
+LRQ_DEFINE_ROWS(4)
+
+// shape: y[t, o - row0] = act_r(x)[t, :] . W_r[o, :] + bias[o], t < a->n_tok, row0 <= o < row1
+// (arguments checked by lrq_mul_mat_q8)
+int lrq_mul_mat_q8_avx2(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a,
+                        float * y, int64_t y_stride, int64_t row0, int64_t row1) {
+    const int64_t ng8 = (lrq_n_groups(w->n_in, w->group_size) + 7) / 8 * 8;
+    float         stack_buf[2 * 1024];    // up to 1024 groups (n_in 32768 at g = 32) without malloc
+    float *       buf = ng8 <= 1024 ? stack_buf : (float *) malloc((size_t) (2 * ng8) * sizeof(float));
+    if (!buf) return LRQ_ERR_NOMEM;
+    float * ad = buf, * off = buf + ng8;
+    switch (w->bits) {
+        case 1:  rows_b1(w, r, a, y, y_stride, row0, row1, ad, off); break;
+        case 2:  rows_b2(w, r, a, y, y_stride, row0, row1, ad, off); break;
+        case 3:  rows_b3(w, r, a, y, y_stride, row0, row1, ad, off); break;
+        default: rows_b4(w, r, a, y, y_stride, row0, row1, ad, off); break;
+    }
+    if (buf != stack_buf) free(buf);
+    return LRQ_OK;
+}
+
+#endif  // LRQ_HAVE_AVX2_KERNEL

@@ -1,0 +1,312 @@
+// lrq._native.kernels: pybind11 bindings of the C kernels (native/lrq, lrq-kernels.h).
+// Bindings only validate shapes / dtypes and cast; all arithmetic is in the kernels.
+#include "lrq-kernels.h"
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+using F32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using U8Array  = py::array_t<uint8_t, py::array::c_style>;
+
+std::string shape_str(const py::array & a) {
+    std::ostringstream s;
+    s << "[";
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) s << (i ? ", " : "") << a.shape(i);
+    s << "]";
+    return s.str();
+}
+
+[[noreturn]] void bad_shape(const char * name, const std::string & expected, const py::array & a) {
+    throw py::value_error(std::string(name) + " must have shape " + expected + ", got " + shape_str(a));
+}
+
+lrq_mode parse_mode(const std::string & mode) {
+    if (mode == "asym") return LRQ_MODE_ASYM;
+    if (mode == "sym") return LRQ_MODE_SYM;
+    if (mode == "ternary") return LRQ_MODE_TERNARY;
+    throw py::value_error("mode must be 'asym', 'sym' or 'ternary', got '" + mode + "'");
+}
+
+lrq_scale_search parse_search(const std::string & s) {
+    if (s == "minmax") return LRQ_SCALE_MINMAX;
+    if (s == "mse") return LRQ_SCALE_MSE;
+    throw py::value_error("scale_search must be 'minmax' or 'mse', got '" + s + "'");
+}
+
+void check_status(int rc, const char * what) {
+    if (rc != LRQ_OK) throw py::value_error(std::string(what) + ": " + lrq_status_str(rc));
+}
+
+void check_params(int64_t n_in, int bits, lrq_mode mode, int group_size) {
+    const int rc = lrq_check_params(n_in, bits, mode, group_size);
+    if (rc == LRQ_ERR_N_IN) throw py::value_error("n_in = " + std::to_string(n_in) + " is not a positive multiple of 32");
+    check_status(rc, "invalid quantization parameters");
+}
+
+// A float16 array (C-contiguous) as uint16 bits; numpy float16 only, no silent conversion.
+py::array f16_array(const py::object & obj, const char * name) {
+    py::array a = py::array::ensure(obj, py::array::c_style);
+    if (!a) throw py::value_error(std::string(name) + " must be a numpy float16 array");
+    if (a.dtype().kind() != 'f' || a.dtype().itemsize() != 2) {
+        throw py::value_error(std::string(name) + " must have dtype float16, got " + std::string(py::str(a.dtype())));
+    }
+    return a;
+}
+
+const uint16_t * f16_ptr(const py::array & a) { return static_cast<const uint16_t *>(a.data()); }
+
+py::array new_f16(std::vector<py::ssize_t> shape) { return py::array(py::dtype("float16"), shape); }
+
+// The weight descriptor from (codes, d, m); keeps the arrays alive in `keep`.
+struct WeightArgs {
+    lrq_weight                w{};
+    U8Array                   codes;
+    py::array                 d, m;
+};
+
+WeightArgs weight_args(const py::object & codes_obj, const py::object & d_obj, const py::object & m_obj, int bits,
+                       int group_size, const std::string & mode_s) {
+    WeightArgs  wa;
+    const lrq_mode mode = parse_mode(mode_s);
+    if (bits < 1 || bits > 4) throw py::value_error("bits must be 1..4, got " + std::to_string(bits));
+    py::array codes = py::array::ensure(codes_obj, py::array::c_style);
+    if (!codes || codes.dtype().kind() != 'u' || codes.dtype().itemsize() != 1) {
+        throw py::value_error("codes must be a uint8 array [n_out, row_bytes]");
+    }
+    wa.codes = U8Array::ensure(codes);
+    const int bb = 4 * bits;
+    if (codes.ndim() != 2 || codes.shape(1) == 0 || codes.shape(1) % bb) {
+        bad_shape("codes", "[n_out, n_in / 32 * " + std::to_string(bb) + "] (uint8, " + std::to_string(bits) + "-bit blocks)", codes);
+    }
+    const int64_t n_out = codes.shape(0), n_in = codes.shape(1) / bb * LRQ_QK;
+    check_params(n_in, bits, mode, group_size);
+    const int64_t ng  = lrq_n_groups(n_in, group_size);
+    const std::string pshape = "[n_out, n_groups] = [" + std::to_string(n_out) + ", " + std::to_string(ng) + "]";
+    wa.d = f16_array(d_obj, "d");
+    if (wa.d.ndim() != 2 || wa.d.shape(0) != n_out || wa.d.shape(1) != ng) bad_shape("d", pshape, wa.d);
+    if (mode == LRQ_MODE_ASYM) {
+        if (m_obj.is_none()) throw py::value_error("m is required for mode 'asym' (float16 " + pshape + ")");
+        wa.m = f16_array(m_obj, "m");
+        if (wa.m.ndim() != 2 || wa.m.shape(0) != n_out || wa.m.shape(1) != ng) bad_shape("m", pshape, wa.m);
+    } else if (!m_obj.is_none()) {
+        throw py::value_error("m must be None for mode '" + mode_s + "' (only asym has a min)");
+    }
+    wa.w.codes           = wa.codes.data();
+    wa.w.codes_row_bytes = (size_t) codes.shape(1);
+    wa.w.n_in            = n_in;
+    wa.w.n_out           = n_out;
+    wa.w.bits            = bits;
+    wa.w.mode            = mode;
+    wa.w.group_size      = group_size;
+    wa.w.d               = f16_ptr(wa.d);
+    wa.w.d_row_stride    = ng;
+    wa.w.m               = mode == LRQ_MODE_ASYM ? f16_ptr(wa.m) : nullptr;
+    wa.w.m_row_stride    = ng;
+    return wa;
+}
+
+struct ReplicaArgs {
+    lrq_replica r{};
+    py::array   alpha, beta;
+    F32Array    gain, bias;
+};
+
+// alpha / beta: [n_out, n_groups] | [n_out, 1] | [1, 1] -> pointer + (row, group) strides, 0 = broadcast.
+void per_group(const py::object & obj, const char * name, int64_t n_out, int64_t ng, py::array & keep,
+               const uint16_t *& ptr, int64_t & rs, int64_t & gs) {
+    if (obj.is_none()) return;
+    keep = f16_array(obj, name);
+    const std::string expected = "[n_out, n_groups] = [" + std::to_string(n_out) + ", " + std::to_string(ng) +
+                                 "], [" + std::to_string(n_out) + ", 1] or [1, 1]";
+    if (keep.ndim() != 2) bad_shape(name, expected, keep);
+    const int64_t s0 = keep.shape(0), s1 = keep.shape(1);
+    if (!((s0 == n_out || s0 == 1) && (s1 == ng || s1 == 1)) || (s0 == 1 && s1 != 1)) bad_shape(name, expected, keep);
+    ptr = f16_ptr(keep);
+    rs  = s0 == 1 ? 0 : s1;
+    gs  = s1 == 1 ? 0 : 1;
+}
+
+void per_row(const py::object & obj, const char * name, int64_t n_out, F32Array & keep, const float *& ptr) {
+    if (obj.is_none()) return;
+    keep = F32Array::ensure(obj);
+    if (!keep) throw py::value_error(std::string(name) + " must be a float array [n_out]");
+    if (keep.ndim() != 1 || keep.shape(0) != n_out) bad_shape(name, "[n_out] = [" + std::to_string(n_out) + "]", keep);
+    ptr = keep.data();
+}
+
+ReplicaArgs replica_args(const lrq_weight & w, const py::object & alpha, const py::object & beta, const py::object & gain,
+                         const py::object & bias, double act_clip, int act_bits) {
+    ReplicaArgs ra;
+    lrq_replica_init(&ra.r);
+    const int64_t ng = lrq_n_groups(w.n_in, w.group_size);
+    per_group(alpha, "alpha", w.n_out, ng, ra.alpha, ra.r.alpha, ra.r.alpha_row_stride, ra.r.alpha_group_stride);
+    per_group(beta, "beta", w.n_out, ng, ra.beta, ra.r.beta, ra.r.beta_row_stride, ra.r.beta_group_stride);
+    per_row(gain, "gain", w.n_out, ra.gain, ra.r.gain);
+    per_row(bias, "bias", w.n_out, ra.bias, ra.r.bias);
+    if (!(act_clip > 0.0 && act_clip <= 1.0)) throw py::value_error("act_clip must be in (0, 1], got " + std::to_string(act_clip));
+    if (act_bits != 0 && (act_bits < 2 || act_bits > 16)) {
+        throw py::value_error("act_bits must be 0 (off) or 2..16, got " + std::to_string(act_bits));
+    }
+    ra.r.act_clip = (float) act_clip;
+    ra.r.act_bits = act_bits;
+    return ra;
+}
+
+}  // namespace
+
+void lrq_register_kernels(py::module_ & parent) {
+    py::module_ m = parent.def_submodule("kernels", "LRQ CPU kernels (native/lrq): quantizer, dequantizer, mat-mul");
+
+    m.def("info", []() {
+        py::dict d;
+        d["simd"] = lrq_kernels_simd();
+        return d;
+    }, "{'simd': 'avx2' | 'generic'}: the implementation impl='fast' uses on this CPU.");
+
+    m.def("fp32_to_fp16", [](const F32Array & x) {
+        py::array_t<uint16_t> out(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+        const float * p = x.data();
+        uint16_t *    o = out.mutable_data();
+        for (py::ssize_t i = 0; i < x.size(); ++i) o[i] = lrq_fp32_to_fp16(p[i]);
+        return out;
+    }, py::arg("x"), "fp16 bit patterns (uint16) of float32 values, round to nearest even.");
+
+    m.def("fp16_to_fp32", [](const py::array_t<uint16_t, py::array::c_style> & h) {
+        py::array_t<float> out(std::vector<py::ssize_t>(h.shape(), h.shape() + h.ndim()));
+        const uint16_t * p = h.data();
+        float *          o = out.mutable_data();
+        for (py::ssize_t i = 0; i < h.size(); ++i) o[i] = lrq_fp16_to_fp32(p[i]);
+        return out;
+    }, py::arg("h"), "float32 values of fp16 bit patterns (uint16).");
+
+    m.def("pack", [](const py::array_t<uint8_t, py::array::c_style> & q, int bits) {
+        if (bits < 1 || bits > 4) throw py::value_error("bits must be 1..4, got " + std::to_string(bits));
+        if (q.ndim() != 2 || q.shape(1) % LRQ_QK) bad_shape("q", "[n_rows, n_in] with n_in a multiple of 32", q);
+        const int64_t n_in = q.shape(1);
+        for (py::ssize_t i = 0; i < q.size(); ++i) {
+            if (q.data()[i] >> bits) throw py::value_error("q: code " + std::to_string(q.data()[i]) + " does not fit in " + std::to_string(bits) + " bits");
+        }
+        py::array_t<uint8_t> out({q.shape(0), (py::ssize_t) lrq_row_bytes(n_in, bits)});
+        for (py::ssize_t r = 0; r < q.shape(0); ++r) {
+            lrq_pack_row(q.data() + r * n_in, n_in, bits, out.mutable_data() + r * out.shape(1));
+        }
+        return out;
+    }, py::arg("q"), py::arg("bits"), "Planar packing of codes uint8 [n_rows, n_in].");
+
+    m.def("unpack", [](const py::array_t<uint8_t, py::array::c_style> & codes, int bits, int64_t n_in) {
+        if (bits < 1 || bits > 4) throw py::value_error("bits must be 1..4, got " + std::to_string(bits));
+        if (n_in <= 0 || n_in % LRQ_QK) throw py::value_error("n_in must be a positive multiple of 32, got " + std::to_string(n_in));
+        const py::ssize_t rb = (py::ssize_t) lrq_row_bytes(n_in, bits);
+        if (codes.ndim() != 2 || codes.shape(1) != rb) bad_shape("codes", "[n_rows, " + std::to_string(rb) + "]", codes);
+        py::array_t<uint8_t> out({codes.shape(0), (py::ssize_t) n_in});
+        for (py::ssize_t r = 0; r < codes.shape(0); ++r) {
+            lrq_unpack_row(codes.data() + r * rb, n_in, bits, out.mutable_data() + r * n_in);
+        }
+        return out;
+    }, py::arg("codes"), py::arg("bits"), py::arg("n_in"), "Inverse of pack.");
+
+    m.def("quantize", [](const F32Array & w, int bits, int group_size, const std::string & mode_s,
+                         const std::string & search_s) {
+        const lrq_mode         mode   = parse_mode(mode_s);
+        const lrq_scale_search search = parse_search(search_s);
+        if (w.ndim() != 2) bad_shape("w", "[n_out, n_in]", w);
+        const int64_t n_out = w.shape(0), n_in = w.shape(1);
+        check_params(n_in, bits, mode, group_size);
+        const int64_t ng = lrq_n_groups(n_in, group_size);
+        const size_t  rb = lrq_row_bytes(n_in, bits);
+        py::array_t<uint8_t> codes({(py::ssize_t) n_out, (py::ssize_t) rb});
+        py::array d = new_f16({(py::ssize_t) n_out, (py::ssize_t) ng});
+        py::object m_out = py::none();
+        uint16_t * mp = nullptr;
+        if (mode == LRQ_MODE_ASYM) {
+            py::array m = new_f16({(py::ssize_t) n_out, (py::ssize_t) ng});
+            mp    = static_cast<uint16_t *>(m.mutable_data());
+            m_out = m;
+        }
+        const float * wp = w.data();
+        uint8_t *     cp = codes.mutable_data();
+        uint16_t *    dp = static_cast<uint16_t *>(d.mutable_data());
+        int           rc = LRQ_OK;
+        {
+            py::gil_scoped_release nogil;
+            for (int64_t o = 0; o < n_out && rc == LRQ_OK; ++o) {
+                rc = lrq_quantize_row_ref(wp + o * n_in, n_in, bits, mode, group_size, search, cp + o * rb, dp + o * ng,
+                                          mp ? mp + o * ng : nullptr);
+            }
+        }
+        check_status(rc, "quantize");
+        return py::make_tuple(codes, d, m_out);
+    }, py::arg("w"), py::arg("bits"), py::arg("group_size"), py::arg("mode") = "asym", py::arg("scale_search") = "minmax",
+       "(codes uint8 [n_out, row_bytes], d float16 [n_out, n_groups], m float16 | None) of w [n_out, n_in];\n"
+       "byte-exact with lrq.quant.quantize(rounding='nearest', noise=0).");
+
+    m.def("dequantize", [](const py::object & codes, const py::object & d, const py::object & m_obj, int bits,
+                           int group_size, const std::string & mode, const py::object & alpha, const py::object & beta,
+                           const py::object & gain) {
+        WeightArgs  wa = weight_args(codes, d, m_obj, bits, group_size, mode);
+        ReplicaArgs ra = replica_args(wa.w, alpha, beta, gain, py::none(), 1.0, 0);
+        py::array_t<float> out({(py::ssize_t) wa.w.n_out, (py::ssize_t) wa.w.n_in});
+        float * op = out.mutable_data();
+        {
+            py::gil_scoped_release nogil;
+            for (int64_t o = 0; o < wa.w.n_out; ++o) lrq_dequantize_row_ref(&wa.w, &ra.r, o, op + o * wa.w.n_in);
+        }
+        return out;
+    }, py::arg("codes"), py::arg("d"), py::arg("m"), py::arg("bits"), py::arg("group_size"), py::arg("mode"),
+       py::arg("alpha") = py::none(), py::arg("beta") = py::none(), py::arg("gain") = py::none(),
+       "float32 W_r [n_out, n_in] = gain * (alpha * d * (level(q) + beta) + m).");
+
+    m.def("mul_mat", [](const py::object & codes, const py::object & d, const py::object & m_obj, int bits,
+                        int group_size, const std::string & mode, const F32Array & x, const py::object & alpha,
+                        const py::object & beta, const py::object & gain, const py::object & bias, double act_clip,
+                        int act_bits, const std::string & impl, int64_t row0, std::optional<int64_t> row1_opt) {
+        WeightArgs  wa = weight_args(codes, d, m_obj, bits, group_size, mode);
+        ReplicaArgs ra = replica_args(wa.w, alpha, beta, gain, bias, act_clip, act_bits);
+        if (x.ndim() != 2 || x.shape(1) != wa.w.n_in) bad_shape("x", "[n_tok, n_in] = [n_tok, " + std::to_string(wa.w.n_in) + "]", x);
+        const int64_t row1 = row1_opt ? *row1_opt : wa.w.n_out;
+        if (row0 < 0 || row0 > row1 || row1 > wa.w.n_out) {
+            throw py::value_error("row range [" + std::to_string(row0) + ", " + std::to_string(row1) + ") is not within [0, " +
+                                  std::to_string(wa.w.n_out) + "]");
+        }
+        decltype(&lrq_mul_mat_ref) fn;
+        if (impl == "ref") fn = &lrq_mul_mat_ref;
+        else if (impl == "fast") fn = &lrq_mul_mat;
+        else if (impl == "generic") fn = nullptr;
+        else throw py::value_error("impl must be 'ref', 'fast' or 'generic', got '" + impl + "'");
+        const int64_t n_tok = x.shape(0);
+        py::array_t<float> y({(py::ssize_t) n_tok, (py::ssize_t) (row1 - row0)});
+        const float * xp = x.data();
+        float *       yp = y.mutable_data();
+        int           rc = LRQ_OK;
+        {
+            py::gil_scoped_release nogil;
+            if (fn) {
+                rc = fn(&wa.w, &ra.r, xp, wa.w.n_in, n_tok, yp, row1 - row0, row0, row1);
+            } else if (n_tok > 0) {   // the portable q8 kernel, whatever the CPU
+                std::vector<char> buf(lrq_act_q8_size(n_tok, wa.w.n_in, group_size) + 32);
+                lrq_act_q8 a;
+                lrq_act_q8_init(&a, buf.data(), n_tok, wa.w.n_in, group_size);
+                rc = lrq_quantize_act_q8(xp, wa.w.n_in, ra.r.act_clip, ra.r.act_bits, &a);
+                if (!rc) rc = lrq_mul_mat_q8_generic(&wa.w, &ra.r, &a, yp, row1 - row0, row0, row1);
+            }
+        }
+        check_status(rc, "mul_mat");
+        return y;
+    }, py::arg("codes"), py::arg("d"), py::arg("m"), py::arg("bits"), py::arg("group_size"), py::arg("mode"), py::arg("x"),
+       py::arg("alpha") = py::none(), py::arg("beta") = py::none(), py::arg("gain") = py::none(),
+       py::arg("bias") = py::none(), py::arg("act_clip") = 1.0, py::arg("act_bits") = 0, py::arg("impl") = "ref",
+       py::arg("row0") = 0, py::arg("row1") = py::none(),
+       "y float32 [n_tok, row1 - row0] = act_r(x) . W_r[row0:row1]^T + bias.\n"
+       "impl: 'ref' (double), 'fast' (int8 activations, AVX2 when available), 'generic' (the same, portable C).");
+}
