@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Decode and prompt speed of LRQ files against stock llama.cpp types, side by side in one run.
+
+    .venv/bin/python bench/runtime.py                          # SmolLM2, 2 threads
+    .venv/bin/python bench/runtime.py --model qwen2.5-1.5b     # rows that take true Q2_K
+    .venv/bin/python bench/runtime.py --short                  # the demo's compact table
+
+For one model and thread count it builds (cached under --work): LRQ 2-bit asym g64 with the
+schedules none, all, last-8 serial and last-8 parallel, and stock Q2_K, Q4_0 and F32 made by the
+same build's llama-quantize from the F32 reference. Each file runs in its own `llama-bench`
+process (pp512 and tg128, --reps repetitions); the table gives tokens/s, each as a ratio to stock
+Q2_K, file size, whole-file bits per weight and the process's peak RSS. Nothing is asserted:
+targets are reported in docs/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lrq import assets, tools
+from lrq.convert import ConvertError, ConvertOptions, convert
+from lrq.eval.bpw import file_bpw
+from lrq.eval.stock import make_stock, reference_f32
+
+STOCK = ("Q2_K", "Q4_0", "F32")
+LRQ_PLANS = {"none": "none", "all": "all", "last-8 serial": "last-8", "last-8 parallel": None}
+
+
+@dataclass
+class Row:
+    name: str
+    path: Path | None
+    pp: float | None = None
+    tg: float | None = None
+    rss_mib: float | None = None
+    size_mib: float | None = None
+    bpw: float | None = None
+    error: str = ""
+
+
+def parallel_plan(n_layer: int, last: int, work: Path) -> Path:
+    """A plan file running each of the last ``last`` layers as a parallel pair (mean)."""
+    p = work / f"plan-last{last}-parallel-{n_layer}.json"
+    layers = {str(i): {"replicas": 2, "mode": "parallel"} for i in range(n_layer - last, n_layer)}
+    p.write_text(json.dumps({"layers": layers}))
+    return p
+
+
+def lrq_file(src: Path, name: str, plan: str, work: Path) -> Path:
+    out = work / f"{src.stem}.lrq2-g64.{name.replace(' ', '-')}.gguf"
+    if not out.exists():
+        convert(src, out, ConvertOptions(bits=2, group_size=64, plan=plan, grid_offset=0.5, progress=False))
+    return out
+
+
+def llama_bench(model: Path, threads: int, reps: int, pp: int, tg: int) -> tuple[float, float, float]:
+    """(pp t/s, tg t/s, peak RSS MiB) from one llama-bench process."""
+    cmd = [str(tools.tool("llama-bench")), "-m", str(model), "-p", str(pp), "-n", str(tg),
+           "-r", str(reps), "-t", str(threads), "-o", "json"]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode(errors="replace")
+    if proc.returncode != 0:
+        tail = " / ".join(stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"llama-bench exited with {proc.returncode}: {tail}")
+    res = json.loads(stdout)
+    pp_ts = next(r["avg_ts"] for r in res if r["n_prompt"] == pp and r["n_gen"] == 0)
+    tg_ts = next(r["avg_ts"] for r in res if r["n_gen"] == tg and r["n_prompt"] == 0)
+    return pp_ts, tg_ts, usage.ru_maxrss / 1024.0
+
+
+def measure(rows: list[Row], args) -> None:
+    try:
+        from tqdm import tqdm
+        it = tqdm(rows, desc="llama-bench", leave=False)
+    except ImportError:
+        it = rows
+    for row in it:
+        if row.path is None:
+            continue
+        try:
+            row.size_mib = row.path.stat().st_size / 2**20
+            row.bpw = file_bpw(row.path).bpw
+            row.pp, row.tg, row.rss_mib = llama_bench(row.path, args.threads, args.reps, args.pp, args.tg)
+        except (RuntimeError, OSError, ValueError) as e:
+            row.error = str(e)
+
+
+def table(rows: list[Row], model: str, args, short: bool) -> str:
+    base = next((r for r in rows if r.name == "stock Q2_K" and r.tg), None)
+
+    def ratio(v, b):
+        return f"{v / b:5.2f}x" if v and b else "    -"
+
+    head = (f"model {model}, {args.threads} threads, llama-bench pp{args.pp} / tg{args.tg}, "
+            f"{args.reps} reps; ratios to stock Q2_K")
+    lines = [head]
+    if short:
+        lines.append(f"{'file':25s} {'bpw':>5s} {'tg t/s':>8s} {'tg/Q2_K':>8s}")
+        for r in rows:
+            if r.error:
+                lines.append(f"{r.name:25s} error: {r.error[:90]}")
+            elif r.tg:
+                lines.append(f"{r.name:25s} {r.bpw:5.2f} {r.tg:8.1f} {ratio(r.tg, base and base.tg):>8s}")
+        return "\n".join(lines)
+    lines.append(f"{'file':25s} {'MiB':>7s} {'bpw':>5s} {'pp t/s':>8s} {'pp/Q2_K':>8s} "
+                 f"{'tg t/s':>8s} {'tg/Q2_K':>8s} {'peak RSS MiB':>13s}")
+    for r in rows:
+        if r.error:
+            lines.append(f"{r.name:25s} error: {r.error[:100]}")
+            continue
+        lines.append(f"{r.name:25s} {r.size_mib:7.1f} {r.bpw:5.2f} {r.pp:8.1f} {ratio(r.pp, base and base.pp):>8s} "
+                     f"{r.tg:8.1f} {ratio(r.tg, base and base.tg):>8s} {r.rss_mib:13.0f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="a bundled model name or a GGUF path")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--pp", type=int, default=512)
+    ap.add_argument("--tg", type=int, default=128)
+    ap.add_argument("--work", type=Path, default=Path("out/bench"))
+    ap.add_argument("--short", action="store_true", help="compact table (decode only)")
+    args = ap.parse_args(argv)
+
+    src = assets.path(args.model) if args.model in assets.ASSETS else Path(args.model)
+    args.work.mkdir(parents=True, exist_ok=True)
+    ref = reference_f32(src, args.work)
+    rows: list[Row] = []
+    for name, plan in LRQ_PLANS.items():
+        try:
+            if plan is None:
+                from lrq.model_file import open_model
+                plan = str(parallel_plan(open_model(src).hparams["n_layer"], 8, args.work))
+            rows.append(Row(f"LRQ2 g64 {name}", lrq_file(src, name, plan, args.work)))
+        except ConvertError as e:
+            rows.append(Row(f"LRQ2 g64 {name}", None, error=str(e)))
+    for qtype in STOCK:
+        rows.append(Row(f"stock {qtype}", ref if qtype == "F32" else make_stock(ref, qtype, work=args.work)))
+    measure(rows, args)
+    print(table(rows, src.name, args, args.short))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
