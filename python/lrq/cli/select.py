@@ -1,0 +1,140 @@
+"""lrq-select: rank layers by quantization sensitivity and write a replication plan.
+
+Examples:
+    lrq-select smollm2-135m -o plan.json --strategy top-k --k 8
+    lrq-select model.gguf -o plan.json --bits 2 --group-size 64 --measure-tokens 512 --rank-by kl
+    lrq-select model.gguf -o plan.json --strategy progressive --text my-calib.txt --tokens 4096
+    lrq-convert model.gguf out.lrq.gguf --bits 2 --plan plan.json
+
+Score (per layer k, the method's formula):
+    Error_k       = ||W - Q(W)||_F / ||W||_F over the layer's block linears (lrq.quant, --bits ...)
+    Sensitivity_k = std(x_k) / mean|x_k|, x_k = the residual stream entering layer k
+    Massive_k     = fraction of |x_k| > 100 mean|x_k|
+    Score_k       = Error_k * Sensitivity_k * (1 + 10 Massive_k)
+on --tokens calibration tokens (float32 torch reference).  --measure-tokens N also measures, per
+layer, the KL divergence and NLL increase on N tokens when only that layer is quantized
+(one forward per layer; --rank-by kl|nll ranks by it).
+Strategies: top-k (the K highest get --replicas copies), last-n (the last K layers),
+progressive (the K highest get replicas+1, the next K get replicas; default K = n_layer // 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lrq-select", description=__doc__.splitlines()[0],
+                                 epilog=__doc__.split("\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", metavar="MODEL", help="plain GGUF (or a bundled model name, e.g. smollm2-135m)")
+    ap.add_argument("-o", "--out", required=True, metavar="PLAN.json", help="plan file to write")
+    s = ap.add_argument_group("strategy")
+    s.add_argument("--strategy", default="top-k", choices=("top-k", "last-n", "progressive"))
+    s.add_argument("--k", type=int, default=None, help="number of layers (top-k / last-n: required)")
+    s.add_argument("--replicas", type=int, default=2, help="copies of a chosen layer (default 2)")
+    s.add_argument("--mode", default="serial", choices=("serial", "parallel"), help="replica mode in the plan")
+    s.add_argument("--rank-by", default="score", choices=("score", "kl", "nll"),
+                   help="ranking value (kl / nll need --measure-tokens)")
+    q = ap.add_argument_group("quantizer (as lrq-convert will use it)")
+    q.add_argument("--bits", type=int, default=2, choices=(1, 2, 3, 4))
+    q.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128, 256))
+    q.add_argument("--quant-mode", default="asym", choices=("asym", "sym", "ternary"))
+    q.add_argument("--scale-search", default="minmax", choices=("minmax", "mse"))
+    c = ap.add_argument_group("calibration")
+    c.add_argument("--text", default="sotu-calib", metavar="NAME|FILE", help="calibration text (default sotu-calib)")
+    c.add_argument("--tokens", type=int, default=2048, help="tokens for the activation statistics (default 2048)")
+    c.add_argument("--ctx", type=int, default=512, help="window length (default 512)")
+    c.add_argument("--measure-tokens", type=int, default=0,
+                   help="tokens for the measured score (0 = off; one forward per layer)")
+    c.add_argument("-t", "--threads", type=int, default=None, help="torch threads")
+    ap.add_argument("--scores", default=None, metavar="FILE.csv|.json", help="also write the per-layer table")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return ap
+
+
+def _fmt(v: float, spec: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .. import assets
+    from ..model_file import ModelFileError
+    from ..select import QuantSpec, SelectError, choose, ranking, select_layers, write_plan
+
+    err = lambda m: print(f"lrq-select: error: {m}", file=sys.stderr)  # noqa: E731
+    if args.rank_by != "score" and args.measure_tokens <= 0:
+        err(f"--rank-by {args.rank_by} needs --measure-tokens N (N > 0)"); return 2
+    if args.strategy in ("top-k", "last-n") and args.k is None:
+        err(f"--strategy {args.strategy} needs --k"); return 2
+    out = Path(args.out)
+    if out.suffix.lower() != ".json":
+        err(f"{out}: the plan file must end in .json"); return 2
+    if not out.resolve().parent.is_dir():
+        err(f"{out}: directory {out.parent} does not exist"); return 1
+    try:
+        model = (assets.path(args.model) if args.model in assets.ASSETS and
+                 assets.ASSETS[args.model].kind == "model" else Path(args.model))
+        if not model.is_file():
+            err(f"{model}: no such model file"); return 1
+        from ..select.measure import open_plain
+        n_layer = open_plain(model).hparams.n_layer
+        choose([0.0] * n_layer, args.strategy, args.k, args.replicas)   # bad --k fails before work
+        spec = QuantSpec(args.bits, args.group_size, args.quant_mode, args.scale_search)
+        scores = select_layers(model, spec, args.text, args.tokens, args.ctx, args.measure_tokens,
+                               args.threads, progress=not args.quiet)
+        n = len(scores)
+        values = {"score": [s.score for s in scores], "kl": [s.kl for s in scores],
+                  "nll": [s.dnll for s in scores]}[args.rank_by]
+        choice = choose(values, args.strategy, args.k, args.replicas)
+        write_plan(out, choice, n, args.mode)
+    except (SelectError, ModelFileError, assets.AssetError, OSError) as e:
+        err(e); return 1
+    except KeyboardInterrupt:
+        err("interrupted; nothing written"); return 130
+
+    rank_s = {l: i + 1 for i, l in enumerate(ranking([s.score for s in scores]))}
+    measured = args.measure_tokens > 0
+    rank_m = {l: i + 1 for i, l in enumerate(ranking([s.kl for s in scores]))} if measured else {}
+    print(f"{model.name}: {n} layers, quantizer {spec.describe()}, text {args.text}, "
+          f"{(args.tokens // args.ctx) * args.ctx} tokens (ctx {args.ctx})"
+          + (f", measured on {(args.measure_tokens // args.ctx) * args.ctx} tokens" if measured else ""))
+    head = f"{'layer':>5s} {'Error':>8s} {'Sens':>7s} {'Massive':>9s} {'Score':>8s} {'rank':>4s}"
+    if measured:
+        head += f" {'KL':>9s} {'dNLL':>9s} {'rank':>4s}"
+    print(head + "  copies")
+    for s in scores:
+        line = (f"{s.layer:5d} {s.error:8.4f} {s.sensitivity:7.3f} {s.massive:9.2e} {s.score:8.4f} "
+                f"{rank_s[s.layer]:4d}")
+        if measured:
+            line += f" {_fmt(s.kl, '9.5f')} {_fmt(s.dnll, '9.5f')} {rank_m[s.layer]:4d}"
+        print(line + f"  {choice.get(s.layer, 1)}")
+    print(f"strategy {args.strategy} by {args.rank_by}: layers "
+          f"{', '.join(f'{l}x{r}' for l, r in sorted(choice.items())) or '(none)'} -> wrote {out}")
+    if args.scores:
+        p = Path(args.scores)
+        rows = [dict(layer=s.layer, error=s.error, sensitivity=s.sensitivity, massive=s.massive,
+                     score=s.score, kl=s.kl, dnll=s.dnll, copies=choice.get(s.layer, 1)) for s in scores]
+        try:
+            if p.suffix.lower() == ".json":
+                p.write_text(json.dumps({"model": str(model), "quant": spec.describe(), "text": str(args.text),
+                                         "layers": rows}, indent=1))
+            else:
+                with open(p, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                    w.writeheader()
+                    w.writerows(rows)
+        except OSError as e:
+            err(f"{p}: {e.strerror or e}"); return 1
+        print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Whole-file bits per weight of any GGUF, LRQ or stock (docs/FORMAT.md section 9).
+
+bpw = 8 x (sum of all tensor data bytes) / (number of base parameters).  For an LRQ file the
+base parameters exclude the LRQ parameter tensors (``lrq_scale``, ``lrq_min``, ``lrq_r*``) and
+the figure comes from ``LRQModelFile.bpw()``; for a stock file every tensor is a base tensor.
+Embeddings and the output head are included: this is the size a user downloads per weight.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..constants import Keys
+from ..gguf_hparams import open_reader, read_kv
+
+
+@dataclass(frozen=True)
+class FileBpw:
+    bpw: float
+    tensor_bytes: int
+    n_params: int
+    kind: str                 # "lrq" | "stock"
+    file_type: str            # the most common tensor type of the block linears, or "LRQ<b>"
+
+
+def _dominant_type(reader) -> str:
+    from collections import Counter
+    c: Counter = Counter()
+    for t in reader.tensors:
+        if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2:
+            c[t.tensor_type.name if hasattr(t.tensor_type, "name") else str(t.tensor_type)] += int(t.n_elements)
+    return c.most_common(1)[0][0] if c else "?"
+
+
+def file_bpw(path: str | os.PathLike) -> FileBpw:
+    """Whole-file bpw of a GGUF; GGUFFileError / LRQFileError (naming the file) if unreadable."""
+    path = Path(path)
+    reader = open_reader(path)
+    kv = read_kv(reader)
+    if Keys.FORMAT_VERSION in kv:
+        from ..lrq_file import LRQModelFile
+        b = LRQModelFile(path).bpw()
+        return FileBpw(float(b["file"]), int(b["tensor_bytes"]), int(b["n_base_params"]), "lrq",
+                       f"LRQ{kv.get(Keys.BITS, '?')} g{kv.get(Keys.GROUP_SIZE, '?')}")
+    nbytes = sum(int(t.n_bytes) for t in reader.tensors)
+    n = sum(int(t.n_elements) for t in reader.tensors)
+    if n == 0:
+        raise ValueError(f"{path}: the file has no tensors")
+    return FileBpw(8.0 * nbytes / n, nbytes, n, "stock", _dominant_type(reader))
