@@ -5,6 +5,8 @@ Examples:
     lrq-convert model.gguf out.gguf --bits 2 --plan last-8 --grid-offset 0.5
     lrq-convert hf-model-dir/ out.gguf --ternary --scale-search mse --plan plan.yaml
     lrq-convert model.gguf out.gguf --keep 'token_embd|output' --plan progressive
+    lrq-convert model.Q4_1.gguf out.gguf --bits 2 --gptq --calib-text sotu-calib --calib-tokens 4096
+    lrq-convert model.Q4_1.gguf out.gguf --bits 2 --awq --calib-text my-text.txt
 
 Plans: none (default), all (every layer twice), last-N (last N layers twice), progressive
 (first third x1, middle x2, last third x3), or a JSON/YAML file
@@ -33,8 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ternary", dest="mode", action="store_const", const="ternary",
                    help="codes -1/0/+1 times a per-group scale (2-bit storage)")
     q.add_argument("--group-size", type=int, choices=(32, 64, 128, 256), default=64)
-    q.add_argument("--scale-search", choices=("minmax", "mse"), default="minmax",
-                   help="mse: per-group clipping that minimises the squared error")
+    q.add_argument("--scale-search", choices=("minmax", "mse", "act-mse"), default=None,
+                   help="mse: per-group clipping that minimises the squared error; act-mse: the "
+                        "error weighted by E[x^2] of each input channel (needs --calib-text)")
+    q.add_argument("--awq", dest="scale_search", action="store_const", const="act-mse",
+                   help="same as --scale-search act-mse (activation-aware clipping search)")
+    c = ap.add_argument_group("calibration-aware quantizers (need --calib-text)")
+    c.add_argument("--gptq", action="store_true",
+                   help="GPTQ: codes column by column with Hessian error feedback; group "
+                        "parameters from --scale-search (default minmax)")
+    c.add_argument("--calib-text", metavar="NAME|FILE", default=None,
+                   help="calibration text: a bundled text (sotu-calib) or a text file")
+    c.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
+    c.add_argument("--calib-window", type=int, default=512, help="tokens per window (default 512)")
+    c.add_argument("--gptq-damp", type=float, default=0.01,
+                   help="GPTQ dampening, a fraction of mean(diag(H)) (default 0.01)")
     q.add_argument("--rounding", choices=("nearest", "stochastic"), default="nearest")
     q.add_argument("--noise", type=float, default=0.0,
                    help="std of Gaussian noise (in code units) added before rounding")
@@ -61,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     mode = args.mode or "asym"
     bits = args.bits if args.bits is not None else 2
     opts = ConvertOptions(bits=bits, mode=mode, group_size=args.group_size,
-                          scale_search=args.scale_search, rounding=args.rounding, noise=args.noise,
+                          scale_search=args.scale_search or "minmax", rounding=args.rounding,
+                          noise=args.noise, gptq=args.gptq, calib_text=args.calib_text,
+                          calib_tokens=args.calib_tokens, calib_window=args.calib_window,
+                          gptq_damp=args.gptq_damp,
                           grid_offset=args.grid_offset, scale_delta=args.scale_delta, keep=args.keep,
                           plan=args.plan, seed=args.seed, progress=not args.quiet)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))

@@ -41,7 +41,7 @@ class ConvertOptions:
     bits: int = 2
     mode: str = "asym"                 # asym | sym | ternary
     group_size: int = 64
-    scale_search: str = "minmax"       # minmax | mse
+    scale_search: str = "minmax"       # minmax | mse | act-mse (needs calib_text)
     rounding: str = "nearest"          # nearest | stochastic
     noise: float = 0.0                 # std (code units) of Gaussian noise added before rounding
     grid_offset: float = 0.0           # replica r >= 1 initial grid offset magnitude (code units)
@@ -50,6 +50,16 @@ class ConvertOptions:
     plan: str = "none"                 # preset or plan file
     seed: int = 0
     progress: bool = True
+    # calibration-aware base quantizers (lrq.calib.gptq); both need a calibration text
+    gptq: bool = False                 # GPTQ error-compensating rounding (Hessian of the inputs)
+    calib_text: str | None = None      # bundled text name or a file
+    calib_tokens: int = 4096
+    calib_window: int = 512
+    gptq_damp: float = 0.01            # dampening, fraction of mean(diag(H))
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.gptq or self.scale_search == "act-mse"
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -62,8 +72,20 @@ class ConvertOptions:
         if self.group_size not in GROUP_SIZES:
             raise ConvertError(f"--group-size: {self.group_size} is not one of "
                                f"{', '.join(map(str, GROUP_SIZES))}")
-        if self.scale_search not in ("minmax", "mse"):
-            raise ConvertError(f"--scale-search: '{self.scale_search}' is not minmax or mse")
+        if self.scale_search not in ("minmax", "mse", "act-mse"):
+            raise ConvertError(f"--scale-search: '{self.scale_search}' is not minmax, mse or act-mse")
+        if self.needs_calibration:
+            what = "--gptq" if self.gptq else "--scale-search act-mse"
+            if not self.calib_text:
+                raise ConvertError(f"{what} needs a calibration text (--calib-text NAME|FILE)")
+            if self.rounding != "nearest" or self.noise:
+                raise ConvertError(f"{what} decides its own rounding: --rounding stochastic and "
+                                   f"--noise cannot be combined with it")
+            if self.calib_window < 4 or self.calib_tokens < self.calib_window:
+                raise ConvertError(f"--calib-tokens {self.calib_tokens} must be at least one "
+                                   f"--calib-window ({self.calib_window}, >= 4)")
+            if not (np.isfinite(self.gptq_damp) and self.gptq_damp > 0):
+                raise ConvertError(f"--gptq-damp must be > 0, got {self.gptq_damp}")
         if self.rounding not in ("nearest", "stochastic"):
             raise ConvertError(f"--rounding: '{self.rounding}' is not nearest or stochastic")
         for opt, v in (("--noise", self.noise), ("--grid-offset", self.grid_offset),
@@ -221,6 +243,7 @@ def _convert_gguf(src: Path, out: Path, opts: ConvertOptions, t0: float, log,
         raise ConvertError(f"{src}: no tensor would be quantized (every block linear is kept or has "
                            f"n_in not a multiple of 32)")
     by_name = {t.name: t for t in reader.tensors}
+    acts = _calibration_activations(src, opts, log) if opts.needs_calibration else None
 
     try:
         writer = GGUFStreamWriter(out, lrq_arch(conv.arch))
@@ -236,7 +259,7 @@ def _convert_gguf(src: Path, out: Path, opts: ConvertOptions, t0: float, log,
         writer.add_uint32(Keys.GROUP_SIZE, opts.group_size)
         writer.add_uint32(Keys.BITS, opts.bits)
         writer.add_string(Keys.SCALE_SEARCH, opts.scale_search)
-        writer.add_string(Keys.ROUNDING, opts.rounding)
+        writer.add_string(Keys.ROUNDING, "gptq" if opts.gptq else opts.rounding)
         writer.add_float32(Keys.NOISE, opts.noise)
         writer.add_uint32(Keys.SEED, opts.seed)
         writer.add_float32(Keys.INIT_SCALE_DELTA, opts.scale_delta)
@@ -275,7 +298,7 @@ def _convert_gguf(src: Path, out: Path, opts: ConvertOptions, t0: float, log,
             for sp in layout:
                 t = by_name[sp.source]
                 if sp.lrq:
-                    _write_lrq(writer, sp, t, opts)
+                    _write_lrq(writer, sp, t, opts, acts)
                 else:
                     writer.write_tensor(sp.source, np.asarray(t.data))
                 if bar is not None:
@@ -295,13 +318,44 @@ def _convert_gguf(src: Path, out: Path, opts: ConvertOptions, t0: float, log,
         seconds=time.monotonic() - t0, plan=plan.source or opts.plan)
 
 
-def _write_lrq(writer: GGUFStreamWriter, sp: SourceTensorPlan, t, opts: ConvertOptions) -> None:
+def _calibration_activations(src: Path, opts: ConvertOptions, log):
+    """The float32 reference of ``src`` on the calibration windows (lrq.calib.activations)."""
+    from ..calib import CalibError, calibration_windows
+    from ..calib.activations import SourceActivations
+    try:
+        windows = calibration_windows(src, opts.calib_text, opts.calib_tokens, opts.calib_window)
+    except CalibError as e:
+        raise ConvertError(str(e)) from None
+    log(f"calibration: {windows.size} tokens of {opts.calib_text} in windows of {windows.shape[1]}")
+    return SourceActivations(src, windows, progress=opts.progress)
+
+
+def _calibrated_quantize(w: np.ndarray, name: str, opts: ConvertOptions, acts):
+    from ..calib.gptq import gptq_quantize_codes, weighted_quantize_codes
+    from ..quant import QuantizedTensor, pack
+    layer = layer_of(name)
+    linear = name.split(".")[2]
+    st = acts.linear_stats(layer)[linear]
+    if opts.gptq:
+        q, d, m = gptq_quantize_codes(w, st.xtx, opts.bits, opts.group_size, opts.mode,
+                                      scale_search=opts.scale_search, importance=st.sq_mean,
+                                      damp=opts.gptq_damp)
+    else:
+        q, d, m = weighted_quantize_codes(w, opts.bits, opts.group_size, opts.mode, st.sq_mean)
+    return QuantizedTensor(pack(q, opts.bits), d, m, opts.bits, opts.group_size, opts.mode, int(q.shape[1]))
+
+
+def _write_lrq(writer: GGUFStreamWriter, sp: SourceTensorPlan, t, opts: ConvertOptions,
+               acts=None) -> None:
     w = dequantize_tensor(t).astype(np.float32)
     if not np.isfinite(w).all():
         raise ConvertError(f"tensor {t.name}: the source contains NaN or infinite values")
     try:
-        qt = quantize(w, opts.bits, opts.group_size, opts.mode, scale_search=opts.scale_search,
-                      rounding=opts.rounding, noise=opts.noise, seed=tensor_seed(opts.seed, t.name))
+        if acts is not None:
+            qt = _calibrated_quantize(w, t.name, opts, acts)
+        else:
+            qt = quantize(w, opts.bits, opts.group_size, opts.mode, scale_search=opts.scale_search,
+                          rounding=opts.rounding, noise=opts.noise, seed=tensor_seed(opts.seed, t.name))
     except QuantError as e:
         raise ConvertError(f"tensor {t.name}: {e}") from None
     del w

@@ -1,0 +1,190 @@
+"""Calibration activations of the full-precision source (the float32 torch reference).
+
+``SourceActivations`` runs ``lrq.reference.Reference`` on the source GGUF over calibration
+windows and gives, per block L:
+
+- ``block_input(L)`` / ``block_output(L)``: the residual stream entering / leaving block L,
+  float32 ``[n_windows, window, n_embd]``;
+- ``linear_stats(L)``: per linear, the sum X^T X over all calibration tokens of its input
+  (float64 ``[n_in, n_in]``, GPTQ's Hessian up to a factor 2/n), the token count, E[x_i^2] and
+  max |x_i| per input channel;
+- ``linear_inputs(L)``: the raw inputs ``[n_tokens, n_in]`` (memory heavy; for small models,
+  tests and diagnostics).
+
+Nothing is kept for every layer at once except the residual stream at the block inputs
+(checkpoints, ``n_tokens * n_embd * 4`` bytes a layer, capped by ``max_checkpoint_bytes``: beyond
+the cap only every k-th layer is kept and the rest recomputed).  The block math is the
+reference's own (``Reference._block``): a block whose linears are wrapped to record their input.
+q/k/v read the same normed input, as do gate/up, so their statistics are computed once.
+
+    >>> acts = SourceActivations("model.gguf", windows)          # doctest: +SKIP
+    >>> st = acts.linear_stats(5)["ffn_down"]; st.xtx.shape, st.n  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..model_file import open_model
+from ..reference import Reference
+from ..reference.executor import _LINEARS, Block
+from ..reference.ops import rope_angles
+
+LINEARS = _LINEARS
+# which linear's input each linear reads (q/k/v share the attention norm's output, gate/up the
+# FFN norm's output)
+SHARED_INPUT = {"attn_q": "attn_q", "attn_k": "attn_q", "attn_v": "attn_q",
+                "attn_output": "attn_output", "ffn_gate": "ffn_gate", "ffn_up": "ffn_gate",
+                "ffn_down": "ffn_down"}
+DEFAULT_MAX_CHECKPOINT_BYTES = 2 << 30
+
+
+@dataclass
+class LinearStats:
+    """Second-moment statistics of one linear's input over the calibration tokens."""
+    xtx: np.ndarray          # float64 [n_in, n_in]: sum_t x_t x_t^T
+    n: int                   # tokens
+    abs_max: np.ndarray      # float64 [n_in]: max_t |x_t,i|
+
+    @property
+    def sq_mean(self) -> np.ndarray:
+        """E[x_i^2] per input channel (the importance of AWQ-style searches)."""
+        return np.diag(self.xtx) / max(self.n, 1)
+
+    @property
+    def hessian(self) -> np.ndarray:
+        """H = X^T X / n (GPTQ's Hessian of the layer's squared output error, up to 2)."""
+        return self.xtx / max(self.n, 1)
+
+
+class _Recorder:
+    """Wraps a reference Linear: calls it unchanged, hands its input to ``sink``."""
+
+    def __init__(self, lin, sink):
+        self.lin, self.sink = lin, sink
+
+    def __call__(self, x):
+        self.sink(x)
+        return self.lin(x)
+
+
+def rope_context(ref: Reference, n: int):
+    """(pos, cos, sin) of positions 0..n-1 with the reference's rope settings."""
+    hp = ref.hp
+    pos = torch.arange(n)
+    cos, sin = rope_angles(pos, hp.rope_dim, hp.rope_theta, ref._freq_scale, ref._freq_factors,
+                           ref.dtype)
+    return pos, cos, sin
+
+
+def run_block(ref: Reference, blk: Block, x: torch.Tensor, ctx=None) -> torch.Tensor:
+    """Block ``blk`` (the reference's math) on every window of x [n_win, T, d], each from an
+    empty KV cache (positions 0..T-1).  Differentiable when blk's linears are."""
+    pos, cos, sin = ctx if ctx is not None else rope_context(ref, x.shape[1])
+    outs = []
+    for w in range(x.shape[0]):
+        cache = ref.new_cache()
+        outs.append(ref._block(x[w], blk, cache, 0, pos, cos, sin))
+    return torch.stack(outs)
+
+
+class SourceActivations:
+    """The full-precision source on calibration windows, block by block (see module doc)."""
+
+    def __init__(self, source: str | os.PathLike, windows: np.ndarray, *,
+                 dtype: torch.dtype = torch.float32, progress: bool = False,
+                 max_checkpoint_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES, reference=None):
+        self.ref = reference if reference is not None else Reference(open_model(source), dtype)
+        self.hp = self.ref.hp
+        self.n_layer = self.hp.n_layer
+        self.windows = np.asarray(windows, dtype=np.int64)
+        if self.windows.ndim != 2:
+            raise ValueError(f"windows must be [n_windows, window], got shape {self.windows.shape}")
+        self.ctx = rope_context(self.ref, self.windows.shape[1])
+        self.progress = progress
+        x0 = self.ref.tok_embd[torch.from_numpy(self.windows)]
+        per_layer = x0.numel() * x0.element_size()
+        self.stride = max(1, math.ceil(per_layer * self.n_layer / max(max_checkpoint_bytes, 1)))
+        self._ckpt: dict[int, torch.Tensor] = {0: x0}
+        self._stats_layer: int | None = None
+        self._stats: dict[str, LinearStats] = {}
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.windows.size)
+
+    def block(self, layer: int) -> Block:
+        return self.ref.blocks[(layer, 0)]
+
+    def _advance(self, layer: int) -> torch.Tensor:
+        """Residual stream entering ``layer`` (from the nearest checkpoint below)."""
+        if not 0 <= layer <= self.n_layer:
+            raise IndexError(f"layer {layer} outside 0..{self.n_layer}")
+        start = max(k for k in self._ckpt if k <= layer)
+        x = self._ckpt[start]
+        bar = None
+        if self.progress and layer - start > 1:
+            from tqdm import tqdm
+            bar = tqdm(total=layer - start, desc="calibration activations", unit="layer", leave=False)
+        with torch.no_grad():
+            for l in range(start, layer):
+                x = run_block(self.ref, self.block(l), x, self.ctx)
+                if (l + 1) % self.stride == 0 or l + 1 == self.n_layer:
+                    self._ckpt[l + 1] = x
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        return x
+
+    def block_input(self, layer: int) -> torch.Tensor:
+        return self._advance(layer)
+
+    def block_output(self, layer: int) -> torch.Tensor:
+        return self._advance(layer + 1)
+
+    def _capture(self, layer: int, sink_for) -> torch.Tensor:
+        blk = self.block(layer)
+        wrapped = {n: (_Recorder(l, sink_for(n)) if SHARED_INPUT[n] == n else l)
+                   for n, l in blk.lin.items()}
+        rec = Block(blk.attn_norm, blk.ffn_norm, wrapped, blk.q_norm, blk.k_norm)
+        with torch.no_grad():
+            return run_block(self.ref, rec, self.block_input(layer), self.ctx)
+
+    def linear_stats(self, layer: int) -> dict[str, LinearStats]:
+        """{linear name: LinearStats} of block ``layer`` (the last layer asked is cached)."""
+        if self._stats_layer == layer:
+            return self._stats
+        acc: dict[str, list] = {}
+
+        def sink_for(name):
+            def sink(x):
+                x = x.detach()
+                xtx = (x.T @ x).to(torch.float64).numpy()
+                amax = x.abs().amax(dim=0).to(torch.float64).numpy()
+                if name not in acc:
+                    acc[name] = [xtx, x.shape[0], amax]
+                else:
+                    a = acc[name]
+                    a[0] += xtx; a[1] += x.shape[0]; a[2] = np.maximum(a[2], amax)
+            return sink
+
+        self._capture(layer, sink_for)
+        self._stats = {n: LinearStats(*acc[SHARED_INPUT[n]]) for n in LINEARS}
+        self._stats_layer = layer
+        return self._stats
+
+    def linear_inputs(self, layer: int) -> dict[str, torch.Tensor]:
+        """{linear name: its inputs [n_tokens, n_in]} of block ``layer`` (all windows)."""
+        got: dict[str, list] = {}
+
+        def sink_for(name):
+            return lambda x: got.setdefault(name, []).append(x.detach().clone())
+
+        self._capture(layer, sink_for)
+        return {n: torch.cat(got[SHARED_INPUT[n]]) for n in LINEARS}

@@ -1,0 +1,469 @@
+"""Per-replica parameter calibration of an LRQ file (``lrq-calibrate``).
+
+Codes and base parameters stay frozen.  Block by block, in schedule order, the parameters of
+every replica the schedule runs for layer L (replica 0 included) are fitted with Adam so that the
+quantized layer L — all its executions, serial steps and parallel groups as the schedule says —
+maps the *quantized* model's residual stream (the output of the already calibrated layers
+0..L-1) as closely as possible (MSE) to the full-precision model's residual stream after
+layer L (the float32 reference on the source).  Later layers can therefore correct earlier
+layers' errors, and the loss of the last layer is the end-to-end error of the final residual
+stream on the calibration tokens (``calibration_loss`` computes it independently from a file).
+
+Replication never does worse than no replication on this loss, layer by layer: replica 0 is
+first fitted alone ("norep"); that solution is embedded exactly into the replicated layer
+(a serial extra replica gets gain 0 and bias 0 on attn_output and ffn_down, so it adds exactly
+nothing; a member of a parallel group with replica 0 becomes a copy of it, and a weighted mean
+of identical blocks is the block) and is one of the candidates; trained candidates start from it
+("zero": as embedded, exact no-op start; "split": the serial executions share the residual
+update 1/n each) and the candidate with the lowest full calibration loss (after rounding to the
+stored precision) is kept.  For the same reason a fitted layer is kept only if it beats its
+starting point.
+
+    >>> s = calibrate("in.lrq.gguf", "out.lrq.gguf", "src.gguf",
+    ...               CalibrateOptions(n_tokens=4096))         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..constants import replica_param_name
+from ..gguf_write import WriterError, check_output_path
+from ..lrq_file import LRQFileError, LRQModelFile
+from ..plan import Execution
+from ..reference import Reference
+from ..reference.executor import Block
+from ..reference.ops import Linear
+from .activations import LINEARS, SourceActivations, run_block
+from .data import CalibError, calibration_windows, check_source
+from .replica import GRANULARITIES, PARAMS, ReplicaLinear
+
+OUTPUT_LINEARS = ("attn_output", "ffn_down")
+SERIAL_INITS = ("zero", "split", "both")
+# A source whose weights are what the LRQ file quantized correlates with the dequantized codes
+# far above this (2-bit RTN: cosine ~0.9; 1-bit ~0.7); an unrelated model of the same shapes
+# gives ~0 (independent weights).
+PAIRING_MIN_COSINE = 0.3
+
+
+@dataclass
+class CalibrateOptions:
+    text: str = "sotu-calib"
+    n_tokens: int = 4096
+    window: int = 512
+    steps: int = 50                    # Adam steps per layer and candidate
+    batch_windows: int = 1             # windows per Adam step
+    granularity: str = "channel"       # channel: alpha/beta [n_out, 1]; group: [n_out, n_groups]
+    params: tuple[str, ...] = PARAMS   # which replica parameters are fitted
+    lr: float = 5e-3                   # scale_mult and gain (relative units)
+    lr_offset: float = 2e-2            # grid_offset (code units)
+    lr_bias: float = 1e-3              # bias (output units)
+    serial_init: str = "both"          # extra serial replicas start as: zero | split | both
+    act_clip_grid: tuple[float, ...] = ()   # e.g. (0.99, 0.97, 0.95): per-linear grid search
+    seed: int = 0
+    progress: bool = True
+    start_layer: int = 0               # layers below keep the file's parameters (resume)
+
+    def validate(self) -> None:
+        if self.start_layer < 0:
+            raise CalibError(f"--start-layer must be >= 0, got {self.start_layer}")
+        if self.n_tokens < 1 or self.window < 4 or self.n_tokens < self.window:
+            raise CalibError(f"--tokens {self.n_tokens} must be at least one window "
+                             f"(--window {self.window} >= 4)")
+        if self.steps < 0:
+            raise CalibError(f"--steps must be >= 0, got {self.steps}")
+        if self.batch_windows < 1:
+            raise CalibError(f"--batch-windows must be >= 1, got {self.batch_windows}")
+        if self.granularity not in GRANULARITIES:
+            raise CalibError(f"--granularity must be one of {', '.join(GRANULARITIES)}, "
+                             f"got '{self.granularity}'")
+        bad = set(self.params) - set(PARAMS)
+        if bad or not self.params:
+            raise CalibError(f"--params: {', '.join(sorted(bad)) or 'none given'}; choose from "
+                             f"{', '.join(PARAMS)}")
+        for name, v in (("--lr", self.lr), ("--lr-offset", self.lr_offset), ("--lr-bias", self.lr_bias)):
+            if not (np.isfinite(v) and v >= 0):
+                raise CalibError(f"{name} must be a finite value >= 0, got {v}")
+        if self.serial_init not in SERIAL_INITS:
+            raise CalibError(f"--serial-init must be one of {', '.join(SERIAL_INITS)}")
+        for c in self.act_clip_grid:
+            if not 0.0 < c <= 1.0:
+                raise CalibError(f"--act-clip-grid: clip ratio {c} is outside (0, 1]")
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    replicas: list[int]
+    loss_start: float          # the file's own parameters, on the quantized stream
+    loss_norep: float          # replica 0 fitted alone
+    loss: float                # the kept candidate
+    choice: str                # start | norep | zero | split (+ "+act")
+    seconds: float
+
+
+@dataclass
+class CalibrateSummary:
+    output: Path
+    layers: list[LayerReport] = field(default_factory=list)
+    n_tokens: int = 0
+    window: int = 0
+    bpw: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def final_loss(self) -> float:
+        """MSE of the final residual stream against the full-precision model's."""
+        return self.layers[-1].loss if self.layers else float("nan")
+
+    def lines(self) -> list[str]:
+        out = [f"wrote {self.output} in {self.seconds:.1f} s ({self.n_tokens} calibration tokens, "
+               f"windows of {self.window})"]
+        for r in self.layers:
+            out.append(f"  layer {r.layer:3d} replicas {r.replicas}: loss {r.loss_start:.4g} -> "
+                       f"{r.loss:.4g} ({r.choice}; replica 0 alone {r.loss_norep:.4g}) {r.seconds:.1f} s")
+        out.append(f"  final residual-stream MSE {self.final_loss:.5g}; bpw {self.bpw.get('lrq', 0):.3f} "
+                   f"(LRQ weights incl. parameters), {self.bpw.get('file', 0):.3f} (whole file)")
+        return out
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+def open_lrq(path: str | os.PathLike) -> LRQModelFile:
+    p = Path(path)
+    if not p.is_file():
+        raise CalibError(f"{p}: LRQ file not found")
+    try:
+        return LRQModelFile(p)
+    except (LRQFileError, ValueError) as e:
+        raise CalibError(f"{p}: not a valid LRQ file ({e})") from None
+
+
+def check_pairing(lrq: LRQModelFile, source_ref: Reference, source: Path) -> None:
+    """The LRQ file must be a quantization of ``source``: same shapes, correlated weights."""
+    a, b = lrq.hparams, source_ref.hp
+    for k in ("n_layer", "n_embd", "n_ff", "n_head", "n_head_kv", "n_vocab", "head_dim"):
+        if getattr(a, k) != getattr(b, k):
+            raise CalibError(f"{lrq.path} was not converted from {source}: {k} = {getattr(a, k)} "
+                             f"vs {getattr(b, k)}")
+    for name in [n for n in lrq.lrq_weights() if n.startswith("blk.0.")]:
+        w_q = lrq.tensor(name).ravel()
+        w_s, _ = source_ref.model.weight(name)
+        w_s = np.asarray(w_s, dtype=np.float64).ravel()
+        if w_q.shape != w_s.shape:
+            raise CalibError(f"{lrq.path} was not converted from {source}: {name} has "
+                             f"{w_q.size} vs {w_s.size} weights")
+        cos = float(w_q @ w_s / (np.linalg.norm(w_q) * np.linalg.norm(w_s) + 1e-30))
+        if cos < PAIRING_MIN_COSINE:
+            raise CalibError(f"{lrq.path} was not converted from {source}: its {name} does not "
+                             f"match the source's (cosine {cos:.2f} < {PAIRING_MIN_COSINE})")
+
+
+def _t32(a) -> torch.Tensor | None:
+    return None if a is None else torch.as_tensor(np.asarray(a, dtype=np.float32))
+
+
+class QuantLayer:
+    """Layer L of an LRQ file as torch modules: one Block of ReplicaLinears per replica."""
+
+    def __init__(self, f: LRQModelFile, layer: int, groups: list[list[Execution]],
+                 opts: CalibrateOptions):
+        self.layer = layer
+        self.groups = groups
+        self.replicas = sorted({e.replica for g in groups for e in g})
+        p = f"blk.{layer}"
+        opt = lambda n: _t32(f.tensor(n)) if f.has_tensor(n) else None
+        norms = (_t32(f.tensor(f"{p}.attn_norm.weight")), _t32(f.tensor(f"{p}.ffn_norm.weight")),
+                 opt(f"{p}.attn_q_norm.weight"), opt(f"{p}.attn_k_norm.weight"))
+        self.mods: dict[int, dict[str, ReplicaLinear]] = {}
+        self.blocks: dict[int, Block] = {}
+        for r in self.replicas:
+            lin, mods = {}, {}
+            for name in LINEARS:
+                wn = f"{p}.{name}.weight"
+                mb = f.tensor(f"{p}.{name}.bias") if f.has_tensor(f"{p}.{name}.bias") else None
+                if f.is_lrq(wn):
+                    m = ReplicaLinear(f.quantized(wn), f.replica_params(wn, r), mb,
+                                      opts.granularity, opts.params)
+                    lin[name] = mods[name] = m
+                else:      # kept in its source type (--keep): fixed, shared by the replicas
+                    w, _ = f.weight(wn, r)
+                    lin[name] = Linear(_t32(w), _t32(mb))
+            self.mods[r], self.blocks[r] = mods, Block(norms[0], norms[1], lin, norms[2], norms[3])
+
+    def modules(self, replicas=None):
+        for r in (self.replicas if replicas is None else replicas):
+            yield from self.mods[r].values()
+
+    def forward(self, ref: Reference, x: torch.Tensor, groups=None, ctx=None) -> torch.Tensor:
+        for g in (self.groups if groups is None else groups):
+            if len(g) == 1:
+                y = run_block(ref, self.blocks[g[0].replica], x, ctx)
+                x = y if g[0].weight == 1.0 else x + g[0].weight * (y - x)
+            else:
+                acc = x
+                for e in g:
+                    acc = acc + e.weight * (run_block(ref, self.blocks[e.replica], x, ctx) - x)
+                x = acc
+        return x
+
+    def state(self, replicas=None) -> dict:
+        return {(r, n): m.state() for r in (self.replicas if replicas is None else replicas)
+                for n, m in self.mods[r].items()}
+
+    def load(self, st: dict) -> None:
+        for (r, n), s in st.items():
+            self.mods[r][n].load(s)
+
+    def round_to_storage(self) -> None:
+        for m in self.modules():
+            m.round_to_storage()
+
+
+def _parallel_with_zero(groups: list[list[Execution]]) -> set[int]:
+    return {e.replica for g in groups if len(g) > 1 and any(x.replica == 0 for x in g) for e in g}
+
+
+# ---- the calibration -----------------------------------------------------------------------
+
+class _Fitter:
+    def __init__(self, ref: Reference, ctx, x: torch.Tensor, y: torch.Tensor, opts: CalibrateOptions,
+                 rng: np.random.Generator):
+        self.ref, self.ctx, self.x, self.y, self.opts, self.rng = ref, ctx, x, y, opts, rng
+
+    def loss(self, ql: QuantLayer, groups=None) -> float:
+        with torch.no_grad():
+            tot = 0.0
+            for i in range(self.x.shape[0]):      # window by window: bounded memory
+                out = ql.forward(self.ref, self.x[i:i + 1], groups, self.ctx)
+                tot += float(((out - self.y[i:i + 1]) ** 2).sum())
+        return tot / self.y.numel()
+
+    def train(self, ql: QuantLayer, replicas, groups=None) -> None:
+        o = self.opts
+        mods = list(ql.modules(replicas))
+        pg = []
+        for names, lr in ((("scale_mult", "gain"), o.lr), (("grid_offset",), o.lr_offset),
+                          (("bias",), o.lr_bias)):
+            ps = [getattr(m, n) for m in mods for n in names if getattr(m, n).requires_grad]
+            if ps and lr > 0:
+                pg.append({"params": ps, "lr": lr})
+        if not pg or o.steps == 0:
+            return
+        opt = torch.optim.Adam(pg)
+        n_win = self.x.shape[0]
+        order = np.array([], dtype=np.int64)
+        for _ in range(o.steps):
+            if len(order) < o.batch_windows:
+                order = np.concatenate([order, self.rng.permutation(n_win)])
+            idx, order = order[:o.batch_windows], order[o.batch_windows:]
+            idx = torch.from_numpy(np.sort(idx))
+            out = ql.forward(self.ref, self.x[idx], groups, self.ctx)
+            loss = ((out - self.y[idx]) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        ql.round_to_storage()
+
+
+def _embed_norep(ql: QuantLayer) -> None:
+    """Replica 0's parameters into every other replica so the layer equals replica 0 alone."""
+    par = _parallel_with_zero(ql.groups)
+    with torch.no_grad():
+        for r in ql.replicas:
+            if r == 0:
+                continue
+            for n, m in ql.mods[r].items():
+                m.copy_from(ql.mods[0][n])
+                if r not in par and n in OUTPUT_LINEARS:
+                    m.gain.zero_()
+                    m.bias.zero_()
+
+
+def _split_serial(ql: QuantLayer) -> None:
+    """From the embedded state: every serial execution of the layer gets 1/n of the residual
+    update (output gains and biases of replica 0's copy scaled by 1/n)."""
+    serial = [g[0].replica for g in ql.groups if len(g) == 1]
+    par = _parallel_with_zero(ql.groups)
+    n = len(serial)
+    with torch.no_grad():
+        for r in set(serial) - par:
+            for name in OUTPUT_LINEARS:
+                if name in ql.mods[r]:
+                    src = ql.mods[0][name]
+                    ql.mods[r][name].gain.copy_(src.gain / n)
+                    ql.mods[r][name].bias.copy_(src.bias / n)
+        # replica 0 itself last (the others copied its unscaled values above)
+        if 0 in serial and 0 not in par:
+            for name in OUTPUT_LINEARS:
+                if name in ql.mods[0] and n > 1:
+                    ql.mods[0][name].gain.div_(n)
+                    ql.mods[0][name].bias.div_(n)
+
+
+def _act_search(fit: _Fitter, ql: QuantLayer, grid, best: float) -> tuple[float, bool]:
+    """Greedy per-linear search of the activation clip ratio over ``grid``."""
+    changed = False
+    for r in ql.replicas:
+        for m in ql.mods[r].values():
+            keep = m.act_clip
+            for c in grid:
+                if c == keep:
+                    continue
+                m.act_clip = float(c)
+                l = fit.loss(ql)
+                if l < best:
+                    best, keep, changed = l, float(c), True
+            m.act_clip = keep
+    return best, changed
+
+
+def calibrate_layer(fit: _Fitter, ql: QuantLayer, opts: CalibrateOptions) -> LayerReport:
+    t0 = time.monotonic()
+    norep_groups = [[Execution(ql.layer, 0, 0, 1.0)]]
+    plain = (len(ql.groups) == 1 and len(ql.groups[0]) == 1 and ql.groups[0][0].replica == 0
+             and ql.groups[0][0].weight == 1.0)
+    loss_start = fit.loss(ql)
+    cands: list[tuple[float, str, dict]] = [(loss_start, "start", ql.state())]
+    # replica 0 alone, from the file's parameters; kept only if it beats its start
+    start0 = ql.state([0])
+    l_start0 = loss_start if plain else fit.loss(ql, norep_groups)
+    fit.train(ql, [0], norep_groups)
+    l0 = fit.loss(ql, norep_groups)
+    if l_start0 < l0:
+        ql.load(start0)
+        l0 = l_start0
+    loss_norep = l0
+    if plain:
+        cands.append((l0, "norep", ql.state()))
+    else:
+        _embed_norep(ql)
+        embedded = ql.state()
+        cands.append((fit.loss(ql), "norep", embedded))
+        serial_extra = any(len(g) == 1 and g[0].replica != 0 for g in ql.groups)
+        inits = []
+        if opts.serial_init in ("zero", "both") or not serial_extra:
+            inits.append("zero")
+        if serial_extra and opts.serial_init in ("split", "both"):
+            inits.append("split")
+        for init in inits:
+            ql.load(embedded)
+            if init == "split":
+                _split_serial(ql)
+            fit.train(ql, ql.replicas)
+            cands.append((fit.loss(ql), init, ql.state()))
+    best, choice, st = min(cands, key=lambda c: c[0])
+    ql.load(st)
+    if opts.act_clip_grid:
+        best, changed = _act_search(fit, ql, opts.act_clip_grid, best)
+        choice += "+act" if changed else ""
+    return LayerReport(ql.layer, ql.replicas, loss_start, loss_norep, best, choice,
+                       time.monotonic() - t0)
+
+
+def calibrate(src: str | os.PathLike, out: str | os.PathLike, source: str | os.PathLike,
+              opts: CalibrateOptions | None = None, log: Callable[[str], None] = lambda s: None,
+              windows: np.ndarray | None = None) -> CalibrateSummary:
+    """Fit the replica parameters of the LRQ file ``src`` against the full-precision ``source``
+    on calibration text and write ``out`` (see the module doc).  CalibError on bad input;
+    nothing is written unless the calibration succeeds.  ``windows`` (int [n, T]) overrides
+    the text / token options."""
+    t0 = time.monotonic()
+    opts = opts or CalibrateOptions()
+    opts.validate()
+    src, out = Path(src), Path(out)
+    try:
+        out = check_output_path(out)
+    except WriterError as e:
+        raise CalibError(str(e)) from None
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise CalibError(f"{out}: the output would overwrite the input")
+    f = open_lrq(src)
+    source = check_source(source)
+    if windows is None:
+        windows = calibration_windows(source, opts.text, opts.n_tokens, opts.window)
+    windows = np.asarray(windows, dtype=np.int64)
+    try:
+        acts = SourceActivations(source, windows, progress=opts.progress)
+    except ValueError as e:       # ModelFileError / ReferenceError: the source cannot be run
+        raise CalibError(f"{source}: {e}") from None
+    check_pairing(f, acts.ref, source)
+    ref = acts.ref
+    torch.manual_seed(opts.seed)
+    rng = np.random.default_rng(opts.seed)
+    groups_by_layer: dict[int, list[list[Execution]]] = {}
+    for g in f.plan.groups():
+        groups_by_layer.setdefault(g[0].layer, []).append(g)
+
+    summary = CalibrateSummary(output=out, n_tokens=int(windows.size), window=int(windows.shape[1]))
+    params: dict[str, np.ndarray] = {}
+    x_q = acts.block_input(0)
+    bar = None
+    if opts.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=acts.n_layer, desc="lrq-calibrate", unit="layer", leave=False)
+    try:
+        for layer in range(acts.n_layer):
+            y_fp = acts.block_output(layer)
+            ql = QuantLayer(f, layer, groups_by_layer[layer], opts)
+            fit = _Fitter(ref, acts.ctx, x_q, y_fp, opts, rng)
+            if layer < opts.start_layer:       # kept as it is: only its output is needed
+                l = fit.loss(ql)
+                rep = LayerReport(layer, ql.replicas, l, l, l, "kept", 0.0)
+            else:
+                rep = calibrate_layer(fit, ql, opts)
+            summary.layers.append(rep)
+            log(f"layer {layer}: loss {rep.loss_start:.4g} -> {rep.loss:.4g} ({rep.choice})")
+            with torch.no_grad():
+                x_q = torch.cat([ql.forward(ref, x_q[i:i + 1], None, acts.ctx)
+                                 for i in range(x_q.shape[0])])
+            if layer < opts.start_layer:
+                if bar is not None:
+                    bar.update(1)
+                continue
+            for r in ql.replicas:
+                for name, m in ql.mods[r].items():
+                    wn = f"blk.{layer}.{name}.weight"
+                    names = tuple(opts.params) + tuple(
+                        n for n, dflt in (("gain", 1.0), ("bias", 0.0))
+                        if n not in opts.params and bool((getattr(m, n) != dflt).any()))
+                    for p, v in m.export(names).items():
+                        params[replica_param_name(wn, r, p)] = v
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    from ..convert.arch import ConvertError
+    from ..convert.update import set_replica_params
+    try:
+        set_replica_params(src, out, params)
+    except ConvertError as e:
+        raise CalibError(str(e)) from None
+    summary.bpw = LRQModelFile(out).bpw()
+    summary.seconds = time.monotonic() - t0
+    return summary
+
+
+def calibration_loss(model: str | os.PathLike, source: str | os.PathLike, windows: np.ndarray,
+                     dtype: torch.dtype = torch.float32) -> float:
+    """MSE between the final residual streams (after the last execution, before the output norm)
+    of ``model`` and the full-precision ``source`` on ``windows`` — computed with the reference
+    executor on the files themselves, independently of the calibrator's modules."""
+    from ..model_file import open_model
+    a = Reference(open_model(model), dtype)
+    b = Reference(open_model(source), dtype)
+    tot = n = 0
+    for w in np.asarray(windows, dtype=np.int64):
+        d = a.hidden(w) - b.hidden(w)
+        tot += float((d.to(torch.float64) ** 2).sum())
+        n += d.numel()
+    return tot / n

@@ -1,0 +1,100 @@
+"""lrq-calibrate: fit the per-replica parameters of an LRQ file on calibration text.
+
+Examples:
+    lrq-calibrate smol.lrq.gguf smol.cal.lrq.gguf --source SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --text sotu-calib --tokens 4096
+    lrq-calibrate in.gguf out.gguf --source src.gguf --text my-text.txt --granularity group --steps 100
+
+Codes stay frozen.  Block by block, every replica the schedule runs (replica 0 included) gets
+scale multipliers, grid offsets, gains and biases fitted with Adam so that the quantized layer,
+fed the quantized model's own residual stream, reproduces the full-precision model's residual
+stream after that layer (MSE).  A replicated layer keeps its replicas only when they beat
+replica 0 alone (extra serial replicas otherwise get gain 0 on attn_output and ffn_down).
+--source is the plain GGUF the LRQ file was converted from (the full-precision reference is its
+float32 dequantization).  Never calibrate on the text you evaluate on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _floats(s: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{s}' is not a comma-separated list of numbers") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..calib.replica import PARAMS
+    ap = argparse.ArgumentParser(prog="lrq-calibrate", description=__doc__.splitlines()[0],
+                                 epilog=__doc__.split("\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src", metavar="IN.lrq.gguf", help="LRQ file to calibrate")
+    ap.add_argument("out", metavar="OUT.lrq.gguf", help="calibrated LRQ file (written atomically)")
+    ap.add_argument("--source", required=True, metavar="SRC.gguf",
+                    help="the plain GGUF IN was converted from (full-precision reference)")
+    ap.add_argument("--text", default="sotu-calib", metavar="NAME|FILE",
+                    help="calibration text: bundled name or a text file (default sotu-calib)")
+    ap.add_argument("--tokens", type=int, default=4096, help="calibration tokens (default 4096)")
+    ap.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    ap.add_argument("--steps", type=int, default=50, help="Adam steps per layer and candidate (default 50)")
+    ap.add_argument("--batch-windows", type=int, default=1, help="windows per Adam step (default 1)")
+    ap.add_argument("--granularity", choices=("channel", "group"), default="channel",
+                    help="scale_mult / grid_offset per output channel [n_out,1] (default) or per "
+                         "group [n_out,n_groups]")
+    ap.add_argument("--params", default=",".join(PARAMS),
+                    help=f"replica parameters to fit (default {','.join(PARAMS)})")
+    ap.add_argument("--lr", type=float, default=5e-3, help="Adam lr of scale_mult and gain (default 5e-3)")
+    ap.add_argument("--lr-offset", type=float, default=2e-2, help="Adam lr of grid_offset, code units (default 2e-2)")
+    ap.add_argument("--lr-bias", type=float, default=1e-3, help="Adam lr of bias (default 1e-3)")
+    ap.add_argument("--serial-init", choices=("zero", "split", "both"), default="both",
+                    help="start of extra serial replicas: zero (exact no-op), split (1/n of the "
+                         "update each) or both, keeping the better (default both)")
+    ap.add_argument("--act-clip-grid", type=_floats, default=(), metavar="C1,C2,...",
+                    help="activation clip ratios to try per linear (e.g. 0.99,0.97,0.95); off by default")
+    ap.add_argument("--start-layer", type=int, default=0,
+                    help="layers below this keep their parameters and are only run (resume)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (default: torch's choice; 1 is faster on a busy machine)")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from ..calib import CalibError
+    from ..calib.calibrate import CalibrateOptions, calibrate
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    opts = CalibrateOptions(text=args.text, n_tokens=args.tokens, window=args.window,
+                            steps=args.steps, batch_windows=args.batch_windows,
+                            granularity=args.granularity,
+                            params=tuple(p.strip() for p in args.params.split(",") if p.strip()),
+                            lr=args.lr, lr_offset=args.lr_offset, lr_bias=args.lr_bias,
+                            serial_init=args.serial_init, act_clip_grid=args.act_clip_grid,
+                            seed=args.seed, progress=not args.quiet, start_layer=args.start_layer)
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
+    try:
+        summary = calibrate(args.src, args.out, args.source, opts, log=log)
+    except CalibError as e:
+        print(f"lrq-calibrate: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"lrq-calibrate: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lrq-calibrate: interrupted; nothing written", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print("\n".join(summary.lines()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
