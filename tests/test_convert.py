@@ -86,13 +86,15 @@ def test_format_version_matches_c_header():
 
 def test_lrq_type_ids_follow_every_known_type():
     assert [int(t) for t in LRQType] == list(range(LRQType.LRQ1, LRQType.LRQ1 + 4))
-    assert LRQType.LRQ1 > max(int(t) for t in gguf.GGMLQuantizationType)
-    ggml_h = REPO / "build" / "llama.cpp" / "ggml" / "include" / "ggml.h"
-    if ggml_h.is_file():   # the prepared tree (make build); its enum is the binding reference
-        ids = [int(x) for x in re.findall(r"GGML_TYPE_\w+\s*=\s*(\d+),", ggml_h.read_text())]
-        count = int(re.search(r"GGML_TYPE_COUNT\s*=\s*(\d+)", ggml_h.read_text()).group(1))
-        stock = [i for i in ids if i < count]
-        assert LRQType.LRQ1 > max(stock) and not set(stock) & {int(t) for t in LRQType}
+    stock_py = [int(t) for t in gguf.GGMLQuantizationType if not t.name.startswith("LRQ")]
+    assert LRQType.LRQ1 > max(stock_py)
+    # the patched ggml.h (patches/0002) is the binding reference: stock ids all below LRQ1 and
+    # GGML_TYPE_LRQ<b> equal to ours
+    text = (REPO / "build" / "llama.cpp" / "ggml" / "include" / "ggml.h").read_text()
+    ids = {name: int(v) for name, v in re.findall(r"GGML_TYPE_(\w+)\s*=\s*(\d+),", text)}
+    assert {n: v for n, v in ids.items() if n.startswith("LRQ")} == {t.name: int(t) for t in LRQType}
+    assert ids.pop("COUNT") == LRQType.LRQ4 + 1
+    assert max(v for n, v in ids.items() if not n.startswith("LRQ")) < LRQType.LRQ1
     assert set(SUPPORTED_ARCHS) == {"llama", "qwen2", "qwen3"}
     assert all(v.startswith("lrq.") for v in Keys.all().values())
     assert len(set(Keys.all().values())) == len(Keys.all())
