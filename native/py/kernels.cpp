@@ -1,6 +1,10 @@
 // lrq._native.kernels: pybind11 bindings of the C kernels (native/lrq, lrq-kernels.h).
 // Bindings only validate shapes / dtypes and cast; all arithmetic is in the kernels.
 #include "lrq-kernels.h"
+#include "lrq-ggml.h"   // GGML_OP_LRQ_MUL_MAT: ggml_op runs it through ggml's CPU backend
+
+#include "ggml-cpu.h"
+#include "ggml.h"
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -309,4 +313,72 @@ void lrq_register_kernels(py::module_ & parent) {
        py::arg("row0") = 0, py::arg("row1") = py::none(),
        "y float32 [n_tok, row1 - row0] = act_r(x) . W_r[row0:row1]^T + bias.\n"
        "impl: 'ref' (double), 'fast' (int8 activations, AVX2 when available), 'generic' (the same, portable C).");
+
+    m.def("ggml_op", [](const py::object & codes, const py::object & d, const py::object & m_obj, int bits,
+                        int group_size, const std::string & mode, const F32Array & x, const py::object & alpha,
+                        const py::object & beta, const py::object & gain, const py::object & bias, double act_clip,
+                        int act_bits, int n_threads, bool use_ref) {
+        // the same validation as mul_mat, so that the op's own asserts never fire from Python
+        WeightArgs  wa = weight_args(codes, d, m_obj, bits, group_size, mode);
+        ReplicaArgs ra = replica_args(wa.w, alpha, beta, gain, bias, act_clip, act_bits);
+        if (x.ndim() != 2 || x.shape(1) != wa.w.n_in) bad_shape("x", "[n_tok, n_in] = [n_tok, " + std::to_string(wa.w.n_in) + "]", x);
+        if (n_threads < 1) throw py::value_error("n_threads must be >= 1");
+        const int64_t n_in = wa.w.n_in, n_out = wa.w.n_out, n_tok = x.shape(0), ng = lrq_n_groups(n_in, group_size);
+        if (n_tok < 1) throw py::value_error("x needs at least one token");
+
+        size_t data = (size_t) n_out * lrq_row_bytes(n_in, bits) + (size_t) n_tok * (n_in + n_out) * 4 +
+                      4 * (size_t) n_out * ng * 2 + 2 * (size_t) n_out * 4 + 64;
+        data += lrq_act_q8_size(n_tok, n_in, group_size) + 64 * (size_t) n_threads + 4096;   // work buffer
+        ggml_init_params ip = { data + 16 * ggml_tensor_overhead() + ggml_graph_overhead() + 16 * 64, nullptr, false };
+        ggml_context * ctx = ggml_init(ip);
+        if (!ctx) throw std::runtime_error("ggml_init failed");
+        auto f16_tensor = [&](const py::array & a) -> ggml_tensor * {
+            // numpy [s0, s1] -> ggml [s1, s0]
+            ggml_tensor * t = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, a.shape(1), a.shape(0));
+            std::memcpy(t->data, a.data(), ggml_nbytes(t));
+            return t;
+        };
+        auto f32_tensor = [&](const float * p, int64_t n) -> ggml_tensor * {
+            ggml_tensor * t = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, n);
+            std::memcpy(t->data, p, ggml_nbytes(t));
+            return t;
+        };
+        ggml_tensor * tw = ggml_new_tensor_2d(ctx, (ggml_type) (GGML_TYPE_LRQ1 + bits - 1), n_in, n_out);
+        std::memcpy(tw->data, wa.w.codes, ggml_nbytes(tw));
+        ggml_tensor * tx = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_in, n_tok);
+        std::memcpy(tx->data, x.data(), ggml_nbytes(tx));
+        ggml_tensor * td = f16_tensor(wa.d);
+        ggml_tensor * tm = wa.w.m ? f16_tensor(wa.m) : nullptr;
+        ggml_tensor * ta = ra.r.alpha ? f16_tensor(ra.alpha) : nullptr;
+        ggml_tensor * tb = ra.r.beta ? f16_tensor(ra.beta) : nullptr;
+        ggml_tensor * tg = ra.r.gain ? f32_tensor(ra.r.gain, n_out) : nullptr;
+        ggml_tensor * tc = ra.r.bias ? f32_tensor(ra.r.bias, n_out) : nullptr;
+        ggml_tensor * tk = nullptr;
+        if (act_clip != 1.0 || act_bits != 0) {
+            const float ck[2] = { ra.r.act_clip, (float) act_bits };
+            tk = f32_tensor(ck, 2);
+        }
+        ggml_tensor * y  = ggml_lrq_mul_mat(ctx, tw, tx, td, tm, ta, tb, tg, tc, tk, group_size, wa.w.mode);
+        ggml_cgraph * gf = ggml_new_graph(ctx);
+        ggml_build_forward_expand(gf, y);
+        ggml_cplan plan = ggml_graph_plan(gf, n_threads, nullptr);
+        std::vector<uint8_t> work(plan.work_size);
+        plan.work_data = work.data();
+        plan.use_ref   = use_ref;
+        ggml_status st;
+        {
+            py::gil_scoped_release nogil;
+            st = ggml_graph_compute(gf, &plan);
+        }
+        py::array_t<float> out({(py::ssize_t) n_tok, (py::ssize_t) n_out});
+        std::memcpy(out.mutable_data(), y->data, ggml_nbytes(y));
+        ggml_free(ctx);
+        if (st != GGML_STATUS_SUCCESS) throw std::runtime_error("ggml_graph_compute failed");
+        return out;
+    }, py::arg("codes"), py::arg("d"), py::arg("m"), py::arg("bits"), py::arg("group_size"), py::arg("mode"), py::arg("x"),
+       py::arg("alpha") = py::none(), py::arg("beta") = py::none(), py::arg("gain") = py::none(),
+       py::arg("bias") = py::none(), py::arg("act_clip") = 1.0, py::arg("act_bits") = 0, py::arg("n_threads") = 1,
+       py::arg("use_ref") = false,
+       "GGML_OP_LRQ_MUL_MAT on ggml's CPU backend (a one-node graph, n_threads threads): y float32 [n_tok, n_out].\n"
+       "use_ref: ggml's reference mode (the op then runs lrq_mul_mat_ref per chunk).");
 }

@@ -78,7 +78,7 @@ void clear_log() {
 
 // ---- Model -----------------------------------------------------------------------------------
 
-Model::Model(const std::string & path, int n_ctx, int n_threads, int n_batch)
+Model::Model(const std::string & path, int n_ctx, int n_threads, int n_batch, bool kv_f32, int flash_attn)
     : path_(path), n_ctx_(n_ctx), n_batch_(n_batch > 0 ? std::min(n_batch, n_ctx) : n_ctx) {
     clear_log();
     llama_model_params mp = llama_model_default_params();
@@ -92,6 +92,11 @@ Model::Model(const std::string & path, int n_ctx, int n_threads, int n_batch)
     cp.n_batch = (uint32_t) n_batch_;
     cp.n_ubatch = (uint32_t) std::min(n_batch_, 512);
     cp.n_seq_max = 1;
+    if (kv_f32) {   // exact attention for tests: llama.cpp's default KV cache is F16
+        cp.type_k = GGML_TYPE_F32;
+        cp.type_v = GGML_TYPE_F32;
+    }
+    cp.flash_attn_type = (llama_flash_attn_type) flash_attn;
     if (n_threads > 0) {
         cp.n_threads = n_threads;
         cp.n_threads_batch = n_threads;

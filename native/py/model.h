@@ -37,7 +37,9 @@ struct PerplexityResult {
 class Model {
 public:
     // n_ctx: context size of the one sequence; n_threads <= 0: llama.cpp's default.
-    Model(const std::string & path, int n_ctx, int n_threads, int n_batch);
+    // kv_f32: F32 KV cache instead of llama.cpp's default F16; flash_attn: llama_flash_attn_type
+    // (-1 auto, 0 off, 1 on).
+    Model(const std::string & path, int n_ctx, int n_threads, int n_batch, bool kv_f32 = false, int flash_attn = -1);
     ~Model();
     Model(const Model &) = delete;
     Model & operator=(const Model &) = delete;

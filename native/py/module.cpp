@@ -88,16 +88,22 @@ PYBIND11_MODULE(_native, m) {
         });
 
     py::class_<lrq::Model>(m, "Model")
-        .def(py::init([](const std::string & path, int n_ctx, int n_threads, int n_batch) {
+        .def(py::init([](const std::string & path, int n_ctx, int n_threads, int n_batch, bool kv_f32,
+                         int flash_attn) {
                  if (n_ctx < 4) {
                      throw py::value_error("n_ctx must be >= 4, got " + std::to_string(n_ctx));
                  }
+                 if (flash_attn < -1 || flash_attn > 1) {
+                     throw py::value_error("flash_attn must be -1 (auto), 0 (off) or 1 (on)");
+                 }
                  check_readable(path);
                  py::gil_scoped_release nogil;
-                 return std::make_unique<lrq::Model>(path, n_ctx, n_threads, n_batch);
+                 return std::make_unique<lrq::Model>(path, n_ctx, n_threads, n_batch, kv_f32, flash_attn);
              }),
              py::arg("path"), py::arg("n_ctx") = 512, py::arg("n_threads") = 0, py::arg("n_batch") = 0,
-             "Load a GGUF (plain or LRQ) on the CPU. n_threads <= 0: llama.cpp's default.")
+             py::arg("kv_f32") = false, py::arg("flash_attn") = -1,
+             "Load a GGUF (plain or LRQ) on the CPU. n_threads <= 0: llama.cpp's default.\n"
+             "kv_f32: F32 KV cache (default F16, as llama.cpp); flash_attn: -1 auto, 0 off, 1 on.")
         .def_property_readonly("path", &lrq::Model::path)
         .def_property_readonly("n_vocab", &lrq::Model::n_vocab)
         .def_property_readonly("n_ctx", &lrq::Model::n_ctx)

@@ -1,0 +1,64 @@
+// lrq: the ggml op GGML_OP_LRQ_MUL_MAT (graph constructor in native/lrq/lrq-ggml.c, compiled into
+// ggml-base; CPU forward in native/lrq/lrq-cpu.c, compiled into ggml-cpu).  The patched ggml.h
+// only declares the enum values, so that this API can change without rebuilding all of ggml.
+#pragma once
+
+#include "ggml.h"
+#include "lrq-kernels.h"   // lrq_mode
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Sources of GGML_OP_LRQ_MUL_MAT (ggml order: ne0 first).  NULL = the format's default.
+enum lrq_op_src {
+    LRQ_SRC_CODES = 0,   // W codes, LRQ1..4, [n_in, n_out], rows contiguous
+    LRQ_SRC_X     = 1,   // x F32 [n_in, T, (ne2, ne3)], nb0 = 4, rows equally strided
+    LRQ_SRC_SCALE = 2,   // d F16 [n_groups, n_out]
+    LRQ_SRC_MIN   = 3,   // m F16 [n_groups, n_out] (asym only) | NULL
+    LRQ_SRC_ALPHA = 4,   // scale_mult F16 [n_groups | 1, n_out | 1] | NULL (1)
+    LRQ_SRC_BETA  = 5,   // grid_offset F16, same shapes | NULL (0)
+    LRQ_SRC_GAIN  = 6,   // gamma F32 [n_out] | NULL (1)
+    LRQ_SRC_BIAS  = 7,   // bias F32 [n_out] | NULL (0)
+    LRQ_SRC_ACT   = 8,   // (clip c, act bits k) F32 [2] | NULL ((1, 0)); read at compute time
+    LRQ_SRC_COUNT = 9,
+};
+
+// op_params (int32): [0] group size g, [1] mode (lrq_mode).
+#define LRQ_OP_PARAM_GROUP_SIZE 0
+#define LRQ_OP_PARAM_MODE       1
+
+// Bits of the codes of an LRQ type (1..4), 0 for any other type.
+static inline int lrq_type_bits(enum ggml_type t) {
+    return GGML_TYPE_IS_LRQ(t) ? (int) t - (int) GGML_TYPE_LRQ1 + 1 : 0;
+}
+
+// y = act_r(x) . W_r^T + bias: result F32 [n_out, x->ne1, x->ne2, x->ne3] (FORMAT.md section 6).
+// Asserts on shapes and types (the loader validates files before building a graph).
+GGML_API struct ggml_tensor * ggml_lrq_mul_mat(
+        struct ggml_context * ctx,
+        struct ggml_tensor  * w,
+        struct ggml_tensor  * x,
+        struct ggml_tensor  * scale,
+        struct ggml_tensor  * min,
+        struct ggml_tensor  * alpha,
+        struct ggml_tensor  * beta,
+        struct ggml_tensor  * gain,
+        struct ggml_tensor  * bias,
+        struct ggml_tensor  * act,
+        int                   group_size,
+        lrq_mode              mode);
+
+// Shape/type check of a GGML_OP_LRQ_MUL_MAT node without asserting (NULL = valid, else a
+// static message): used by ggml_lrq_mul_mat and by the CPU backend's supports_op.
+GGML_API const char * ggml_lrq_mul_mat_check(const struct ggml_tensor * op);
+
+// A GGML_OP_LRQ_MUL_MAT node for buffer-type probing (llama's loader asks each device whether it
+// supports the op that reads a weight): `t` (an LRQ code tensor or one of its parameter tensors,
+// matched by type and shape) is placed in a matching source slot, the rest are dummy tensors
+// without data.  ctx must be a no_alloc context with room for 4 tensors.
+GGML_API struct ggml_tensor * lrq_make_supports_test_op(struct ggml_context * ctx, struct ggml_tensor * t);
+
+#ifdef __cplusplus
+}
+#endif

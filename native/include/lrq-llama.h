@@ -1,0 +1,87 @@
+// lrq: LRQ files in llama.cpp's libllama (implemented in native/lrq/lrq-llama.cpp, compiled into
+// the llama target by lrq's CMakeLists.txt).  The patch 0003-llama-lrq-arch-virtual-layers calls
+// these functions from the loader, the model and the graph; the logic lives here.
+//
+// Virtual layers: every tensor of the file is created once, for its base layer.  After
+// load_arch_tensors the model's layers[] gets one entry per execution of the schedule, each a copy
+// of its base layer's llama_layer (so the weight pointers are ALIASED, not copied), and the
+// per-layer hparams arrays and n_layer_all are expanded the same way.  From then on the KV cache
+// (one slot per execution), the graph (il = execution) and every per-layer lookup see n_exec layers.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+struct gguf_context;
+struct ggml_context;
+struct ggml_tensor;
+struct llama_model_base;
+struct llama_model_loader;
+
+// "lrq-llama" -> "llama" (also qwen2, qwen3); nullptr for any other name, so that e.g.
+// "lrq-mamba" stays an unknown architecture.
+const char * lrq_base_arch_name(const char * name);
+
+// Refuses (throws std::runtime_error naming the file) an LRQ file whose lrq.format_version is
+// absent or not LRQ_FORMAT_VERSION, or whose lrq.base_architecture disagrees with the name.
+// Applies when arch_name starts with "lrq-" or the key lrq.format_version exists.
+void lrq_check_format(const gguf_context * meta, const std::string & arch_name, const std::string & fname);
+
+// The linears of a block that may hold LRQ codes (FORMAT.md section 5).
+enum lrq_slot {
+    LRQ_SLOT_Q, LRQ_SLOT_K, LRQ_SLOT_V, LRQ_SLOT_O, LRQ_SLOT_GATE, LRQ_SLOT_UP, LRQ_SLOT_DOWN,
+    LRQ_SLOT_COUNT,
+};
+
+// One LRQ linear as one execution runs it: shared codes and base grid, this replica's parameters
+// (nullptr = the format's default).
+struct lrq_linear {
+    ggml_tensor * codes = nullptr;   // the aliased weight (lookup key in build_lrq_mm)
+    ggml_tensor * scale = nullptr;
+    ggml_tensor * min   = nullptr;
+    ggml_tensor * alpha = nullptr;
+    ggml_tensor * beta  = nullptr;
+    ggml_tensor * gain  = nullptr;
+    ggml_tensor * bias  = nullptr;
+    ggml_tensor * act   = nullptr;
+};
+
+struct lrq_exec {
+    uint32_t layer   = 0;      // base layer
+    uint32_t replica = 0;
+    uint32_t group   = 0;      // parallel-group id
+    float    weight  = 1.0f;   // weight in its group
+    uint32_t n_group = 1;      // members of its group
+    bool     first   = true;   // first / last member of its group
+    bool     last    = true;
+    std::vector<lrq_linear> lin;
+};
+
+struct lrq_model {
+    std::string arch_name;     // "lrq-llama"
+    int         mode       = 0;   // lrq_mode
+    int         group_size = 0;
+    uint32_t    n_base     = 0;
+    int         max_bits   = 0;   // for the description
+    size_t      n_replica_tensors = 0;
+    std::vector<lrq_exec> exec;
+};
+
+// After load_arch_hparams: parse and validate the LRQ keys and the schedule (nullptr for a plain
+// GGUF; throws std::runtime_error on invalid data).  Nothing is resized here.
+// params: the model's load parameters (protected in llama_model, so the hook passes them).
+std::shared_ptr<lrq_model> lrq_load_hparams(llama_model_base & m, llama_model_loader & ml,
+                                           const struct llama_model_params & params);
+
+// After load_arch_tensors (before done_getting_tensors): creates the group parameter and replica
+// tensors, refuses orphans, virtualizes layers and hparams; returns the base layer of each
+// execution (the caller expands its per-layer device list).  Throws on invalid data.
+std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader & ml);
+
+// "lrq-llama 135M LRQ2 g64 asym, 30 layers -> 60 executions"
+std::string lrq_model_desc(const lrq_model & l, const std::string & stock_desc);
+
+// Graph node budget: each execution costs a base layer's nodes again, plus the group combine.
+uint32_t lrq_graph_max_nodes(const lrq_model & l, uint32_t stock);

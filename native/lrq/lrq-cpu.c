@@ -1,0 +1,170 @@
+// lrq: CPU forward of GGML_OP_LRQ_MUL_MAT (compiled into ggml-cpu by lrq's CMakeLists.txt; the
+// prototypes are in the patched ggml-cpu/ops.h).  The arithmetic is lrq_kernels' int8-activation
+// fast path (lrq_quantize_act_q8 + lrq_mul_mat_q8, native/include/lrq-kernels.h); this file only
+// maps ggml tensors onto its descriptors and splits the work among ggml's threads.
+//
+//   op shape: W [n_in, n_out] (codes), x F32 [n_in, T] (T = ne1*ne2*ne3 rows, equally strided)
+//             -> y F32 [n_out, T];  y[t, o] = sum_i W_r[o, i] * act_r(x[t, :])[i] + bias[o]
+//
+// Threading, the pattern of ggml's own mul_mat:
+//   1. every thread quantizes its share of the T tokens into the shared work buffer (the
+//      activations are quantized once per op, not once per row block);
+//   2. barrier;
+//   3. (row block x token block) chunks are taken dynamically from the threadpool's counter.
+// Every thread executes the same barriers (with OpenMP ggml_barrier is `omp barrier`), so there is
+// no early return before the barrier.
+#include "lrq-ggml.h"
+#include "lrq-kernels.h"
+
+#include "ggml-cpu-impl.h"
+#include "ops.h"
+
+#include <stdint.h>
+#include <stdlib.h>
+
+// Row chunk: a multiple of the kernel's 16-row block, small enough that a 576-row projection
+// still gives 9 chunks to balance 2..8 threads at decode (T = 1).  Token chunk: a multiple of the
+// kernel's 4-token block; 16 row-blocks x 32 tokens keep a chunk's codes and activations in L2.
+#define LRQ_CPU_ROW_CHUNK 64
+#define LRQ_CPU_TOK_CHUNK 32
+
+bool ggml_lrq_mul_mat_cpu_supported(const struct ggml_tensor * op) {
+    // Types only: llama's loader probes buffer types with dummy shapes (lrq_make_supports_test_op);
+    // shapes were asserted when the node was built (ggml_lrq_mul_mat).
+    const struct ggml_tensor * const * s = (const struct ggml_tensor * const *) op->src;
+    if (op->type != GGML_TYPE_F32 || !s[LRQ_SRC_CODES] || !s[LRQ_SRC_X] || !s[LRQ_SRC_SCALE]) return false;
+    if (!GGML_TYPE_IS_LRQ(s[LRQ_SRC_CODES]->type) || s[LRQ_SRC_X]->type != GGML_TYPE_F32 ||
+        s[LRQ_SRC_SCALE]->type != GGML_TYPE_F16) {
+        return false;
+    }
+    for (int i = LRQ_SRC_MIN; i <= LRQ_SRC_BETA; ++i) {
+        if (s[i] && s[i]->type != GGML_TYPE_F16) return false;
+    }
+    for (int i = LRQ_SRC_GAIN; i <= LRQ_SRC_ACT; ++i) {
+        if (s[i] && s[i]->type != GGML_TYPE_F32) return false;
+    }
+    return true;
+}
+
+static int64_t lrq_op_tokens(const struct ggml_tensor * x) {
+    return x->ne[1] * x->ne[2] * x->ne[3];
+}
+
+size_t ggml_lrq_mul_mat_work_size(const struct ggml_tensor * dst, int n_tasks) {
+    const struct ggml_tensor * w = dst->src[LRQ_SRC_CODES];
+    const struct ggml_tensor * x = dst->src[LRQ_SRC_X];
+    (void) n_tasks;   // the buffer is shared: each token is quantized once, by one thread
+    // + 64: room to align the start of the buffer (graph_plan adds a cache line per thread too)
+    return lrq_act_q8_size(lrq_op_tokens(x), w->ne[0], ggml_get_op_params_i32(dst, LRQ_OP_PARAM_GROUP_SIZE)) + 64;
+}
+
+// alpha / beta [n_groups | 1, n_out | 1] -> strides of lrq_replica (0 = broadcast)
+static void lrq_grid_strides(const struct ggml_tensor * t, int64_t * row_stride, int64_t * group_stride) {
+    *row_stride   = t && t->ne[1] > 1 ? t->ne[0] : 0;
+    *group_stride = t && t->ne[0] > 1 ? 1 : 0;
+}
+
+// Token sub-range [t0, t1) of activations quantized by lrq_act_q8_init for all tokens.
+static lrq_act_q8 lrq_act_rows(const lrq_act_q8 * all, int64_t t0, int64_t t1) {
+    const int64_t nb = all->n_in / LRQ_QK, ng = lrq_n_groups(all->n_in, all->group_size);
+    lrq_act_q8 a = *all;
+    a.n_tok = t1 - t0;
+    a.qs    = all->qs + t0 * all->n_in;
+    a.dx    = all->dx + t0 * nb;
+    a.sx    = all->sx + t0 * ng;
+    return a;
+}
+
+void ggml_compute_forward_lrq_mul_mat(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+    const struct ggml_tensor * tw = dst->src[LRQ_SRC_CODES];
+    const struct ggml_tensor * tx = dst->src[LRQ_SRC_X];
+    const struct ggml_tensor * td = dst->src[LRQ_SRC_SCALE];
+    const struct ggml_tensor * tm = dst->src[LRQ_SRC_MIN];
+    const struct ggml_tensor * ta = dst->src[LRQ_SRC_ALPHA];
+    const struct ggml_tensor * tb = dst->src[LRQ_SRC_BETA];
+    const struct ggml_tensor * tg = dst->src[LRQ_SRC_GAIN];
+    const struct ggml_tensor * tc = dst->src[LRQ_SRC_BIAS];
+    const struct ggml_tensor * tk = dst->src[LRQ_SRC_ACT];
+
+    const int     g        = ggml_get_op_params_i32(dst, LRQ_OP_PARAM_GROUP_SIZE);
+    const int64_t n_in     = tw->ne[0];
+    const int64_t n_out    = tw->ne[1];
+    const int64_t n_groups = lrq_n_groups(n_in, g);
+    const int64_t T        = lrq_op_tokens(tx);
+    const int64_t xs       = (int64_t) (tx->nb[1] / sizeof(float));   // row stride (elements)
+
+    lrq_weight w = {
+        .codes           = (const uint8_t *) tw->data,
+        .codes_row_bytes = tw->nb[1],
+        .n_in            = n_in,
+        .n_out           = n_out,
+        .bits            = lrq_type_bits(tw->type),
+        .mode            = (lrq_mode) ggml_get_op_params_i32(dst, LRQ_OP_PARAM_MODE),
+        .group_size      = g,
+        .d               = (const uint16_t *) td->data,
+        .d_row_stride    = n_groups,
+        .m               = tm ? (const uint16_t *) tm->data : NULL,
+        .m_row_stride    = n_groups,
+    };
+    lrq_replica r;
+    lrq_replica_init(&r);
+    if (ta) {
+        r.alpha = (const uint16_t *) ta->data;
+        lrq_grid_strides(ta, &r.alpha_row_stride, &r.alpha_group_stride);
+    }
+    if (tb) {
+        r.beta = (const uint16_t *) tb->data;
+        lrq_grid_strides(tb, &r.beta_row_stride, &r.beta_group_stride);
+    }
+    r.gain = tg ? (const float *) tg->data : NULL;
+    r.bias = tc ? (const float *) tc->data : NULL;
+    if (tk) {   // read at compute time: the values live in the (host) weight buffer
+        r.act_clip = ((const float *) tk->data)[0];
+        r.act_bits = (int) ((const float *) tk->data)[1];
+    }
+
+    // LRQ_CPU_REF=1 in the environment: the spec's arithmetic (float activations, double sums)
+    // instead of int8 activations, also when ggml is not in reference mode.  For tests: it
+    // separates the graph (virtual layers, schedule, replica wiring) from the int8 rounding.
+    const char * ref_env = getenv("LRQ_CPU_REF");
+    const bool   use_ref = params->use_ref || (ref_env && ref_env[0] == '1');
+    const int ith = params->ith, nth = params->nth;
+    const float * x = (const float *) tx->data;
+    float *       y = (float *) dst->data;
+
+    // phase 1: activations, split among threads by token
+    lrq_act_q8 act;
+    char * buf = (char *) params->wdata;
+    buf += (64 - ((uintptr_t) buf % 64)) % 64;
+    lrq_act_q8_init(&act, buf, T, n_in, g);
+    if (!use_ref) {
+        const int64_t t0 = T * ith / nth, t1 = T * (ith + 1) / nth;
+        if (t1 > t0) {
+            lrq_act_q8 part = lrq_act_rows(&act, t0, t1);
+            const int rc = lrq_quantize_act_q8(x + t0 * xs, xs, r.act_clip, r.act_bits, &part);
+            if (rc) GGML_ABORT("%s: %s", dst->name, lrq_status_str(rc));
+        }
+    }
+    if (ith == 0) {
+        ggml_threadpool_chunk_set(params->threadpool, nth);
+    }
+    ggml_barrier(params->threadpool);
+
+    // phase 2: (rows x tokens) chunks, taken dynamically
+    const int64_t nc_r = (n_out + LRQ_CPU_ROW_CHUNK - 1) / LRQ_CPU_ROW_CHUNK;
+    const int64_t nc_t = (T + LRQ_CPU_TOK_CHUNK - 1) / LRQ_CPU_TOK_CHUNK;
+    const int64_t n_chunks = nc_r * nc_t;
+    for (int64_t c = ith; c < n_chunks; c = ggml_threadpool_chunk_add(params->threadpool, 1)) {
+        const int64_t o0 = (c % nc_r) * LRQ_CPU_ROW_CHUNK, t0 = (c / nc_r) * LRQ_CPU_TOK_CHUNK;
+        const int64_t o1 = o0 + LRQ_CPU_ROW_CHUNK < n_out ? o0 + LRQ_CPU_ROW_CHUNK : n_out;
+        const int64_t t1 = t0 + LRQ_CPU_TOK_CHUNK < T ? t0 + LRQ_CPU_TOK_CHUNK : T;
+        int rc;
+        if (use_ref) {   // the spec: float activations, double accumulation
+            rc = lrq_mul_mat_ref(&w, &r, x + t0 * xs, xs, t1 - t0, y + t0 * n_out + o0, n_out, o0, o1);
+        } else {
+            const lrq_act_q8 part = lrq_act_rows(&act, t0, t1);
+            rc = lrq_mul_mat_q8(&w, &r, &part, y + t0 * n_out + o0, n_out, o0, o1);
+        }
+        if (rc) GGML_ABORT("%s: %s", dst->name, lrq_status_str(rc));
+    }
+}

@@ -1,0 +1,514 @@
+// lrq: LRQ files in libllama (compiled into the llama target by lrq's CMakeLists.txt; API and the
+// virtual-layer design in native/include/lrq-llama.h).  The patch 0003 only calls in here.
+#include "lrq-llama.h"
+
+#include "lrq-format.h"
+#include "lrq-ggml.h"
+
+#include "gguf.h"
+#include "llama-graph.h"
+#include "llama-impl.h"
+#include "llama-mmap.h"
+#include "llama-model-loader.h"
+#include "llama-model.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <set>
+#include <stdexcept>
+#include <utility>
+
+// ---- architecture name and format version -----------------------------------------------------
+
+static const char * const LRQ_BASE_ARCHS[] = { "llama", "qwen2", "qwen3" };
+
+const char * lrq_base_arch_name(const char * name) {
+    if (!name || std::strncmp(name, "lrq-", 4) != 0) {
+        return nullptr;
+    }
+    for (const char * base : LRQ_BASE_ARCHS) {
+        if (std::strcmp(name + 4, base) == 0) {
+            return base;
+        }
+    }
+    return nullptr;
+}
+
+static std::string lrq_file_label(const std::string & fname) {
+    return fname.empty() ? std::string("(FILE*)") : fname;
+}
+
+void lrq_check_format(const gguf_context * meta, const std::string & arch_name, const std::string & fname) {
+    const bool    lrq_name = arch_name.rfind("lrq-", 0) == 0;
+    const int64_t kid      = gguf_find_key(meta, "lrq.format_version");
+    if (!lrq_name && kid < 0) {
+        return;   // a plain GGUF
+    }
+    const std::string file = lrq_file_label(fname);
+    if (kid < 0 || gguf_get_kv_type(meta, kid) != GGUF_TYPE_UINT32) {
+        throw std::runtime_error(format("%s: '%s' file has no uint32 key lrq.format_version (not an LRQ file of "
+                                        "format version %d?)", file.c_str(), arch_name.c_str(), LRQ_FORMAT_VERSION));
+    }
+    const uint32_t version = gguf_get_val_u32(meta, kid);
+    if (version != (uint32_t) LRQ_FORMAT_VERSION) {
+        throw std::runtime_error(format("%s: LRQ format version %u is not supported: this build reads LRQ format "
+                                        "version %d (lrq-format.h)", file.c_str(), version, LRQ_FORMAT_VERSION));
+    }
+    const char *  base = lrq_base_arch_name(arch_name.c_str());
+    const int64_t bid  = gguf_find_key(meta, "lrq.base_architecture");
+    if (!base) {
+        throw std::runtime_error(format("%s: LRQ architecture '%s' is not supported (lrq-llama, lrq-qwen2, lrq-qwen3)",
+                                        file.c_str(), arch_name.c_str()));
+    }
+    if (bid < 0 || gguf_get_kv_type(meta, bid) != GGUF_TYPE_STRING ||
+        std::strcmp(gguf_get_val_str(meta, bid), base) != 0) {
+        throw std::runtime_error(format("%s: lrq.base_architecture must be the string '%s' for architecture '%s'",
+                                        file.c_str(), base, arch_name.c_str()));
+    }
+}
+
+// ---- hparams: keys and schedule -----------------------------------------------------------------
+
+static std::vector<int64_t> lrq_get_int_array(const gguf_context * meta, const char * key, size_t n_expect) {
+    const int64_t kid = gguf_find_key(meta, key);
+    if (kid < 0) {
+        throw std::runtime_error(format("LRQ file has no key %s", key));
+    }
+    if (gguf_get_kv_type(meta, kid) != GGUF_TYPE_ARRAY) {
+        throw std::runtime_error(format("LRQ key %s must be an array", key));
+    }
+    const size_t n = gguf_get_arr_n(meta, kid);
+    if (n_expect != (size_t) -1 && n != n_expect) {
+        throw std::runtime_error(format("LRQ key %s has %zu entries, lrq.schedule.layer has %zu", key, n, n_expect));
+    }
+    const gguf_type t    = gguf_get_arr_type(meta, kid);
+    const void *    data = n ? gguf_get_arr_data(meta, kid) : nullptr;
+    std::vector<int64_t> out(n);
+    for (size_t i = 0; i < n; ++i) {
+        switch (t) {
+            case GGUF_TYPE_UINT32: out[i] = ((const uint32_t *) data)[i]; break;
+            case GGUF_TYPE_INT32:  out[i] = ((const int32_t *) data)[i]; break;
+            default: throw std::runtime_error(format("LRQ key %s must be an array of uint32", key));
+        }
+        if (out[i] < 0) {
+            throw std::runtime_error(format("LRQ key %s: negative entry %lld", key, (long long) out[i]));
+        }
+    }
+    return out;
+}
+
+std::shared_ptr<lrq_model> lrq_load_hparams(llama_model_base & m, llama_model_loader & ml,
+                                           const llama_model_params & params) {
+    const char * base = lrq_base_arch_name(ml.arch_name.c_str());
+    if (!base) {
+        return nullptr;   // a plain GGUF (lrq_check_format has refused "lrq-<other>")
+    }
+    const gguf_context * meta = ml.metadata;
+    auto l = std::make_shared<lrq_model>();
+    l->arch_name = ml.arch_name;
+
+    if (m.arch != LLM_ARCH_LLAMA && m.arch != LLM_ARCH_QWEN2 && m.arch != LLM_ARCH_QWEN3) {
+        throw std::runtime_error(format("LRQ: base architecture %s is not supported", base));
+    }
+    if (m.hparams.n_layer_nextn != 0 || m.hparams.n_expert != 0 || m.hparams.n_layer_kv_from_start >= 0) {
+        throw std::runtime_error("LRQ: MoE, next-n prediction and shared-KV layers are not supported");
+    }
+    if (params.split_mode == LLAMA_SPLIT_MODE_TENSOR) {
+        throw std::runtime_error("LRQ: tensor split mode is not supported (the LRQ op runs on the CPU)");
+    }
+
+    const int64_t kmode = gguf_find_key(meta, "lrq.quant.mode");
+    if (kmode < 0 || gguf_get_kv_type(meta, kmode) != GGUF_TYPE_STRING) {
+        throw std::runtime_error("LRQ file has no string key lrq.quant.mode");
+    }
+    const std::string mode = gguf_get_val_str(meta, kmode);
+    if (mode == "asym") {
+        l->mode = LRQ_MODE_ASYM;
+    } else if (mode == "sym") {
+        l->mode = LRQ_MODE_SYM;
+    } else if (mode == "ternary") {
+        l->mode = LRQ_MODE_TERNARY;
+    } else {
+        throw std::runtime_error(format("LRQ: lrq.quant.mode '%s' is not asym, sym or ternary", mode.c_str()));
+    }
+    const int64_t kg = gguf_find_key(meta, "lrq.quant.group_size");
+    if (kg < 0 || gguf_get_kv_type(meta, kg) != GGUF_TYPE_UINT32) {
+        throw std::runtime_error("LRQ file has no uint32 key lrq.quant.group_size");
+    }
+    l->group_size = (int) gguf_get_val_u32(meta, kg);
+    if (l->group_size != 32 && l->group_size != 64 && l->group_size != 128 && l->group_size != 256) {
+        throw std::runtime_error(format("LRQ: lrq.quant.group_size %d is not 32, 64, 128 or 256", l->group_size));
+    }
+
+    // widest code type of the file, for the description (made before the tensors are created)
+    for (const auto & [name, w] : ml.weights_map) {
+        l->max_bits = std::max(l->max_bits, lrq_type_bits(w.tensor->type));
+    }
+
+    // the schedule (FORMAT.md section 7)
+    const std::vector<int64_t> layer   = lrq_get_int_array(meta, "lrq.schedule.layer", (size_t) -1);
+    const size_t               n_exec  = layer.size();
+    const std::vector<int64_t> replica = lrq_get_int_array(meta, "lrq.schedule.replica", n_exec);
+    const std::vector<int64_t> group   = lrq_get_int_array(meta, "lrq.schedule.group", n_exec);
+    const int64_t kw = gguf_find_key(meta, "lrq.schedule.weight");
+    if (kw < 0 || gguf_get_kv_type(meta, kw) != GGUF_TYPE_ARRAY || gguf_get_arr_type(meta, kw) != GGUF_TYPE_FLOAT32 ||
+        gguf_get_arr_n(meta, kw) != n_exec) {
+        throw std::runtime_error(format("LRQ: lrq.schedule.weight must be a float32 array of %zu entries", n_exec));
+    }
+    const float * weight = n_exec ? (const float *) gguf_get_arr_data(meta, kw) : nullptr;
+
+    const uint32_t n_base = m.hparams.n_layer_all;
+    l->n_base = n_base;
+    if (n_exec < n_base || n_exec > LLAMA_MAX_LAYERS) {
+        throw std::runtime_error(format("LRQ: the schedule has %zu executions; it needs %u..%d for %u base layers",
+                                        n_exec, n_base, LLAMA_MAX_LAYERS, n_base));
+    }
+    l->exec.resize(n_exec);
+    for (size_t e = 0; e < n_exec; ++e) {
+        if (layer[e] >= n_base) {
+            throw std::runtime_error(format("LRQ: execution %zu runs layer %lld of a %u-layer model", e,
+                                            (long long) layer[e], n_base));
+        }
+        if (e > 0 && (layer[e] < layer[e - 1] || group[e] < group[e - 1])) {
+            throw std::runtime_error(format("LRQ: schedule layer/group must be non-decreasing (execution %zu)", e));
+        }
+        if (e > 0 ? layer[e] > layer[e - 1] + 1 : layer[e] != 0) {
+            throw std::runtime_error(format("LRQ: the schedule skips a layer before execution %zu", e));
+        }
+        if (!std::isfinite(weight[e])) {
+            throw std::runtime_error(format("LRQ: schedule weight of execution %zu is not finite", e));
+        }
+        lrq_exec & x = l->exec[e];
+        x.layer   = (uint32_t) layer[e];
+        x.replica = (uint32_t) replica[e];
+        x.group   = (uint32_t) group[e];
+        x.weight  = weight[e];
+    }
+    if (layer[n_exec - 1] != n_base - 1) {
+        throw std::runtime_error(format("LRQ: the schedule ends at layer %lld of %u", (long long) layer[n_exec - 1], n_base));
+    }
+    // parallel groups: consecutive executions with the same id, one layer, distinct replicas
+    for (size_t e0 = 0; e0 < n_exec;) {
+        size_t e1 = e0 + 1;
+        while (e1 < n_exec && group[e1] == group[e0]) {
+            ++e1;
+        }
+        std::set<uint32_t> seen;
+        for (size_t e = e0; e < e1; ++e) {
+            if (l->exec[e].layer != l->exec[e0].layer) {
+                throw std::runtime_error(format("LRQ: parallel group %lld spans layers %u and %u", (long long) group[e0],
+                                                l->exec[e0].layer, l->exec[e].layer));
+            }
+            if (!seen.insert(l->exec[e].replica).second) {
+                throw std::runtime_error(format("LRQ: parallel group %lld runs replica %u twice", (long long) group[e0],
+                                                l->exec[e].replica));
+            }
+            l->exec[e].n_group = (uint32_t) (e1 - e0);
+            l->exec[e].first   = e == e0;
+            l->exec[e].last    = e == e1 - 1;
+        }
+        e0 = e1;
+    }
+    return l;
+}
+
+// ---- tensors --------------------------------------------------------------------------------------
+
+static const llm_tensor LRQ_SLOT_TENSOR[LRQ_SLOT_COUNT] = {
+    LLM_TENSOR_ATTN_Q, LLM_TENSOR_ATTN_K, LLM_TENSOR_ATTN_V, LLM_TENSOR_ATTN_OUT,
+    LLM_TENSOR_FFN_GATE, LLM_TENSOR_FFN_UP, LLM_TENSOR_FFN_DOWN,
+};
+
+static ggml_tensor ** lrq_slot_ptr(llama_layer & layer, int s) {
+    switch (s) {
+        case LRQ_SLOT_Q:    return &layer.wq;
+        case LRQ_SLOT_K:    return &layer.wk;
+        case LRQ_SLOT_V:    return &layer.wv;
+        case LRQ_SLOT_O:    return &layer.wo;
+        case LRQ_SLOT_GATE: return &layer.ffn_gate;
+        case LRQ_SLOT_UP:   return &layer.ffn_up;
+        default:            return &layer.ffn_down;
+    }
+}
+
+static const char * const LRQ_REPLICA_PARAMS[] = { "scale_mult", "grid_offset", "gain", "bias", "act" };
+
+std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader & ml) {
+    lrq_model &    l      = *m.lrq;
+    const uint32_t n_base = l.n_base;
+    const int      flags_opt = llama_model_loader::TENSOR_NOT_REQUIRED;
+    std::set<std::string> created;   // names of the LRQ parameter tensors made here
+
+    // 1. base group parameters of every LRQ weight
+    struct base_lin { ggml_tensor * codes = nullptr, * scale = nullptr, * min = nullptr; };
+    std::vector<std::array<base_lin, LRQ_SLOT_COUNT>> base(n_base);
+    for (uint32_t L = 0; L < n_base; ++L) {
+        if (m.layers[L].wqkv && GGML_TYPE_IS_LRQ(m.layers[L].wqkv->type)) {
+            throw std::runtime_error(format("LRQ: fused QKV weight of layer %u cannot hold LRQ codes", L));
+        }
+        for (int s = 0; s < LRQ_SLOT_COUNT; ++s) {
+            ggml_tensor * w = *lrq_slot_ptr(m.layers[L], s);
+            if (!w || !GGML_TYPE_IS_LRQ(w->type)) {
+                continue;
+            }
+            if (l.mode == LRQ_MODE_TERNARY && w->type != GGML_TYPE_LRQ2) {
+                throw std::runtime_error(format("LRQ: ternary weight %s must have type lrq2, not %s", w->name,
+                                                ggml_type_name(w->type)));
+            }
+            const int64_t n_in = w->ne[0], n_out = w->ne[1], G = (n_in + l.group_size - 1) / l.group_size;
+            base_lin & b = base[L][s];
+            b.codes = w;
+            b.scale = m.create_tensor(ml, m.tn(LRQ_SLOT_TENSOR[s], "lrq_scale", L), {G, n_out}, 0);
+            b.min   = m.create_tensor(ml, m.tn(LRQ_SLOT_TENSOR[s], "lrq_min", L), {G, n_out}, flags_opt);
+            if (b.scale->type != GGML_TYPE_F16 || (b.min && b.min->type != GGML_TYPE_F16)) {
+                throw std::runtime_error(format("LRQ: group parameters of %s must be F16", w->name));
+            }
+            if ((l.mode == LRQ_MODE_ASYM) != (b.min != nullptr)) {
+                throw std::runtime_error(format("LRQ: %s.lrq_min must be present exactly in asym files (mode %s)",
+                                                w->name, l.mode == LRQ_MODE_ASYM ? "asym" : "sym/ternary"));
+            }
+            created.insert(b.scale->name);
+            if (b.min) {
+                created.insert(b.min->name);
+            }
+        }
+    }
+
+    // 2. replica parameters, once per distinct (layer, replica) of the schedule
+    std::map<std::pair<uint32_t, uint32_t>, std::array<lrq_linear, LRQ_SLOT_COUNT>> reps;
+    for (const lrq_exec & e : l.exec) {
+        auto key = std::make_pair(e.layer, e.replica);
+        if (reps.count(key)) {
+            continue;
+        }
+        auto & lins = reps[key];
+        for (int s = 0; s < LRQ_SLOT_COUNT; ++s) {
+            const base_lin & b = base[e.layer][s];
+            if (!b.codes) {
+                continue;
+            }
+            lrq_linear & lin = lins[s];
+            lin.codes = b.codes;
+            lin.scale = b.scale;
+            lin.min   = b.min;
+            const int64_t n_out = b.codes->ne[1], G = b.scale->ne[0];
+            for (const char * p : LRQ_REPLICA_PARAMS) {
+                const std::string suffix = format("lrq_r%u.%s", e.replica, p);   // alive during create_tensor
+                const auto        tn     = m.tn(LRQ_SLOT_TENSOR[s], suffix.c_str(), e.layer);
+                const std::string name   = tn.str();
+                const ggml_tensor * meta = ml.get_tensor_meta(name.c_str());
+                if (!meta) {
+                    continue;
+                }
+                const bool grid = std::strcmp(p, "scale_mult") == 0 || std::strcmp(p, "grid_offset") == 0;
+                ggml_tensor * t;
+                if (grid) {
+                    const int64_t ne0 = meta->ne[0], ne1 = meta->ne[1];
+                    const bool ok_shape = ggml_n_dims(meta) <= 2 && (ne0 == G || ne0 == 1) && (ne1 == n_out || ne1 == 1) &&
+                                          !(ne0 == G && G > 1 && ne1 == 1);   // [1, n_groups] is not a format shape
+                    if (!ok_shape || meta->type != GGML_TYPE_F16) {
+                        throw std::runtime_error(format("LRQ: %s must be F16 [%lld, %lld], [%lld, 1] or [1, 1] (numpy order), "
+                                                        "got %s [%lld, %lld]", name.c_str(), (long long) n_out, (long long) G,
+                                                        (long long) n_out, ggml_type_name(meta->type), (long long) ne1,
+                                                        (long long) ne0));
+                    }
+                    t = m.create_tensor(ml, tn, {ne0, ne1}, flags_opt);
+                } else {
+                    const int64_t n = std::strcmp(p, "act") == 0 ? 2 : n_out;
+                    if (meta->type != GGML_TYPE_F32 || ggml_n_dims(meta) != 1 || meta->ne[0] != n) {
+                        throw std::runtime_error(format("LRQ: %s must be F32 [%lld], got %s with %lld elements",
+                                                        name.c_str(), (long long) n, ggml_type_name(meta->type),
+                                                        (long long) ggml_nelements(meta)));
+                    }
+                    t = m.create_tensor(ml, tn, {n}, flags_opt);
+                }
+                created.insert(name);
+                l.n_replica_tensors++;
+                if (std::strcmp(p, "scale_mult") == 0) lin.alpha = t;
+                if (std::strcmp(p, "grid_offset") == 0) lin.beta = t;
+                if (std::strcmp(p, "gain") == 0) lin.gain = t;
+                if (std::strcmp(p, "bias") == 0) lin.bias = t;
+                if (std::strcmp(p, "act") == 0) {
+                    lin.act = t;
+                    // The op reads (c, k) at compute time; validate them now, from the file, so that
+                    // a bad value is a load error and never an abort inside the kernel.
+                    const auto & wt = ml.require_weight(name.c_str());
+                    if (wt.idx < ml.files.size()) {
+                        float ck[2];
+                        ml.files.at(wt.idx)->seek(wt.offs, SEEK_SET);
+                        ml.files.at(wt.idx)->read_raw(ck, sizeof(ck));
+                        const bool bits_ok = ck[1] == 0.0f || (ck[1] >= 2.0f && ck[1] <= 16.0f && ck[1] == std::floor(ck[1]));
+                        if (!(ck[0] > 0.0f && ck[0] <= 1.0f) || !bits_ok) {
+                            throw std::runtime_error(format("LRQ: %s = (%g, %g): clip must be in (0, 1] and act bits 0 or "
+                                                            "an integer in 2..16", name.c_str(), ck[0], ck[1]));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // 3. every LRQ parameter tensor of the file was made above, every LRQ-typed tensor is a slot
+    for (const auto & [name, w] : ml.weights_map) {
+        const ggml_tensor * t = w.tensor;
+        if (name.find(".lrq_") != std::string::npos && !created.count(name)) {
+            unsigned L = 0, r = 0;
+            char     slot[64] = {0};
+            if (std::sscanf(name.c_str(), "blk.%u.%63[^.].lrq_r%u.", &L, slot, &r) == 3) {
+                throw std::runtime_error(format("LRQ: tensor %s: replica %u of layer %u is not in the schedule, or its "
+                                                "weight %s has no LRQ codes", name.c_str(), r, L, slot));
+            }
+            throw std::runtime_error(format("LRQ: tensor %s is not an LRQ parameter of an LRQ weight", name.c_str()));
+        }
+        if (GGML_TYPE_IS_LRQ(t->type)) {
+            bool known = false;
+            for (uint32_t L = 0; L < n_base && !known; ++L) {
+                for (int s = 0; s < LRQ_SLOT_COUNT && !known; ++s) {
+                    known = base[L][s].codes && name == base[L][s].codes->name;
+                }
+            }
+            if (!known) {
+                throw std::runtime_error(format("LRQ: tensor %s has type %s but is not a block linear (q, k, v, o, gate, "
+                                                "up, down)", name.c_str(), ggml_type_name(t->type)));
+            }
+        }
+    }
+
+    // 4. virtualize: one layer per execution, aliasing (copying the pointers of) its base layer
+    const size_t n_exec = l.exec.size();
+    std::vector<uint32_t> exec_layer(n_exec);
+    for (size_t e = 0; e < n_exec; ++e) {
+        exec_layer[e] = l.exec[e].layer;
+        const auto & lins = reps.at({ l.exec[e].layer, l.exec[e].replica });
+        for (int s = 0; s < LRQ_SLOT_COUNT; ++s) {
+            if (lins[s].codes) {
+                l.exec[e].lin.push_back(lins[s]);
+            }
+        }
+    }
+    const std::vector<llama_layer> base_layers = m.layers;
+    m.layers.resize(n_exec);
+    for (size_t e = 0; e < n_exec; ++e) {
+        m.layers[e] = base_layers[exec_layer[e]];
+    }
+    llama_hparams & hp = m.hparams;
+    auto expand = [&](auto & arr) {
+        const auto copy = arr;
+        for (size_t e = 0; e < n_exec; ++e) {
+            arr[e] = copy[exec_layer[e]];
+        }
+    };
+    expand(hp.n_head_arr);
+    expand(hp.n_head_kv_arr);
+    expand(hp.n_ff_arr);
+    expand(hp.n_ff_exp_arr);
+    expand(hp.n_expert_used_arr);
+    expand(hp.rope_pattern);
+    expand(hp.is_swa_impl);
+    expand(hp.is_recr_impl);
+    expand(hp.xielu_alpha_n);
+    expand(hp.xielu_alpha_p);
+    expand(hp.xielu_beta);
+    expand(hp.xielu_eps);
+    expand(hp.is_indexer_full_impl);
+    expand(hp.dsv4_compress_ratios);
+    expand(hp.deepstack_mapping_arr);
+    expand(hp.swiglu_clamp_exp);
+    expand(hp.swiglu_clamp_shexp);
+    {
+        const auto copy = hp.is_ple_impl;
+        for (size_t e = 0; e < n_exec; ++e) {
+            hp.is_ple_impl[e] = copy[exec_layer[e]];
+        }
+    }
+    hp.n_layer_all = (uint32_t) n_exec;
+
+    size_t n_par = 0;
+    for (const lrq_exec & e : l.exec) {
+        n_par += e.first && e.n_group > 1;
+    }
+    LLAMA_LOG_INFO("%s: %u base layers -> %zu executions (%zu parallel groups), %s g%d, %zu replica tensors\n",
+                   __func__, n_base, n_exec, n_par,
+                   l.mode == LRQ_MODE_ASYM ? "asym" : l.mode == LRQ_MODE_SYM ? "sym" : "ternary", l.group_size,
+                   l.n_replica_tensors);
+    return exec_layer;
+}
+
+std::string lrq_model_desc(const lrq_model & l, const std::string & stock_desc) {
+    // the stock description is "<arch> <size> <ftype>"; the ftype of an LRQ file is a guess
+    std::string arch_size = stock_desc.substr(0, stock_desc.find(' ', stock_desc.find(' ') + 1));
+    const char * mode = l.mode == LRQ_MODE_ASYM ? "asym" : l.mode == LRQ_MODE_SYM ? "sym" : "ternary";
+    return format("lrq-%s LRQ%d g%d %s, %u layers -> %zu executions", arch_size.c_str(), l.max_bits,
+                  l.group_size, mode, l.n_base, l.exec.size());
+}
+
+uint32_t lrq_graph_max_nodes(const lrq_model & l, uint32_t stock) {
+    const size_t n_exec = l.exec.size();
+    const size_t rep    = (n_exec + l.n_base - 1) / l.n_base;
+    return (uint32_t) (stock * rep + 8 * n_exec);
+}
+
+// ---- graph ----------------------------------------------------------------------------------------
+
+ggml_tensor * llm_graph_context::build_lrq_layer_inp(ggml_tensor * inpL, int il) const {
+    if (!lrq) {
+        return inpL;
+    }
+    lrq_il = il;
+    const lrq_exec & e = lrq->exec.at(il);
+    if (e.first) {
+        lrq_x   = inpL;
+        lrq_acc = nullptr;
+        return inpL;
+    }
+    return lrq_x;   // every member of a parallel group starts from the group input
+}
+
+ggml_tensor * llm_graph_context::build_lrq_layer_out(ggml_tensor * cur, int il, ggml_tensor * inp_out_ids) const {
+    if (!lrq) {
+        return cur;
+    }
+    const lrq_exec & e = lrq->exec.at(il);
+    if (e.n_group == 1 && e.weight == 1.0f) {
+        return cur;   // x -> B(x): exactly the stock graph
+    }
+    // x_out = x + sum_j w_j (B_j(x) - x).  On the last execution the arch has reduced cur to the
+    // output rows (get_rows with inp_out_ids); the saved group tensors are reduced the same way.
+    const bool    reduce = il == n_layer - 1 && inp_out_ids;
+    ggml_tensor * x      = reduce ? ggml_get_rows(ctx0, lrq_x, inp_out_ids) : lrq_x;
+    ggml_tensor * acc    = lrq_acc && reduce ? ggml_get_rows(ctx0, lrq_acc, inp_out_ids) : lrq_acc;
+    ggml_tensor * d      = ggml_sub(ctx0, cur, x);
+    if (e.weight != 1.0f) {
+        d = ggml_scale(ctx0, d, e.weight);
+    }
+    acc = acc ? ggml_add(ctx0, acc, d) : d;
+    if (e.last) {
+        ggml_tensor * out = ggml_add(ctx0, x, acc);
+        cb(out, "lrq_group_out", il);
+        return out;
+    }
+    lrq_acc = acc;
+    return cur;   // not used: the next member starts from lrq_x
+}
+
+ggml_tensor * llm_graph_context::build_lrq_mm(ggml_tensor * w, ggml_tensor * cur) const {
+    if (lrq_il < 0 || (size_t) lrq_il >= lrq->exec.size()) {
+        GGML_ABORT("lrq: LRQ weight %s used outside a layer of the schedule", w->name);
+    }
+    for (const lrq_linear & lin : lrq->exec[lrq_il].lin) {
+        if (lin.codes != w) {
+            continue;
+        }
+        // the op reads rows of x with one stride
+        if (cur->nb[0] != sizeof(float) || cur->nb[2] != cur->nb[1] * cur->ne[1] || cur->nb[3] != cur->nb[2] * cur->ne[2]) {
+            cur = ggml_cont(ctx0, cur);
+        }
+        return ggml_lrq_mul_mat(ctx0, w, cur, lin.scale, lin.min, lin.alpha, lin.beta, lin.gain, lin.bias, lin.act,
+                                lrq->group_size, (lrq_mode) lrq->mode);
+    }
+    GGML_ABORT("lrq: weight %s is not an LRQ linear of execution %d", w->name, lrq_il);
+}
