@@ -30,25 +30,11 @@ class EvalError(RuntimeError):
     """An evaluation could not run; the message names the file and the tool."""
 
 
-# llama-perplexity at the pinned commit does not flush llama.cpp's asynchronous logger before
-# exiting (common/log.cpp leaks the logger on purpose; tools/perplexity never calls
-# common_log_flush), so on a busy machine the last lines — the very summary we parse — are
-# sometimes lost although the run succeeded (exit 0).  Measured here: 1 run in 3 under load.
-# Until the patch set adds the flush, a run whose summary is missing is repeated.
-PARSE_ATTEMPTS = 3
-
-
 def _run_parsed(args: list, parse, what: str):
-    """Run llama-perplexity and parse its output, repeating a run whose summary was lost."""
-    from .parse import ParseError
-    last = None
-    for _ in range(PARSE_ATTEMPTS):
-        proc = tools.run("llama-perplexity", args)
-        try:
-            return parse(proc.stdout + proc.stderr, what)
-        except ParseError as e:
-            last = e
-    raise last
+    """Run llama-perplexity and parse its summary (patches/0004 makes the tool flush its log
+    before exiting, so a successful run always prints it)."""
+    proc = tools.run("llama-perplexity", args)
+    return parse(proc.stdout + proc.stderr, what)
 
 
 @dataclass(frozen=True)
