@@ -23,6 +23,8 @@ all: build
 sysdeps:
 	@command -v ccache >/dev/null && command -v ninja >/dev/null && command -v cmake >/dev/null \
 	  || { apt-get update -qq && apt-get install -y -qq ccache ninja-build cmake >/dev/null; }
+	@command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null \
+	  || { apt-get update -qq && apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user >/dev/null; }
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

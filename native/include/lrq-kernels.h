@@ -5,7 +5,7 @@
 //   - the reference quantizer, byte-exact with lrq.quant.quantize(..., rounding="nearest", noise=0),
 //   - planar pack / unpack, reference dequantization of a replica,
 //   - y = act_r(x) . W_r^T + bias: a reference (double accumulation) and a fast path
-//     (8-bit activations per block of 32, integer dot products; AVX2 when the CPU has it).
+//     (8-bit activations per block of 32, integer dot products; AVX2 when the CPU has it, NEON on aarch64).
 //
 // Conventions: a weight W[n_out, n_in] is stored row by row (ggml ne0 = n_in, ne1 = n_out);
 // fp16 values are uint16_t bit patterns; strides are in elements unless named *_bytes.
@@ -174,7 +174,8 @@ int lrq_quantize_act_q8(const float * x, int64_t x_stride, float act_clip, int a
 // y[t, o - row0] for t < a->n_tok, row0 <= o < row1 from pre-quantized activations (ggml
 // quantizes them once, then splits the rows over threads).  Blocked as (16 rows) x (4 tokens)
 // so that each 32-weight block is decoded once per 4 tokens.  Dispatches to AVX2 + FMA when the
-// library was built for x86-64 and the CPU has them, else to portable C with the same numerics
+// library was built for x86-64 and the CPU has them, to NEON when built for aarch64 (vdotq_s32
+// if compiled with the dot-product extension), else to portable C with the same numerics
 // (integer block dots are exact; only the float summation order differs).
 int lrq_mul_mat_q8(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a,
                    float * y, int64_t y_stride, int64_t row0, int64_t row1);
@@ -188,7 +189,8 @@ int lrq_mul_mat(const lrq_weight * w, const lrq_replica * r,
                 const float * x, int64_t x_stride, int64_t n_tok,
                 float * y, int64_t y_stride, int64_t row0, int64_t row1);
 
-// "avx2" when lrq_mul_mat_q8 uses the AVX2 kernel on this CPU, else "generic".
+// "avx2" when lrq_mul_mat_q8 uses the AVX2 kernel on this CPU, "neon" on an aarch64 build,
+// else "generic".
 const char * lrq_kernels_simd(void);
 
 #ifdef __cplusplus

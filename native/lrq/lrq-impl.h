@@ -71,6 +71,14 @@ int lrq_mul_mat_q8_avx2(const lrq_weight * w, const lrq_replica * r, const lrq_a
                         float * y, int64_t y_stride, int64_t row0, int64_t row1);
 #endif
 
+// The NEON kernel (q8-neon.c); aarch64 only, where NEON is baseline (no run-time check).
+// -DLRQ_NO_NEON builds the portable code alone.
+#if defined(__ARM_NEON) && defined(__aarch64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(LRQ_NO_NEON)
+#define LRQ_HAVE_NEON_KERNEL 1
+int lrq_mul_mat_q8_neon(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a,
+                        float * y, int64_t y_stride, int64_t row0, int64_t row1);
+#endif
+
 // Row / token blocking of the fast path: 16 rows of codes stay in L1/L2 while every token block
 // passes over them; 4 tokens share one decode of each 32-weight block (4 accumulators).
 #define LRQ_ROW_BLOCK 16

@@ -175,7 +175,12 @@ static int cpu_has_avx2(void) {
 #endif
 }
 
-const char * lrq_kernels_simd(void) { return cpu_has_avx2() ? "avx2" : "generic"; }
+const char * lrq_kernels_simd(void) {
+#ifdef LRQ_HAVE_NEON_KERNEL
+    return "neon";
+#endif
+    return cpu_has_avx2() ? "avx2" : "generic";
+}
 
 int lrq_mul_mat_q8(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a,
                    float * y, int64_t y_stride, int64_t row0, int64_t row1) {
@@ -186,7 +191,13 @@ int lrq_mul_mat_q8(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8
         return lrq_mul_mat_q8_avx2(w, r, a, y, y_stride, row0, row1);
     }
 #endif
-    // TODO(neon): an ARM kernel (vdotq_s32 over the same int8 layout); the generic C is correct.
+#ifdef LRQ_HAVE_NEON_KERNEL
+    {   // NEON is baseline on aarch64: no run-time check
+        const int rc = check_q8(w, r, a, y, y_stride, row0, row1);
+        if (rc) return rc;
+        return lrq_mul_mat_q8_neon(w, r, a, y, y_stride, row0, row1);
+    }
+#endif
     return lrq_mul_mat_q8_generic(w, r, a, y, y_stride, row0, row1);
 }
 
