@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import re
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,24 +59,30 @@ def lrq_file(src: Path, name: str, plan: str, work: Path) -> Path:
     return out
 
 
+# Peak RSS is read by a small launcher process: a child forked straight from this (large) Python
+# process would inherit its RSS high-water mark, since Linux keeps ru_maxrss across fork and exec.
+_LAUNCHER = """
+import os, subprocess, sys
+p = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(p.pid, 0)
+sys.stderr.write("LRQ_PEAK_RSS_KB=%d\\n" % usage.ru_maxrss)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def llama_bench(model: Path, threads: int, reps: int, pp: int, tg: int) -> tuple[float, float, float]:
     """(pp t/s, tg t/s, peak RSS MiB) from one llama-bench process."""
     cmd = [str(tools.tool("llama-bench")), "-m", str(model), "-p", str(pp), "-n", str(tg),
            "-r", str(reps), "-t", str(threads), "-o", "json"]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read().decode(), err.read().decode(errors="replace")
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True)
     if proc.returncode != 0:
-        tail = " / ".join(stderr.strip().splitlines()[-3:])
+        tail = " / ".join(proc.stderr.strip().splitlines()[-3:])
         raise RuntimeError(f"llama-bench exited with {proc.returncode}: {tail}")
-    res = json.loads(stdout)
+    rss_kb = int(re.search(r"LRQ_PEAK_RSS_KB=(\d+)", proc.stderr).group(1))
+    res = json.loads(proc.stdout)
     pp_ts = next(r["avg_ts"] for r in res if r["n_prompt"] == pp and r["n_gen"] == 0)
     tg_ts = next(r["avg_ts"] for r in res if r["n_gen"] == tg and r["n_prompt"] == 0)
-    return pp_ts, tg_ts, usage.ru_maxrss / 1024.0
+    return pp_ts, tg_ts, rss_kb / 1024.0
 
 
 def measure(rows: list[Row], args) -> None:
