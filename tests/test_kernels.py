@@ -20,6 +20,7 @@ import pytest
 
 from lrq import quant
 from lrq import _native  # built by `make build`; a missing build must fail, not skip
+from numerics import int8_error_power, nmse
 
 K = _native.kernels
 
@@ -35,7 +36,7 @@ DEQUANT_REL_TOL = 2.0 ** -24
 REF_NMSE_TOL = 1e-12
 # Fast path with int8 activations (act_bits 0 or > 8): every activation is rounded to a step of
 # s_b = max|x_block| / 127, an error of variance s_b^2 / 12 independent of the others, so the
-# expected error power of y is sum_t sum_o sum_i W_r[o,i]^2 s_b(t,i)^2 / 12 (_int8_error_power).
+# expected error power of y is sum_t sum_o sum_i W_r[o,i]^2 s_b(t,i)^2 / 12 (int8_error_power).
 # The measured error power is that sum times ~1: 0.9 .. 1.04 on 256 x 1536 matrices, 0.5 .. 2.1
 # on the small ones of these tests (n_in = 96 has only 3 blocks per token, so few independent
 # terms).  4 covers that and still fails on any real error: a wrong code, scale or offset term
@@ -54,19 +55,6 @@ GROUPS = [32, 64, 128, 256]
 # n_out = 21 / 37: not a multiple of the 8-float SIMD width nor of the 16-row block.
 N_OUT_Q = 21
 N_OUT_MM = 37
-
-
-def _nmse(y, ref):
-    y = np.asarray(y, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    return float(((y - ref) ** 2).sum() / (ref ** 2).sum())
-
-
-def _int8_error_power(xa, w):
-    """Expected sum of squared output errors from rounding xa [n_tok, n_in] to int8 per block of 32."""
-    amax = np.abs(xa.astype(np.float32)).reshape(xa.shape[0], -1, 32).max(axis=-1)
-    var = np.repeat((amax.astype(np.float64) / 127) ** 2 / 12, 32, axis=1)          # [n_tok, n_in]
-    return float((var @ (w ** 2).T).sum())
 
 
 def _bits16(a):
@@ -270,20 +258,20 @@ def test_mul_mat_ref_and_fast_against_numpy(mode, bits, group_size):
 
             ref = _mul_mat(qt, x, "ref", rep, act)
             assert ref.shape == (n_tok, N_OUT_MM), where
-            assert _nmse(ref, want) <= REF_NMSE_TOL, f"ref: {where}: NMSE {_nmse(ref, want):.3g}"
+            assert nmse(ref, want) <= REF_NMSE_TOL, f"ref: {where}: NMSE {nmse(ref, want):.3g}"
 
             fast = _mul_mat(qt, x, "fast", rep, act)
-            e = _nmse(fast, ref)
+            e = nmse(fast, ref)
             if 2 <= act[1] <= 8:
                 assert e <= FAST_EXACT_ACT_NMSE_TOL, f"fast: {where}: NMSE {e:.3g}"
             else:
-                expected = _int8_error_power(xa, w_r) / float((ref.astype(np.float64) ** 2).sum())
+                expected = int8_error_power(xa, w_r) / float((ref.astype(np.float64) ** 2).sum())
                 ratios.append(e / expected)
                 assert e <= FAST_ERR_FACTOR * expected, \
                     f"fast: {where}: NMSE {e:.3g} > {FAST_ERR_FACTOR} x {expected:.3g} (int8 rounding)"
 
             generic = _mul_mat(qt, x, "generic", rep, act)
-            assert _nmse(generic, fast) <= SIMD_NMSE_TOL, f"generic vs fast: {where}: {_nmse(generic, fast):.3g}"
+            assert nmse(generic, fast) <= SIMD_NMSE_TOL, f"generic vs fast: {where}: {nmse(generic, fast):.3g}"
 
             # rows split as ggml splits them over threads: the halves are the whole, bit for bit
             half = 19
@@ -321,12 +309,12 @@ def test_single_token_many_rows_fast_equals_generic_and_ref():
         ref = _mul_mat(qt, x, "ref", rep, act)
         fast = _mul_mat(qt, x, "fast", rep, act)
         generic = _mul_mat(qt, x, "generic", rep, act)
-        expected = _int8_error_power(x.astype(np.float64), quant.dequantize(qt)) / float((ref.astype(np.float64) ** 2).sum())
-        assert _nmse(fast, ref) <= FAST_ERR_FACTOR * expected
-        assert _nmse(generic, fast) <= SIMD_NMSE_TOL
+        expected = int8_error_power(x.astype(np.float64), quant.dequantize(qt)) / float((ref.astype(np.float64) ** 2).sum())
+        assert nmse(fast, ref) <= FAST_ERR_FACTOR * expected
+        assert nmse(generic, fast) <= SIMD_NMSE_TOL
         # each token is computed independently of the others in its token block
         one = np.concatenate([_mul_mat(qt, x[t:t + 1], "fast", rep, act) for t in range(n_tok)])
-        assert _nmse(one, fast) <= SIMD_NMSE_TOL
+        assert nmse(one, fast) <= SIMD_NMSE_TOL
 
 
 # ---- argument validation -------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from lrq.model_file import open_model
 from lrq.quant import ReplicaParams
 from lrq.reference import Reference, ReferenceError, act_clip_quant, perplexity
 from tiny_models import ARCHS, TINY_VOCAB, load_tiny_hf
+from numerics import nmse
 
 # float64 reference vs float32 transformers on the same F32 weights: the only difference is
 # HF's float32 rounding (unit roundoff 6e-8, a few hundred accumulated ops per logit -> relative
@@ -33,11 +34,6 @@ PARALLEL_SAME_NMSE = 1e-20
 WRONG_MODEL_MIN_NMSE = 1e-3
 
 N_TOKENS = 48
-
-
-def nmse(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(((a - b) ** 2).sum() / (b ** 2).sum())
 
 
 def _tokens(n=N_TOKENS, seed=0):

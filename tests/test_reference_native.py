@@ -11,6 +11,7 @@ from lrq.reference import Reference
 from tiny_models import TINY_VOCAB
 
 from lrq import _native  # built by `make build`; a missing build must fail, not skip
+from numerics import nmse
 
 # F32 weights, F32 matmuls, but llama.cpp's KV cache holds K and V in F16 (relative rounding
 # 2^-11 -> NMSE ~1e-7 on the logits; measured 1.7e-7..2.2e-7).  A modelling difference (rope,
@@ -25,11 +26,6 @@ NATIVE_F32_PPL_REL = 3e-3
 NATIVE_Q4_NMSE = 5e-3
 NATIVE_Q4_PPL_REL = 0.03
 THREADS = 2
-
-
-def nmse(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(((a - b) ** 2).sum() / (b ** 2).sum())
 
 
 def test_tiny_f32_logits_and_perplexity_match_llama_cpp(tiny_models, tiny_arch):

@@ -12,6 +12,7 @@ from lrq.convert.arch import ConvertError
 from lrq.convert.update import set_replica_params
 from lrq.lrq_file import LRQModelFile
 from lrq.reference import Reference
+from numerics import nmse
 
 # a serial replica with zero gain on attn_output and ffn_down adds exactly 0 to the residual:
 # the logits are bit-identical, so any bound above float64 noise would do
@@ -19,10 +20,6 @@ NOOP_NMSE = 1e-24
 # a half-step grid offset on every replica moves the 2-bit model's logits by far more than this
 CHANGED_NMSE = 1e-4
 TOKENS = np.array([1, 17, 42, 99, 5, 250, 3, 77, 11, 200, 64, 128], dtype=np.int64)
-
-
-def nmse(a, b):
-    return float(np.sum((a - b) ** 2) / np.sum(b ** 2))
 
 
 def _convert(src, out, plan, **kw):

@@ -31,6 +31,7 @@ from lrq.reference import Reference
 from tiny_models import TINY_VOCAB
 
 from lrq import _native  # built by `make build`; a missing build must fail, not skip
+from numerics import nmse
 
 THREADS = 2
 
@@ -63,11 +64,6 @@ PARALLEL_PLAN = {"layers": {"0": {"replicas": 2, "mode": "serial"},
                             # output-row selection (inp_out_ids) keeps
                             "2": {"replicas": 3, "mode": "parallel", "weights": [0.5, 0.3, 0.2]}}}
 PLANS = ["none", "all", "last-1", "progressive", "parallel"]
-
-
-def nmse(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(((a - b) ** 2).sum() / (b ** 2).sum())
 
 
 def _replica_extras(path: Path) -> dict[str, np.ndarray]:

@@ -20,6 +20,7 @@ import pytest
 
 from lrq import quant
 from lrq import _native  # built by `make build`; a missing build must fail, not skip
+from numerics import int8_error_power, nmse
 
 K = _native.kernels
 
@@ -43,25 +44,13 @@ ACT_SETTINGS = [(1.0, 0), (0.75, 0), (0.875, 8), (1.0, 12)]
 #    <= 2^-48 + tiny (same bound as tests/test_kernels.py);
 REF_NMSE_TOL = 1e-12
 #  - fast path: int8 activations (act bits 0 or > 8) add an error of expected power
-#    sum W_r^2 * s_b^2 / 12 per output (s_b = max|x_block| / 127, see _int8_error_power);
+#    sum W_r^2 * s_b^2 / 12 per output (s_b = max|x_block| / 127, see int8_error_power);
 #    measured ratios are ~0.5..2 on these small matrices (tests/test_kernels.py: FAST_ERR_FACTOR),
 #    and any real fault (a wrong code, group or offset) is orders of magnitude larger.
 FAST_ERR_FACTOR = 4.0
 #  - fast path with 2..8 activation bits: the spec's levels are the int8 values themselves, only
 #    float32 sums differ from the double reference.
 FAST_EXACT_ACT_NMSE_TOL = 1e-10
-
-
-def _nmse(y, ref):
-    y = np.asarray(y, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    return float(((y - ref) ** 2).sum() / (ref ** 2).sum())
-
-
-def _int8_error_power(xa, w):
-    amax = np.abs(xa.astype(np.float32)).reshape(xa.shape[0], -1, 32).max(axis=-1)
-    var = np.repeat((amax.astype(np.float64) / 127) ** 2 / 12, 32, axis=1)
-    return float((var @ (w ** 2).T).sum())
 
 
 def _replica(rng, n_out, n_groups, kind):
@@ -113,12 +102,12 @@ def test_ggml_op_against_numpy_and_c_reference(mode, bits, group_size):
                 assert np.array_equal(y, c_fast), f"op vs lrq_mul_mat: {where} threads={n_threads}"
                 y_ref = K.ggml_op(n_threads=n_threads, use_ref=True, **kw)
                 assert np.array_equal(y_ref, c_ref), f"op (ref mode) vs lrq_mul_mat_ref: {where} threads={n_threads}"
-            assert _nmse(y_ref, want) <= REF_NMSE_TOL, f"ref mode vs numpy: {where}: {_nmse(y_ref, want):.3g}"
-            e = _nmse(y, want)
+            assert nmse(y_ref, want) <= REF_NMSE_TOL, f"ref mode vs numpy: {where}: {nmse(y_ref, want):.3g}"
+            e = nmse(y, want)
             if 2 <= act[1] <= 8:
                 assert e <= FAST_EXACT_ACT_NMSE_TOL, f"op vs numpy: {where}: NMSE {e:.3g}"
             else:
-                expected = _int8_error_power(xa, w_r) / float((want ** 2).sum())
+                expected = int8_error_power(xa, w_r) / float((want ** 2).sum())
                 ratios.append(e / expected)
                 assert e <= FAST_ERR_FACTOR * expected, f"op vs numpy: {where}: NMSE {e:.3g} > {FAST_ERR_FACTOR} x {expected:.3g}"
     # the int8 rounding is really there (a fast path that silently ran the reference would pass
@@ -138,5 +127,5 @@ def test_ggml_op_many_rows_and_tokens_threads_agree():
     y3 = K.ggml_op(n_threads=3, **kw)
     assert np.array_equal(y1, y2) and np.array_equal(y1, y3)
     want = x.astype(np.float64) @ quant.dequantize(qt).T
-    expected = _int8_error_power(x, quant.dequantize(qt)) / float((want ** 2).sum())
-    assert _nmse(y1, want) <= FAST_ERR_FACTOR * expected
+    expected = int8_error_power(x, quant.dequantize(qt)) / float((want ** 2).sum())
+    assert nmse(y1, want) <= FAST_ERR_FACTOR * expected
