@@ -160,45 +160,8 @@ LRQ_INLINE void row_tokens(const lrq_weight * w, const lrq_replica * r, const lr
     }
 }
 
-#define LRQ_DEFINE_ROWS(BITS)                                                                          \
-    static void rows_b##BITS(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y, \
-                             int64_t y_stride, int64_t row0, int64_t row1, float * ad, float * off) {  \
-        for (int64_t o0 = row0; o0 < row1; o0 += LRQ_ROW_BLOCK) {                                      \
-            const int64_t o1 = o0 + LRQ_ROW_BLOCK < row1 ? o0 + LRQ_ROW_BLOCK : row1;                  \
-            int64_t       t0 = 0;                                                                      \
-            for (; t0 + LRQ_TOK_BLOCK <= a->n_tok; t0 += LRQ_TOK_BLOCK) {                              \
-                for (int64_t o = o0; o < o1; ++o) {                                                    \
-                    row_tokens(w, r, a, y, y_stride, row0, o, t0, ad, off, LRQ_TOK_BLOCK, BITS);       \
-                }                                                                                      \
-            }                                                                                          \
-            for (; t0 < a->n_tok; ++t0) {                                                              \
-                for (int64_t o = o0; o < o1; ++o) row_tokens(w, r, a, y, y_stride, row0, o, t0, ad, off, 1, BITS); \
-            }                                                                                          \
-        }                                                                                              \
-    }
-
-LRQ_DEFINE_ROWS(1)
-LRQ_DEFINE_ROWS(2)
-LRQ_DEFINE_ROWS(3)
-LRQ_DEFINE_ROWS(4)
-
 // shape: y[t, o - row0] = act_r(x)[t, :] . W_r[o, :] + bias[o], t < a->n_tok, row0 <= o < row1
 // (arguments checked by lrq_mul_mat_q8)
-int lrq_mul_mat_q8_neon(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a,
-                        float * y, int64_t y_stride, int64_t row0, int64_t row1) {
-    const int64_t ng4 = (lrq_n_groups(w->n_in, w->group_size) + 3) / 4 * 4;
-    float         stack_buf[2 * 1024];    // up to 1024 groups (n_in 32768 at g = 32) without malloc
-    float *       buf = ng4 <= 1024 ? stack_buf : (float *) malloc((size_t) (2 * ng4) * sizeof(float));
-    if (!buf) return LRQ_ERR_NOMEM;
-    float * ad = buf, * off = buf + ng4;
-    switch (w->bits) {
-        case 1:  rows_b1(w, r, a, y, y_stride, row0, row1, ad, off); break;
-        case 2:  rows_b2(w, r, a, y, y_stride, row0, row1, ad, off); break;
-        case 3:  rows_b3(w, r, a, y, y_stride, row0, row1, ad, off); break;
-        default: rows_b4(w, r, a, y, y_stride, row0, row1, ad, off); break;
-    }
-    if (buf != stack_buf) free(buf);
-    return LRQ_OK;
-}
+LRQ_DEFINE_Q8_KERNEL(lrq_mul_mat_q8_neon, 4)
 
 #endif  // LRQ_HAVE_NEON_KERNEL
