@@ -14,7 +14,7 @@ import pytest
 
 from lrq import gguf_types
 from lrq.cli import convert as convert_cli
-from lrq.constants import FORMAT_VERSION, Keys, LRQType, SUPPORTED_ARCHS, lrq_type
+from lrq.constants import FORMAT_VERSION, FORMAT_VERSION_MIN, Keys, LRQType, SUPPORTED_ARCHS, lrq_type
 from lrq.gguf_write import GGUFStreamWriter, State, WriterError
 from lrq.gguf_hparams import GGUFFileError
 from lrq.lrq_file import LRQFileError, LRQModelFile
@@ -82,6 +82,7 @@ def rewrite(src: Path, dst: Path, arch=None, kv=None, drop=(), replace=None, add
 def test_format_version_matches_c_header():
     h = (REPO / "native" / "include" / "lrq-format.h").read_text()
     assert int(re.search(r"#define LRQ_FORMAT_VERSION (\d+)", h).group(1)) == FORMAT_VERSION
+    assert int(re.search(r"#define LRQ_FORMAT_VERSION_MIN (\d+)", h).group(1)) == FORMAT_VERSION_MIN
 
 
 def test_lrq_type_ids_follow_every_known_type():
@@ -214,7 +215,7 @@ def test_every_key_round_trips(tiny_gguf, tmp_path, capsys):
     assert rc == 0, err
     r, _ = _source(out)        # read back with plain gguf-py, independently of LRQModelFile
     kv = {k: f.contents() for k, f in r.fields.items()}
-    want = {Keys.FORMAT_VERSION: 1, Keys.BASE_ARCH: "llama", Keys.QUANT_MODE: "ternary",
+    want = {Keys.FORMAT_VERSION: FORMAT_VERSION, Keys.BASE_ARCH: "llama", Keys.QUANT_MODE: "ternary",
             Keys.GROUP_SIZE: 32, Keys.BITS: 2, Keys.SCALE_SEARCH: "mse", Keys.ROUNDING: "stochastic",
             Keys.NOISE: 0.25, Keys.SEED: 77, Keys.INIT_SCALE_DELTA: 0.125, Keys.INIT_GRID_OFFSET: 0.5,
             Keys.SCHEDULE_LAYER: [0, 1, 1, 2], Keys.SCHEDULE_REPLICA: [0, 0, 1, 0],
@@ -224,7 +225,9 @@ def test_every_key_round_trips(tiny_gguf, tmp_path, capsys):
         assert kv[k] == v, k
     assert kv[Keys.SCHEDULE_WEIGHT] == [1.0, 0.5, 0.5, 1.0]
     assert kv[Keys.CONVERTER].startswith("lrq ")
-    assert set(Keys.all().values()) == set(k for k in kv if k.startswith("lrq.")), \
+    # every key but those of a stock-typed base (tests/test_stock_base.py writes those)
+    assert set(Keys.all().values()) - {Keys.BASE_TYPE, Keys.BASE_IMATRIX} == \
+        set(k for k in kv if k.startswith("lrq.")), \
         "a key of lrq.constants.Keys is not written (or an unknown lrq.* key is)"
     # the recorded bpw equals an independent count over the tensors
     lrq_names = [t.name for t in r.tensors if int(t.tensor_type) in {int(x) for x in LRQType}]
@@ -232,6 +235,12 @@ def test_every_key_round_trips(tiny_gguf, tmp_path, capsys):
     lrq_bytes = sum(int(t.n_bytes) for t in r.tensors if t.name in lrq_names or t.name.startswith(stems))
     n_w = sum(int(t.n_elements) for t in r.tensors if t.name in lrq_names)
     assert kv[Keys.BPW_LRQ] == pytest.approx(8 * lrq_bytes / n_w, rel=1e-6)
+    # lrq.bpw.linears adds the kept (--keep attn_v) block linears
+    kept = [t for t in r.tensors if re.fullmatch(r"blk\.\d+\.attn_v\.weight", t.name)]
+    assert kept and all(t.name not in lrq_names for t in kept)
+    lin_bytes = lrq_bytes + sum(int(t.n_bytes) for t in kept)
+    n_lin = n_w + sum(int(t.n_elements) for t in kept)
+    assert kv[Keys.BPW_LINEARS] == pytest.approx(8 * lin_bytes / n_lin, rel=1e-6)
     f = LRQModelFile(out)
     assert "blk.0.attn_v.weight" not in f.lrq_weights()          # --keep
     assert f.replica_params("blk.1.attn_q.weight", 1).scale_mult.ravel()[0] == np.float16(1.125)
@@ -327,12 +336,23 @@ def lrq_tiny(tiny_models, tmp_path_factory):
     return out
 
 
-def test_reader_refuses_other_format_version(lrq_tiny, tmp_path):
-    bad = rewrite(lrq_tiny, tmp_path / "v2.gguf", kv={Keys.FORMAT_VERSION: (2, gguf.GGUFValueType.UINT32)})
+@pytest.mark.parametrize("version", [0, FORMAT_VERSION + 1])
+def test_reader_refuses_other_format_version(lrq_tiny, tmp_path, version):
+    bad = rewrite(lrq_tiny, tmp_path / f"v{version}.gguf",
+                  kv={Keys.FORMAT_VERSION: (version, gguf.GGUFValueType.UINT32)})
     with pytest.raises(LRQFileError) as ei:
         LRQModelFile(bad)
     msg = str(ei.value)
-    assert str(bad) in msg and "version 2" in msg and f"version {FORMAT_VERSION}" in msg
+    assert str(bad) in msg and f"version {version} " in msg and f"{FORMAT_VERSION_MIN}..{FORMAT_VERSION}" in msg
+
+
+def test_reader_reads_version_1_files(lrq_tiny, tmp_path):
+    # a v1 file (LRQ codes only) is a valid v2 file: it still loads, with the same weights
+    old = rewrite(lrq_tiny, tmp_path / "v1.gguf", kv={Keys.FORMAT_VERSION: (1, gguf.GGUFValueType.UINT32)})
+    a, b = LRQModelFile(old), LRQModelFile(lrq_tiny)
+    assert (a.version, b.version) == (1, FORMAT_VERSION)
+    name = "blk.2.ffn_down.weight"
+    np.testing.assert_array_equal(a.weight(name, 1)[0], b.weight(name, 1)[0])
 
 
 @pytest.mark.parametrize("case,expect", [

@@ -12,7 +12,7 @@ import pytest
 from lrq import assets, gguf_types
 from lrq.cli import convert as convert_cli
 from lrq.cli import inspect as inspect_cli
-from lrq.constants import Keys, LRQType, is_aux_tensor
+from lrq.constants import FORMAT_VERSION, Keys, LRQType, is_aux_tensor
 
 # SmolLM2 2-bit asym g64 against its Q4_1 source dequantized by gguf-py (the F32 reference):
 # 2-bit round-to-nearest measures NMSE 0.22 (blk.29.ffn_down) .. 0.28 (blk.0.attn_q); the bound
@@ -62,7 +62,7 @@ def test_json_reports_every_field(converted, capsys):
     kv = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
     # every lrq.* key, exactly
     assert info["lrq_metadata"] == {k: v for k, v in kv.items() if k.startswith("lrq.")}
-    assert set(info["lrq_metadata"]) == set(Keys.all().values()) - {Keys.KEEP}
+    assert set(info["lrq_metadata"]) == set(Keys.all().values()) - {Keys.KEEP, Keys.BASE_TYPE, Keys.BASE_IMATRIX}
     # every other key (long arrays summarised by their length)
     assert set(info["metadata"]) == {k for k in kv if not k.startswith("lrq.")}
     for k, v in info["metadata"].items():
@@ -92,15 +92,16 @@ def test_json_reports_every_field(converted, capsys):
     assert info["bpw"]["file"] == pytest.approx(file_bpw, rel=1e-12)
     assert info["counts"]["file_bytes"] == out.stat().st_size
     assert info["quant"] == {"mode": "sym", "group_size": 128, "bits": 3, "scale_search": "minmax",
-                             "rounding": "nearest"}
-    assert info["format_version"] == 1 and info["architecture"] == "lrq-qwen3"
+                             "rounding": "nearest", "base_type": None, "base_imatrix": None,
+                             "linear_types": ["LRQ3"]}
+    assert info["format_version"] == FORMAT_VERSION and info["architecture"] == "lrq-qwen3"
 
 
 def test_text_output(converted, capsys):
     _, out = converted
     assert inspect_cli.main([str(out)]) == 0
     text = capsys.readouterr().out
-    assert "LRQ format v1, lrq-qwen3 (base qwen3)" in text
+    assert f"LRQ format v{FORMAT_VERSION}, lrq-qwen3 (base qwen3)" in text
     assert "quant: sym, 3 bits, group 128" in text
     assert "schedule: 6 executions over 3 layers; 2 layers replicated" in text
     assert "lrq.init.grid_offset = 0.5" in text

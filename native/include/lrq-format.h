@@ -1,9 +1,14 @@
 // lrq: the one format version shared by the C++ side (the patched llama.cpp, the binding) and
 // Python (lrq.constants.FORMAT_VERSION; a test checks that the two agree).
-// A GGUF written by lrq stores it under the key "lrq.format_version"; readers refuse any other.
+// A GGUF written by lrq stores it under the key "lrq.format_version".  Readers accept
+// LRQ_FORMAT_VERSION_MIN..LRQ_FORMAT_VERSION and refuse any other value by name.
+//   1: LRQ-typed codes with per-group parameters and replicas, the schedule.
+//   2: adds stock-typed (any ggml type) block linears with per-replica gain / bias / clip.  A v1
+//      file is a valid v2 file, so v1 files still load; a v1 file may not carry v2 tensors.
 #pragma once
 
-#define LRQ_FORMAT_VERSION 1
+#define LRQ_FORMAT_VERSION 2
+#define LRQ_FORMAT_VERSION_MIN 1
 
 #define LRQ_STR_(x) #x
 #define LRQ_STR(x) LRQ_STR_(x)

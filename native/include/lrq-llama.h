@@ -9,6 +9,9 @@
 // (one slot per execution), the graph (il = execution) and every per-layer lookup see n_exec layers.
 #pragma once
 
+#include "ggml.h"
+
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -25,7 +28,8 @@ struct llama_model_loader;
 const char * lrq_base_arch_name(const char * name);
 
 // Refuses (throws std::runtime_error naming the file) an LRQ file whose lrq.format_version is
-// absent or not LRQ_FORMAT_VERSION, or whose lrq.base_architecture disagrees with the name.
+// absent or outside LRQ_FORMAT_VERSION_MIN..LRQ_FORMAT_VERSION, or whose lrq.base_architecture
+// disagrees with the name.
 // Applies when arch_name starts with "lrq-" or the key lrq.format_version exists.
 void lrq_check_format(const gguf_context * meta, const std::string & arch_name, const std::string & fname);
 
@@ -35,10 +39,12 @@ enum lrq_slot {
     LRQ_SLOT_COUNT,
 };
 
-// One LRQ linear as one execution runs it: shared codes and base grid, this replica's parameters
-// (nullptr = the format's default).
+// One replicable linear as one execution runs it: shared weight (LRQ codes with their base grid,
+// or a stock-typed weight), this replica's parameters (nullptr = the format's default).
 struct lrq_linear {
     ggml_tensor * codes = nullptr;   // the aliased weight (lookup key in build_lrq_mm)
+    bool          stock = false;     // a stock-typed weight (format v2): mul_mat, then gain / bias
+    float         clip  = INFINITY;  // stock weights: clamp(x, -clip, clip) before the matmul
     ggml_tensor * scale = nullptr;
     ggml_tensor * min   = nullptr;
     ggml_tensor * alpha = nullptr;
@@ -61,10 +67,11 @@ struct lrq_exec {
 
 struct lrq_model {
     std::string arch_name;     // "lrq-llama"
+    uint32_t    version    = 0;   // lrq.format_version
     int         mode       = 0;   // lrq_mode
     int         group_size = 0;
     uint32_t    n_base     = 0;
-    int         max_bits   = 0;   // for the description
+    int         max_bits   = 0;   // widest LRQ code type; 0 = stock-typed base (no LRQ op)
     size_t      n_replica_tensors = 0;
     std::vector<lrq_exec> exec;
 };
@@ -79,6 +86,12 @@ std::shared_ptr<lrq_model> lrq_load_hparams(llama_model_base & m, llama_model_lo
 // tensors, refuses orphans, virtualizes layers and hparams; returns the base layer of each
 // execution (the caller expands its per-layer device list).  Throws on invalid data.
 std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader & ml);
+
+// The op that reads a tensor of an LRQ file, for the loader's buffer-type choice: the LRQ op for
+// LRQ codes, their group parameters and their replicas' parameters; ggml_mul / ggml_add for the
+// gain / bias of a stock-typed weight's replica (so they stay beside the weight on any backend);
+// op unchanged for every other tensor.
+enum ggml_op lrq_tensor_op(const llama_model_loader & ml, const ggml_tensor * t_meta, enum ggml_op op);
 
 // "lrq-llama 135M LRQ2 g64 asym, 30 layers -> 60 executions"
 std::string lrq_model_desc(const lrq_model & l, const std::string & stock_desc);

@@ -54,9 +54,10 @@ void lrq_check_format(const gguf_context * meta, const std::string & arch_name, 
                                         "format version %d?)", file.c_str(), arch_name.c_str(), LRQ_FORMAT_VERSION));
     }
     const uint32_t version = gguf_get_val_u32(meta, kid);
-    if (version != (uint32_t) LRQ_FORMAT_VERSION) {
+    if (version < (uint32_t) LRQ_FORMAT_VERSION_MIN || version > (uint32_t) LRQ_FORMAT_VERSION) {
         throw std::runtime_error(format("%s: LRQ format version %u is not supported: this build reads LRQ format "
-                                        "version %d (lrq-format.h)", file.c_str(), version, LRQ_FORMAT_VERSION));
+                                        "versions %d..%d (lrq-format.h)", file.c_str(), version,
+                                        LRQ_FORMAT_VERSION_MIN, LRQ_FORMAT_VERSION));
     }
     const char *  base = lrq_base_arch_name(arch_name.c_str());
     const int64_t bid  = gguf_find_key(meta, "lrq.base_architecture");
@@ -121,32 +122,43 @@ std::shared_ptr<lrq_model> lrq_load_hparams(llama_model_base & m, llama_model_lo
         throw std::runtime_error("LRQ: tensor split mode is not supported (the LRQ op runs on the CPU)");
     }
 
-    const int64_t kmode = gguf_find_key(meta, "lrq.quant.mode");
-    if (kmode < 0 || gguf_get_kv_type(meta, kmode) != GGUF_TYPE_STRING) {
-        throw std::runtime_error("LRQ file has no string key lrq.quant.mode");
-    }
-    const std::string mode = gguf_get_val_str(meta, kmode);
-    if (mode == "asym") {
-        l->mode = LRQ_MODE_ASYM;
-    } else if (mode == "sym") {
-        l->mode = LRQ_MODE_SYM;
-    } else if (mode == "ternary") {
-        l->mode = LRQ_MODE_TERNARY;
-    } else {
-        throw std::runtime_error(format("LRQ: lrq.quant.mode '%s' is not asym, sym or ternary", mode.c_str()));
-    }
-    const int64_t kg = gguf_find_key(meta, "lrq.quant.group_size");
-    if (kg < 0 || gguf_get_kv_type(meta, kg) != GGUF_TYPE_UINT32) {
-        throw std::runtime_error("LRQ file has no uint32 key lrq.quant.group_size");
-    }
-    l->group_size = (int) gguf_get_val_u32(meta, kg);
-    if (l->group_size != 32 && l->group_size != 64 && l->group_size != 128 && l->group_size != 256) {
-        throw std::runtime_error(format("LRQ: lrq.quant.group_size %d is not 32, 64, 128 or 256", l->group_size));
-    }
+    l->version = gguf_get_val_u32(meta, gguf_find_key(meta, "lrq.format_version"));   // checked by lrq_check_format
 
-    // widest code type of the file, for the description (made before the tensors are created)
+    // widest code type of the file (0: no LRQ-typed tensor, a stock-typed base; format v2)
     for (const auto & [name, w] : ml.weights_map) {
         l->max_bits = std::max(l->max_bits, lrq_type_bits(w.tensor->type));
+    }
+    if (l->max_bits == 0 && l->version < 2) {
+        throw std::runtime_error(format("LRQ: a format version %u file must hold LRQ-typed codes (stock-typed bases "
+                                        "need version 2)", l->version));
+    }
+
+    // mode and group size describe the LRQ-typed codes: required exactly when the file has some
+    const int64_t kmode = gguf_find_key(meta, "lrq.quant.mode");
+    const int64_t kg    = gguf_find_key(meta, "lrq.quant.group_size");
+    if (l->max_bits > 0 || kmode >= 0) {
+        if (kmode < 0 || gguf_get_kv_type(meta, kmode) != GGUF_TYPE_STRING) {
+            throw std::runtime_error("LRQ file has no string key lrq.quant.mode");
+        }
+        const std::string mode = gguf_get_val_str(meta, kmode);
+        if (mode == "asym") {
+            l->mode = LRQ_MODE_ASYM;
+        } else if (mode == "sym") {
+            l->mode = LRQ_MODE_SYM;
+        } else if (mode == "ternary") {
+            l->mode = LRQ_MODE_TERNARY;
+        } else {
+            throw std::runtime_error(format("LRQ: lrq.quant.mode '%s' is not asym, sym or ternary", mode.c_str()));
+        }
+    }
+    if (l->max_bits > 0 || kg >= 0) {
+        if (kg < 0 || gguf_get_kv_type(meta, kg) != GGUF_TYPE_UINT32) {
+            throw std::runtime_error("LRQ file has no uint32 key lrq.quant.group_size");
+        }
+        l->group_size = (int) gguf_get_val_u32(meta, kg);
+        if (l->group_size != 32 && l->group_size != 64 && l->group_size != 128 && l->group_size != 256) {
+            throw std::runtime_error(format("LRQ: lrq.quant.group_size %d is not 32, 64, 128 or 256", l->group_size));
+        }
     }
 
     // the schedule (FORMAT.md section 7)
@@ -216,6 +228,14 @@ std::shared_ptr<lrq_model> lrq_load_hparams(llama_model_base & m, llama_model_lo
     return l;
 }
 
+static std::string lrq_codes_desc(const lrq_model & l) {
+    if (l.max_bits == 0) {
+        return "stock-typed codes";
+    }
+    const char * mode = l.mode == LRQ_MODE_ASYM ? "asym" : l.mode == LRQ_MODE_SYM ? "sym" : "ternary";
+    return format("LRQ%d g%d %s", l.max_bits, l.group_size, mode);
+}
+
 // ---- tensors --------------------------------------------------------------------------------------
 
 static const llm_tensor LRQ_SLOT_TENSOR[LRQ_SLOT_COUNT] = {
@@ -235,7 +255,49 @@ static ggml_tensor ** lrq_slot_ptr(llama_layer & layer, int s) {
     }
 }
 
-static const char * const LRQ_REPLICA_PARAMS[] = { "scale_mult", "grid_offset", "gain", "bias", "act" };
+static const char * const LRQ_REPLICA_PARAMS[] = { "scale_mult", "grid_offset", "gain", "bias", "act", "clip" };
+
+// Which parameters a replica of each kind of weight may have (FORMAT.md sections 5 and 6):
+// LRQ-typed codes take all but clip; a stock-typed weight (format v2) takes the parameters that
+// live outside the matmul, so they run as plain ggml ops on every backend.
+static bool lrq_param_allowed(const char * p, bool stock) {
+    if (std::strcmp(p, "gain") == 0 || std::strcmp(p, "bias") == 0) {
+        return true;
+    }
+    return stock ? std::strcmp(p, "clip") == 0 : std::strcmp(p, "clip") != 0;
+}
+
+// Reads n float32 values of a tensor from the file at load time (parameters the graph needs as
+// constants, and values that must be validated before any compute).
+static bool lrq_read_f32(llama_model_loader & ml, const std::string & name, float * out, size_t n) {
+    const auto & wt = ml.require_weight(name.c_str());
+    if (wt.idx >= ml.files.size()) {
+        return false;
+    }
+    ml.files.at(wt.idx)->seek(wt.offs, SEEK_SET);
+    ml.files.at(wt.idx)->read_raw(out, n * sizeof(float));
+    return true;
+}
+
+ggml_op lrq_tensor_op(const llama_model_loader & ml, const ggml_tensor * t_meta, ggml_op op) {
+    if (GGML_TYPE_IS_LRQ(t_meta->type)) {
+        return GGML_OP_LRQ_MUL_MAT;
+    }
+    const std::string name = t_meta->name;
+    const size_t      pos  = name.find(".lrq_");
+    if (pos == std::string::npos) {
+        return op;
+    }
+    // group parameters, and replica parameters of LRQ codes, are read only by the LRQ op
+    const ggml_tensor * w = ml.get_tensor_meta((name.substr(0, pos) + ".weight").c_str());
+    if (name.compare(pos, 6, ".lrq_r") != 0 || !w || GGML_TYPE_IS_LRQ(w->type)) {
+        return GGML_OP_LRQ_MUL_MAT;
+    }
+    // replica parameters of a stock-typed weight: gain by ggml_mul, bias by ggml_add; the clip
+    // bound is read at load time and becomes a ggml_clamp constant (any buffer will do)
+    const bool gain = name.size() >= 5 && name.compare(name.size() - 5, 5, ".gain") == 0;
+    return gain ? GGML_OP_MUL : GGML_OP_ADD;
+}
 
 std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader & ml) {
     lrq_model &    l      = *m.lrq;
@@ -244,7 +306,7 @@ std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader 
     std::set<std::string> created;   // names of the LRQ parameter tensors made here
 
     // 1. base group parameters of every LRQ weight
-    struct base_lin { ggml_tensor * codes = nullptr, * scale = nullptr, * min = nullptr; };
+    struct base_lin { ggml_tensor * codes = nullptr, * scale = nullptr, * min = nullptr; bool stock = false; };
     std::vector<std::array<base_lin, LRQ_SLOT_COUNT>> base(n_base);
     for (uint32_t L = 0; L < n_base; ++L) {
         if (m.layers[L].wqkv && GGML_TYPE_IS_LRQ(m.layers[L].wqkv->type)) {
@@ -252,6 +314,11 @@ std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader 
         }
         for (int s = 0; s < LRQ_SLOT_COUNT; ++s) {
             ggml_tensor * w = *lrq_slot_ptr(m.layers[L], s);
+            if (w && !GGML_TYPE_IS_LRQ(w->type) && l.version >= 2 && ggml_n_dims(w) == 2) {
+                base[L][s].codes = w;   // a stock-typed weight: replicas may scale / shift / clip it
+                base[L][s].stock = true;
+                continue;
+            }
             if (!w || !GGML_TYPE_IS_LRQ(w->type)) {
                 continue;
             }
@@ -295,13 +362,39 @@ std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader 
             lin.codes = b.codes;
             lin.scale = b.scale;
             lin.min   = b.min;
-            const int64_t n_out = b.codes->ne[1], G = b.scale->ne[0];
+            lin.stock = b.stock;
+            const int64_t n_out = b.codes->ne[1], G = b.stock ? 1 : b.scale->ne[0];
             for (const char * p : LRQ_REPLICA_PARAMS) {
                 const std::string suffix = format("lrq_r%u.%s", e.replica, p);   // alive during create_tensor
                 const auto        tn     = m.tn(LRQ_SLOT_TENSOR[s], suffix.c_str(), e.layer);
                 const std::string name   = tn.str();
                 const ggml_tensor * meta = ml.get_tensor_meta(name.c_str());
                 if (!meta) {
+                    continue;
+                }
+                if (!lrq_param_allowed(p, b.stock)) {
+                    throw std::runtime_error(format("LRQ: %s: a replica of %s weight %s takes %s, not %s", name.c_str(),
+                                                    b.stock ? "stock-typed" : "LRQ-typed", b.codes->name,
+                                                    b.stock ? "gain, bias and clip" : "scale_mult, grid_offset, gain, bias and act",
+                                                    p));
+                }
+                if (std::strcmp(p, "clip") == 0) {
+                    if (meta->type != GGML_TYPE_F32 || ggml_n_dims(meta) != 1 || meta->ne[0] != 1) {
+                        throw std::runtime_error(format("LRQ: %s must be F32 [1], got %s with %lld elements", name.c_str(),
+                                                        ggml_type_name(meta->type), (long long) ggml_nelements(meta)));
+                    }
+                    ggml_tensor * t = m.create_tensor(ml, tn, {1}, flags_opt);
+                    created.insert(name);
+                    l.n_replica_tensors++;
+                    // the bound is a graph constant (ggml_clamp): read and validate it now
+                    float c = 0.0f;
+                    if (t && !lrq_read_f32(ml, name, &c, 1)) {
+                        throw std::runtime_error(format("LRQ: %s: cannot read the clip bound at load time", name.c_str()));
+                    }
+                    if (!(c > 0.0f)) {   // also refuses NaN; +inf means no clip
+                        throw std::runtime_error(format("LRQ: %s = %g: the clip bound must be > 0", name.c_str(), c));
+                    }
+                    lin.clip = c;
                     continue;
                 }
                 const bool grid = std::strcmp(p, "scale_mult") == 0 || std::strcmp(p, "grid_offset") == 0;
@@ -336,11 +429,8 @@ std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader 
                     lin.act = t;
                     // The op reads (c, k) at compute time; validate them now, from the file, so that
                     // a bad value is a load error and never an abort inside the kernel.
-                    const auto & wt = ml.require_weight(name.c_str());
-                    if (wt.idx < ml.files.size()) {
-                        float ck[2];
-                        ml.files.at(wt.idx)->seek(wt.offs, SEEK_SET);
-                        ml.files.at(wt.idx)->read_raw(ck, sizeof(ck));
+                    float ck[2];
+                    if (lrq_read_f32(ml, name, ck, 2)) {
                         const bool bits_ok = ck[1] == 0.0f || (ck[1] >= 2.0f && ck[1] <= 16.0f && ck[1] == std::floor(ck[1]));
                         if (!(ck[0] > 0.0f && ck[0] <= 1.0f) || !bits_ok) {
                             throw std::runtime_error(format("LRQ: %s = (%g, %g): clip must be in (0, 1] and act bits 0 or "
@@ -360,9 +450,11 @@ std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader 
             char     slot[64] = {0};
             if (std::sscanf(name.c_str(), "blk.%u.%63[^.].lrq_r%u.", &L, slot, &r) == 3) {
                 throw std::runtime_error(format("LRQ: tensor %s: replica %u of layer %u is not in the schedule, or its "
-                                                "weight %s has no LRQ codes", name.c_str(), r, L, slot));
+                                                "weight %s has no LRQ codes%s", name.c_str(), r, L, slot,
+                                                l.version < 2 ? " (format version 1 has no stock-typed replicas)" : ""));
             }
-            throw std::runtime_error(format("LRQ: tensor %s is not an LRQ parameter of an LRQ weight", name.c_str()));
+            throw std::runtime_error(format("LRQ: tensor %s is not an LRQ parameter of an LRQ weight%s", name.c_str(),
+                                            l.version < 2 ? " (format version 1 has no stock-typed replicas)" : ""));
         }
         if (GGML_TYPE_IS_LRQ(t->type)) {
             bool known = false;
@@ -385,8 +477,10 @@ std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader 
         exec_layer[e] = l.exec[e].layer;
         const auto & lins = reps.at({ l.exec[e].layer, l.exec[e].replica });
         for (int s = 0; s < LRQ_SLOT_COUNT; ++s) {
-            if (lins[s].codes) {
-                l.exec[e].lin.push_back(lins[s]);
+            const lrq_linear & lin = lins[s];
+            const bool stock_default = lin.stock && !lin.gain && !lin.bias && std::isinf(lin.clip);
+            if (lin.codes && !stock_default) {   // a stock weight without parameters is a plain mul_mat
+                l.exec[e].lin.push_back(lin);
             }
         }
     }
@@ -431,19 +525,20 @@ std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader 
     for (const lrq_exec & e : l.exec) {
         n_par += e.first && e.n_group > 1;
     }
-    LLAMA_LOG_INFO("%s: %u base layers -> %zu executions (%zu parallel groups), %s g%d, %zu replica tensors\n",
-                   __func__, n_base, n_exec, n_par,
-                   l.mode == LRQ_MODE_ASYM ? "asym" : l.mode == LRQ_MODE_SYM ? "sym" : "ternary", l.group_size,
-                   l.n_replica_tensors);
+    LLAMA_LOG_INFO("%s: format v%u, %u base layers -> %zu executions (%zu parallel groups), %s, %zu replica tensors\n",
+                   __func__, l.version, n_base, n_exec, n_par, lrq_codes_desc(l).c_str(), l.n_replica_tensors);
     return exec_layer;
 }
 
 std::string lrq_model_desc(const lrq_model & l, const std::string & stock_desc) {
+    if (l.max_bits == 0) {
+        // a stock-typed base: the stock description ("<arch> <size> <ftype>") is right
+        return format("lrq-%s, %u layers -> %zu executions", stock_desc.c_str(), l.n_base, l.exec.size());
+    }
     // the stock description is "<arch> <size> <ftype>"; the ftype of an LRQ file is a guess
     std::string arch_size = stock_desc.substr(0, stock_desc.find(' ', stock_desc.find(' ') + 1));
-    const char * mode = l.mode == LRQ_MODE_ASYM ? "asym" : l.mode == LRQ_MODE_SYM ? "sym" : "ternary";
-    return format("lrq-%s LRQ%d g%d %s, %u layers -> %zu executions", arch_size.c_str(), l.max_bits,
-                  l.group_size, mode, l.n_base, l.exec.size());
+    return format("lrq-%s %s, %u layers -> %zu executions", arch_size.c_str(), lrq_codes_desc(l).c_str(), l.n_base,
+                  l.exec.size());
 }
 
 uint32_t lrq_graph_max_nodes(const lrq_model & l, uint32_t stock) {
@@ -496,12 +591,34 @@ ggml_tensor * llm_graph_context::build_lrq_layer_out(ggml_tensor * cur, int il, 
 }
 
 ggml_tensor * llm_graph_context::build_lrq_mm(ggml_tensor * w, ggml_tensor * cur) const {
+    const bool lrq_typed = GGML_TYPE_IS_LRQ(w->type);
     if (lrq_il < 0 || (size_t) lrq_il >= lrq->exec.size()) {
+        if (!lrq_typed) {
+            return ggml_mul_mat(ctx0, w, cur);
+        }
         GGML_ABORT("lrq: LRQ weight %s used outside a layer of the schedule", w->name);
     }
     for (const lrq_linear & lin : lrq->exec[lrq_il].lin) {
         if (lin.codes != w) {
             continue;
+        }
+        if (lin.stock) {
+            // y[n_out, t] = gain[n_out] * (W[n_out, n_in] . clamp(x[n_in, t], -c, c)) + bias[n_out]
+            // (FORMAT.md section 6.1): stock ops only, so this runs on every backend of the base type
+            if (std::isfinite(lin.clip)) {
+                cur = ggml_clamp(ctx0, cur, -lin.clip, lin.clip);
+            }
+            ggml_tensor * res = ggml_mul_mat(ctx0, w, cur);
+            if (prec_policy) {
+                prec_policy->apply(res);   // keyed on the weight: must see the mul_mat node
+            }
+            if (lin.gain) {
+                res = ggml_mul(ctx0, res, lin.gain);
+            }
+            if (lin.bias) {
+                res = ggml_add(ctx0, res, lin.bias);
+            }
+            return res;
         }
         // the op reads rows of x with one stride
         if (cur->nb[0] != sizeof(float) || cur->nb[2] != cur->nb[1] * cur->ne[1] || cur->nb[3] != cur->nb[2] * cur->ne[2]) {
@@ -509,6 +626,9 @@ ggml_tensor * llm_graph_context::build_lrq_mm(ggml_tensor * w, ggml_tensor * cur
         }
         return ggml_lrq_mul_mat(ctx0, w, cur, lin.scale, lin.min, lin.alpha, lin.beta, lin.gain, lin.bias, lin.act,
                                 lrq->group_size, (lrq_mode) lrq->mode);
+    }
+    if (!lrq_typed) {
+        return ggml_mul_mat(ctx0, w, cur);   // a stock weight without replica parameters (or the output head)
     }
     GGML_ABORT("lrq: weight %s is not an LRQ linear of execution %d", w->name, lrq_il);
 }

@@ -1,4 +1,4 @@
-"""Constants of the LRQ GGUF format v1 (docs/FORMAT.md is the specification).
+"""Constants of the LRQ GGUF format v2 (docs/FORMAT.md is the specification).
 
 Everything a reader or writer of an LRQ GGUF needs to agree on lives here: the format version,
 every ``lrq.*`` key, the ggml type ids of the code tensors, the supported base architectures and
@@ -10,9 +10,12 @@ from __future__ import annotations
 import re
 from enum import IntEnum
 
-# Must equal LRQ_FORMAT_VERSION in native/include/lrq-format.h (tests/test_convert.py checks it).
-# Readers refuse any other value.
-FORMAT_VERSION = 1
+# Must equal LRQ_FORMAT_VERSION(_MIN) in native/include/lrq-format.h (tests/test_convert.py checks
+# it).  Writers write FORMAT_VERSION; readers accept FORMAT_VERSION_MIN..FORMAT_VERSION and refuse
+# any other value.  v1: LRQ-typed codes and their replicas.  v2: also stock-typed (any ggml type)
+# block linears whose replicas carry gain / bias / clip; every v1 file is a valid v2 file.
+FORMAT_VERSION = 2
+FORMAT_VERSION_MIN = 1
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 ARCH_PREFIX = "lrq-"        # general.architecture = "lrq-" + base: stock llama.cpp refuses it
@@ -30,8 +33,9 @@ def base_arch(arch: str) -> str:
 class Keys:
     """Every GGUF key the LRQ format adds, all under ``lrq.``.
 
-    Required in every LRQ file: FORMAT_VERSION, BASE_ARCH, QUANT_MODE, GROUP_SIZE and the four
-    SCHEDULE_* arrays.  The others record how the file was made (provenance) or a derived figure.
+    Required in every LRQ file: FORMAT_VERSION, BASE_ARCH and the four SCHEDULE_* arrays;
+    QUANT_MODE and GROUP_SIZE in every file that has LRQ-typed codes.  The others record how the
+    file was made (provenance) or a derived figure.
     """
 
     FORMAT_VERSION = "lrq.format_version"          # uint32, = constants.FORMAT_VERSION
@@ -56,9 +60,14 @@ class Keys:
     SCHEDULE_GROUP = "lrq.schedule.group"          # uint32[n_exec]
     SCHEDULE_WEIGHT = "lrq.schedule.weight"        # float32[n_exec]
 
+    # a stock-typed base (format v2): how llama-quantize made the shared weights (provenance)
+    BASE_TYPE = "lrq.base.type"                    # string, e.g. IQ2_XS (the llama-quantize type)
+    BASE_IMATRIX = "lrq.base.imatrix"              # string, file name of the importance matrix
+
     PLAN = "lrq.plan"                              # string, the --plan the converter was given
     KEEP = "lrq.keep"                              # string, the --keep regex (absent when none)
     BPW_LRQ = "lrq.bpw.lrq"                        # float32, see docs/FORMAT.md "bpw accounting"
+    BPW_LINEARS = "lrq.bpw.linears"                # float32, block linears of any type + replicas
     SOURCE = "lrq.source"                          # string, file name of the converted source
     CONVERTER = "lrq.converter"                    # string, "lrq <version>"
 
@@ -68,9 +77,11 @@ class Keys:
         return {k: v for k, v in vars(cls).items() if k.isupper() and isinstance(v, str)}
 
 
-REQUIRED_KEYS = (Keys.FORMAT_VERSION, Keys.BASE_ARCH, Keys.QUANT_MODE, Keys.GROUP_SIZE,
+REQUIRED_KEYS = (Keys.FORMAT_VERSION, Keys.BASE_ARCH,
                  Keys.SCHEDULE_LAYER, Keys.SCHEDULE_REPLICA, Keys.SCHEDULE_GROUP,
                  Keys.SCHEDULE_WEIGHT)
+# required when the file has LRQ-typed codes (they are needed to dequantize them)
+REQUIRED_WITH_LRQ_CODES = (Keys.QUANT_MODE, Keys.GROUP_SIZE)
 
 
 class LRQType(IntEnum):
@@ -113,10 +124,21 @@ ACT_BITS_MAX = 16
 # For a weight "blk.5.attn_q.weight" the stem is "blk.5.attn_q".
 SCALE_SUFFIX = ".lrq_scale"          # F16 [n_out, n_groups]: d
 MIN_SUFFIX = ".lrq_min"              # F16 [n_out, n_groups]: m (asym only)
-REPLICA_PARAMS = ("scale_mult", "grid_offset", "gain", "bias", "act")
+REPLICA_PARAMS = ("scale_mult", "grid_offset", "gain", "bias", "act", "clip")
+# which parameters a replica of each kind of weight takes (docs/FORMAT.md sections 5, 6)
+LRQ_REPLICA_PARAMS = ("scale_mult", "grid_offset", "gain", "bias", "act")
+STOCK_REPLICA_PARAMS = ("gain", "bias", "clip")      # format v2: outside the matmul, any backend
+# the block linears a replica parameterises (LRQ codes by default; any type in format v2)
+BLOCK_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 _REPLICA_RE = re.compile(r"^(?P<stem>.+)\.lrq_r(?P<replica>\d+)\.(?P<param>" + "|".join(REPLICA_PARAMS) + r")$")
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+_BLOCK_LINEAR_RE = re.compile(r"^blk\.\d+\.(" + "|".join(BLOCK_LINEARS) + r")\.weight$")
+
+
+def is_block_linear(name: str) -> bool:
+    """``blk.N.{attn_q,...,ffn_down}.weight``: a weight a replica may parameterise."""
+    return _BLOCK_LINEAR_RE.match(name) is not None
 
 
 def weight_stem(weight_name: str) -> str:

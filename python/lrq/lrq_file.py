@@ -5,8 +5,8 @@
     >>> W, rp = f.weight("blk.5.attn_q.weight", replica=1)   # float64 [n_out, n_in], gain folded in
     >>> y = W @ quantize_activations(x, rp.act_clip, rp.act_bits) + (rp.bias if rp.bias is not None else 0)
 
-Opening checks, each failure naming the file and the key or tensor: the format version (any
-other than lrq.constants.FORMAT_VERSION is refused), the architecture, the quantization keys,
+Opening checks, each failure naming the file and the key or tensor: the format version (outside
+FORMAT_VERSION_MIN..FORMAT_VERSION is refused), the architecture, the quantization keys,
 the schedule (against the model's layer count and the replica tensors), and the type and shape
 of every LRQ tensor and its parameter tensors; a truncated file is reported as such.
 """
@@ -22,9 +22,10 @@ from typing import Any
 import gguf
 import numpy as np
 
-from .constants import (ARCH_PREFIX, FORMAT_VERSION, GROUP_SIZES, MODES, SUPPORTED_ARCHS,
-                        TERNARY_BITS, Keys, is_aux_tensor, layer_of, lrq_bits, min_name,
-                        parse_replica_param_name, replica_param_name, scale_name)
+from .constants import (ARCH_PREFIX, FORMAT_VERSION, FORMAT_VERSION_MIN, GROUP_SIZES,
+                        LRQ_REPLICA_PARAMS, MODES, STOCK_REPLICA_PARAMS, SUPPORTED_ARCHS,
+                        TERNARY_BITS, Keys, is_aux_tensor, is_block_linear, layer_of, lrq_bits,
+                        min_name, parse_replica_param_name, replica_param_name, scale_name)
 from .gguf_hparams import GGUFFileError, dequantize_tensor, hparams, numpy_shape, open_reader, read_kv
 from .gguf_types import type_name
 from .plan import Execution, Plan, PlanError
@@ -79,9 +80,10 @@ class LRQModelFile:
         v = self.kv.get(Keys.FORMAT_VERSION)
         if v is None:
             raise self._err(f"key {Keys.FORMAT_VERSION} is missing: not an LRQ file")
-        if int(v) != FORMAT_VERSION:
-            raise self._err(f"LRQ format version {int(v)} is not supported (this lrq reads version "
-                            f"{FORMAT_VERSION})")
+        if not FORMAT_VERSION_MIN <= int(v) <= FORMAT_VERSION:
+            raise self._err(f"LRQ format version {int(v)} is not supported (this lrq reads versions "
+                            f"{FORMAT_VERSION_MIN}..{FORMAT_VERSION})")
+        self.version = int(v)
         base = self.kv.get(Keys.BASE_ARCH)
         if base is None:
             raise self._err(f"key {Keys.BASE_ARCH} is missing")
@@ -93,14 +95,22 @@ class LRQModelFile:
             raise self._err(f"general.architecture = '{arch}' does not match {Keys.BASE_ARCH} = "
                             f"'{base}' (expected '{ARCH_PREFIX + base}')")
         self.arch: str = base
-        mode = self.kv.get(Keys.QUANT_MODE)
-        if mode not in MODES:
-            raise self._err(f"key {Keys.QUANT_MODE} = {mode!r} is not one of {', '.join(MODES)}")
-        self.mode: str = mode
-        g = self.kv.get(Keys.GROUP_SIZE)
-        if g not in GROUP_SIZES:
-            raise self._err(f"key {Keys.GROUP_SIZE} = {g!r} is not one of {GROUP_SIZES}")
-        self.group_size: int = int(g)
+        has_codes = any(lrq_bits(t.tensor_type) is not None for t in self._t.values())
+        if not has_codes and self.version < 2:
+            raise self._err(f"a format version {self.version} file must hold LRQ-typed codes "
+                            f"(stock-typed bases need version 2)")
+        # mode and group size describe the LRQ-typed codes: required exactly when there are some
+        self.mode: str | None = None
+        self.group_size: int | None = None
+        mode, g = self.kv.get(Keys.QUANT_MODE), self.kv.get(Keys.GROUP_SIZE)
+        if has_codes or mode is not None:
+            if mode not in MODES:
+                raise self._err(f"key {Keys.QUANT_MODE} = {mode!r} is not one of {', '.join(MODES)}")
+            self.mode = mode
+        if has_codes or g is not None:
+            if g not in GROUP_SIZES:
+                raise self._err(f"key {Keys.GROUP_SIZE} = {g!r} is not one of {GROUP_SIZES}")
+            self.group_size = int(g)
 
     def _read_schedule(self) -> Plan:
         keys = (Keys.SCHEDULE_LAYER, Keys.SCHEDULE_REPLICA, Keys.SCHEDULE_GROUP, Keys.SCHEDULE_WEIGHT)
@@ -151,8 +161,15 @@ class LRQModelFile:
             if parsed is None:
                 continue
             w, r, param = parsed
-            if w not in self._t or lrq_bits(self._t[w].tensor_type) is None:
-                raise self._err(f"tensor {name} belongs to no LRQ weight ({w} is missing or not LRQ)")
+            if w not in self._t or not self.is_replicable(w):
+                v1 = " (format version 1 has no stock-typed replicas)" if self.version < 2 else ""
+                raise self._err(f"tensor {name} belongs to no LRQ weight ({w} is missing or not "
+                                f"LRQ){v1}")
+            allowed = LRQ_REPLICA_PARAMS if self.is_lrq(w) else STOCK_REPLICA_PARAMS
+            if param not in allowed:
+                kind = "LRQ-typed" if self.is_lrq(w) else f"stock-typed ({self.tensor_type(w)})"
+                raise self._err(f"tensor {name}: a replica of {kind} weight {w} takes "
+                                f"{', '.join(allowed)}, not {param}")
             layer = layer_of(w)
             if layer is None or r not in layers_of_replicas.get(layer, set()):
                 raise self._err(f"tensor {name} is for replica {r} of layer {layer}, which the "
@@ -162,6 +179,11 @@ class LRQModelFile:
                 self._check_shape(name, F16, [(n_out, n_groups(n_in, self.group_size)), (n_out, 1), (1, 1)])
             elif param in ("gain", "bias"):
                 self._check_shape(name, F32, [(n_out,)])
+            elif param == "clip":
+                self._check_shape(name, F32, [(1,)])
+                c = float(self._t[name].data[0])
+                if not c > 0:
+                    raise self._err(f"tensor {name}: the clip bound must be > 0, got {c}")
             else:
                 self._check_shape(name, F32, [(2,)])
                 c, k = (float(x) for x in self._t[name].data)
@@ -231,6 +253,15 @@ class LRQModelFile:
     def is_lrq(self, name: str) -> bool:
         return lrq_bits(self._get(name).tensor_type) is not None
 
+    def is_replicable(self, name: str) -> bool:
+        """May carry replica tensors: LRQ codes, or (format v2) a 2-D block linear of any type."""
+        t = self._get(name)
+        return lrq_bits(t.tensor_type) is not None or (
+            self.version >= 2 and is_block_linear(name) and len(numpy_shape(t)) == 2)
+
+    def replicable_weights(self) -> list[str]:
+        return [n for n in self._t if self.is_replicable(n)]
+
     def _get(self, name: str):
         try:
             return self._t[name]
@@ -239,17 +270,25 @@ class LRQModelFile:
 
     def bpw(self) -> dict[str, float]:
         """lrq: bits of LRQ codes + their parameter tensors / LRQ weights;
-        file: bits of all tensor data / base parameters (each base weight once)."""
+        linears: bits of every block linear (LRQ or stock-typed) + all their parameter tensors /
+        block-linear weights; file: bits of all tensor data / base parameters (each base weight
+        once).  docs/FORMAT.md section 9."""
         lrq_w = set(self.lrq_weights())
-        n_lrq = sum(int(np.prod(numpy_shape(self._t[n]))) for n in lrq_w)
-        # aux tensors only exist for LRQ weights (checked on open)
-        lrq_bytes = sum(int(t.n_bytes) for n, t in self._t.items() if n in lrq_w or is_aux_tensor(n))
+        lin_w = lrq_w | {n for n, t in self._t.items() if is_block_linear(n) and len(numpy_shape(t)) == 2}
+        count = lambda names: sum(int(np.prod(numpy_shape(self._t[n]))) for n in names)
+        n_lrq, n_lin = count(lrq_w), count(lin_w)
+        aux_of = lambda n: parse_replica_param_name(n)[0] if parse_replica_param_name(n) else \
+            n.rsplit(".", 1)[0] + ".weight"
+        lrq_bytes = sum(int(t.n_bytes) for n, t in self._t.items()
+                        if n in lrq_w or (is_aux_tensor(n) and aux_of(n) in lrq_w))
+        lin_bytes = sum(int(t.n_bytes) for n, t in self._t.items() if n in lin_w or is_aux_tensor(n))
         all_bytes = sum(int(t.n_bytes) for t in self._t.values())
         n_base = sum(int(np.prod(numpy_shape(t))) for n, t in self._t.items() if not is_aux_tensor(n))
         return {"lrq": 8 * lrq_bytes / n_lrq if n_lrq else 0.0,
+                "linears": 8 * lin_bytes / n_lin if n_lin else 0.0,
                 "file": 8 * all_bytes / n_base if n_base else 0.0,
-                "n_lrq_weights": n_lrq, "n_base_params": n_base,
-                "lrq_bytes": lrq_bytes, "tensor_bytes": all_bytes}
+                "n_lrq_weights": n_lrq, "n_linear_weights": n_lin, "n_base_params": n_base,
+                "lrq_bytes": lrq_bytes, "linear_bytes": lin_bytes, "tensor_bytes": all_bytes}
 
     # ---- data -------------------------------------------------------------------------------
     def quantized(self, name: str) -> QuantizedTensor:
@@ -270,11 +309,12 @@ class LRQModelFile:
         def get(param):
             t = self._t.get(replica_param_name(name, replica, param))
             return None if t is None else np.asarray(t.data, dtype=np.float64).reshape(numpy_shape(t))
-        act = get("act")
+        act, clip = get("act"), get("clip")
         return ReplicaParams(scale_mult=get("scale_mult"), grid_offset=get("grid_offset"),
                              gain=get("gain"), bias=get("bias"),
                              act_clip=1.0 if act is None else float(act[0]),
-                             act_bits=0 if act is None else int(act[1]))
+                             act_bits=0 if act is None else int(act[1]),
+                             clip=float("inf") if clip is None else float(clip[0]))
 
     def tensor(self, name: str) -> np.ndarray:
         """float64 array in numpy shape.  An LRQ weight gives its replica-0 base weight
@@ -289,12 +329,21 @@ class LRQModelFile:
 
         W_r = gain * (scale_mult * d * (level(q) + grid_offset) + m): the gain is FOLDED IN
         (params.gain_folded is True; do not apply params.gain again).  The caller applies
-        params.act_clip / act_bits to the input and adds params.bias to the output.  A tensor
-        that is not LRQ is returned as is with default params, whatever the replica.
+        params.act_clip / act_bits to the input and adds params.bias to the output.  A stock-typed
+        block linear of a v2 file (section 6.1) is dequantized by gguf-py and scaled by its
+        replica's gain (params.clip bounds the input); any other tensor is returned as is with
+        default params, whatever the replica.
         """
         t = self._get(name)
         if lrq_bits(t.tensor_type) is None:
-            return dequantize_tensor(t), ReplicaParams()
+            if not self.is_replicable(name):
+                return dequantize_tensor(t), ReplicaParams()
+            w = dequantize_tensor(t)
+            rp = self.replica_params(name, replica)
+            if rp.gain is not None:
+                w = w * rp.gain.reshape(-1, 1)
+            rp.gain_folded = True
+            return w, rp
         rp = self.replica_params(name, replica)
         w = dequantize(self.quantized(name), rp)
         rp.gain_folded = True

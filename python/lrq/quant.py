@@ -119,11 +119,12 @@ class ReplicaParams:
     bias: np.ndarray | None = None          # [n_out], added after the matmul
     act_clip: float = 1.0                   # c in (0, 1]
     act_bits: int = 0                       # k: 0 = off, 2..16
+    clip: float = float("inf")              # stock-typed weights: clamp(x, -clip, clip) (v2)
     gain_folded: bool = field(default=False)
 
     def is_identity(self) -> bool:
         return all(v is None for v in (self.scale_mult, self.grid_offset, self.gain, self.bias)) \
-            and self.act_clip == 1.0 and self.act_bits == 0
+            and self.act_clip == 1.0 and self.act_bits == 0 and self.clip == float("inf")
 
 
 # ---- quantization --------------------------------------------------------------------------

@@ -7,11 +7,15 @@ Examples:
     lrq-convert model.gguf out.gguf --keep 'token_embd|output' --plan progressive
     lrq-convert model.Q4_1.gguf out.gguf --bits 2 --gptq --calib-text sotu-calib --calib-tokens 4096
     lrq-convert model.Q4_1.gguf out.gguf --bits 2 --awq --calib-text my-text.txt
+    lrq-convert model.Q4_1.gguf out.gguf --base-type IQ2_XS --calib sotu-calib --plan last-4
 
 Plans: none (default), all (every layer twice), last-N (last N layers twice), progressive
 (first third x1, middle x2, last third x3), or a JSON/YAML file
 {"layers": {"27": {"replicas": 2, "mode": "serial"}}}.
 Tensors other than the block linears (embeddings, output, norms, biases) keep their source type.
+--base-type TYPE instead lets the pinned llama-quantize make every weight (any type it knows,
+with an imatrix from --imatrix or built by llama-imatrix on --calib); replicas of such a file
+carry per-output-channel gain / bias and an input clip (format v2), fitted by lrq-calibrate.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gptq", action="store_true",
                    help="GPTQ: codes column by column with Hessian error feedback; group "
                         "parameters from --scale-search (default minmax)")
-    c.add_argument("--calib-text", metavar="NAME|FILE", default=None,
+    c.add_argument("--calib-text", "--calib", metavar="NAME|FILE", default=None,
                    help="calibration text: a bundled text (sotu-calib) or a text file")
     c.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
     c.add_argument("--calib-window", type=int, default=512, help="tokens per window (default 512)")
@@ -56,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="seed of stochastic rounding / noise")
     q.add_argument("--keep", metavar="REGEX", default=None,
                    help="tensors whose name matches keep their source type (e.g. 'ffn_down')")
+    s = ap.add_argument_group("stock-typed base (format v2)")
+    s.add_argument("--base-type", metavar="TYPE", default=None,
+                   help="llama-quantize type of the shared weights (IQ2_XXS, IQ2_XS, Q2_K, Q4_K, ...) "
+                        "instead of LRQ codes")
+    s.add_argument("--imatrix", metavar="FILE", default=None,
+                   help="importance matrix for llama-quantize (default: llama-imatrix on --calib, "
+                        "when given)")
+    s.add_argument("--work", metavar="DIR", default=None,
+                   help="directory of the F32 reference / imatrix / stock intermediates "
+                        "(default: lrq's evaluation cache, shared with lrq-eval)")
     r = ap.add_argument_group("replication")
     r.add_argument("--plan", default="none", metavar="FILE|PRESET",
                    help="none | all | last-N | progressive | plan.json | plan.yaml (default none)")
@@ -73,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     from ..convert import ConvertError, ConvertOptions, convert
     from ..gguf_write import WriterError
 
+    if args.base_type is not None:
+        clash = [o for o, v in (("--bits", args.bits), ("--asym/--sym/--ternary", args.mode)) if v is not None]
+        if clash:
+            print(f"lrq-convert: error: --base-type {args.base_type}: {', '.join(clash)} only apply "
+                  f"to LRQ codes", file=sys.stderr)
+            return 2
     mode = args.mode or "asym"
     bits = args.bits if args.bits is not None else 2
     opts = ConvertOptions(bits=bits, mode=mode, group_size=args.group_size,
@@ -81,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                           calib_tokens=args.calib_tokens, calib_window=args.calib_window,
                           gptq_damp=args.gptq_damp,
                           grid_offset=args.grid_offset, scale_delta=args.scale_delta, keep=args.keep,
-                          plan=args.plan, seed=args.seed, progress=not args.quiet)
+                          plan=args.plan, seed=args.seed, progress=not args.quiet,
+                          base_type=args.base_type, imatrix=args.imatrix, work=args.work)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     try:
         summary = convert(args.src, args.out, opts, log=log)

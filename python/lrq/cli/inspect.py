@@ -54,11 +54,14 @@ def collect(path: str, full_metadata: bool = False) -> dict:
         "base_architecture": f.arch,
         "hparams": f.hparams_dict,
         "quant": {"mode": f.mode, "group_size": f.group_size, "bits": f.kv.get(Keys.BITS),
-                  "scale_search": f.kv.get(Keys.SCALE_SEARCH), "rounding": f.kv.get(Keys.ROUNDING)},
+                  "scale_search": f.kv.get(Keys.SCALE_SEARCH), "rounding": f.kv.get(Keys.ROUNDING),
+                  "base_type": f.kv.get(Keys.BASE_TYPE), "base_imatrix": f.kv.get(Keys.BASE_IMATRIX),
+                  "linear_types": sorted({f.tensor_type(n) for n in f.replicable_weights()})},
         "schedule": [{"layer": e.layer, "replica": e.replica, "group": e.group, "weight": e.weight}
                      for e in f.schedule],
         "schedule_summary": f.plan.describe(),
-        "bpw": {"lrq": bpw["lrq"], "file": bpw["file"], "lrq_recorded": f.kv.get(Keys.BPW_LRQ)},
+        "bpw": {"lrq": bpw["lrq"], "linears": bpw["linears"], "file": bpw["file"],
+                "lrq_recorded": f.kv.get(Keys.BPW_LRQ), "linears_recorded": f.kv.get(Keys.BPW_LINEARS)},
         "counts": {"tensors": len(tensors), "lrq_weights": len(f.lrq_weights()),
                    "n_lrq_weights": bpw["n_lrq_weights"], "n_base_params": bpw["n_base_params"],
                    "tensor_bytes": bpw["tensor_bytes"], "file_bytes": f.path.stat().st_size},
@@ -76,11 +79,19 @@ def _print(info: dict, show_tensors: bool) -> None:
     h = info["hparams"]
     print(f"  {h['n_layer']} layers, d={h['n_embd']}, ffn={h['n_ff']}, heads {h['n_head']}/{h['n_head_kv']}, "
           f"vocab {h['n_vocab']}")
-    print(f"  quant: {q['mode']}, {q['bits']} bits, group {q['group_size']}, scale search "
-          f"{q['scale_search']}, rounding {q['rounding']}")
+    if q["mode"] is not None:
+        print(f"  quant: {q['mode']}, {q['bits']} bits, group {q['group_size']}, scale search "
+              f"{q['scale_search']}, rounding {q['rounding']}")
+    if q["base_type"] is not None:
+        print(f"  stock-typed base: llama-quantize {q['base_type']}"
+              + (f" with {q['base_imatrix']}" if q["base_imatrix"] else "") + "; block linears "
+              + ", ".join(q["linear_types"]))
     b = info["bpw"]
-    print(f"  bpw: {b['lrq']:.4f} LRQ weights incl. parameters (recorded {b['lrq_recorded']}), "
-          f"{b['file']:.4f} whole file")
+    if q["mode"] is not None:
+        print(f"  bpw: {b['lrq']:.4f} LRQ weights incl. parameters (recorded {b['lrq_recorded']}), "
+              f"{b['linears']:.4f} block linears, {b['file']:.4f} whole file")
+    else:
+        print(f"  bpw: {b['linears']:.4f} block linears incl. replica parameters, {b['file']:.4f} whole file")
     c = info["counts"]
     print(f"  {c['tensors']} tensors, {c['lrq_weights']} LRQ weights, {c['file_bytes']} bytes")
     print("lrq metadata:")

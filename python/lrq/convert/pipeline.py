@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import __version__
 from ..constants import (BITS_CHOICES, FORMAT_VERSION, GROUP_SIZES, MODES, TERNARY_BITS, Keys,
-                         is_aux_tensor, layer_of, lrq_arch, lrq_type, min_name,
+                         is_aux_tensor, is_block_linear, layer_of, lrq_arch, lrq_type, min_name,
                          replica_param_name, scale_name)
 from ..gguf_hparams import GGUFFileError, dequantize_tensor, numpy_shape, open_reader, read_kv
 from ..gguf_write import GGUFStreamWriter, WriterError, check_output_path, tensor_nbytes
@@ -56,12 +56,18 @@ class ConvertOptions:
     calib_tokens: int = 4096
     calib_window: int = 512
     gptq_damp: float = 0.01            # dampening, fraction of mean(diag(H))
+    # a stock-typed base (format v2, stock_base.py): llama-quantize makes the shared weights
+    base_type: str | None = None       # e.g. IQ2_XS, Q2_K, Q4_K; None = lrq's own LRQ codes
+    imatrix: str | None = None         # importance matrix for llama-quantize (else from calib_text)
+    work: str | None = None            # directory of the F32 / imatrix / stock intermediates
 
     @property
     def needs_calibration(self) -> bool:
         return self.gptq or self.scale_search == "act-mse"
 
     def validate(self) -> None:
+        if self.base_type is not None:
+            self._validate_stock_base()
         if self.mode not in MODES:
             raise ConvertError(f"--mode: '{self.mode}' is not one of {', '.join(MODES)}")
         if self.bits not in BITS_CHOICES:
@@ -94,11 +100,30 @@ class ConvertOptions:
                 raise ConvertError(f"{opt}: must be a finite value >= 0, got {v}")
         if not (0 <= self.seed < 1 << 32):
             raise ConvertError(f"--seed: must be in 0..2^32-1, got {self.seed}")
+        if self.imatrix is not None and self.base_type is None:
+            raise ConvertError("--imatrix is for llama-quantize: it needs --base-type TYPE")
         if self.keep is not None:
             try:
                 re.compile(self.keep)
             except re.error as e:
                 raise ConvertError(f"--keep: '{self.keep}' is not a valid regular expression ({e})") from None
+
+
+    def _validate_stock_base(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_]+", self.base_type):
+            raise ConvertError(f"--base-type: '{self.base_type}' is not a llama-quantize type name "
+                               f"(e.g. IQ2_XS, Q2_K, Q4_K)")
+        if self.base_type.upper().startswith("LRQ"):
+            raise ConvertError(f"--base-type {self.base_type}: LRQ codes are lrq's default; "
+                               f"leave --base-type out and use --bits")
+        lrq_only = [opt for opt, on in (
+            ("--gptq", self.gptq), ("--scale-search", self.scale_search != "minmax"),
+            ("--rounding", self.rounding != "nearest"), ("--noise", self.noise != 0),
+            ("--grid-offset", self.grid_offset != 0), ("--scale-delta", self.scale_delta != 0),
+            ("--keep", self.keep is not None)) if on]
+        if lrq_only:
+            raise ConvertError(f"--base-type {self.base_type}: {', '.join(lrq_only)} only apply "
+                               f"to LRQ codes (llama-quantize makes a stock base)")
 
 
 @dataclass
@@ -132,8 +157,17 @@ class ConvertSummary:
     file_bytes: int
     seconds: float
     plan: str
+    base_type: str | None = None
 
     def lines(self) -> list[str]:
+        if self.base_type:
+            return [
+                f"wrote {self.output} ({self.file_bytes / 2**20:.1f} MiB) in {self.seconds:.1f} s",
+                f"  arch lrq-{self.arch}: {self.n_layer} layers, {self.n_exec} executions (plan {self.plan})",
+                f"  stock-typed base {self.base_type} (format v2): {self.n_kept_tensors} tensors "
+                f"copied from llama-quantize's file, replicas start as copies of replica 0",
+                f"  bpw: {self.bpw_lrq:.3f} (block linears incl. parameters), {self.bpw_file:.3f} (whole file)",
+            ]
         return [
             f"wrote {self.output} ({self.file_bytes / 2**20:.1f} MiB) in {self.seconds:.1f} s",
             f"  arch lrq-{self.arch}: {self.n_layer} layers, {self.n_exec} executions (plan {self.plan})",
@@ -197,6 +231,11 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions,
         raise ConvertError(f"{src}: no such file or directory")
     if src.is_file() and out.exists() and src.resolve() == out.resolve():
         raise ConvertError(f"{out}: the output would overwrite the source")
+    if opts.base_type is not None:
+        from .stock_base import convert_stock_base
+        return convert_stock_base(src, out, opts.plan, opts.base_type, imatrix=opts.imatrix,
+                                  calib_text=opts.calib_text, work=Path(opts.work) if opts.work else None,
+                                  make_plan=_make_plan, progress=opts.progress, log=log)
     if src.is_dir():
         cfg = hf_config(src)
         conv_cls = converter_for_hf(list(cfg.get("architectures") or []), str(src / "config.json"))
@@ -284,6 +323,9 @@ def _convert_gguf(src: Path, out: Path, opts: ConvertOptions, t0: float, log,
                 lrq_bits_total += 8 * sum(o.nbytes for o in sp.outputs)
         bpw_lrq = lrq_bits_total / n_lrq_weights
         writer.add_float32(Keys.BPW_LRQ, bpw_lrq)
+        lin = [sp for sp in layout if sp.lrq or (is_block_linear(sp.source) and len(shapes[sp.source]) == 2)]
+        writer.add_float32(Keys.BPW_LINEARS, 8 * sum(o.nbytes for sp in lin for o in sp.outputs)
+                           / sum(int(np.prod(shapes[sp.source])) for sp in lin))
         for sp in layout:
             for o in sp.outputs:
                 writer.add_tensor_info(o.name, o.shape, o.type_id)

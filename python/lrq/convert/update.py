@@ -17,7 +17,8 @@ from typing import Mapping
 import gguf
 import numpy as np
 
-from ..constants import Keys, is_aux_tensor, layer_of, lrq_bits, parse_replica_param_name
+from ..constants import (LRQ_REPLICA_PARAMS, STOCK_REPLICA_PARAMS, Keys, is_aux_tensor,
+                         is_block_linear, layer_of, lrq_bits, parse_replica_param_name)
 from ..gguf_hparams import numpy_shape, open_reader
 from ..gguf_write import GGUFStreamWriter, WriterError, tensor_nbytes
 from ..lrq_file import LRQFileError, LRQModelFile
@@ -27,7 +28,7 @@ from .arch import ConvertError
 F16 = int(gguf.GGMLQuantizationType.F16)
 F32 = int(gguf.GGMLQuantizationType.F32)
 # storage type of each replica parameter (docs/FORMAT.md, "Per-replica parameters")
-PARAM_TYPE = {"scale_mult": F16, "grid_offset": F16, "gain": F32, "bias": F32, "act": F32}
+PARAM_TYPE = {"scale_mult": F16, "grid_offset": F16, "gain": F32, "bias": F32, "act": F32, "clip": F32}
 
 
 def _check_param(f: LRQModelFile, name: str, value: np.ndarray) -> np.ndarray:
@@ -35,8 +36,15 @@ def _check_param(f: LRQModelFile, name: str, value: np.ndarray) -> np.ndarray:
     if parsed is None:
         raise ConvertError(f"{name}: not a replica parameter name (<weight>.lrq_r<k>.<param>)")
     weight, replica, param = parsed
-    if not f.has_tensor(weight) or not f.is_lrq(weight):
-        raise ConvertError(f"{name}: {weight} is not an LRQ weight of {f.path}")
+    if not f.has_tensor(weight) or not f.is_replicable(weight):
+        v1 = (" (a format version 1 file: stock-typed weights take no replica parameters)"
+              if f.has_tensor(weight) and f.version < 2 and is_block_linear(weight) else "")
+        raise ConvertError(f"{name}: {weight} is not an LRQ weight of {f.path}{v1}")
+    allowed = LRQ_REPLICA_PARAMS if f.is_lrq(weight) else STOCK_REPLICA_PARAMS
+    if param not in allowed:
+        kind = "LRQ-typed" if f.is_lrq(weight) else f"stock-typed ({f.tensor_type(weight)})"
+        raise ConvertError(f"{name}: a replica of {kind} weight {weight} takes "
+                           f"{', '.join(allowed)}, not {param}")
     layer = layer_of(weight)
     if replica not in {e.replica for e in f.schedule if e.layer == layer}:
         raise ConvertError(f"{name}: the schedule of {f.path} never runs replica {replica} of layer {layer}")
@@ -45,6 +53,8 @@ def _check_param(f: LRQModelFile, name: str, value: np.ndarray) -> np.ndarray:
         shapes = [(n_out, n_groups(n_in, f.group_size)), (n_out, 1), (1, 1)]
     elif param in ("gain", "bias"):
         shapes = [(n_out,)]
+    elif param == "clip":
+        shapes = [(1,)]
     else:
         shapes = [(2,)]
     value = np.asarray(value)
@@ -53,6 +63,8 @@ def _check_param(f: LRQModelFile, name: str, value: np.ndarray) -> np.ndarray:
                            + " or ".join(str(list(s)) for s in shapes))
     if not np.isfinite(value).all():
         raise ConvertError(f"{name}: contains NaN or infinite values")
+    if param == "clip" and not value[0] > 0:
+        raise ConvertError(f"{name}: the clip bound must be > 0, got {value[0]}")
     if param == "act":
         try:
             if value[1] != int(value[1]):
@@ -81,22 +93,35 @@ def set_replica_params(src: str | Path, out: str | Path, params: Mapping[str, np
         t = old[name]
         return numpy_shape(t), int(t.tensor_type)
 
-    # lrq.bpw.lrq counts every replica's parameters: recompute it for the new tensor set
-    lrq_bits_total = n_lrq = 0
+    # lrq.bpw.lrq / lrq.bpw.linears count every replica's parameters: recompute them
+    lrq_w = {n for n in order if lrq_bits(info(n)[1]) is not None}
+    lin_w = lrq_w | {n for n in order if is_block_linear(n) and len(info(n)[0]) == 2}
+    lrq_bits_total = n_lrq = lin_bits = n_lin = 0
     for name in order:
         shape, type_id = info(name)
-        if lrq_bits(type_id) is not None:
+        bits = 8 * tensor_nbytes(shape, type_id)
+        owner = parse_replica_param_name(name)[0] if parse_replica_param_name(name) else \
+            name.rsplit(".", 1)[0] + ".weight"
+        if name in lrq_w:
             n_lrq += int(np.prod(shape))
-        if lrq_bits(type_id) is not None or is_aux_tensor(name):
-            lrq_bits_total += 8 * tensor_nbytes(shape, type_id)
+        if name in lin_w:
+            n_lin += int(np.prod(shape))
+        if name in lrq_w or (is_aux_tensor(name) and owner in lrq_w):
+            lrq_bits_total += bits
+        if name in lin_w or is_aux_tensor(name):
+            lin_bits += bits
 
     try:
         with GGUFStreamWriter(out, f.kv["general.architecture"]) as w:
             for key, field in reader.fields.items():
-                if key.startswith("GGUF.") or key in ("general.architecture", Keys.BPW_LRQ):
+                if key.startswith("GGUF.") or key in ("general.architecture", Keys.BPW_LRQ,
+                                                      Keys.BPW_LINEARS):
                     continue
                 w.copy_field(field)
-            w.add_float32(Keys.BPW_LRQ, lrq_bits_total / n_lrq)
+            if n_lrq:
+                w.add_float32(Keys.BPW_LRQ, lrq_bits_total / n_lrq)
+            if f.version >= 2 and n_lin:
+                w.add_float32(Keys.BPW_LINEARS, lin_bits / n_lin)
             for name in order:
                 shape, type_id = info(name)
                 w.add_tensor_info(name, shape, type_id)

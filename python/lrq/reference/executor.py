@@ -58,14 +58,15 @@ class _Step:
     weights: list[float] = field(default_factory=list)
 
 
-def _replica_terms(params) -> tuple[np.ndarray | None, np.ndarray | None, float, int]:
-    """(gain, bias, act_clip, act_bits) to apply around the matmul for lrq.quant.ReplicaParams.
+def _replica_terms(params) -> tuple[np.ndarray | None, np.ndarray | None, float, int, float]:
+    """(gain, bias, act_clip, act_bits, clip) to apply around the matmul for
+    lrq.quant.ReplicaParams.
 
     A gain already folded into the handed-out W (``gain_folded``) is not applied again."""
     if params is None:
-        return None, None, 1.0, 0
+        return None, None, 1.0, 0, float("inf")
     gain = None if params.gain_folded else params.gain
-    return gain, params.bias, float(params.act_clip), int(params.act_bits)
+    return gain, params.bias, float(params.act_clip), int(params.act_bits), float(params.clip)
 
 
 class Reference:
@@ -113,9 +114,9 @@ class Reference:
         lin = {}
         for name in _LINEARS:
             w, params = self.model.weight(f"{p}.{name}.weight", replica)
-            gain, rbias, clip, bits = _replica_terms(params)
+            gain, rbias, act_clip, bits, clip = _replica_terms(params)
             lin[name] = Linear(self._t(w), self._opt(f"{p}.{name}.bias"), self._t(gain),
-                               self._t(rbias), clip, bits)
+                               self._t(rbias), act_clip, bits, clip)
         # norms are not LRQ tensors: every replica of a layer shares one copy
         if layer not in self._norms:
             self._norms[layer] = (self._t(self.model.tensor(f"{p}.attn_norm.weight")),

@@ -40,15 +40,21 @@ def act_clip_quant(x: torch.Tensor, clip: float, bits: int) -> torch.Tensor:
 
 @dataclass
 class Linear:
-    """One projection of one replica: y = gain * (act(x) @ W^T) + replica_bias + bias."""
+    """One projection of one replica: y = gain * (act(clamp(x)) @ W^T) + replica_bias + bias.
+
+    ``clip`` is the absolute input bound of a stock-typed weight's replica (FORMAT.md 6.1,
+    ggml_clamp); ``act_clip`` / ``act_bits`` the per-token clip and quantization of LRQ codes."""
     weight: torch.Tensor                   # [n_out, n_in]
     bias: torch.Tensor | None = None       # the model's own bias tensor (e.g. qwen2 attn_q.bias)
     gain: torch.Tensor | None = None       # per-replica gain gamma [n_out]
     replica_bias: torch.Tensor | None = None
     act_clip: float = 1.0
     act_bits: int = 0
+    clip: float = float("inf")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.clip != float("inf"):
+            x = x.clamp(-self.clip, self.clip)
         y = act_clip_quant(x, self.act_clip, self.act_bits) @ self.weight.T
         if self.gain is not None:
             y = y * self.gain
