@@ -27,6 +27,7 @@ from lrq.model_file import open_model
 from lrq.quant import (ReplicaParams, dequantize, dequantize_codes, quantize, quantize_activations,
                        quantize_codes)
 from lrq.reference import Reference, rms_norm
+from numerics import nmse
 
 N_WIN, WINDOW = 4, 128          # 512 calibration tokens: > n_in (<= 192) of every tiny linear
 # float32 torch vs float64 numpy on O(1) weights: relative error ~1e-7; 1e-5 leaves margin
@@ -34,6 +35,8 @@ F32_RTOL = 1e-5
 # two float32 paths through the same blocks (calibrator's modules vs the reference executor on
 # the written file) differ only by rounding order: ~1e-6 relative on the residual stream MSE
 LOSS_RTOL = 1e-3
+# native stock-typed matmuls quantize activations to 8 bits: the bound of tests/test_stock_base.py
+STOCK_NATIVE_NMSE = 0.06
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -365,3 +368,66 @@ def test_resume_keeps_earlier_layers(src, windows, calibrated, tmp_path):
     assert s.final_loss == pytest.approx(s0.final_loss, rel=LOSS_RTOL)
     a, b = LRQModelFile(cal), LRQModelFile(tmp_path / "r.gguf")
     assert all(np.array_equal(a.tensor(n), b.tensor(n)) for n in a.tensor_names if ".lrq_r" in n)
+
+
+# ---- stock-typed bases (format v2): gain / bias / clip over llama-quantize's codes -----------------
+
+def test_stock_replica_closed_form_is_least_squares():
+    """start_lsq / finish_lsq against numpy's lstsq of [q, 1] on f, channel by channel."""
+    from lrq.calib.replica import StockReplicaLinear
+    rng = np.random.default_rng(0)
+    w_ref = rng.standard_normal((8, 32))
+    w_q = np.round(w_ref * 2) / 2                              # a coarse "quantization"
+    m = StockReplicaLinear(w_q)
+    m.start_lsq(torch.from_numpy(w_ref.astype(np.float32)))
+    x = rng.standard_normal((3, 50, 32)).astype(np.float32)
+    m(torch.from_numpy(x))                                     # stats over all 150 tokens
+    m.finish_lsq()
+    xs = x.reshape(-1, 32).astype(np.float64)
+    q, f = xs @ w_q.astype(np.float32).astype(np.float64).T, xs @ w_ref.astype(np.float32).astype(np.float64).T
+    for o in range(8):
+        (g, b), *_ = np.linalg.lstsq(np.stack([q[:, o], np.ones(len(q))], 1), f[:, o], rcond=None)
+        assert m.gain[o].item() == pytest.approx(g, rel=1e-4) and m.bias[o].item() == pytest.approx(b, abs=1e-4)
+    # gain only: through the origin
+    m2 = StockReplicaLinear(w_q, learn=("gain",))
+    m2.start_lsq(torch.from_numpy(w_ref.astype(np.float32)))
+    m2(torch.from_numpy(x))
+    m2.finish_lsq()
+    np.testing.assert_allclose(m2.gain.detach().numpy(), (q * f).sum(0) / (q * q).sum(0), rtol=1e-4)
+    assert not m2.bias.detach().any()
+
+
+@pytest.fixture(scope="module")
+def stock_converted(src, tmp_path_factory):
+    """Q4_0 bases of the tiny model (32-wide blocks fit its 64-wide rows; no imatrix needed)."""
+    d = tmp_path_factory.mktemp("stock-calib")
+    out = {}
+    for plan in ("none", "all"):
+        out[plan] = d / f"{plan}.gguf"
+        convert(src, out[plan], ConvertOptions(base_type="Q4_0", plan=plan, work=str(d / "work"),
+                                               progress=False))
+    return out
+
+
+def test_stock_base_calibration(src, windows, stock_converted, tmp_path):
+    res = {p: calibrate(stock_converted[p], tmp_path / f"{p}.gguf", src, _opts(act_clip_grid=(0.8,)),
+                        windows=windows)
+           for p in ("none", "all")}
+    before = calibration_loss(stock_converted["none"], src, windows)
+    loss = {p: calibration_loss(tmp_path / f"{p}.gguf", src, windows) for p in res}
+    for p, s in res.items():
+        # what the calibrator measured is what the written file does (the reference on the file)
+        assert loss[p] == pytest.approx(s.final_loss, rel=LOSS_RTOL)
+        assert all(r.loss <= r.loss_start * (1 + LOSS_RTOL) for r in s.layers)
+    assert loss["none"] < before
+    assert loss["all"] <= loss["none"] * (1 + LOSS_RTOL)           # replication never hurts
+    f_in, f_out = LRQModelFile(stock_converted["all"]), LRQModelFile(tmp_path / "all.gguf")
+    for name in f_in.replicable_weights():                          # the codes are untouched
+        assert bytes(f_in._get(name).data) == bytes(f_out._get(name).data)
+    written = {n.rsplit(".", 1)[1] for n in f_out.tensor_names if ".lrq_r" in n}
+    assert written <= {"gain", "bias", "clip"} and {"gain", "bias"} <= written
+    # the written file runs in the patched llama.cpp (stock matmuls + mul / add / clamp)
+    toks = windows[0][:48].astype(np.int32)
+    got = _native.Model(str(tmp_path / "all.gguf"), n_ctx=64, kv_f32=True, flash_attn=0).eval(toks)
+    want = Reference(open_model(tmp_path / "all.gguf")).logits(toks)
+    assert nmse(got, want) < STOCK_NATIVE_NMSE

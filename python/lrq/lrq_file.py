@@ -324,6 +324,20 @@ class LRQModelFile:
             return dequantize(self.quantized(name))
         return dequantize_tensor(t)
 
+    def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """float64 rows ``ids`` (numpy's first axis) of a stock-typed 2-D tensor, e.g. the token
+        embeddings of some tokens, dequantizing only those rows."""
+        t = self._get(name)
+        if lrq_bits(t.tensor_type) is not None or len(numpy_shape(t)) != 2:
+            raise LRQFileError(f"{self.path}: rows() needs a stock-typed 2-D tensor, not {name}")
+        uniq, inv = np.unique(np.asarray(ids, dtype=np.int64).ravel(), return_inverse=True)
+        data = np.asarray(t.data)[uniq]
+        if t.tensor_type in (F32, F16, gguf.GGMLQuantizationType.F64):
+            out = data.astype(np.float64)
+        else:
+            out = gguf.quants.dequantize(data, t.tensor_type).astype(np.float64)
+        return out.reshape(len(uniq), -1)[inv].reshape(*np.shape(ids), -1)
+
     def weight(self, name: str, replica: int = 0) -> tuple[np.ndarray, ReplicaParams]:
         """(W_r float64 [n_out, n_in], ReplicaParams) of replica ``replica``.
 

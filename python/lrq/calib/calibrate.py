@@ -43,7 +43,7 @@ from ..reference.executor import Block
 from ..reference.ops import Linear
 from .activations import LINEARS, SourceActivations, run_block
 from .data import CalibError, calibration_windows, check_source
-from .replica import GRANULARITIES, PARAMS, ReplicaLinear
+from .replica import GRANULARITIES, PARAMS, ReplicaLinear, StockReplicaLinear
 
 OUTPUT_LINEARS = ("attn_output", "ffn_down")
 SERIAL_INITS = ("zero", "split", "both")
@@ -129,8 +129,9 @@ class CalibrateSummary:
         for r in self.layers:
             out.append(f"  layer {r.layer:3d} replicas {r.replicas}: loss {r.loss_start:.4g} -> "
                        f"{r.loss:.4g} ({r.choice}; replica 0 alone {r.loss_norep:.4g}) {r.seconds:.1f} s")
-        out.append(f"  final residual-stream MSE {self.final_loss:.5g}; bpw {self.bpw.get('lrq', 0):.3f} "
-                   f"(LRQ weights incl. parameters), {self.bpw.get('file', 0):.3f} (whole file)")
+        lrq = f"{self.bpw['lrq']:.3f} (LRQ weights incl. parameters), " if self.bpw.get("lrq") else ""
+        out.append(f"  final residual-stream MSE {self.final_loss:.5g}; bpw {lrq}"
+                   f"{self.bpw.get('linears', 0):.3f} (block linears), {self.bpw.get('file', 0):.3f} (whole file)")
         return out
 
 
@@ -153,7 +154,7 @@ def check_pairing(lrq: LRQModelFile, source_ref: Reference, source: Path) -> Non
         if getattr(a, k) != getattr(b, k):
             raise CalibError(f"{lrq.path} was not converted from {source}: {k} = {getattr(a, k)} "
                              f"vs {getattr(b, k)}")
-    for name in [n for n in lrq.lrq_weights() if n.startswith("blk.0.")]:
+    for name in [n for n in lrq.replicable_weights() if n.startswith("blk.0.")]:
         w_q = lrq.tensor(name).ravel()
         w_s, _ = source_ref.model.weight(name)
         w_s = np.asarray(w_s, dtype=np.float64).ravel()
@@ -182,8 +183,9 @@ class QuantLayer:
         opt = lambda n: _t32(f.tensor(n)) if f.has_tensor(n) else None
         norms = (_t32(f.tensor(f"{p}.attn_norm.weight")), _t32(f.tensor(f"{p}.ffn_norm.weight")),
                  opt(f"{p}.attn_q_norm.weight"), opt(f"{p}.attn_k_norm.weight"))
-        self.mods: dict[int, dict[str, ReplicaLinear]] = {}
+        self.mods: dict[int, dict[str, ReplicaLinear | StockReplicaLinear]] = {}
         self.blocks: dict[int, Block] = {}
+        stock_w: dict[str, np.ndarray] = {}      # a stock weight is dequantized once per layer
         for r in self.replicas:
             lin, mods = {}, {}
             for name in LINEARS:
@@ -192,6 +194,11 @@ class QuantLayer:
                 if f.is_lrq(wn):
                     m = ReplicaLinear(f.quantized(wn), f.replica_params(wn, r), mb,
                                       opts.granularity, opts.params)
+                    lin[name] = mods[name] = m
+                elif f.is_replicable(wn):     # a stock-typed weight (format v2): gain / bias / clip
+                    if wn not in stock_w:
+                        stock_w[wn] = f.tensor(wn)
+                    m = StockReplicaLinear(stock_w[wn], f.replica_params(wn, r), mb, opts.params)
                     lin[name] = mods[name] = m
                 else:      # kept in its source type (--keep): fixed, shared by the replicas
                     w, _ = f.weight(wn, r)
@@ -235,8 +242,9 @@ def _parallel_with_zero(groups: list[list[Execution]]) -> set[int]:
 
 class _Fitter:
     def __init__(self, ref: Reference, ctx, x: torch.Tensor, y: torch.Tensor, opts: CalibrateOptions,
-                 rng: np.random.Generator):
+                 rng: np.random.Generator, fp_block: Block | None = None):
         self.ref, self.ctx, self.x, self.y, self.opts, self.rng = ref, ctx, x, y, opts, rng
+        self.fp_block = fp_block       # the full-precision layer (closed-form fits)
 
     def loss(self, ql: QuantLayer, groups=None) -> float:
         with torch.no_grad():
@@ -252,7 +260,8 @@ class _Fitter:
         pg = []
         for names, lr in ((("scale_mult", "gain"), o.lr), (("grid_offset",), o.lr_offset),
                           (("bias",), o.lr_bias)):
-            ps = [getattr(m, n) for m in mods for n in names if getattr(m, n).requires_grad]
+            ps = [getattr(m, n) for m in mods for n in names
+                  if getattr(m, n, None) is not None and getattr(m, n).requires_grad]
             if ps and lr > 0:
                 pg.append({"params": ps, "lr": lr})
         if not pg or o.steps == 0:
@@ -271,6 +280,19 @@ class _Fitter:
             loss.backward()
             opt.step()
         ql.round_to_storage()
+
+
+def _closed_form(fit: _Fitter, ql: QuantLayer, groups) -> None:
+    """Replica 0's stock-typed linears: per-channel least-squares gain and bias against the
+    full-precision linear on the same inputs (one pass over the calibration windows)."""
+    mods = {n: m for n, m in ql.mods[0].items() if isinstance(m, StockReplicaLinear) and m.learn}
+    if not mods or fit.fp_block is None:
+        return
+    for n, m in mods.items():
+        m.start_lsq(fit.fp_block.lin[n].weight)
+    fit.loss(ql, groups)
+    for m in mods.values():
+        m.finish_lsq()
 
 
 def _embed_norep(ql: QuantLayer) -> None:
@@ -335,6 +357,7 @@ def calibrate_layer(fit: _Fitter, ql: QuantLayer, opts: CalibrateOptions) -> Lay
     # replica 0 alone, from the file's parameters; kept only if it beats its start
     start0 = ql.state([0])
     l_start0 = loss_start if plain else fit.loss(ql, norep_groups)
+    _closed_form(fit, ql, norep_groups)
     fit.train(ql, [0], norep_groups)
     l0 = fit.loss(ql, norep_groups)
     if l_start0 < l0:
@@ -404,7 +427,9 @@ def calibrate(src: str | os.PathLike, out: str | os.PathLike, source: str | os.P
 
     summary = CalibrateSummary(output=out, n_tokens=int(windows.size), window=int(windows.shape[1]))
     params: dict[str, np.ndarray] = {}
-    x_q = acts.block_input(0)
+    # the quantized model's own input: a stock-typed base (llama-quantize) quantizes the token
+    # embeddings too, so the first block must see the file's embeddings, not the source's
+    x_q = torch.from_numpy(f.rows("token_embd.weight", windows).astype(np.float32))
     bar = None
     if opts.progress:
         from tqdm import tqdm
@@ -413,7 +438,7 @@ def calibrate(src: str | os.PathLike, out: str | os.PathLike, source: str | os.P
         for layer in range(acts.n_layer):
             y_fp = acts.block_output(layer)
             ql = QuantLayer(f, layer, groups_by_layer[layer], opts)
-            fit = _Fitter(ref, acts.ctx, x_q, y_fp, opts, rng)
+            fit = _Fitter(ref, acts.ctx, x_q, y_fp, opts, rng, acts.block(layer))
             if layer < opts.start_layer:       # kept as it is: only its output is needed
                 l = fit.loss(ql)
                 rep = LayerReport(layer, ql.replicas, l, l, l, "kept", 0.0)
