@@ -277,9 +277,15 @@ def _load_error(path: Path) -> str:
 
 
 def test_unknown_format_version_is_a_load_error(lrq_files, tmp_path):
-    bad = _rewrite(lrq_files.get("llama", "all"), tmp_path / "v2.gguf", set_u32={"lrq.format_version": 2})
+    from lrq.constants import FORMAT_VERSION, FORMAT_VERSION_MIN
+    v = FORMAT_VERSION + 1
+    bad = _rewrite(lrq_files.get("llama", "all"), tmp_path / f"v{v}.gguf", set_u32={"lrq.format_version": v})
     msg = _load_error(bad)
-    assert "LRQ format version 2 is not supported" in msg and "version 1" in msg, msg
+    assert f"LRQ format version {v} is not supported" in msg and \
+        f"versions {FORMAT_VERSION_MIN}..{FORMAT_VERSION}" in msg, msg
+    # a version 1 file (LRQ codes only) still loads
+    old = _rewrite(lrq_files.get("llama", "all"), tmp_path / "v1.gguf", set_u32={"lrq.format_version": 1})
+    assert _native.Model(str(old), n_ctx=32, n_threads=1).n_layer == 6
     # the process survives and still loads a good file
     assert _native.Model(str(lrq_files.get("llama", "all")), n_ctx=32, n_threads=1).n_layer == 6
 
