@@ -16,7 +16,7 @@ export CCACHE_BASEDIR  := $(CURDIR)
 export CCACHE_NOHASHDIR := 1
 export CCACHE_MAXSIZE  ?= 5G
 
-.PHONY: all sysdeps venv build demo test clean distclean
+.PHONY: all sysdeps venv build demo test results clean distclean
 
 all: build
 
@@ -48,6 +48,10 @@ demo: build
 
 test: build
 	$(PY) -m pytest -q -rs tests
+
+# docs/RESULTS.md's generated section, docs/results/*.csv|png (bench/results.py --help)
+results: build
+	$(PY) bench/results.py
 
 clean:
 	rm -rf $(CBUILD) python/lrq/_native*.so python/lrq/_build.json
