@@ -28,6 +28,7 @@ from lrq.quant import (ReplicaParams, dequantize, dequantize_codes, quantize, qu
                        quantize_codes)
 from lrq.reference import Reference, rms_norm
 from numerics import nmse
+from tiny_models import tiny_vocab_text
 
 N_WIN, WINDOW = 4, 128          # 512 calibration tokens: > n_in (<= 192) of every tiny linear
 # float32 torch vs float64 numpy on O(1) weights: relative error ~1e-7; 1e-5 leaves margin
@@ -58,18 +59,8 @@ def text_file(src, tmp_path_factory):
     """Calibration text the tiny SentencePiece vocab can encode (it has no byte fallback, and
     llama.cpp's tokenizer throws on a character outside it): SOTU text with the others removed."""
     from lrq import assets
-    s = assets.text("sotu-calib")[:20_000].replace("\n", " ")
-    tok = _native.Model(str(src), n_ctx=64)
-    ok = set()
-    for ch in set(s):
-        try:
-            tok.tokenize(ch, add_special=False)
-            ok.add(ch)
-        except Exception:
-            pass
-    p = tmp_path_factory.mktemp("calib-text") / "calib.txt"
-    p.write_text("".join(c for c in s if c in ok), encoding="utf-8")
-    return p
+    return tiny_vocab_text(src, assets.text("sotu-calib")[:20_000].replace("\n", " "),
+                           tmp_path_factory.mktemp("calib-text") / "calib.txt")
 
 
 @pytest.fixture(scope="module")

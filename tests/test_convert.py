@@ -16,6 +16,7 @@ from lrq import gguf_types
 from lrq.cli import convert as convert_cli
 from lrq.constants import FORMAT_VERSION, FORMAT_VERSION_MIN, Keys, LRQType, SUPPORTED_ARCHS, lrq_type
 from lrq.gguf_write import GGUFStreamWriter, State, WriterError
+from gguf_edit import read as _source, rewrite
 from lrq.gguf_hparams import GGUFFileError
 from lrq.lrq_file import LRQFileError, LRQModelFile
 from lrq.quant import dequantize_codes, quantize, unpack
@@ -25,12 +26,6 @@ REPO = Path(__file__).resolve().parent.parent
 # grid that is off by a level or a group layout mix-up (which give NMSE > 0.05).
 NMSE_4BIT_BOUND = 0.012
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-
-
-def _source(path):
-    gguf_types.register()
-    r = gguf.GGUFReader(path)
-    return r, {t.name: t for t in r.tensors}
 
 
 def _src_weight(t):
@@ -43,38 +38,6 @@ def _run(argv, capsys):
     except SystemExit as e:      # argparse errors
         rc = e.code
     return rc, capsys.readouterr().err
-
-
-def rewrite(src: Path, dst: Path, arch=None, kv=None, drop=(), replace=None, add=None):
-    """Copy a GGUF changing keys / dropping, replacing or adding tensors (to build bad files)."""
-    kv, replace, add = kv or {}, replace or {}, add or {}
-    r, tensors = _source(src)
-    w = GGUFStreamWriter(dst, arch or str(r.fields["general.architecture"].contents()))
-    with w:
-        for k, f in r.fields.items():
-            if k.startswith("GGUF.") or k == "general.architecture":
-                continue
-            if k in kv:
-                v, vt = kv[k]
-                w.add_kv(k, v, vt)
-            else:
-                w.copy_field(f)
-        data = {}
-        for t in r.tensors:
-            if t.name in drop:
-                continue
-            arr, typ = replace.get(t.name, (np.asarray(t.data), int(t.tensor_type)))
-            shape = arr.shape if t.name in replace else tuple(reversed(t.shape.tolist()))
-            w.add_tensor_info(t.name, shape, typ)
-            data[t.name] = arr
-        for name, (arr, typ) in add.items():
-            w.add_tensor_info(name, arr.shape, typ)
-            data[name] = arr
-        w.write_header()
-        for name, arr in data.items():
-            w.write_tensor(name, arr)
-        w.finish()
-    return dst
 
 
 # ---- constants ----------------------------------------------------------------------------

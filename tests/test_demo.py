@@ -20,6 +20,7 @@ from lrq.constants import is_aux_tensor
 from lrq.eval import Row
 from lrq.gguf_hparams import numpy_shape, open_reader
 from lrq.lrq_file import LRQModelFile
+from tiny_models import tiny_vocab_text
 
 CTX = 128
 CHUNKS = 2            # 2 x 63 scored tokens: above llama-perplexity's 100-token minimum for KLD
@@ -28,27 +29,14 @@ PPL_RTOL = 1e-3
 LOSS_RTOL = 1e-3      # calibrator's float32 modules vs the reference executor on the written file
 
 
-def _vocab_text(src, text: str, path) -> None:
-    """Text the tiny SentencePiece vocab can encode (no byte fallback): other characters dropped."""
-    tok = _native.Model(str(src), n_ctx=64)
-    ok = set()
-    for ch in set(text):
-        try:
-            tok.tokenize(ch, add_special=False)
-            ok.add(ch)
-        except Exception:
-            pass
-    path.write_text("".join(c for c in text if c in ok), encoding="utf-8")
-
-
 @pytest.fixture(scope="module")
 def texts(tiny_models, tmp_path_factory):
     from lrq import assets
     src = tiny_models.gguf("llama")
     d = tmp_path_factory.mktemp("demo-text")
     calib, evalt = d / "calib.txt", d / "eval.txt"
-    _vocab_text(src, assets.text("sotu-calib")[:40_000].replace("\n", " "), calib)
-    _vocab_text(src, assets.text("botchan")[:40_000].replace("\n", " "), evalt)
+    tiny_vocab_text(src, assets.text("sotu-calib")[:40_000].replace("\n", " "), calib)
+    tiny_vocab_text(src, assets.text("botchan")[:40_000].replace("\n", " "), evalt)
     return calib, evalt
 
 

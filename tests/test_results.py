@@ -16,6 +16,7 @@ import pytest
 from lrq import _native
 from lrq.constants import is_block_linear
 from lrq.gguf_hparams import numpy_shape, open_reader
+from tiny_models import tiny_vocab_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,24 +54,11 @@ def test_matrix_is_well_formed(results):
         assert not (c.not_on and not c.why), c      # a model restriction says why
 
 
-def _vocab_text(src, text: str, path: Path) -> Path:
-    tok = _native.Model(str(src), n_ctx=64)
-    ok = set()
-    for ch in set(text):
-        try:
-            tok.tokenize(ch, add_special=False)
-            ok.add(ch)
-        except Exception:
-            pass
-    path.write_text("".join(c for c in text if c in ok), encoding="utf-8")
-    return path
-
-
 def test_quick_run_on_the_tiny_model(results, tiny_models, tmp_path, capsys):
     from lrq import assets
     src = tiny_models.gguf("llama")
-    calib = _vocab_text(src, assets.text("sotu-calib")[:40_000].replace("\n", " "), tmp_path / "calib.txt")
-    evalt = _vocab_text(src, assets.text("botchan")[:40_000].replace("\n", " "), tmp_path / "eval.txt")
+    calib = tiny_vocab_text(src, assets.text("sotu-calib")[:40_000].replace("\n", " "), tmp_path / "calib.txt")
+    evalt = tiny_vocab_text(src, assets.text("botchan")[:40_000].replace("\n", " "), tmp_path / "eval.txt")
     doc = tmp_path / "RESULTS.md"
     doc.write_text("# results\n")
     rc = results.main(["--models", str(src), "--texts", str(evalt), "--calib-text", str(calib), "--quick",

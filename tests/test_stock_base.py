@@ -17,7 +17,6 @@ IQ2 types need that):
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import gguf
@@ -34,6 +33,7 @@ from lrq.eval.stock import make_imatrix, reference_f32
 from lrq.lrq_file import LRQFileError, LRQModelFile
 from lrq.model_file import open_model
 from lrq.reference import Reference
+from gguf_edit import rewrite
 from numerics import nmse
 from tiny_models import TINY_VOCAB, make_tiny_gguf
 
@@ -233,45 +233,18 @@ def test_stock_replica_params_are_validated(stock, tmp_path):
     assert not (tmp_path / "bad.gguf").exists()
 
 
-def _rewrite(src: Path, dst: Path, kv: dict | None = None, extra: dict | None = None) -> Path:
-    """Copy of a GGUF with keys replaced and tensors added, written with gguf-py directly
-    (bypassing lrq's validation, to make files the loaders must refuse)."""
-    r = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(str(dst), arch=r.fields["general.architecture"].contents())
-    for k, fld in r.fields.items():
-        if k.startswith("GGUF.") or k == "general.architecture":
-            continue
-        if kv and k in kv:
-            val, vtype = kv[k]
-            w.add_key_value(k, val, vtype)
-            continue
-        vtype = fld.types[0]
-        sub = fld.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(k, fld.contents(), vtype, sub_type=sub)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_shape=list(reversed(t.shape.tolist())) if
-                     t.tensor_type not in (gguf.GGMLQuantizationType.F32,) else None,
-                     raw_dtype=t.tensor_type)
-    for name, arr in (extra or {}).items():
-        w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
-
-
 def test_loaders_refuse_bad_stock_replicas(stock, tmp_path):
     path = stock.get("llama", "F32", "all")
     U32 = gguf.GGUFValueType.UINT32
+    F32, F16 = int(gguf.GGMLQuantizationType.F32), int(gguf.GGMLQuantizationType.F16)
     cases = [
         # a v1 file cannot have a stock-typed base at all
-        (_rewrite(path, tmp_path / "v1.gguf", kv={Keys.FORMAT_VERSION: (1, U32)}), "format version 1"),
-        (_rewrite(path, tmp_path / "neg-clip.gguf",
-                  extra={"blk.0.ffn_up.lrq_r1.clip": np.array([-1.0], np.float32)}),
+        (rewrite(path, tmp_path / "v1.gguf", kv={Keys.FORMAT_VERSION: (1, U32)}), "format version 1"),
+        (rewrite(path, tmp_path / "neg-clip.gguf",
+                 add={"blk.0.ffn_up.lrq_r1.clip": (np.array([-1.0], np.float32), F32)}),
          "blk.0.ffn_up.lrq_r1.clip"),
-        (_rewrite(path, tmp_path / "grid.gguf",
-                  extra={"blk.0.ffn_up.lrq_r1.grid_offset": np.zeros((512, 1), np.float16)}),
+        (rewrite(path, tmp_path / "grid.gguf",
+                 add={"blk.0.ffn_up.lrq_r1.grid_offset": (np.zeros((512, 1), np.float16), F16)}),
          "blk.0.ffn_up.lrq_r1.grid_offset"),
     ]
     for bad, expect in cases:

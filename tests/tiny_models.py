@@ -178,3 +178,19 @@ def make_tiny_gguf(arch: str, out_dir: Path, outtype: str = "f32", seed: int = 0
     out_dir = Path(out_dir)
     hf_dir = make_tiny_hf(arch, out_dir / "hf", seed=seed, **overrides)
     return convert_hf_dir(hf_dir, out_dir / f"tiny-{arch}-{outtype}.gguf", outtype)
+
+
+def tiny_vocab_text(model: Path, text: str, path: Path) -> Path:
+    """Write ``text`` to ``path`` without the characters the tiny SentencePiece vocabulary of
+    ``model`` cannot encode (it has no byte fallback, and llama.cpp's tokenizer throws on them)."""
+    from lrq import _native
+    tok = _native.Model(str(model), n_ctx=64)
+    ok = set()
+    for ch in set(text):
+        try:
+            tok.tokenize(ch, add_special=False)
+            ok.add(ch)
+        except Exception:
+            pass
+    path.write_text("".join(c for c in text if c in ok), encoding="utf-8")
+    return path

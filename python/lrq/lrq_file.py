@@ -24,9 +24,10 @@ import numpy as np
 
 from .constants import (ARCH_PREFIX, FORMAT_VERSION, FORMAT_VERSION_MIN, GROUP_SIZES,
                         LRQ_REPLICA_PARAMS, MODES, STOCK_REPLICA_PARAMS, SUPPORTED_ARCHS,
-                        TERNARY_BITS, Keys, is_aux_tensor, is_block_linear, layer_of, lrq_bits,
+                        TERNARY_BITS, Keys, is_block_linear, layer_of, lrq_bits,
                         min_name, parse_replica_param_name, replica_param_name, scale_name)
 from .gguf_hparams import GGUFFileError, dequantize_tensor, hparams, numpy_shape, open_reader, read_kv
+from .bpw_count import count_bpw
 from .gguf_types import type_name
 from .plan import Execution, Plan, PlanError
 from .quant import QuantizedTensor, ReplicaParams, dequantize, n_groups, row_bytes, check_activation_params, QuantError
@@ -269,26 +270,8 @@ class LRQModelFile:
             raise LRQFileError(f"{self.path}: no tensor named {name}") from None
 
     def bpw(self) -> dict[str, float]:
-        """lrq: bits of LRQ codes + their parameter tensors / LRQ weights;
-        linears: bits of every block linear (LRQ or stock-typed) + all their parameter tensors /
-        block-linear weights; file: bits of all tensor data / base parameters (each base weight
-        once).  docs/FORMAT.md section 9."""
-        lrq_w = set(self.lrq_weights())
-        lin_w = lrq_w | {n for n, t in self._t.items() if is_block_linear(n) and len(numpy_shape(t)) == 2}
-        count = lambda names: sum(int(np.prod(numpy_shape(self._t[n]))) for n in names)
-        n_lrq, n_lin = count(lrq_w), count(lin_w)
-        aux_of = lambda n: parse_replica_param_name(n)[0] if parse_replica_param_name(n) else \
-            n.rsplit(".", 1)[0] + ".weight"
-        lrq_bytes = sum(int(t.n_bytes) for n, t in self._t.items()
-                        if n in lrq_w or (is_aux_tensor(n) and aux_of(n) in lrq_w))
-        lin_bytes = sum(int(t.n_bytes) for n, t in self._t.items() if n in lin_w or is_aux_tensor(n))
-        all_bytes = sum(int(t.n_bytes) for t in self._t.values())
-        n_base = sum(int(np.prod(numpy_shape(t))) for n, t in self._t.items() if not is_aux_tensor(n))
-        return {"lrq": 8 * lrq_bytes / n_lrq if n_lrq else 0.0,
-                "linears": 8 * lin_bytes / n_lin if n_lin else 0.0,
-                "file": 8 * all_bytes / n_base if n_base else 0.0,
-                "n_lrq_weights": n_lrq, "n_linear_weights": n_lin, "n_base_params": n_base,
-                "lrq_bytes": lrq_bytes, "linear_bytes": lin_bytes, "tensor_bytes": all_bytes}
+        """lrq / linears / file bits per weight and the counts behind them (lrq.bpw_count)."""
+        return count_bpw((n, numpy_shape(t), int(t.tensor_type), int(t.n_bytes)) for n, t in self._t.items())
 
     # ---- data -------------------------------------------------------------------------------
     def quantized(self, name: str) -> QuantizedTensor:

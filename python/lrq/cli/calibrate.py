@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._job import run_job
+
 
 def _floats(s: str) -> tuple[float, ...]:
     try:
@@ -80,20 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                             serial_init=args.serial_init, act_clip_grid=args.act_clip_grid,
                             seed=args.seed, progress=not args.quiet, start_layer=args.start_layer)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
-    try:
-        summary = calibrate(args.src, args.out, args.source, opts, log=log)
-    except CalibError as e:
-        print(f"lrq-calibrate: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"lrq-calibrate: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("lrq-calibrate: interrupted; nothing written", file=sys.stderr)
-        return 130
-    if not args.quiet:
-        print("\n".join(summary.lines()))
-    return 0
+    return run_job("lrq-calibrate", args.out,
+                   lambda: calibrate(args.src, args.out, args.source, opts, log=log),
+                   (CalibError,), args.quiet)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._job import run_job
+
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lrq-convert", description=__doc__.splitlines()[0],
@@ -104,20 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                           plan=args.plan, seed=args.seed, progress=not args.quiet,
                           base_type=args.base_type, imatrix=args.imatrix, work=args.work)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
-    try:
-        summary = convert(args.src, args.out, opts, log=log)
-    except (ConvertError, WriterError) as e:
-        print(f"lrq-convert: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:   # e.g. the disk filled up: the temporary output is already removed
-        print(f"lrq-convert: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("lrq-convert: interrupted; nothing written", file=sys.stderr)
-        return 130
-    if not args.quiet:
-        print("\n".join(summary.lines()))
-    return 0
+    return run_job("lrq-convert", args.out, lambda: convert(args.src, args.out, opts, log=log),
+                   (ConvertError, WriterError), args.quiet)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ import numpy as np
 
 from .. import __version__
 from ..constants import (BITS_CHOICES, FORMAT_VERSION, GROUP_SIZES, MODES, TERNARY_BITS, Keys,
-                         is_aux_tensor, is_block_linear, layer_of, lrq_arch, lrq_type, min_name,
+                         layer_of, lrq_arch, lrq_type, min_name,
                          replica_param_name, scale_name)
+from ..bpw_count import count_bpw
 from ..gguf_hparams import GGUFFileError, dequantize_tensor, numpy_shape, open_reader, read_kv
 from ..gguf_write import GGUFStreamWriter, WriterError, check_output_path, tensor_nbytes
 from ..plan import Plan, PlanError, make_plan
@@ -177,6 +178,15 @@ class ConvertSummary:
         ]
 
 
+def write_schedule(writer: GGUFStreamWriter, plan: Plan, spec: str) -> None:
+    """The four lrq.schedule.* arrays and lrq.plan (FORMAT.md section 7)."""
+    arrays = plan.to_gguf_arrays()
+    for k in (Keys.SCHEDULE_LAYER, Keys.SCHEDULE_REPLICA, Keys.SCHEDULE_GROUP):
+        writer.add_array(k, arrays[k], U32)
+    writer.add_array(Keys.SCHEDULE_WEIGHT, arrays[Keys.SCHEDULE_WEIGHT], F32V)
+    writer.add_string(Keys.PLAN, plan.source or spec)
+
+
 def tensor_seed(seed: int, name: str) -> list[int]:
     """Per-tensor RNG seed: stochastic rounding / noise are reproducible and independent of order."""
     return [seed, zlib.crc32(name.encode("utf-8"))]
@@ -235,7 +245,7 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions,
         from .stock_base import convert_stock_base
         return convert_stock_base(src, out, opts.plan, opts.base_type, imatrix=opts.imatrix,
                                   calib_text=opts.calib_text, work=Path(opts.work) if opts.work else None,
-                                  make_plan=_make_plan, progress=opts.progress, log=log)
+                                  progress=opts.progress, log=log)
     if src.is_dir():
         cfg = hf_config(src)
         conv_cls = converter_for_hf(list(cfg.get("architectures") or []), str(src / "config.json"))
@@ -303,29 +313,19 @@ def _convert_gguf(src: Path, out: Path, opts: ConvertOptions, t0: float, log,
         writer.add_uint32(Keys.SEED, opts.seed)
         writer.add_float32(Keys.INIT_SCALE_DELTA, opts.scale_delta)
         writer.add_float32(Keys.INIT_GRID_OFFSET, opts.grid_offset)
-        arrays = plan.to_gguf_arrays()
-        for k in (Keys.SCHEDULE_LAYER, Keys.SCHEDULE_REPLICA, Keys.SCHEDULE_GROUP):
-            writer.add_array(k, arrays[k], U32)
-        writer.add_array(Keys.SCHEDULE_WEIGHT, arrays[Keys.SCHEDULE_WEIGHT], F32V)
-        writer.add_string(Keys.PLAN, plan.source or opts.plan)
+        write_schedule(writer, plan, opts.plan)
         if opts.keep:
             writer.add_string(Keys.KEEP, opts.keep)
         writer.add_string(Keys.SOURCE, source_name or src.name)
         writer.add_string(Keys.CONVERTER, f"lrq {__version__}")
 
-        # sizes are known before any data, so lrq.bpw.lrq can go in the KV section
-        lrq_bits_total = n_lrq_weights = 0
+        # sizes are known before any data, so the bpw figures can go in the KV section
         for sp in layout:
             for o in sp.outputs:
                 o.nbytes = tensor_nbytes(o.shape, o.type_id)
-            if sp.lrq:
-                n_lrq_weights += int(np.prod(sp.outputs[0].shape))
-                lrq_bits_total += 8 * sum(o.nbytes for o in sp.outputs)
-        bpw_lrq = lrq_bits_total / n_lrq_weights
-        writer.add_float32(Keys.BPW_LRQ, bpw_lrq)
-        lin = [sp for sp in layout if sp.lrq or (is_block_linear(sp.source) and len(shapes[sp.source]) == 2)]
-        writer.add_float32(Keys.BPW_LINEARS, 8 * sum(o.nbytes for sp in lin for o in sp.outputs)
-                           / sum(int(np.prod(shapes[sp.source])) for sp in lin))
+        bpw = count_bpw((o.name, o.shape, o.type_id, o.nbytes) for sp in layout for o in sp.outputs)
+        writer.add_float32(Keys.BPW_LRQ, bpw["lrq"])
+        writer.add_float32(Keys.BPW_LINEARS, bpw["linears"])
         for sp in layout:
             for o in sp.outputs:
                 writer.add_tensor_info(o.name, o.shape, o.type_id)
@@ -350,13 +350,11 @@ def _convert_gguf(src: Path, out: Path, opts: ConvertOptions, t0: float, log,
                 bar.close()
         writer.finish()
 
-    all_bytes = sum(o.nbytes for sp in layout for o in sp.outputs)
-    n_base = sum(int(np.prod(o.shape)) for sp in layout for o in sp.outputs if not is_aux_tensor(o.name))
     return ConvertSummary(
         output=out, arch=conv.arch, n_layer=n_layer, n_exec=plan.n_exec,
         n_lrq_tensors=n_lrq_sources, n_kept_tensors=len(layout) - n_lrq_sources,
         n_replica_tensors=sum(1 for sp in layout for o in sp.outputs if ".lrq_r" in o.name),
-        bpw_lrq=bpw_lrq, bpw_file=8 * all_bytes / n_base, file_bytes=out.stat().st_size,
+        bpw_lrq=bpw["lrq"], bpw_file=bpw["file"], file_bytes=out.stat().st_size,
         seconds=time.monotonic() - t0, plan=plan.source or opts.plan)
 
 

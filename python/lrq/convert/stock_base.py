@@ -21,18 +21,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import gguf
 import numpy as np
 
 from .. import __version__
 from ..constants import FORMAT_VERSION, Keys, is_aux_tensor, is_block_linear, lrq_arch, lrq_bits
+from ..bpw_count import count_bpw
 from ..gguf_hparams import GGUFFileError, numpy_shape, open_reader, read_kv
-from ..gguf_write import GGUFStreamWriter, WriterError, tensor_nbytes
-from ..plan import Plan
+from ..gguf_write import GGUFStreamWriter, WriterError
 from .arch import ConvertError, converter_for
-
-U32 = gguf.GGUFValueType.UINT32
-F32V = gguf.GGUFValueType.FLOAT32
+from .hf import hf_config, run_convert_hf
+from .pipeline import ConvertSummary, _make_plan, write_schedule
 
 
 def stock_base_file(src: Path, base_type: str, *, imatrix: str | None, calib_text: str | None,
@@ -62,10 +60,8 @@ def stock_base_file(src: Path, base_type: str, *, imatrix: str | None, calib_tex
 
 def convert_stock_base(src: Path, out: Path, plan_spec: str, base_type: str, *,
                        imatrix: str | None, calib_text: str | None, work: Path | None,
-                       make_plan, progress: bool, log, source_name: str = ""):
+                       progress: bool, log, source_name: str = "") -> ConvertSummary:
     """``src`` (a GGUF, or an HF directory) -> the v2 LRQ file ``out`` with a stock-typed base."""
-    from .hf import hf_config, run_convert_hf
-    from .pipeline import ConvertSummary
     t0 = time.monotonic()
     if src.is_dir():
         hf_config(src)
@@ -74,15 +70,13 @@ def convert_stock_base(src: Path, out: Path, plan_spec: str, base_type: str, *,
             f32 = run_convert_hf(src, Path(tmp) / "source-f32.gguf")
             q, im = stock_base_file(f32, base_type, imatrix=imatrix, calib_text=calib_text,
                                     work=Path(tmp), log=log)
-            return _wrap(q, im, out, plan_spec, base_type, make_plan, progress, t0,
-                         source_name or src.name, ConvertSummary)
+            return _wrap(q, im, out, plan_spec, base_type, progress, t0, source_name or src.name)
     q, im = stock_base_file(src, base_type, imatrix=imatrix, calib_text=calib_text, work=work, log=log)
-    return _wrap(q, im, out, plan_spec, base_type, make_plan, progress, t0, source_name or src.name,
-                 ConvertSummary)
+    return _wrap(q, im, out, plan_spec, base_type, progress, t0, source_name or src.name)
 
 
-def _wrap(q: Path, imatrix: Path | None, out: Path, plan_spec: str, base_type: str, make_plan,
-          progress: bool, t0: float, source_name: str, summary_cls):
+def _wrap(q: Path, imatrix: Path | None, out: Path, plan_spec: str, base_type: str,
+          progress: bool, t0: float, source_name: str) -> ConvertSummary:
     """The stock file ``q`` with lrq's keys and schedule, every tensor copied byte for byte."""
     try:
         reader = open_reader(q)
@@ -93,15 +87,14 @@ def _wrap(q: Path, imatrix: Path | None, out: Path, plan_spec: str, base_type: s
     shapes = {t.name: numpy_shape(t) for t in reader.tensors}
     conv = converter_for(arch, str(q))(kv, shapes, str(q))
     conv.check()
-    plan: Plan = make_plan(plan_spec, conv.n_layer)
+    plan = _make_plan(plan_spec, conv.n_layer)
     linears = [t for t in reader.tensors if is_block_linear(t.name) and len(numpy_shape(t)) == 2]
     if not linears:
         raise ConvertError(f"{q}: no block linear (blk.N.attn_q.weight, ...) to replicate")
     bad = [t.name for t in reader.tensors if lrq_bits(t.tensor_type) is not None or is_aux_tensor(t.name)]
     if bad:
         raise ConvertError(f"{q}: tensor {bad[0]} is an LRQ tensor; a stock base must be a plain GGUF")
-    n_lin = sum(int(np.prod(numpy_shape(t))) for t in linears)
-    lin_bits = sum(8 * int(t.n_bytes) for t in linears)
+    bpw = count_bpw((t.name, numpy_shape(t), int(t.tensor_type), int(t.n_bytes)) for t in reader.tensors)
     try:
         writer = GGUFStreamWriter(out, lrq_arch(conv.arch))
     except WriterError as e:
@@ -116,14 +109,10 @@ def _wrap(q: Path, imatrix: Path | None, out: Path, plan_spec: str, base_type: s
         writer.add_string(Keys.BASE_TYPE, base_type.upper())
         if imatrix is not None:
             writer.add_string(Keys.BASE_IMATRIX, imatrix.name)
-        arrays = plan.to_gguf_arrays()
-        for k in (Keys.SCHEDULE_LAYER, Keys.SCHEDULE_REPLICA, Keys.SCHEDULE_GROUP):
-            writer.add_array(k, arrays[k], U32)
-        writer.add_array(Keys.SCHEDULE_WEIGHT, arrays[Keys.SCHEDULE_WEIGHT], F32V)
-        writer.add_string(Keys.PLAN, plan.source or plan_spec)
+        write_schedule(writer, plan, plan_spec)
         writer.add_string(Keys.SOURCE, source_name)
         writer.add_string(Keys.CONVERTER, f"lrq {__version__}")
-        writer.add_float32(Keys.BPW_LINEARS, lin_bits / n_lin)
+        writer.add_float32(Keys.BPW_LINEARS, bpw["linears"])
         for t in reader.tensors:
             writer.add_tensor_info(t.name, numpy_shape(t), int(t.tensor_type))
         writer.write_header()
@@ -140,11 +129,9 @@ def _wrap(q: Path, imatrix: Path | None, out: Path, plan_spec: str, base_type: s
             if bar is not None:
                 bar.close()
         writer.finish()
-    all_bytes = sum(tensor_nbytes(numpy_shape(t), int(t.tensor_type)) for t in reader.tensors)
-    n_base = sum(int(np.prod(numpy_shape(t))) for t in reader.tensors)
-    return summary_cls(
+    return ConvertSummary(
         output=out, arch=conv.arch, n_layer=conv.n_layer, n_exec=plan.n_exec, n_lrq_tensors=0,
-        n_kept_tensors=len(reader.tensors), n_replica_tensors=0, bpw_lrq=lin_bits / n_lin,
-        bpw_file=8 * all_bytes / n_base, file_bytes=out.stat().st_size,
+        n_kept_tensors=len(reader.tensors), n_replica_tensors=0, bpw_lrq=bpw["linears"],
+        bpw_file=bpw["file"], file_bytes=out.stat().st_size,
         seconds=time.monotonic() - t0, plan=plan.source or plan_spec,
         base_type=base_type.upper())

@@ -17,8 +17,9 @@ from typing import Mapping
 import gguf
 import numpy as np
 
-from ..constants import (LRQ_REPLICA_PARAMS, STOCK_REPLICA_PARAMS, Keys, is_aux_tensor,
-                         is_block_linear, layer_of, lrq_bits, parse_replica_param_name)
+from ..bpw_count import count_bpw
+from ..constants import (LRQ_REPLICA_PARAMS, STOCK_REPLICA_PARAMS, Keys, is_block_linear,
+                         layer_of, parse_replica_param_name)
 from ..gguf_hparams import numpy_shape, open_reader
 from ..gguf_write import GGUFStreamWriter, WriterError, tensor_nbytes
 from ..lrq_file import LRQFileError, LRQModelFile
@@ -94,22 +95,7 @@ def set_replica_params(src: str | Path, out: str | Path, params: Mapping[str, np
         return numpy_shape(t), int(t.tensor_type)
 
     # lrq.bpw.lrq / lrq.bpw.linears count every replica's parameters: recompute them
-    lrq_w = {n for n in order if lrq_bits(info(n)[1]) is not None}
-    lin_w = lrq_w | {n for n in order if is_block_linear(n) and len(info(n)[0]) == 2}
-    lrq_bits_total = n_lrq = lin_bits = n_lin = 0
-    for name in order:
-        shape, type_id = info(name)
-        bits = 8 * tensor_nbytes(shape, type_id)
-        owner = parse_replica_param_name(name)[0] if parse_replica_param_name(name) else \
-            name.rsplit(".", 1)[0] + ".weight"
-        if name in lrq_w:
-            n_lrq += int(np.prod(shape))
-        if name in lin_w:
-            n_lin += int(np.prod(shape))
-        if name in lrq_w or (is_aux_tensor(name) and owner in lrq_w):
-            lrq_bits_total += bits
-        if name in lin_w or is_aux_tensor(name):
-            lin_bits += bits
+    bpw = count_bpw((n, *info(n), tensor_nbytes(*info(n))) for n in order)
 
     try:
         with GGUFStreamWriter(out, f.kv["general.architecture"]) as w:
@@ -118,10 +104,10 @@ def set_replica_params(src: str | Path, out: str | Path, params: Mapping[str, np
                                                       Keys.BPW_LINEARS):
                     continue
                 w.copy_field(field)
-            if n_lrq:
-                w.add_float32(Keys.BPW_LRQ, lrq_bits_total / n_lrq)
-            if f.version >= 2 and n_lin:
-                w.add_float32(Keys.BPW_LINEARS, lin_bits / n_lin)
+            if bpw["n_lrq_weights"]:
+                w.add_float32(Keys.BPW_LRQ, bpw["lrq"])
+            if f.version >= 2 and bpw["n_linear_weights"]:
+                w.add_float32(Keys.BPW_LINEARS, bpw["linears"])
             for name in order:
                 shape, type_id = info(name)
                 w.add_tensor_info(name, shape, type_id)
