@@ -30,18 +30,38 @@ def results():
     return mod
 
 
-def test_write_doc_replaces_only_the_block(results, tmp_path):
+def test_write_doc_replaces_only_the_models_of_the_run(results, tmp_path):
     doc = tmp_path / "RESULTS.md"
     doc.write_text("# title\n\nbefore\n")
-    block1 = f"{results.BEGIN}\nfirst\n{results.END}"
-    results.write_doc(doc, block1)
+
+    def section(model, text):
+        b, e = results._marks(model)
+        return {model: f"{b}\n{text}\n{e}"}
+
+    results.write_doc(doc, section("model-a", "first A"))
     s = doc.read_text()
     assert s.startswith("# title\n\nbefore\n") and results.SECTION in s and s.count(results.BEGIN) == 1
     doc.write_text(s + "\n## after\n\nkept\n")
-    results.write_doc(doc, f"{results.BEGIN}\nsecond\n{results.END}")
+    results.write_doc(doc, section("model-b", "first B"))          # a run for another model: A stays
+    results.write_doc(doc, section("model-a", "second A"))         # A again: replaced, B stays
     s2 = doc.read_text()
-    assert "first" not in s2 and "second" in s2 and s2.endswith("## after\n\nkept\n")
-    assert s2.count(results.SECTION) == 1 and s2.startswith("# title\n\nbefore\n")
+    assert "first A" not in s2 and "second A" in s2 and "first B" in s2
+    assert s2.index("second A") < s2.index("first B")             # a replaced section keeps its place
+    assert s2.endswith("## after\n\nkept\n") and s2.startswith("# title\n\nbefore\n")
+    assert s2.count(results.SECTION) == 1 and s2.count(results.BEGIN) == 1 and s2.count(results.END) == 1
+
+
+def test_write_csv_keeps_other_models_rows(results, tmp_path):
+    path = tmp_path / "results.csv"
+    args = type("A", (), {"texts": ["t"]})()
+
+    def res(model, label):
+        return results.Result(model, label, "stock", None)
+
+    results.write_csv(path, {"a": [res("a", "x1")], "b": [res("b", "y1")]}, args)
+    results.write_csv(path, {"a": [res("a", "x2"), res("a", "x3")]}, args)
+    rows = list(csv.DictReader(open(path)))
+    assert sorted((r["model"], r["label"]) for r in rows) == [("a", "x2"), ("a", "x3"), ("b", "y1")]
 
 
 def test_matrix_is_well_formed(results):

@@ -8,6 +8,7 @@ Examples:
     lrq-convert model.Q4_1.gguf out.gguf --bits 2 --gptq --calib-text sotu-calib --calib-tokens 4096
     lrq-convert model.Q4_1.gguf out.gguf --bits 2 --awq --calib-text my-text.txt
     lrq-convert model.Q4_1.gguf out.gguf --base-type IQ2_XS --calib sotu-calib --plan last-4
+    lrq-convert model.Q4_1.gguf out.gguf --rotate --scale-search mse    # keeps model.Q4_1.rotated-seed0.F32.gguf
 
 Plans: none (default), all (every layer twice), last-N (last N layers twice), progressive
 (first third x1, middle x2, last third x3), or a JSON/YAML file
@@ -71,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "when given)")
     s.add_argument("--work", metavar="DIR", default=None,
                    help="directory of the F32 reference / imatrix / stock intermediates "
-                        "(default: lrq's evaluation cache, shared with lrq-eval)")
+                        "(default: lrq's evaluation cache, shared with lrq-eval) and of --rotate's "
+                        "rotated source (default: beside OUT)")
+    q.add_argument("--rotate", action="store_true",
+                   help="rotate the residual stream first (QuaRot-style, lrq.rotate; --seed picks the "
+                        "rotation); the rotated F32 source is kept in --work, else beside OUT: it is "
+                        "the file's full-precision reference (lrq-calibrate --source)")
     r = ap.add_argument_group("replication")
     r.add_argument("--plan", default="none", metavar="FILE|PRESET",
                    help="none | all | last-N | progressive | plan.json | plan.yaml (default none)")
@@ -104,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                           gptq_damp=args.gptq_damp,
                           grid_offset=args.grid_offset, scale_delta=args.scale_delta, keep=args.keep,
                           plan=args.plan, seed=args.seed, progress=not args.quiet,
-                          base_type=args.base_type, imatrix=args.imatrix, work=args.work)
+                          base_type=args.base_type, imatrix=args.imatrix, work=args.work,
+                          rotate=args.rotate)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     return run_job("lrq-convert", args.out, lambda: convert(args.src, args.out, opts, log=log),
                    (ConvertError, WriterError), args.quiet)

@@ -8,6 +8,7 @@ first) and the data is produced one source tensor at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tempfile
 import time
@@ -60,7 +61,11 @@ class ConvertOptions:
     # a stock-typed base (format v2, stock_base.py): llama-quantize makes the shared weights
     base_type: str | None = None       # e.g. IQ2_XS, Q2_K, Q4_K; None = lrq's own LRQ codes
     imatrix: str | None = None         # importance matrix for llama-quantize (else from calib_text)
-    work: str | None = None            # directory of the F32 / imatrix / stock intermediates
+    work: str | None = None            # directory of the F32 / imatrix / stock / rotated intermediates
+    # QuaRot-style rotation of the residual stream before quantization (lrq.rotate, seed = seed):
+    # the rotated F32 source is kept (in work, else beside the output) because lrq-calibrate and
+    # lrq-eval need it as the full-precision reference of the file
+    rotate: bool = False
 
     @property
     def needs_calibration(self) -> bool:
@@ -101,6 +106,10 @@ class ConvertOptions:
                 raise ConvertError(f"{opt}: must be a finite value >= 0, got {v}")
         if not (0 <= self.seed < 1 << 32):
             raise ConvertError(f"--seed: must be in 0..2^32-1, got {self.seed}")
+        if self.rotate and self.base_type is not None:
+            raise ConvertError(f"--rotate applies to LRQ codes; --base-type {self.base_type} quantizes "
+                               f"the source as llama-quantize has it (rotate it first with "
+                               f"lrq.rotate.rotate_model and pass the rotated file)")
         if self.imatrix is not None and self.base_type is None:
             raise ConvertError("--imatrix is for llama-quantize: it needs --base-type TYPE")
         if self.keep is not None:
@@ -159,6 +168,7 @@ class ConvertSummary:
     seconds: float
     plan: str
     base_type: str | None = None
+    rotated_source: Path | None = None    # --rotate: the rotated F32 source the file was made from
 
     def lines(self) -> list[str]:
         if self.base_type:
@@ -175,7 +185,8 @@ class ConvertSummary:
             f"  tensors: {self.n_lrq_tensors} LRQ, {self.n_kept_tensors} kept, "
             f"{self.n_replica_tensors} replica parameter tensors",
             f"  bpw: {self.bpw_lrq:.3f} (LRQ weights incl. parameters), {self.bpw_file:.3f} (whole file)",
-        ]
+        ] + ([f"  rotated residual stream; full-precision reference: {self.rotated_source}"]
+             if self.rotated_source else [])
 
 
 def write_schedule(writer: GGUFStreamWriter, plan: Plan, spec: str) -> None:
@@ -246,6 +257,8 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions,
         return convert_stock_base(src, out, opts.plan, opts.base_type, imatrix=opts.imatrix,
                                   calib_text=opts.calib_text, work=Path(opts.work) if opts.work else None,
                                   progress=opts.progress, log=log)
+    if opts.rotate:
+        return _convert_rotated(src, out, opts, t0, log)
     if src.is_dir():
         cfg = hf_config(src)
         conv_cls = converter_for_hf(list(cfg.get("architectures") or []), str(src / "config.json"))
@@ -256,6 +269,40 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions,
             f32 = run_convert_hf(src, Path(tmp) / "source-f32.gguf")
             return _convert_gguf(f32, out, opts, t0, log, expect=conv_cls, source_name=src.name)
     return _convert_gguf(src, out, opts, t0, log, source_name=src.name)
+
+
+def rotated_source_path(src: Path, out: Path, opts: ConvertOptions) -> Path:
+    """Where --rotate keeps the rotated F32 source: --work, else the output's directory."""
+    return Path(opts.work or out.parent) / f"{src.stem}.rotated-seed{opts.seed}.F32.gguf"
+
+
+def _convert_rotated(src: Path, out: Path, opts: ConvertOptions, t0: float, log) -> ConvertSummary:
+    """Fold the norms and rotate the residual stream of ``src`` (lrq.rotate) into an F32 GGUF that
+    is kept, then convert that.  The rotated file is removed again if the conversion fails."""
+    from ..rotate import RotateError, rotate_model
+    rot = rotated_source_path(src, out, opts)
+    if rot.exists() and rot.resolve() in (src.resolve(), out.resolve()):
+        raise ConvertError(f"{rot}: the rotated source would overwrite {src if rot.resolve() == src.resolve() else out}")
+    if opts.work:
+        rot.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".lrq-convert-", dir=rot.parent) as tmp:
+        plain = src
+        if src.is_dir():
+            log(f"converting {src} to an F32 GGUF with convert_hf_to_gguf.py ...")
+            plain = run_convert_hf(src, Path(tmp) / "source-f32.gguf")
+        log(f"rotating the residual stream of {src.name} (seed {opts.seed}) -> {rot}")
+        try:
+            rotate_model(plain, rot, seed=opts.seed, log=log, progress=opts.progress)
+        except RotateError as e:
+            raise ConvertError(str(e)) from None
+    try:
+        summary = _convert_gguf(rot, out, opts, t0, log, source_name=rot.name)
+    except BaseException:
+        rot.unlink(missing_ok=True)
+        raise
+    log(f"kept the rotated source {rot}: it is this file's full-precision reference "
+        f"(lrq-calibrate --source, lrq-eval's F32 reference)")
+    return dataclasses.replace(summary, rotated_source=rot)
 
 
 def _make_plan(spec: str, n_layer: int) -> Plan:
