@@ -66,7 +66,16 @@ STOCK = [
     Stock("Q4_0"), Stock("Q3_K_S"), Stock("Q2_K"), Stock("IQ2_XS"), Stock("IQ2_XXS"),
     Stock("Q2_K", imatrix=False), Stock("Q4_0", imatrix=False),
 ]
-SPEED_BASELINE = "stock Q2_K"          # decode ratios are to this row (imatrix does not change speed)
+STOCK_BY_NAME = {f"{s.qtype}{'' if s.imatrix else ':plain'}": s for s in STOCK}   # --stock names
+SPEED_BASELINE = ("stock Q2_K", "stock Q2_K + imatrix")   # decode ratios: the first that ran (same codes' speed)
+
+
+def speed_base(results) -> float:
+    for label in SPEED_BASELINE:
+        tg = next((r.tg for r in results if r.label == label and math.isfinite(r.tg)), math.nan)
+        if math.isfinite(tg):
+            return tg
+    return math.nan
 
 
 @dataclass(frozen=True)
@@ -258,7 +267,7 @@ def run_model(model: str, args, cells: list[Cell], prog: Progress,
     imat = timed("reference + stock", ev.make_imatrix, ref, args.calib_text, ctx=args.ctx,
                  chunks=args.imatrix_chunks, threads=args.threads, work=args.stock_work)
     prog.step(f"{model}: importance matrix on {args.calib_text} ({args.imatrix_chunks} chunks)")
-    for s in STOCK:
+    for s in args.stock:
         p = timed("reference + stock", ev.make_stock, ref, s.qtype, imat if s.imatrix else None,
                   args.stock_work)
         results.append(Result(model, s.label, "stock", p))
@@ -384,7 +393,7 @@ def markdown(all_results: dict, all_skipped: dict, args, timings: dict, total_s:
         head += ["build s", "plan"]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
-        base = next((r.tg for r in results if r.label == SPEED_BASELINE and math.isfinite(r.tg)), math.nan)
+        base = speed_base(results)
         for r in results:
             if r.error and not r.texts:
                 out.append(f"| {r.label} | error: {r.error[:160]} |" + " |" * (len(head) - 2))
@@ -468,7 +477,7 @@ def write_csv(path: Path, all_results: dict, args) -> None:
         w.writeheader()
         w.writerows(kept)
         for model, results in all_results.items():
-            base = next((r.tg for r in results if r.label == SPEED_BASELINE and math.isfinite(r.tg)), math.nan)
+            base = speed_base(results)
             for r in results:
                 for t in args.texts or [""]:
                     row = r.texts.get(t)
@@ -520,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true",
                     help="the cells marked quick, few chunks, cheap calibration: an end-to-end check")
     ap.add_argument("--only", default=None, metavar="REGEX", help="only LRQ cells whose name matches")
+    ap.add_argument("--stock", default=",".join(STOCK_BY_NAME), metavar="LIST",
+                    help=f"stock rows (default all: {','.join(STOCK_BY_NAME)}; ':plain' = no imatrix)")
     ap.add_argument("--list", action="store_true", help="print the matrix (and what is skipped) and exit")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
@@ -556,6 +567,12 @@ def main(argv: list[str] | None = None) -> int:
     args.texts = [t.strip() for t in args.texts.split(",") if t.strip()]
     args.only = re.compile(args.only) if args.only else None
     err = lambda m: print(f"results: error: {m}", file=sys.stderr)  # noqa: E731
+    names = [n.strip() for n in args.stock.split(",") if n.strip()]
+    bad = [n for n in names if n not in STOCK_BY_NAME]
+    if bad:
+        err(f"--stock {','.join(bad)}: not one of {','.join(STOCK_BY_NAME)}")
+        return 2
+    args.stock = [STOCK_BY_NAME[n] for n in names]
 
     from lrq import assets
     for m in args.models:
@@ -585,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     torch.set_num_threads(args.calib_threads)
     n_cells = {m: sum(1 for c in MATRIX if not cell_skip(c, m, q, args.only)) for m in args.models}
-    total = sum(2 + len(STOCK) + n + (1 + len(STOCK) + n) * (len(args.texts) + 1) + len(args.texts)
+    ns = len(args.stock)
+    total = sum(2 + ns + n + (1 + ns + n) * (len(args.texts) + 1) + len(args.texts)
                 for n in n_cells.values())
     prog = Progress(total, args.quiet)
     t0 = time.monotonic()
