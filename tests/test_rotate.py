@@ -217,3 +217,12 @@ def test_convert_rotate_flag(tiny_models, tmp_path):
     with pytest.raises(ConvertError, match="is an LRQ file"):
         convert(lrq_src, tmp_path / "y.gguf", ConvertOptions(rotate=True, progress=False))
     assert not list(tmp_path.glob("plain.lrq.rotated*")) and not (tmp_path / "y.gguf").exists()
+
+
+def test_convert_rotate_refuses_an_output_named_like_the_rotated_source(tiny_models, tmp_path):
+    from lrq.convert import ConvertError, ConvertOptions, convert
+    src = tiny_models.gguf("llama")
+    out = tmp_path / f"{src.stem}.rotated-seed0.F32.gguf"
+    with pytest.raises(ConvertError, match="the rotated source would overwrite"):
+        convert(src, out, ConvertOptions(rotate=True, progress=False))
+    assert not out.exists()

@@ -281,7 +281,7 @@ def _convert_rotated(src: Path, out: Path, opts: ConvertOptions, t0: float, log)
     is kept, then convert that.  The rotated file is removed again if the conversion fails."""
     from ..rotate import RotateError, rotate_model
     rot = rotated_source_path(src, out, opts)
-    if rot.exists() and rot.resolve() in (src.resolve(), out.resolve()):
+    if rot.resolve() in (src.resolve(), out.resolve()):        # resolve() needs no file
         raise ConvertError(f"{rot}: the rotated source would overwrite {src if rot.resolve() == src.resolve() else out}")
     if opts.work:
         rot.parent.mkdir(parents=True, exist_ok=True)
