@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
 import os
 import re
@@ -43,7 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
 
-from lrq.eval.recipe import Builder, BuildSettings, Recipe, RecipeSkipped, plan_summary  # noqa: E402
+from lrq.eval.recipe import (Builder, BuildSettings, Recipe, RecipeSkipped, add_time,  # noqa: E402
+                             plan_summary)
 from lrq.eval.speed import busy_cpu  # noqa: E402
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -195,25 +197,10 @@ class Result:
 
 
 def bpws(path: Path) -> tuple[float, float]:
-    """(whole-file bpw, bits per block-linear weight).  LRQ files per FORMAT.md 9 ('file', and
-    'linears' = codes + every parameter tensor); stock files from the tensor bytes (the same
-    figures as lrq.eval.file_bpw), the block linears from their own type.  One read of the file:
-    gguf-py parses the whole vocabulary on every open (~7 s for SmolLM2)."""
-    from lrq.constants import Keys, is_block_linear
-    from lrq.gguf_hparams import open_reader, read_kv
-    reader = open_reader(path)
-    if Keys.FORMAT_VERSION in read_kv(reader):
-        from lrq.lrq_file import LRQModelFile
-        b = LRQModelFile(path).bpw()
-        return float(b["file"]), float(b["linears"])
-    nb = n = lb = ln = 0
-    for t in reader.tensors:
-        nb += int(t.n_bytes)
-        n += int(t.n_elements)
-        if is_block_linear(t.name) and len(t.shape) == 2:
-            lb += int(t.n_bytes)
-            ln += int(t.n_elements)
-    return (8.0 * nb / n if n else math.nan), (8.0 * lb / ln if ln else math.nan)
+    """(whole-file bpw, bits per block-linear weight), as lrq.eval.file_bpw counts them."""
+    from lrq.eval import file_bpw
+    b = file_bpw(path)
+    return b.bpw, b.bpw_linears
 
 
 class Progress:
@@ -251,12 +238,7 @@ def run_model(model: str, args, cells: list[Cell], prog: Progress,
     src = model_path(model)
     t = timings.setdefault(model, {})
 
-    def timed(key, fn, *a, **kw):
-        t0 = time.monotonic()
-        try:
-            return fn(*a, **kw)
-        finally:
-            t[key] = t.get(key, 0.0) + time.monotonic() - t0
+    timed = functools.partial(add_time, t)
 
     results: list[Result] = []
     skipped: list[tuple[str, str]] = []

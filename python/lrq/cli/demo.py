@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import math
 import os
@@ -105,7 +106,7 @@ def final_table(src: Path, work: Path, o: FinalOptions, log=lambda s: None) -> F
     """Build, evaluate and time the final table's rows (module doc).  ``work`` holds this run's
     LRQ files and the reference logits; stock files come from lrq.eval.stock's cache."""
     from .. import eval as ev
-    from ..eval.recipe import Builder, BuildSettings, Recipe
+    from ..eval.recipe import Builder, BuildSettings, Recipe, add_time
     from ..eval.speed import bench_speed
 
     if _same_text(o.calib_text, o.text):
@@ -115,12 +116,7 @@ def final_table(src: Path, work: Path, o: FinalOptions, log=lambda s: None) -> F
     shutil.rmtree(work / "eval", ignore_errors=True)      # never reuse a previous run's logits
     secs: dict[str, float] = {}
 
-    def timed(key, fn, *a, **kw):
-        t0 = time.monotonic()
-        try:
-            return fn(*a, **kw)
-        finally:
-            secs[key] = secs.get(key, 0.0) + time.monotonic() - t0
+    timed = functools.partial(add_time, secs)
 
     settings = BuildSettings(calib_text=o.calib_text, select_strategy="top-k", select_k=o.select_k,
                              select_rank_by="kl", select_tokens=o.select_tokens,

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..constants import Keys
+from ..constants import Keys, is_block_linear
 from ..gguf_hparams import open_reader, read_kv
 
 
@@ -23,6 +23,7 @@ class FileBpw:
     n_params: int
     kind: str                 # "lrq" | "stock"
     file_type: str            # the most common tensor type of the block linears, or "LRQ<b>"
+    bpw_linears: float = float("nan")   # block linears only (LRQ: codes + every parameter tensor)
 
 
 def _dominant_type(reader) -> str:
@@ -43,9 +44,12 @@ def file_bpw(path: str | os.PathLike) -> FileBpw:
         from ..lrq_file import LRQModelFile
         b = LRQModelFile(path).bpw()
         return FileBpw(float(b["file"]), int(b["tensor_bytes"]), int(b["n_base_params"]), "lrq",
-                       f"LRQ{kv.get(Keys.BITS, '?')} g{kv.get(Keys.GROUP_SIZE, '?')}")
+                       f"LRQ{kv.get(Keys.BITS, '?')} g{kv.get(Keys.GROUP_SIZE, '?')}", float(b["linears"]))
     nbytes = sum(int(t.n_bytes) for t in reader.tensors)
     n = sum(int(t.n_elements) for t in reader.tensors)
     if n == 0:
         raise ValueError(f"{path}: the file has no tensors")
-    return FileBpw(8.0 * nbytes / n, nbytes, n, "stock", _dominant_type(reader))
+    lin = [t for t in reader.tensors if is_block_linear(t.name) and len(t.shape) == 2]
+    ln = sum(int(t.n_elements) for t in lin)
+    lin_bpw = 8.0 * sum(int(t.n_bytes) for t in lin) / ln if ln else float("nan")
+    return FileBpw(8.0 * nbytes / n, nbytes, n, "stock", _dominant_type(reader), lin_bpw)

@@ -44,6 +44,15 @@ class RecipeSkipped(RuntimeError):
     """A recipe cannot be built here (an option this version lacks, a model too large ...)."""
 
 
+def add_time(into: dict, key: str, fn, *a, **kw):
+    """fn(*a, **kw), its seconds added to into[key] (also when it raises)."""
+    t0 = time.monotonic()
+    try:
+        return fn(*a, **kw)
+    finally:
+        into[key] = into.get(key, 0.0) + time.monotonic() - t0
+
+
 @dataclass(frozen=True)
 class Recipe:
     """One LRQ configuration.  New rows are one line each; unknown converter options go in
@@ -274,4 +283,4 @@ def plan_summary(choice: dict[int, int]) -> str:
 
 
 __all__ = ["REPLICATIONS", "MODES", "Recipe", "RecipeSkipped", "BuildSettings", "Built", "Builder",
-           "plan_summary"]
+           "add_time", "plan_summary"]
