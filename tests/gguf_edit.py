@@ -20,30 +20,47 @@ def read(path):
 
 
 def rewrite(src: Path, dst: Path, arch=None, kv=None, drop=(), replace=None, add=None):
-    """Copy a GGUF changing keys / dropping, replacing or adding tensors (to build bad files)."""
+    """Copy a GGUF changing keys / dropping, replacing or adding tensors (to build bad files).
+
+    kv: {key: (value, type) | (value, ARRAY, element type) | None}: a key is replaced in place,
+    added at the end when the source has none, or dropped (None).  replace / add: {name: (array,
+    ggml type) | (array, ggml type, element shape)} (the shape, numpy order, for quantized data
+    whose array holds bytes)."""
     kv, replace, add = kv or {}, replace or {}, add or {}
     r, tensors = read(src)
     w = GGUFStreamWriter(dst, arch or str(r.fields["general.architecture"].contents()))
+
+    def put(k, spec):
+        if spec is not None:
+            w.add_kv(k, spec[0], spec[1], *spec[2:])
+
     with w:
         for k, f in r.fields.items():
             if k.startswith("GGUF.") or k == "general.architecture":
                 continue
             if k in kv:
-                v, vt = kv[k]
-                w.add_kv(k, v, vt)
+                put(k, kv[k])
             else:
                 w.copy_field(f)
+        for k, spec in kv.items():
+            if k not in r.fields:
+                put(k, spec)
         data = {}
+
+        def declare(name, spec):
+            arr, typ = spec[0], spec[1]
+            w.add_tensor_info(name, spec[2] if len(spec) > 2 else arr.shape, typ)
+            data[name] = arr
+
         for t in r.tensors:
             if t.name in drop:
                 continue
-            arr, typ = replace.get(t.name, (np.asarray(t.data), int(t.tensor_type)))
-            shape = arr.shape if t.name in replace else tuple(reversed(t.shape.tolist()))
-            w.add_tensor_info(t.name, shape, typ)
-            data[t.name] = arr
-        for name, (arr, typ) in add.items():
-            w.add_tensor_info(name, arr.shape, typ)
-            data[name] = arr
+            if t.name in replace:
+                declare(t.name, replace[t.name])
+            else:
+                declare(t.name, (np.asarray(t.data), int(t.tensor_type), tuple(reversed(t.shape.tolist()))))
+        for name, spec in add.items():
+            declare(name, spec)
         w.write_header()
         for name, arr in data.items():
             w.write_tensor(name, arr)

@@ -339,7 +339,8 @@ def test_reader_errors_name_the_culprit(case, expect, lrq_tiny, tmp_path):
         f = LRQModelFile(lrq_tiny)
         layers = [e.layer for e in f.schedule]
         layers[-1] = 99
-        rewrite(lrq_tiny, bad, kv={Keys.SCHEDULE_LAYER: (layers, gguf.GGUFValueType.ARRAY)})
+        rewrite(lrq_tiny, bad, kv={Keys.SCHEDULE_LAYER: (layers, gguf.GGUFValueType.ARRAY,
+                                                         gguf.GGUFValueType.UINT32)})
     elif case == "bad-key":
         rewrite(lrq_tiny, bad, kv={Keys.GROUP_SIZE: (48, gguf.GGUFValueType.UINT32)})
     else:

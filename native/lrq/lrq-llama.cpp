@@ -4,6 +4,7 @@
 
 #include "lrq-format.h"
 #include "lrq-ggml.h"
+#include "lrq-keys.h"
 
 #include "gguf.h"
 #include "llama-graph.h"
@@ -20,6 +21,7 @@
 #include <map>
 #include <set>
 #include <stdexcept>
+#include <type_traits>
 #include <utility>
 
 // ---- architecture name and format version -----------------------------------------------------
@@ -38,69 +40,128 @@ const char * lrq_base_arch_name(const char * name) {
     return nullptr;
 }
 
-static std::string lrq_file_label(const std::string & fname) {
-    return fname.empty() ? std::string("(FILE*)") : fname;
+// The file being loaded, for error messages.  Set by lrq_check_format (the loader's constructor)
+// and read by the later hooks of the same load, which llama.cpp runs on the same thread; being
+// thread_local, two models loading in two threads never see each other's name.
+static thread_local std::string lrq_cur_file;
+
+// Every LRQ load error: "<file>: LRQ: <what>" (FORMAT.md section 10 names the rules).
+template <typename... Args>
+[[noreturn]] static void lrq_fail(const char * fmt, Args... args) {
+    throw std::runtime_error(lrq_cur_file + ": LRQ: " + format(fmt, args...));
+}
+
+static const char * lrq_gguf_type_desc(gguf_type t) {
+    return t == GGUF_TYPE_COUNT ? "?" : gguf_type_name(t);
+}
+
+// "uint32", "array of uint32"
+static std::string lrq_kv_type_desc(const gguf_context * meta, int64_t kid) {
+    const gguf_type t = gguf_get_kv_type(meta, kid);
+    if (t != GGUF_TYPE_ARRAY) {
+        return lrq_gguf_type_desc(t);
+    }
+    return std::string("array of ") + lrq_gguf_type_desc(gguf_get_arr_type(meta, kid));
+}
+
+static const lrq_key_spec * lrq_key_spec_of(const char * key) {
+    for (const lrq_key_spec & s : LRQ_KEY_SPECS) {
+        if (std::strcmp(s.key, key) == 0) {
+            return &s;
+        }
+    }
+    return nullptr;
+}
+
+// Rule K1: every key of LRQ_KEY_SPECS that is present has its table type.
+static void lrq_check_key_types(const gguf_context * meta) {
+    for (const lrq_key_spec & s : LRQ_KEY_SPECS) {
+        const int64_t kid = gguf_find_key(meta, s.key);
+        if (kid < 0) {
+            continue;
+        }
+        const bool is_arr = s.type == GGUF_TYPE_ARRAY;
+        if (gguf_get_kv_type(meta, kid) != s.type || (is_arr && gguf_get_arr_type(meta, kid) != s.arr_type)) {
+            lrq_fail("key %s must be %s%s, got %s", s.key, is_arr ? "an array of " : "",
+                     lrq_gguf_type_desc(is_arr ? s.arr_type : s.type), lrq_kv_type_desc(meta, kid).c_str());
+        }
+    }
+}
+
+// The one accessor for an lrq.* key: its id (-1 when absent and not required) after checking that
+// the key is in LRQ_KEY_SPECS and has its type there, so that no gguf_get_* below can assert.
+static int64_t lrq_key(const gguf_context * meta, const char * key, bool required) {
+    const lrq_key_spec * spec = lrq_key_spec_of(key);
+    if (!spec) {
+        lrq_fail("internal: key %s is not in LRQ_KEY_SPECS", key);
+    }
+    const int64_t kid = gguf_find_key(meta, key);
+    if (kid < 0) {
+        if (required) {
+            lrq_fail("required key %s is missing", key);
+        }
+        return -1;
+    }
+    lrq_check_key_types(meta);   // cheap (a dozen keys); keeps the check next to every read
+    return kid;
+}
+
+static uint32_t lrq_get_u32(const gguf_context * meta, int64_t kid) {
+    GGML_ASSERT(gguf_get_kv_type(meta, kid) == GGUF_TYPE_UINT32);   // lrq_key checked it
+    return gguf_get_val_u32(meta, kid);
+}
+
+static std::string lrq_get_str(const gguf_context * meta, int64_t kid) {
+    GGML_ASSERT(gguf_get_kv_type(meta, kid) == GGUF_TYPE_STRING);
+    return gguf_get_val_str(meta, kid);
+}
+
+// An array key of the schedule: uint32 or float32 elements (checked by lrq_key), n_expect entries
+// unless n_expect == (size_t) -1.
+template <typename T>
+static std::vector<T> lrq_get_array(const gguf_context * meta, const char * key, size_t n_expect) {
+    const int64_t kid = lrq_key(meta, key, true);
+    const gguf_type want = std::is_same<T, float>::value ? GGUF_TYPE_FLOAT32 : GGUF_TYPE_UINT32;
+    GGML_ASSERT(gguf_get_kv_type(meta, kid) == GGUF_TYPE_ARRAY && gguf_get_arr_type(meta, kid) == want);
+    const size_t n = gguf_get_arr_n(meta, kid);
+    if (n_expect != (size_t) -1 && n != n_expect) {
+        lrq_fail("key %s has %zu entries, " LRQ_KEY_SCHEDULE_LAYER " has %zu (rule S1)", key, n, n_expect);
+    }
+    std::vector<T> out(n);
+    if (n) {
+        std::memcpy(out.data(), gguf_get_arr_data(meta, kid), n * sizeof(T));
+    }
+    return out;
 }
 
 void lrq_check_format(const gguf_context * meta, const std::string & arch_name, const std::string & fname) {
+    lrq_cur_file = fname.empty() ? std::string("(FILE*)") : fname;
     const bool    lrq_name = arch_name.rfind("lrq-", 0) == 0;
-    const int64_t kid      = gguf_find_key(meta, "lrq.format_version");
+    const int64_t kid      = gguf_find_key(meta, LRQ_KEY_FORMAT_VERSION);
     if (!lrq_name && kid < 0) {
         return;   // a plain GGUF
     }
-    const std::string file = lrq_file_label(fname);
-    if (kid < 0 || gguf_get_kv_type(meta, kid) != GGUF_TYPE_UINT32) {
-        throw std::runtime_error(format("%s: '%s' file has no uint32 key lrq.format_version (not an LRQ file of "
-                                        "format version %d?)", file.c_str(), arch_name.c_str(), LRQ_FORMAT_VERSION));
+    if (kid < 0) {
+        lrq_fail("'%s' file has no key " LRQ_KEY_FORMAT_VERSION " (not an LRQ file of format version %d?)",
+                 arch_name.c_str(), LRQ_FORMAT_VERSION);
     }
-    const uint32_t version = gguf_get_val_u32(meta, kid);
+    lrq_check_key_types(meta);
+    const uint32_t version = lrq_get_u32(meta, kid);
     if (version < (uint32_t) LRQ_FORMAT_VERSION_MIN || version > (uint32_t) LRQ_FORMAT_VERSION) {
-        throw std::runtime_error(format("%s: LRQ format version %u is not supported: this build reads LRQ format "
-                                        "versions %d..%d (lrq-format.h)", file.c_str(), version,
-                                        LRQ_FORMAT_VERSION_MIN, LRQ_FORMAT_VERSION));
+        lrq_fail("LRQ format version %u is not supported: this build reads LRQ format versions %d..%d "
+                 "(lrq-format.h)", version, LRQ_FORMAT_VERSION_MIN, LRQ_FORMAT_VERSION);
     }
     const char *  base = lrq_base_arch_name(arch_name.c_str());
-    const int64_t bid  = gguf_find_key(meta, "lrq.base_architecture");
     if (!base) {
-        throw std::runtime_error(format("%s: LRQ architecture '%s' is not supported (lrq-llama, lrq-qwen2, lrq-qwen3)",
-                                        file.c_str(), arch_name.c_str()));
+        lrq_fail("architecture '%s' is not supported (lrq-llama, lrq-qwen2, lrq-qwen3)", arch_name.c_str());
     }
-    if (bid < 0 || gguf_get_kv_type(meta, bid) != GGUF_TYPE_STRING ||
-        std::strcmp(gguf_get_val_str(meta, bid), base) != 0) {
-        throw std::runtime_error(format("%s: lrq.base_architecture must be the string '%s' for architecture '%s'",
-                                        file.c_str(), base, arch_name.c_str()));
+    const int64_t bid = lrq_key(meta, LRQ_KEY_BASE_ARCH, true);
+    if (lrq_get_str(meta, bid) != base) {
+        lrq_fail(LRQ_KEY_BASE_ARCH " must be the string '%s' for architecture '%s'", base, arch_name.c_str());
     }
 }
 
 // ---- hparams: keys and schedule -----------------------------------------------------------------
-
-static std::vector<int64_t> lrq_get_int_array(const gguf_context * meta, const char * key, size_t n_expect) {
-    const int64_t kid = gguf_find_key(meta, key);
-    if (kid < 0) {
-        throw std::runtime_error(format("LRQ file has no key %s", key));
-    }
-    if (gguf_get_kv_type(meta, kid) != GGUF_TYPE_ARRAY) {
-        throw std::runtime_error(format("LRQ key %s must be an array", key));
-    }
-    const size_t n = gguf_get_arr_n(meta, kid);
-    if (n_expect != (size_t) -1 && n != n_expect) {
-        throw std::runtime_error(format("LRQ key %s has %zu entries, lrq.schedule.layer has %zu", key, n, n_expect));
-    }
-    const gguf_type t    = gguf_get_arr_type(meta, kid);
-    const void *    data = n ? gguf_get_arr_data(meta, kid) : nullptr;
-    std::vector<int64_t> out(n);
-    for (size_t i = 0; i < n; ++i) {
-        switch (t) {
-            case GGUF_TYPE_UINT32: out[i] = ((const uint32_t *) data)[i]; break;
-            case GGUF_TYPE_INT32:  out[i] = ((const int32_t *) data)[i]; break;
-            default: throw std::runtime_error(format("LRQ key %s must be an array of uint32", key));
-        }
-        if (out[i] < 0) {
-            throw std::runtime_error(format("LRQ key %s: negative entry %lld", key, (long long) out[i]));
-        }
-    }
-    return out;
-}
 
 std::shared_ptr<lrq_model> lrq_load_hparams(llama_model_base & m, llama_model_loader & ml,
                                            const llama_model_params & params) {
@@ -113,34 +174,31 @@ std::shared_ptr<lrq_model> lrq_load_hparams(llama_model_base & m, llama_model_lo
     l->arch_name = ml.arch_name;
 
     if (m.arch != LLM_ARCH_LLAMA && m.arch != LLM_ARCH_QWEN2 && m.arch != LLM_ARCH_QWEN3) {
-        throw std::runtime_error(format("LRQ: base architecture %s is not supported", base));
+        lrq_fail("base architecture %s is not supported", base);
     }
     if (m.hparams.n_layer_nextn != 0 || m.hparams.n_expert != 0 || m.hparams.n_layer_kv_from_start >= 0) {
-        throw std::runtime_error("LRQ: MoE, next-n prediction and shared-KV layers are not supported");
+        lrq_fail("MoE, next-n prediction and shared-KV layers are not supported");
     }
     if (params.split_mode == LLAMA_SPLIT_MODE_TENSOR) {
-        throw std::runtime_error("LRQ: tensor split mode is not supported (the LRQ op runs on the CPU)");
+        lrq_fail("tensor split mode is not supported (the LRQ op runs on the CPU)");
     }
 
-    l->version = gguf_get_val_u32(meta, gguf_find_key(meta, "lrq.format_version"));   // checked by lrq_check_format
+    l->version = lrq_get_u32(meta, lrq_key(meta, LRQ_KEY_FORMAT_VERSION, true));   // range: lrq_check_format
 
     // widest code type of the file (0: no LRQ-typed tensor, a stock-typed base; format v2)
     for (const auto & [name, w] : ml.weights_map) {
         l->max_bits = std::max(l->max_bits, lrq_type_bits(w.tensor->type));
     }
     if (l->max_bits == 0 && l->version < 2) {
-        throw std::runtime_error(format("LRQ: a format version %u file must hold LRQ-typed codes (stock-typed bases "
-                                        "need version 2)", l->version));
+        lrq_fail("a format version %u file must hold LRQ-typed codes (stock-typed bases need version 2)",
+                 l->version);
     }
 
     // mode and group size describe the LRQ-typed codes: required exactly when the file has some
-    const int64_t kmode = gguf_find_key(meta, "lrq.quant.mode");
-    const int64_t kg    = gguf_find_key(meta, "lrq.quant.group_size");
-    if (l->max_bits > 0 || kmode >= 0) {
-        if (kmode < 0 || gguf_get_kv_type(meta, kmode) != GGUF_TYPE_STRING) {
-            throw std::runtime_error("LRQ file has no string key lrq.quant.mode");
-        }
-        const std::string mode = gguf_get_val_str(meta, kmode);
+    const int64_t kmode = lrq_key(meta, LRQ_KEY_QUANT_MODE, l->max_bits > 0);
+    const int64_t kg    = lrq_key(meta, LRQ_KEY_GROUP_SIZE, l->max_bits > 0);
+    if (kmode >= 0) {
+        const std::string mode = lrq_get_str(meta, kmode);
         if (mode == "asym") {
             l->mode = LRQ_MODE_ASYM;
         } else if (mode == "sym") {
@@ -148,60 +206,56 @@ std::shared_ptr<lrq_model> lrq_load_hparams(llama_model_base & m, llama_model_lo
         } else if (mode == "ternary") {
             l->mode = LRQ_MODE_TERNARY;
         } else {
-            throw std::runtime_error(format("LRQ: lrq.quant.mode '%s' is not asym, sym or ternary", mode.c_str()));
+            lrq_fail(LRQ_KEY_QUANT_MODE " = '%s' is not asym, sym or ternary", mode.c_str());
         }
     }
-    if (l->max_bits > 0 || kg >= 0) {
-        if (kg < 0 || gguf_get_kv_type(meta, kg) != GGUF_TYPE_UINT32) {
-            throw std::runtime_error("LRQ file has no uint32 key lrq.quant.group_size");
+    if (kg >= 0) {
+        const uint32_t g = lrq_get_u32(meta, kg);
+        if (g != 32 && g != 64 && g != 128 && g != 256) {
+            lrq_fail(LRQ_KEY_GROUP_SIZE " = %u is not 32, 64, 128 or 256", g);
         }
-        l->group_size = (int) gguf_get_val_u32(meta, kg);
-        if (l->group_size != 32 && l->group_size != 64 && l->group_size != 128 && l->group_size != 256) {
-            throw std::runtime_error(format("LRQ: lrq.quant.group_size %d is not 32, 64, 128 or 256", l->group_size));
-        }
+        l->group_size = (int) g;
     }
 
-    // the schedule (FORMAT.md section 7)
-    const std::vector<int64_t> layer   = lrq_get_int_array(meta, "lrq.schedule.layer", (size_t) -1);
-    const size_t               n_exec  = layer.size();
-    const std::vector<int64_t> replica = lrq_get_int_array(meta, "lrq.schedule.replica", n_exec);
-    const std::vector<int64_t> group   = lrq_get_int_array(meta, "lrq.schedule.group", n_exec);
-    const int64_t kw = gguf_find_key(meta, "lrq.schedule.weight");
-    if (kw < 0 || gguf_get_kv_type(meta, kw) != GGUF_TYPE_ARRAY || gguf_get_arr_type(meta, kw) != GGUF_TYPE_FLOAT32 ||
-        gguf_get_arr_n(meta, kw) != n_exec) {
-        throw std::runtime_error(format("LRQ: lrq.schedule.weight must be a float32 array of %zu entries", n_exec));
-    }
-    const float * weight = n_exec ? (const float *) gguf_get_arr_data(meta, kw) : nullptr;
+    // the schedule (FORMAT.md sections 7 and 10)
+    const std::vector<uint32_t> layer   = lrq_get_array<uint32_t>(meta, LRQ_KEY_SCHEDULE_LAYER, (size_t) -1);
+    const size_t                n_exec  = layer.size();
+    const std::vector<uint32_t> replica = lrq_get_array<uint32_t>(meta, LRQ_KEY_SCHEDULE_REPLICA, n_exec);
+    const std::vector<uint32_t> group   = lrq_get_array<uint32_t>(meta, LRQ_KEY_SCHEDULE_GROUP, n_exec);
+    const std::vector<float>    weight  = lrq_get_array<float>(meta, LRQ_KEY_SCHEDULE_WEIGHT, n_exec);
 
     const uint32_t n_base = m.hparams.n_layer_all;
     l->n_base = n_base;
-    if (n_exec < n_base || n_exec > LLAMA_MAX_LAYERS) {
-        throw std::runtime_error(format("LRQ: the schedule has %zu executions; it needs %u..%d for %u base layers",
-                                        n_exec, n_base, LLAMA_MAX_LAYERS, n_base));
+    if (n_exec < n_base || n_exec > LRQ_MAX_EXECUTIONS) {
+        lrq_fail("the schedule has %zu executions; it needs %u..%d for %u base layers (rule S1)", n_exec, n_base,
+                 LRQ_MAX_EXECUTIONS, n_base);
     }
     l->exec.resize(n_exec);
     for (size_t e = 0; e < n_exec; ++e) {
         if (layer[e] >= n_base) {
-            throw std::runtime_error(format("LRQ: execution %zu runs layer %lld of a %u-layer model", e,
-                                            (long long) layer[e], n_base));
+            lrq_fail("execution %zu runs layer %u of a %u-layer model (rule S2)", e, layer[e], n_base);
+        }
+        if (replica[e] >= LRQ_MAX_EXECUTIONS) {
+            lrq_fail("execution %zu runs replica %u; replica indices are below %d (rule S2)", e, replica[e],
+                     LRQ_MAX_EXECUTIONS);
         }
         if (e > 0 && (layer[e] < layer[e - 1] || group[e] < group[e - 1])) {
-            throw std::runtime_error(format("LRQ: schedule layer/group must be non-decreasing (execution %zu)", e));
+            lrq_fail("schedule layer/group must be non-decreasing (execution %zu, rule S3)", e);
         }
         if (e > 0 ? layer[e] > layer[e - 1] + 1 : layer[e] != 0) {
-            throw std::runtime_error(format("LRQ: the schedule skips a layer before execution %zu", e));
+            lrq_fail("the schedule skips a layer before execution %zu (rule S4)", e);
         }
         if (!std::isfinite(weight[e])) {
-            throw std::runtime_error(format("LRQ: schedule weight of execution %zu is not finite", e));
+            lrq_fail("schedule weight of execution %zu is not finite (rule S5)", e);
         }
         lrq_exec & x = l->exec[e];
-        x.layer   = (uint32_t) layer[e];
-        x.replica = (uint32_t) replica[e];
-        x.group   = (uint32_t) group[e];
+        x.layer   = layer[e];
+        x.replica = replica[e];
+        x.group   = group[e];
         x.weight  = weight[e];
     }
     if (layer[n_exec - 1] != n_base - 1) {
-        throw std::runtime_error(format("LRQ: the schedule ends at layer %lld of %u", (long long) layer[n_exec - 1], n_base));
+        lrq_fail("the schedule ends at layer %u of %u (rule S4)", layer[n_exec - 1], n_base);
     }
     // parallel groups: consecutive executions with the same id, one layer, distinct replicas
     for (size_t e0 = 0; e0 < n_exec;) {
@@ -212,18 +266,33 @@ std::shared_ptr<lrq_model> lrq_load_hparams(llama_model_base & m, llama_model_lo
         std::set<uint32_t> seen;
         for (size_t e = e0; e < e1; ++e) {
             if (l->exec[e].layer != l->exec[e0].layer) {
-                throw std::runtime_error(format("LRQ: parallel group %lld spans layers %u and %u", (long long) group[e0],
-                                                l->exec[e0].layer, l->exec[e].layer));
+                lrq_fail("parallel group %u spans layers %u and %u (rule S3)", group[e0], l->exec[e0].layer,
+                         l->exec[e].layer);
             }
             if (!seen.insert(l->exec[e].replica).second) {
-                throw std::runtime_error(format("LRQ: parallel group %lld runs replica %u twice", (long long) group[e0],
-                                                l->exec[e].replica));
+                lrq_fail("parallel group %u runs replica %u twice (rule S3)", group[e0], l->exec[e].replica);
             }
             l->exec[e].n_group = (uint32_t) (e1 - e0);
             l->exec[e].first   = e == e0;
             l->exec[e].last    = e == e1 - 1;
         }
         e0 = e1;
+    }
+    // rule S6: a schedule is allowed to be long, but its KV cache (one per execution) is stated
+    if (n_exec > (size_t) LRQ_EXEC_WARN_FACTOR * n_base) {
+        const llama_hparams & hp = m.hparams;
+        double per_tok = 0.0, per_tok_base = 0.0;   // bytes of an F16 K and V per token
+        for (size_t e = 0; e < n_exec; ++e) {
+            per_tok += 2.0 * (hp.n_embd_k_gqa(layer[e]) + hp.n_embd_v_gqa(layer[e]));
+        }
+        for (uint32_t L = 0; L < n_base; ++L) {
+            per_tok_base += 2.0 * (hp.n_embd_k_gqa(L) + hp.n_embd_v_gqa(L));
+        }
+        LLAMA_LOG_WARN("%s: LRQ: the schedule runs %zu executions of %u base layers (%.1fx): each has its own KV "
+                       "cache, %.1f MiB per 1024 tokens of context at F16 (the base model: %.1f MiB), %.0f MiB at "
+                       "the training context of %u tokens\n",
+                       lrq_cur_file.c_str(), n_exec, n_base, (double) n_exec / n_base, per_tok * 1024 / (1 << 20),
+                       per_tok_base * 1024 / (1 << 20), per_tok * hp.n_ctx_train / (1 << 20), hp.n_ctx_train);
     }
     return l;
 }
@@ -267,16 +336,48 @@ static bool lrq_param_allowed(const char * p, bool stock) {
     return stock ? std::strcmp(p, "clip") == 0 : std::strcmp(p, "clip") != 0;
 }
 
-// Reads n float32 values of a tensor from the file at load time (parameters the graph needs as
-// constants, and values that must be validated before any compute).
-static bool lrq_read_f32(llama_model_loader & ml, const std::string & name, float * out, size_t n) {
+// Reads the first nbytes of a tensor's data from the file at load time (parameters the graph needs
+// as constants, and values that must be validated before any compute).  False when the model
+// was not loaded from a file the loader can read again (llama_model_load_from_file_ptr).
+static bool lrq_read_raw(llama_model_loader & ml, const std::string & name, void * out, size_t nbytes) {
     const auto & wt = ml.require_weight(name.c_str());
     if (wt.idx >= ml.files.size()) {
         return false;
     }
     ml.files.at(wt.idx)->seek(wt.offs, SEEK_SET);
-    ml.files.at(wt.idx)->read_raw(out, n * sizeof(float));
+    ml.files.at(wt.idx)->read_raw(out, nbytes);
     return true;
+}
+
+static bool lrq_read_f32(llama_model_loader & ml, const std::string & name, float * out, size_t n) {
+    return lrq_read_raw(ml, name, out, n * sizeof(float));
+}
+
+// Rule T5: the group parameters and the replica parameters (F16 or F32) hold finite values only.
+// A NaN or infinity there would not crash anything, but it silently turns every logit into NaN.
+static void lrq_check_finite(llama_model_loader & ml, const ggml_tensor * meta, const std::string & name) {
+    const size_t n = (size_t) ggml_nelements(meta);
+    if (meta->type == GGML_TYPE_F16) {
+        std::vector<uint16_t> h(n);
+        if (!lrq_read_raw(ml, name, h.data(), n * sizeof(uint16_t))) {
+            return;
+        }
+        for (size_t i = 0; i < n; ++i) {
+            if ((h[i] & 0x7c00) == 0x7c00) {   // exponent all ones: inf or NaN
+                lrq_fail("tensor %s: element %zu is not finite (rule T5)", name.c_str(), i);
+            }
+        }
+    } else if (meta->type == GGML_TYPE_F32) {
+        std::vector<float> f(n);
+        if (!lrq_read_f32(ml, name, f.data(), n)) {
+            return;
+        }
+        for (size_t i = 0; i < n; ++i) {
+            if (!std::isfinite(f[i])) {
+                lrq_fail("tensor %s: element %zu is not finite (rule T5)", name.c_str(), i);
+            }
+        }
+    }
 }
 
 ggml_op lrq_tensor_op(const llama_model_loader & ml, const ggml_tensor * t_meta, ggml_op op) {
@@ -299,7 +400,7 @@ ggml_op lrq_tensor_op(const llama_model_loader & ml, const ggml_tensor * t_meta,
     return gain ? GGML_OP_MUL : GGML_OP_ADD;
 }
 
-std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader & ml) {
+static std::vector<uint32_t> lrq_load_tensors_impl(llama_model_base & m, llama_model_loader & ml) {
     lrq_model &    l      = *m.lrq;
     const uint32_t n_base = l.n_base;
     const int      flags_opt = llama_model_loader::TENSOR_NOT_REQUIRED;
@@ -310,7 +411,7 @@ std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader 
     std::vector<std::array<base_lin, LRQ_SLOT_COUNT>> base(n_base);
     for (uint32_t L = 0; L < n_base; ++L) {
         if (m.layers[L].wqkv && GGML_TYPE_IS_LRQ(m.layers[L].wqkv->type)) {
-            throw std::runtime_error(format("LRQ: fused QKV weight of layer %u cannot hold LRQ codes", L));
+            lrq_fail("fused QKV weight of layer %u cannot hold LRQ codes", L);
         }
         for (int s = 0; s < LRQ_SLOT_COUNT; ++s) {
             ggml_tensor * w = *lrq_slot_ptr(m.layers[L], s);
@@ -323,8 +424,8 @@ std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader 
                 continue;
             }
             if (l.mode == LRQ_MODE_TERNARY && w->type != GGML_TYPE_LRQ2) {
-                throw std::runtime_error(format("LRQ: ternary weight %s must have type lrq2, not %s", w->name,
-                                                ggml_type_name(w->type)));
+                lrq_fail("ternary weight %s must have type lrq2, not %s", w->name,
+                                                ggml_type_name(w->type));
             }
             const int64_t n_in = w->ne[0], n_out = w->ne[1], G = (n_in + l.group_size - 1) / l.group_size;
             base_lin & b = base[L][s];
@@ -332,13 +433,17 @@ std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader 
             b.scale = m.create_tensor(ml, m.tn(LRQ_SLOT_TENSOR[s], "lrq_scale", L), {G, n_out}, 0);
             b.min   = m.create_tensor(ml, m.tn(LRQ_SLOT_TENSOR[s], "lrq_min", L), {G, n_out}, flags_opt);
             if (b.scale->type != GGML_TYPE_F16 || (b.min && b.min->type != GGML_TYPE_F16)) {
-                throw std::runtime_error(format("LRQ: group parameters of %s must be F16", w->name));
+                lrq_fail("group parameters of %s must be F16", w->name);
             }
             if ((l.mode == LRQ_MODE_ASYM) != (b.min != nullptr)) {
-                throw std::runtime_error(format("LRQ: %s.lrq_min must be present exactly in asym files (mode %s)",
-                                                w->name, l.mode == LRQ_MODE_ASYM ? "asym" : "sym/ternary"));
+                lrq_fail("%s.lrq_min must be present exactly in asym files (mode %s)",
+                                                w->name, l.mode == LRQ_MODE_ASYM ? "asym" : "sym/ternary");
             }
             created.insert(b.scale->name);
+            lrq_check_finite(ml, b.scale, b.scale->name);
+            if (b.min) {
+                lrq_check_finite(ml, b.min, b.min->name);
+            }
             if (b.min) {
                 created.insert(b.min->name);
             }
@@ -373,15 +478,15 @@ std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader 
                     continue;
                 }
                 if (!lrq_param_allowed(p, b.stock)) {
-                    throw std::runtime_error(format("LRQ: %s: a replica of %s weight %s takes %s, not %s", name.c_str(),
+                    lrq_fail("%s: a replica of %s weight %s takes %s, not %s", name.c_str(),
                                                     b.stock ? "stock-typed" : "LRQ-typed", b.codes->name,
                                                     b.stock ? "gain, bias and clip" : "scale_mult, grid_offset, gain, bias and act",
-                                                    p));
+                                                    p);
                 }
                 if (std::strcmp(p, "clip") == 0) {
                     if (meta->type != GGML_TYPE_F32 || ggml_n_dims(meta) != 1 || meta->ne[0] != 1) {
-                        throw std::runtime_error(format("LRQ: %s must be F32 [1], got %s with %lld elements", name.c_str(),
-                                                        ggml_type_name(meta->type), (long long) ggml_nelements(meta)));
+                        lrq_fail("%s must be F32 [1], got %s with %lld elements", name.c_str(),
+                                                        ggml_type_name(meta->type), (long long) ggml_nelements(meta));
                     }
                     ggml_tensor * t = m.create_tensor(ml, tn, {1}, flags_opt);
                     created.insert(name);
@@ -389,10 +494,10 @@ std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader 
                     // the bound is a graph constant (ggml_clamp): read and validate it now
                     float c = 0.0f;
                     if (t && !lrq_read_f32(ml, name, &c, 1)) {
-                        throw std::runtime_error(format("LRQ: %s: cannot read the clip bound at load time", name.c_str()));
+                        lrq_fail("%s: cannot read the clip bound at load time", name.c_str());
                     }
                     if (!(c > 0.0f)) {   // also refuses NaN; +inf means no clip
-                        throw std::runtime_error(format("LRQ: %s = %g: the clip bound must be > 0", name.c_str(), c));
+                        lrq_fail("%s = %g: the clip bound must be > 0", name.c_str(), c);
                     }
                     lin.clip = c;
                     continue;
@@ -404,20 +509,24 @@ std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader 
                     const bool ok_shape = ggml_n_dims(meta) <= 2 && (ne0 == G || ne0 == 1) && (ne1 == n_out || ne1 == 1) &&
                                           !(ne0 == G && G > 1 && ne1 == 1);   // [1, n_groups] is not a format shape
                     if (!ok_shape || meta->type != GGML_TYPE_F16) {
-                        throw std::runtime_error(format("LRQ: %s must be F16 [%lld, %lld], [%lld, 1] or [1, 1] (numpy order), "
+                        lrq_fail("%s must be F16 [%lld, %lld], [%lld, 1] or [1, 1] (numpy order), "
                                                         "got %s [%lld, %lld]", name.c_str(), (long long) n_out, (long long) G,
                                                         (long long) n_out, ggml_type_name(meta->type), (long long) ne1,
-                                                        (long long) ne0));
+                                                        (long long) ne0);
                     }
                     t = m.create_tensor(ml, tn, {ne0, ne1}, flags_opt);
+                    lrq_check_finite(ml, meta, name);
                 } else {
                     const int64_t n = std::strcmp(p, "act") == 0 ? 2 : n_out;
                     if (meta->type != GGML_TYPE_F32 || ggml_n_dims(meta) != 1 || meta->ne[0] != n) {
-                        throw std::runtime_error(format("LRQ: %s must be F32 [%lld], got %s with %lld elements",
+                        lrq_fail("%s must be F32 [%lld], got %s with %lld elements",
                                                         name.c_str(), (long long) n, ggml_type_name(meta->type),
-                                                        (long long) ggml_nelements(meta)));
+                                                        (long long) ggml_nelements(meta));
                     }
                     t = m.create_tensor(ml, tn, {n}, flags_opt);
+                    if (std::strcmp(p, "act") != 0) {
+                        lrq_check_finite(ml, meta, name);   // act: range-checked below
+                    }
                 }
                 created.insert(name);
                 l.n_replica_tensors++;
@@ -433,8 +542,8 @@ std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader 
                     if (lrq_read_f32(ml, name, ck, 2)) {
                         const bool bits_ok = ck[1] == 0.0f || (ck[1] >= 2.0f && ck[1] <= 16.0f && ck[1] == std::floor(ck[1]));
                         if (!(ck[0] > 0.0f && ck[0] <= 1.0f) || !bits_ok) {
-                            throw std::runtime_error(format("LRQ: %s = (%g, %g): clip must be in (0, 1] and act bits 0 or "
-                                                            "an integer in 2..16", name.c_str(), ck[0], ck[1]));
+                            lrq_fail("%s = (%g, %g): clip must be in (0, 1] and act bits 0 or "
+                                                            "an integer in 2..16", name.c_str(), ck[0], ck[1]);
                         }
                     }
                 }
@@ -449,12 +558,12 @@ std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader 
             unsigned L = 0, r = 0;
             char     slot[64] = {0};
             if (std::sscanf(name.c_str(), "blk.%u.%63[^.].lrq_r%u.", &L, slot, &r) == 3) {
-                throw std::runtime_error(format("LRQ: tensor %s: replica %u of layer %u is not in the schedule, or its "
+                lrq_fail("tensor %s: replica %u of layer %u is not in the schedule, or its "
                                                 "weight %s has no LRQ codes%s", name.c_str(), r, L, slot,
-                                                l.version < 2 ? " (format version 1 has no stock-typed replicas)" : ""));
+                                                l.version < 2 ? " (format version 1 has no stock-typed replicas)" : "");
             }
-            throw std::runtime_error(format("LRQ: tensor %s is not an LRQ parameter of an LRQ weight%s", name.c_str(),
-                                            l.version < 2 ? " (format version 1 has no stock-typed replicas)" : ""));
+            lrq_fail("tensor %s is not an LRQ parameter of an LRQ weight%s", name.c_str(),
+                                            l.version < 2 ? " (format version 1 has no stock-typed replicas)" : "");
         }
         if (GGML_TYPE_IS_LRQ(t->type)) {
             bool known = false;
@@ -464,8 +573,8 @@ std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader 
                 }
             }
             if (!known) {
-                throw std::runtime_error(format("LRQ: tensor %s has type %s but is not a block linear (q, k, v, o, gate, "
-                                                "up, down)", name.c_str(), ggml_type_name(t->type)));
+                lrq_fail("tensor %s has type %s but is not a block linear (q, k, v, o, gate, "
+                                                "up, down)", name.c_str(), ggml_type_name(t->type));
             }
         }
     }
@@ -528,6 +637,19 @@ std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader 
     LLAMA_LOG_INFO("%s: format v%u, %u base layers -> %zu executions (%zu parallel groups), %s, %zu replica tensors\n",
                    __func__, l.version, n_base, n_exec, n_par, lrq_codes_desc(l).c_str(), l.n_replica_tensors);
     return exec_layer;
+}
+
+std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader & ml) {
+    try {
+        return lrq_load_tensors_impl(m, ml);
+    } catch (const std::runtime_error & e) {
+        // llama.cpp's own create_tensor errors (missing tensor, wrong shape) do not name the file
+        const std::string what = e.what();
+        if (what.rfind(lrq_cur_file + ":", 0) == 0) {
+            throw;
+        }
+        throw std::runtime_error(lrq_cur_file + ": " + what);
+    }
 }
 
 std::string lrq_model_desc(const lrq_model & l, const std::string & stock_desc) {

@@ -84,6 +84,44 @@ REQUIRED_KEYS = (Keys.FORMAT_VERSION, Keys.BASE_ARCH,
 REQUIRED_WITH_LRQ_CODES = (Keys.QUANT_MODE, Keys.GROUP_SIZE)
 
 
+# The GGUF value type of every lrq.* key (docs/FORMAT.md sections 2 and 10, rule K1): a key of
+# this table that is present has exactly this type ("array:<element type>" for an array),
+# whether or not the reader uses its value; lrq.* keys not listed are ignored.  The C++ copy is
+# LRQ_KEY_SPECS in native/include/lrq-keys.h; tests/test_bad_files.py checks the two agree.
+KEY_TYPES: dict[str, str] = {
+    Keys.FORMAT_VERSION: "uint32",
+    Keys.BASE_ARCH: "string",
+    Keys.QUANT_MODE: "string",
+    Keys.GROUP_SIZE: "uint32",
+    Keys.BITS: "uint32",
+    Keys.SCALE_SEARCH: "string",
+    Keys.ROUNDING: "string",
+    Keys.NOISE: "float32",
+    Keys.SEED: "uint32",
+    Keys.INIT_SCALE_DELTA: "float32",
+    Keys.INIT_GRID_OFFSET: "float32",
+    Keys.SCHEDULE_LAYER: "array:uint32",
+    Keys.SCHEDULE_REPLICA: "array:uint32",
+    Keys.SCHEDULE_GROUP: "array:uint32",
+    Keys.SCHEDULE_WEIGHT: "array:float32",
+    Keys.BASE_TYPE: "string",
+    Keys.BASE_IMATRIX: "string",
+    Keys.PLAN: "string",
+    Keys.KEEP: "string",
+    Keys.BPW_LRQ: "float32",
+    Keys.BPW_LINEARS: "float32",
+    Keys.SOURCE: "string",
+    Keys.CONVERTER: "string",
+}
+
+# The longest schedule (and the bound on replica indices) either reader takes: llama.cpp's
+# LLAMA_MAX_LAYERS, the size of its per-layer arrays (LRQ_MAX_EXECUTIONS in lrq-keys.h).
+MAX_EXECUTIONS = 512
+# More executions per base layer than this load with a warning stating the KV cache they cost
+# (rule S6; LRQ_EXEC_WARN_FACTOR in lrq-keys.h).
+EXEC_WARN_FACTOR = 4
+
+
 class LRQType(IntEnum):
     """ggml type ids of the LRQ code tensors (blocks of 32 weights, 4*b bytes).
 

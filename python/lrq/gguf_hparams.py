@@ -68,32 +68,54 @@ def _get(kv: dict, key: str, where: str, default: Any = ...) -> Any:
     return default
 
 
+def _int(kv: dict, key: str, where: str, default: Any = ...) -> int:
+    """An integer key: llama.cpp reads these with a type check, so a string "30" or a float is
+    refused here too (the two readers must accept the same files)."""
+    v = _get(kv, key, where, default)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise GGUFFileError(f"{where}: key {key} must be an integer, got {type(v).__name__} {v!r:.40}")
+    if v < 0:
+        raise GGUFFileError(f"{where}: key {key} must be >= 0, got {v}")
+    return int(v)
+
+
+def _float(kv: dict, key: str, where: str, default: Any = ...) -> float:
+    v = _get(kv, key, where, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise GGUFFileError(f"{where}: key {key} must be a number, got {type(v).__name__} {v!r:.40}")
+    return float(v)
+
+
 def hparams(kv: dict[str, Any], base: str, tensor_shapes: dict[str, tuple[int, ...]],
             where: str) -> dict[str, Any]:
     """Hyper-parameters of a llama-like model from its ``<base>.*`` keys and tensor shapes."""
-    n_embd = int(_get(kv, f"{base}.embedding_length", where))
-    n_head = int(_get(kv, f"{base}.attention.head_count", where))
+    n_embd = _int(kv, f"{base}.embedding_length", where)
+    n_head = _int(kv, f"{base}.attention.head_count", where)
+    if n_head == 0:
+        raise GGUFFileError(f"{where}: key {base}.attention.head_count must be > 0")
     n_vocab = kv.get(f"{base}.vocab_size")
     if n_vocab is None:
         if "token_embd.weight" in tensor_shapes:
             n_vocab = tensor_shapes["token_embd.weight"][0]
         else:
             n_vocab = len(_get(kv, "tokenizer.ggml.tokens", where))
-    head_dim = int(kv.get(f"{base}.attention.key_length", n_embd // n_head))
+    else:
+        n_vocab = _int(kv, f"{base}.vocab_size", where)
+    head_dim = _int(kv, f"{base}.attention.key_length", where, n_embd // n_head)
     return {
         "arch": base,
-        "n_layer": int(_get(kv, f"{base}.block_count", where)),
+        "n_layer": _int(kv, f"{base}.block_count", where),
         "n_embd": n_embd,
         "n_head": n_head,
-        "n_head_kv": int(kv.get(f"{base}.attention.head_count_kv", n_head)),
-        "n_ff": int(_get(kv, f"{base}.feed_forward_length", where)),
+        "n_head_kv": _int(kv, f"{base}.attention.head_count_kv", where, n_head),
+        "n_ff": _int(kv, f"{base}.feed_forward_length", where),
         "n_vocab": int(n_vocab),
-        "n_ctx_train": int(kv.get(f"{base}.context_length", 0)),
-        "rope_theta": float(kv.get(f"{base}.rope.freq_base", 10000.0)),
-        "rope_dim": int(kv.get(f"{base}.rope.dimension_count", head_dim)),
-        "rms_eps": float(_get(kv, f"{base}.attention.layer_norm_rms_epsilon", where)),
+        "n_ctx_train": _int(kv, f"{base}.context_length", where, 0),
+        "rope_theta": _float(kv, f"{base}.rope.freq_base", where, 10000.0),
+        "rope_dim": _int(kv, f"{base}.rope.dimension_count", where, head_dim),
+        "rms_eps": _float(kv, f"{base}.attention.layer_norm_rms_epsilon", where),
         "head_dim": head_dim,
-        "head_dim_v": int(kv.get(f"{base}.attention.value_length", head_dim)),
+        "head_dim_v": _int(kv, f"{base}.attention.value_length", where, head_dim),
         "tied_embeddings": "output.weight" not in tensor_shapes,
         "qk_norm": "blk.0.attn_q_norm.weight" in tensor_shapes,
         "attn_bias": "blk.0.attn_q.bias" in tensor_shapes,

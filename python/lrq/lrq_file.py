@@ -22,8 +22,8 @@ from typing import Any
 import gguf
 import numpy as np
 
-from .constants import (ARCH_PREFIX, FORMAT_VERSION, FORMAT_VERSION_MIN, GROUP_SIZES,
-                        LRQ_REPLICA_PARAMS, MODES, STOCK_REPLICA_PARAMS, SUPPORTED_ARCHS,
+from .constants import (ARCH_PREFIX, EXEC_WARN_FACTOR, FORMAT_VERSION, FORMAT_VERSION_MIN,
+                        GROUP_SIZES, KEY_TYPES, LRQ_REPLICA_PARAMS, MODES, STOCK_REPLICA_PARAMS, SUPPORTED_ARCHS,
                         TERNARY_BITS, Keys, is_block_linear, layer_of, lrq_bits,
                         min_name, parse_replica_param_name, replica_param_name, scale_name)
 from .gguf_hparams import GGUFFileError, dequantize_tensor, hparams, numpy_shape, open_reader, read_kv
@@ -77,10 +77,24 @@ class LRQModelFile:
     def _err(self, msg: str) -> LRQFileError:
         return LRQFileError(f"{self.path}: {msg}")
 
+    def _check_key_types(self) -> None:
+        """Rule K1: every lrq.* key of constants.KEY_TYPES that is present has its type there."""
+        for key, want in KEY_TYPES.items():
+            field = self._reader.fields.get(key)
+            if field is None:
+                continue
+            types = [t.name.lower() for t in field.types]
+            got = types[0] if len(types) == 1 else "array:" + ":".join(types[1:])
+            if got != want:
+                def desc(t: str) -> str:
+                    return "an array of " + t[len("array:"):] if t.startswith("array:") else t
+                raise self._err(f"key {key} must be {desc(want)}, got {desc(got)}")
+
     def _check_keys(self) -> None:
         v = self.kv.get(Keys.FORMAT_VERSION)
         if v is None:
             raise self._err(f"key {Keys.FORMAT_VERSION} is missing: not an LRQ file")
+        self._check_key_types()
         if not FORMAT_VERSION_MIN <= int(v) <= FORMAT_VERSION:
             raise self._err(f"LRQ format version {int(v)} is not supported (this lrq reads versions "
                             f"{FORMAT_VERSION_MIN}..{FORMAT_VERSION})")
@@ -138,6 +152,9 @@ class LRQModelFile:
             if self.mode == "ternary" and bits != TERNARY_BITS:
                 raise self._err(f"tensor {name}: ternary codes must be LRQ{TERNARY_BITS}, got LRQ{bits}")
             shape = numpy_shape(t)
+            if not is_block_linear(name):
+                raise self._err(f"tensor {name} has type {type_name(t.tensor_type)} but is not a block "
+                                f"linear (q, k, v, o, gate, up, down) (rule T1)")
             if len(shape) != 2:
                 raise self._err(f"tensor {name}: LRQ weights are 2-D, got shape {list(shape)}")
             n_out, n_in = shape
@@ -149,6 +166,7 @@ class LRQModelFile:
                     raise self._err(f"tensor {aux} must not exist in mode {self.mode}")
                 if wanted:
                     self._check_shape(aux, F16, [(n_out, ng)])
+                    self._check_finite(aux)
         layers_of_replicas = {}
         for e in self.schedule:
             layers_of_replicas.setdefault(e.layer, set()).add(e.replica)
@@ -178,8 +196,10 @@ class LRQModelFile:
             n_out, n_in = numpy_shape(self._t[w])
             if param in ("scale_mult", "grid_offset"):
                 self._check_shape(name, F16, [(n_out, n_groups(n_in, self.group_size)), (n_out, 1), (1, 1)])
+                self._check_finite(name)
             elif param in ("gain", "bias"):
                 self._check_shape(name, F32, [(n_out,)])
+                self._check_finite(name)
             elif param == "clip":
                 self._check_shape(name, F32, [(1,)])
                 c = float(self._t[name].data[0])
@@ -194,6 +214,28 @@ class LRQModelFile:
                     check_activation_params(c, int(k))
                 except QuantError as e:
                     raise self._err(f"tensor {name}: {e}") from None
+
+    def _check_finite(self, name: str) -> None:
+        """Rule T5: group and replica parameters hold finite values only (a NaN would not crash
+        anything, but it silently turns every logit into NaN)."""
+        a = np.asarray(self._t[name].data).reshape(-1)
+        bad = np.flatnonzero(~np.isfinite(a.astype(np.float32)))
+        if bad.size:
+            raise self._err(f"tensor {name}: element {int(bad[0])} is not finite (rule T5)")
+
+    @property
+    def warnings(self) -> list[str]:
+        """Rule S6: what the loaders warn about but accept (a schedule whose KV cache, one per
+        execution, is more than EXEC_WARN_FACTOR times the base model's)."""
+        n_exec, n_layer = len(self.schedule), self.hparams_dict["n_layer"]
+        if n_exec <= EXEC_WARN_FACTOR * n_layer:
+            return []
+        hp = self.hparams_dict
+        per_tok = 2.0 * hp["n_head_kv"] * (hp["head_dim"] + hp["head_dim_v"])    # F16 K and V bytes
+        return [f"{self.path}: the schedule runs {n_exec} executions of {n_layer} base layers "
+                f"({n_exec / n_layer:.1f}x): each has its own KV cache, "
+                f"{n_exec * per_tok * 1024 / 2**20:.1f} MiB per 1024 tokens of context at F16 "
+                f"(the base model: {n_layer * per_tok * 1024 / 2**20:.1f} MiB)"]
 
     # ---- metadata ---------------------------------------------------------------------------
     @property

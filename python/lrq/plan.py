@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .constants import Keys
+from .constants import MAX_EXECUTIONS, Keys
 
 PRESETS = ("none", "all", "last-N", "progressive")
 _LAST_N = re.compile(r"^last-(\d+)$")
@@ -71,13 +71,17 @@ class Plan:
         """Raise PlanError (naming ``where`` and the layer) unless the schedule is valid."""
         if not self.executions:
             raise PlanError(f"{where}: the schedule is empty")
+        if len(self.executions) > MAX_EXECUTIONS:
+            raise PlanError(f"{where}: the schedule has {len(self.executions)} executions; at most "
+                            f"{MAX_EXECUTIONS} (llama.cpp's layer limit) are supported")
         prev_layer = prev_group = -1
         for i, e in enumerate(self.executions):
             if not (0 <= e.layer < n_layer):
                 raise PlanError(f"{where}: layer {e.layer} does not exist in a model with {n_layer} "
                                 f"layers (valid: 0..{n_layer - 1})")
-            if e.replica < 0:
-                raise PlanError(f"{where}: execution {i} (layer {e.layer}) has replica {e.replica} < 0")
+            if not (0 <= e.replica < MAX_EXECUTIONS):
+                raise PlanError(f"{where}: execution {i} (layer {e.layer}) has replica {e.replica}; "
+                                f"replica indices are 0..{MAX_EXECUTIONS - 1}")
             if e.layer < prev_layer:
                 raise PlanError(f"{where}: execution {i} runs layer {e.layer} after layer {prev_layer}; "
                                 f"layers must be in non-decreasing order")

@@ -68,6 +68,7 @@ def collect(path: str, full_metadata: bool = False) -> dict:
         "lrq_metadata": lrq_keys,
         "metadata": other,
         "tensors": tensors,
+        "warnings": f.warnings,
     }
 
 
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     except GGUFFileError as e:
         print(f"lrq-inspect: error: {e}", file=sys.stderr)
         return 1
+    for w in info["warnings"]:       # what the loaders accept with a warning (FORMAT.md rule S6)
+        print(f"lrq-inspect: warning: {w}", file=sys.stderr)
     try:
         if args.json:
             print(json.dumps(info, indent=2))
