@@ -149,6 +149,27 @@ def test_lrq_graph_is_exact(lrq_files, tiny_arch, plan, monkeypatch):
     assert abs(ours.ppl - theirs.ppl) / theirs.ppl < EXACT_PPL_REL, (ours.ppl, theirs.ppl)
 
 
+def test_serial_step_weight_is_applied_everywhere(lrq_files, tiny_arch, monkeypatch, tmp_path):
+    """FORMAT.md section 7: a serial step of weight w computes x + w (B(x) - x).  The runtime, the
+    reference executor and the calibrator share that rule (lrq.reference.ops.combine_group); a
+    reference that ignores w (the earlier defect) is the control."""
+    from gguf_edit import rewrite
+    from lrq.constants import Keys
+    src = lrq_files.get(tiny_arch, "all")          # every layer twice, serial, weights 1
+    n = len(open_model(src).schedule)
+    weights = [1.0, 0.7, 1.0, -0.25, 0.5, 1.5][:n]   # any finite weight, also < 0 and > 1
+    path = rewrite(src, tmp_path / "weighted.gguf", kv={Keys.SCHEDULE_WEIGHT: (
+        weights, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.FLOAT32)})
+    monkeypatch.setenv("LRQ_CPU_REF", "1")
+    native = _native.Model(str(path), n_ctx=64, n_threads=THREADS, kv_f32=True, flash_attn=0)
+    toks = _tokens(11, 40)
+    got = native.eval(toks)
+    assert nmse(got, Reference(open_model(path)).logits(toks)) < EXACT_NMSE
+    # the control: the same schedule with every weight 1 (what ignoring w computes)
+    control = nmse(got, Reference(open_model(src)).logits(toks))
+    assert control > 1e6 * EXACT_NMSE, control
+
+
 @pytest.mark.parametrize("plan", PLANS)
 def test_lrq_fast_path_matches_reference(lrq_files, tiny_arch, plan):
     path = lrq_files.get(tiny_arch, plan)

@@ -40,7 +40,7 @@ from ..lrq_file import LRQFileError, LRQModelFile
 from ..plan import Execution
 from ..reference import Reference
 from ..reference.executor import Block
-from ..reference.ops import Linear
+from ..reference.ops import Linear, combine_group
 from .activations import LINEARS, SourceActivations, run_block
 from .data import CalibError, calibration_windows, check_source
 from .replica import GRANULARITIES, PARAMS, ReplicaLinear, StockReplicaLinear
@@ -211,14 +211,8 @@ class QuantLayer:
 
     def forward(self, ref: Reference, x: torch.Tensor, groups=None, ctx=None) -> torch.Tensor:
         for g in (self.groups if groups is None else groups):
-            if len(g) == 1:
-                y = run_block(ref, self.blocks[g[0].replica], x, ctx)
-                x = y if g[0].weight == 1.0 else x + g[0].weight * (y - x)
-            else:
-                acc = x
-                for e in g:
-                    acc = acc + e.weight * (run_block(ref, self.blocks[e.replica], x, ctx) - x)
-                x = acc
+            x = combine_group(x, [run_block(ref, self.blocks[e.replica], x, ctx) for e in g],
+                              [e.weight for e in g])
         return x
 
     def state(self, replicas=None) -> dict:

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ..model_file import HParams, open_model
-from .ops import Linear, act_clip_quant, apply_rope, attention, rms_norm, rope_angles  # noqa: F401
+from .ops import (Linear, act_clip_quant, apply_rope, attention, combine_group,  # noqa: F401
+                  rms_norm, rope_angles)
 from .perplexity import PerplexityResult, perplexity as _perplexity
 
 _LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -194,15 +195,8 @@ class Reference:
         x = self.tok_embd[ids]
         with torch.no_grad():
             for s in self.steps:
-                if len(s.execs) == 1:
-                    x = self._block(x, self.blocks[(s.layer, s.replicas[0])], cache, s.execs[0],
-                                    pos, cos, sin)
-                else:
-                    acc = x
-                    for slot, r, w in zip(s.execs, s.replicas, s.weights):
-                        acc = acc + w * (self._block(x, self.blocks[(s.layer, r)], cache, slot,
-                                                     pos, cos, sin) - x)
-                    x = acc
+                x = combine_group(x, [self._block(x, self.blocks[(s.layer, r)], cache, slot, pos, cos, sin)
+                                      for slot, r in zip(s.execs, s.replicas)], s.weights)
         cache.n_past += ids.numel()
         return x
 

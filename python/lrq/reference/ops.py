@@ -115,3 +115,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Te
     probs = torch.softmax(scores, dim=-1)
     out = probs @ v                                       # [n_head, n_q, d_v]
     return out.transpose(0, 1).reshape(q.shape[1], -1)
+
+
+def combine_group(x: torch.Tensor, outputs, weights) -> torch.Tensor:
+    """One step of the schedule (docs/FORMAT.md section 7): ``x + sum_j w_j (B_j(x) - x)`` over
+    the group's block outputs ``outputs`` (callables or tensors) and their weights.
+
+    A serial step is a group of one: ``x + w (B(x) - x)``, which for w = 1 is ``B(x)`` itself,
+    returned as is (exactly the stock graph, as the runtime builds it).  The reference executor
+    and the calibrator both call this, so the two cannot apply the schedule differently."""
+    outputs, weights = list(outputs), [float(w) for w in weights]
+    if len(outputs) != len(weights) or not outputs:
+        raise ValueError(f"a group needs one weight per output, got {len(outputs)} and {len(weights)}")
+    ys = [y() if callable(y) else y for y in outputs]
+    if len(ys) == 1 and weights[0] == 1.0:
+        return ys[0]
+    acc = None
+    for y, w in zip(ys, weights):
+        d = y - x if w == 1.0 else w * (y - x)
+        acc = d if acc is None else acc + d
+    return x + acc
