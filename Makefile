@@ -16,37 +16,63 @@ export CCACHE_BASEDIR  := $(CURDIR)
 export CCACHE_NOHASHDIR := 1
 export CCACHE_MAXSIZE  ?= 5G
 
-.PHONY: all sysdeps venv build demo test results clean distclean
+# CPU torch: the local wheel when the machine has one (pip's find-links), else PyPI's CPU index
+# (plain PyPI would bring the multi-GB CUDA build).
+TORCH_VERSION := 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+# cmake and ninja: the system's when installed, else from PyPI into the venv (no root needed).
+CMAKE := $(or $(shell command -v cmake 2>/dev/null),$(abspath $(VENV))/bin/cmake)
+NINJA := $(or $(shell command -v ninja 2>/dev/null),$(abspath $(VENV))/bin/ninja)
+
+.PHONY: all toolchain testdeps venv build demo test results clean distclean
 
 all: build
 
-sysdeps:
-	@command -v ccache >/dev/null && command -v ninja >/dev/null && command -v cmake >/dev/null \
-	  || { apt-get update -qq && apt-get install -y -qq ccache ninja-build cmake >/dev/null; }
+# What the build needs from the system: a C/C++ compiler and the Python headers.  As root on
+# Debian / Ubuntu they are installed; otherwise a clear message says what is missing.
+toolchain:
+	@command -v c++ >/dev/null && command -v cc >/dev/null \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	       && apt-get update -qq && apt-get install -y -qq g++ >/dev/null; } \
+	  || { echo "error: no C/C++ compiler (cc, c++): install g++ (Debian/Ubuntu: apt-get install g++)" >&2; exit 1; }
+	@$(PYTHON) -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	       && apt-get update -qq && apt-get install -y -qq python3-dev >/dev/null; } \
+	  || { echo "error: no Python.h for $(PYTHON): install the Python headers (Debian/Ubuntu: apt-get install python3-dev)" >&2; exit 1; }
+	@command -v ccache >/dev/null || echo "note: ccache not found; builds work without it, rebuilds are slower"
+
+# Only the tests need these (tests/test_neon.py: the aarch64 cross compiler and qemu-user).
+testdeps:
 	@command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null \
-	  || { apt-get update -qq && apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user >/dev/null; }
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	       && apt-get update -qq && apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user >/dev/null; } \
+	  || { echo "error: tests/test_neon.py needs aarch64-linux-gnu-gcc and qemu-aarch64 (Debian/Ubuntu: apt-get install gcc-aarch64-linux-gnu qemu-user)" >&2; exit 1; }
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-index torch==$(TORCH_VERSION) 2>/dev/null \
+	  || $(PY) -m pip install -q torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX)
 	$(PY) -m pip install -q -e '.[dev]'
+	command -v cmake >/dev/null || $(PY) -m pip install -q 'cmake>=3.21'
+	command -v ninja >/dev/null || $(PY) -m pip install -q ninja
 	touch $@
 
 venv: $(VENV)/.installed
 
-build: sysdeps venv
+build: toolchain venv
 	$(PY) patches/prepare.py $(BUILD)/llama.cpp
-	cmake -S . -B $(CBUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	$(CMAKE) -S . -B $(CBUILD) -G Ninja -DCMAKE_MAKE_PROGRAM=$(NINJA) -DCMAKE_BUILD_TYPE=Release \
 	  -DPython3_EXECUTABLE=$(abspath $(PY)) \
 	  -Dpybind11_DIR=$$($(PY) -m pybind11 --cmakedir) >$(BUILD)/cmake-configure.log \
 	  || { cat $(BUILD)/cmake-configure.log; exit 1; }
-	cmake --build $(CBUILD) --target lrq_all -j $(JOBS)
+	$(CMAKE) --build $(CBUILD) --target lrq_all -j $(JOBS)
 
 demo: build
 	$(PY) -m lrq.cli.demo
 
-test: build
+test: build testdeps
 	$(PY) -m pytest -q -rs tests
 
 # docs/RESULTS.md's generated section, docs/results/*.csv|png (bench/results.py --help)

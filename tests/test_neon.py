@@ -7,7 +7,7 @@ for every bits x group size x mode x tokens (1, 5) x replica shape, with the AVX
 bound of test_kernels.py (NMSE <= 1e-10; also max |diff| / max |y| <= 1e-5, row halves == whole).
 Correctness only: emulated timings say nothing about ARM speed.
 
-`make sysdeps` installs gcc-aarch64-linux-gnu and qemu-user; a missing tool fails, not skips.
+`make test` (its target testdeps) installs gcc-aarch64-linux-gnu and qemu-user; a missing tool fails, not skips.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ N_CASES = 9 * 4 * 2 * 4 + 4     # (mode, bits) x group x tokens x replica + the 
 
 def _tool(name: str) -> str:
     path = shutil.which(name)
-    assert path, f"{name} not found: run `make sysdeps` (installs gcc-aarch64-linux-gnu and qemu-user)"
+    assert path, f"{name} not found: run `make testdeps` (installs gcc-aarch64-linux-gnu and qemu-user)"
     return path
 
 
