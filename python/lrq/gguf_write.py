@@ -6,9 +6,10 @@ The file is written in GGUF order, and so are the calls:
 
 Every tensor is declared (name, shape, type) before any data is written, so the data can be
 produced and written one tensor at a time: peak memory is one tensor's working set, never the
-model.  Everything goes to a temporary file next to the destination, renamed over it by
-``finish()``; ``abort()`` (or leaving the ``with`` block with an exception) deletes it, so an error
-leaves nothing half-written behind.
+model.  Everything goes to a temporary file next to the destination (lrq.atomic), fsynced and
+renamed over it by ``finish()``; ``abort()`` (or leaving the ``with`` block with an exception)
+deletes it, so an error leaves nothing half-written behind.  A killed writer leaves only its
+temporary file, which the next writer of the same destination removes.
 
 gguf-py's GGUFWriter does the byte-level encoding (its own state checks stay active underneath).
 
@@ -23,7 +24,6 @@ gguf-py's GGUFWriter does the byte-level encoding (its own state checks stay act
 from __future__ import annotations
 
 import os
-import tempfile
 from enum import Enum, auto
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import gguf
 import numpy as np
 
-from . import gguf_types
+from . import atomic, gguf_types
 
 GGUFValueType = gguf.GGUFValueType
 
@@ -75,12 +75,15 @@ class GGUFStreamWriter:
     def __init__(self, path: str | os.PathLike, arch: str):
         gguf_types.register()
         self.path = check_output_path(path)
+        parent = self.path.parent if str(self.path.parent) else Path(".")
+        atomic.remove_stale_temps(parent, self.path.name)     # left by killed writers
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
+            # created by the kernel with mode 0666 & ~umask, the permissions open() gives
+            fd, tmp = atomic.create_temp(self.path)
         except OSError as e:
-            raise WriterError(f"cannot create a file in {self.path.parent}: {e.strerror or e}") from None
+            raise WriterError(f"cannot create a file in {parent}: {e.strerror or e}") from None
         os.close(fd)
-        self.tmp_path = Path(tmp)
+        self.tmp_path = tmp
         self._w = gguf.GGUFWriter(None, arch)
         self._order: list[tuple[str, int]] = []        # (name, nbytes) in declaration order
         self._next = 0
@@ -177,11 +180,7 @@ class GGUFStreamWriter:
         fout.flush()
         os.fsync(fout.fileno())
         self._w.close()
-        # mkstemp creates the file 0600; give it the permissions an ordinary open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp_path, 0o666 & ~umask)
-        os.replace(self.tmp_path, self.path)
+        atomic.commit(self.tmp_path, self.path, synced=True)
         self.state = State.DONE
         return self.path
 

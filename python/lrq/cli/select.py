@@ -27,6 +27,8 @@ import math
 import sys
 from pathlib import Path
 
+from ..atomic import atomic_path, atomic_write_text
+
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lrq-select", description=__doc__.splitlines()[0],
@@ -123,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
                      score=s.score, kl=s.kl, dnll=s.dnll, copies=choice.get(s.layer, 1)) for s in scores]
         try:
             if p.suffix.lower() == ".json":
-                p.write_text(json.dumps({"model": str(model), "quant": spec.describe(), "text": str(args.text),
-                                         "layers": rows}, indent=1))
+                atomic_write_text(p, json.dumps({"model": str(model), "quant": spec.describe(),
+                                                 "text": str(args.text), "layers": rows}, indent=1))
             else:
-                with open(p, "w", newline="") as f:
+                with atomic_path(p) as tmp, open(tmp, "w", newline="") as f:
                     w = csv.DictWriter(f, fieldnames=list(rows[0]))
                     w.writeheader()
                     w.writerows(rows)

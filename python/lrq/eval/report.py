@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from ..atomic import atomic_path
 from .pareto import pareto_front
 from .run import Row
 
@@ -46,7 +47,7 @@ def table(rows: Sequence[Row], header: str = "") -> str:
 
 def write_csv(rows: Sequence[Row], path: str | os.PathLike) -> Path:
     path = Path(path)
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
@@ -94,6 +95,9 @@ def plot(rows: Sequence[Row], path: str | os.PathLike, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:       # the temporary name keeps the suffix: the format
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
     return path

@@ -6,13 +6,13 @@ through the patched llama-perplexity (DATA.md's protocol).
 
 The base run (``--kl-divergence-base``) stores the reference's log-probabilities of every scored
 token (~25 MB per 512-token chunk for a 49k vocabulary); it is cached under the work dir, keyed by
-reference, text, context and chunks.  Every later run reads the tokens from that file, so every
-model is scored on exactly the same windows.
+reference, text, context and chunks, as an lrq.atomic cache entry (unique temporary name,
+fsync, rename, sidecar last: an interrupted run is a miss, never a partial hit).  Every later
+run reads the tokens from that file, so every model is scored on exactly the same windows.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .. import tools
+from .. import atomic, tools
 from .bpw import file_bpw
 from .parse import BaseResult, parse_base, parse_kld
 from .stock import _stamp, work_dir
@@ -109,26 +109,27 @@ def base_logits(ref_f32: str | os.PathLike, text: str | os.PathLike, ctx: int = 
     tag = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(os.fspath(text)).stem)
     stem = ref.name[:-5] if ref.name.endswith(".gguf") else ref.name
     out = work_dir(work) / f"{stem}.{tag}.c{ctx}.n{chunks}.kld"
-    side = out.with_name(out.name + ".json")
     recipe = {"ref": _stamp(ref), "text": _stamp(tfile), "ctx": ctx, "chunks": chunks}
-    if out.is_file() and side.is_file():
+    saved = atomic.load_entry(out, recipe)
+    if saved is not None:
         try:
-            saved = json.loads(side.read_text())
-            if saved.get("recipe") == recipe:
-                return Base(ref, out, os.fspath(text), tfile, ctx, chunks, threads,
-                            BaseResult(**saved["result"]))
-        except (OSError, json.JSONDecodeError, TypeError, KeyError):
-            pass
-    tmp = out.with_name(out.stem + ".part" + out.suffix)
-    try:
+            return Base(ref, out, os.fspath(text), tfile, ctx, chunks, threads,
+                        BaseResult(**saved["result"]))
+        except (TypeError, KeyError):
+            pass                                      # a sidecar without a usable result: remake
+    # the temporary name of an earlier version (one fixed name; never a final file)
+    out.with_name(out.stem + ".part" + out.suffix).unlink(missing_ok=True)
+
+    def produce(tmp: Path) -> dict:
         res = _run_parsed(_ppl_args(ref, tfile, ctx, chunks, threads) + ["--kl-divergence-base", tmp],
                           parse_base, f"llama-perplexity on {ref}")
+        return {"result": asdict(res)}
+
+    try:
+        saved = atomic.store_entry(out, recipe, produce)
     except Exception as e:
-        tmp.unlink(missing_ok=True)
         raise EvalError(f"reference run on {ref}: {e}") from None
-    os.replace(tmp, out)
-    side.write_text(json.dumps({"recipe": recipe, "result": asdict(res)}, indent=1))
-    return Base(ref, out, os.fspath(text), tfile, ctx, chunks, threads, res)
+    return Base(ref, out, os.fspath(text), tfile, ctx, chunks, threads, BaseResult(**saved["result"]))
 
 
 def reference_row(base: Base, label: str = "F32 reference") -> Row:

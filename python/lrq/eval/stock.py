@@ -4,19 +4,21 @@
     imat = make_imatrix(ref, "sotu-calib")                         # llama-imatrix on calibration text
     q = make_stock(ref, "IQ2_XS", imatrix=imat)                    # llama-quantize ref q IQ2_XS
 
-Every file is written under a temporary name and renamed when the tool succeeded, so an
-interrupted run never leaves a file the cache would take for finished.  A cached file is
-reused when its recorded inputs (source path, size, mtime; type; imatrix) are unchanged.
+Every file is a cache entry of lrq.atomic: the tool writes a unique temporary name (the
+writer's PID in it), which is fsynced and renamed when the tool succeeded; the JSON sidecar
+``<file>.json`` is written last and records the inputs (source path, size, mtime; type;
+imatrix) and the file's own size and mtime.  A cached file is reused only when both agree, so an
+interrupted run never leaves an entry the cache would take for finished, and concurrent runs
+never write the same temporary file.  Temporaries of killed runs are removed by the next one.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
-from .. import tools
+from .. import atomic, tools
 from ..fetch import cache_dir
 
 # Types llama-quantize refuses to make without an importance matrix (quantize.cpp checks
@@ -37,6 +39,7 @@ class StockError(RuntimeError):
 def work_dir(path: str | os.PathLike | None = None) -> Path:
     d = Path(path) if path else cache_dir() / "eval"
     d.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temps(d)        # left by killed runs, also when every entry is a hit
     return d
 
 
@@ -46,31 +49,26 @@ def _stamp(p: Path) -> dict:
 
 
 def _cached(out: Path, recipe: dict) -> bool:
-    side = out.with_name(out.name + ".json")
-    if not out.is_file() or not side.is_file():
-        return False
-    try:
-        return json.loads(side.read_text()) == recipe
-    except (OSError, json.JSONDecodeError):
-        return False
+    return atomic.load_entry(out, recipe) is not None
 
 
 def _make(out: Path, recipe: dict, tool: str, args: list, timeout: float | None = None) -> Path:
-    """Run ``tool`` writing to ``<out>.part`` (the caller puts the placeholder ``{out}`` in args)."""
+    """Run ``tool`` writing to a temporary path (the caller puts the placeholder ``{out}`` in
+    args), then commit it as cache entry ``out``."""
     if _cached(out, recipe):
         return out
-    # the suffix stays last (llama-imatrix warns about a GGUF not named *.gguf)
-    tmp = out.with_name(out.stem + ".part" + out.suffix)
-    tmp.unlink(missing_ok=True)
-    try:
-        tools.run(tool, [str(tmp) if a == "{out}" else a for a in args], timeout=timeout)
-    except tools.ToolError as e:
-        tmp.unlink(missing_ok=True)
-        raise StockError(f"making {out}: {e}") from None
-    if not tmp.is_file():
-        raise StockError(f"making {out}: {tool} exited 0 but wrote nothing")
-    os.replace(tmp, out)
-    out.with_name(out.name + ".json").write_text(json.dumps(recipe, indent=1))
+    # the temporary name of an earlier version (one fixed name; never a final file)
+    out.with_name(out.stem + ".part" + out.suffix).unlink(missing_ok=True)
+
+    def produce(tmp: Path) -> None:
+        try:
+            tools.run(tool, [str(tmp) if a == "{out}" else a for a in args], timeout=timeout)
+        except tools.ToolError as e:
+            raise StockError(f"making {out}: {e}") from None
+        if not tmp.is_file():
+            raise StockError(f"making {out}: {tool} exited 0 but wrote nothing")
+
+    atomic.store_entry(out, recipe, produce)
     return out
 
 

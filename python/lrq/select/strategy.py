@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from ..atomic import atomic_path
 from .score import SelectError
 
 STRATEGIES = ("top-k", "last-n", "progressive")
@@ -77,12 +78,11 @@ def write_plan(path: str | os.PathLike, choice: dict[int, int], n_layer: int, mo
         raise SelectError(f"{path}: the plan file must end in .json")
     if not path.resolve().parent.is_dir():
         raise SelectError(f"{path}: directory {path.parent} does not exist")
-    tmp = path.with_name(f".{path.stem}.part.json")
-    tmp.write_text(json.dumps(plan_dict(choice, mode), indent=2) + "\n")
-    try:
-        make_plan(str(tmp), n_layer)
-    except PlanError as e:
-        tmp.unlink(missing_ok=True)
-        raise SelectError(f"the plan for {path} does not load: {e}") from None
-    os.replace(tmp, path)
+    # checked under its temporary name, so a plan that does not load never replaces the old one
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(plan_dict(choice, mode), indent=2) + "\n")
+        try:
+            make_plan(str(tmp), n_layer)
+        except PlanError as e:
+            raise SelectError(f"the plan for {path} does not load: {e}") from None
     return path
