@@ -42,10 +42,18 @@ THREADS = 2
 # rounding separates the graph from the float64 reference (measured 3.9e-13 .. 4.4e-12).
 EXACT_NMSE = 1e-9
 # Quantized bases: ggml's CPU matmuls for k-quants / IQ2 types quantize the activations to 8 bits
-# (Q8_K) and the tiny random models amplify that (measured 2.0e-3 .. 6.8e-3 over the bases, plans
-# and archs below).  The control (the same file read without its replica parameters) is 0.74 ..
-# 1.07, so the bound still separates a graph that applies gain / bias / clip from one that does not.
-STOCK_NMSE = 0.06
+# (Q8_K) and the tiny random models amplify that: measured 2.0e-3 .. 6.8e-3 on x86-64 with 2
+# threads (deterministic for a build and thread count), the same order for every type, since the
+# activation rounding dominates.  Each case has its own bound, about twice its measurement, and
+# each bound is at least CONTROL_MARGIN times below its control, asserted: the same file read
+# without its replica parameters (measured 0.68 .. 1.07), i.e. a graph that drops gain, bias or
+# clip.  A wrong dequantization of the base type would be of the control's order too.
+STOCK_NMSE = {
+    ("llama", "IQ2_XS", "none"): 6.4e-3, ("llama", "IQ2_XS", "all"): 0.0134, ("llama", "IQ2_XS", "parallel"): 9.0e-3,
+    ("llama", "Q2_K", "none"): 4.6e-3, ("llama", "Q2_K", "all"): 0.013, ("llama", "Q2_K", "parallel"): 8.5e-3,
+    ("llama", "Q4_K", "none"): 5.2e-3, ("llama", "Q4_K", "all"): 0.0136, ("llama", "Q4_K", "parallel"): 8.4e-3,
+    ("qwen2", "IQ2_XS", "parallel"): 8.1e-3, ("qwen3", "IQ2_XS", "parallel"): 4.1e-3,
+}
 CONTROL_MARGIN = 5.0
 PARALLEL_PLAN = {"layers": {"0": {"replicas": 2, "mode": "serial"},
                             "1": {"replicas": 3, "mode": "parallel", "weights": [0.5, 0.3, 0.2]}}}
@@ -174,17 +182,22 @@ def test_quantized_base_matches_reference(stock, tmp_path, base, plan):
     toks = _tokens(7, 40)
     got = _native_logits(path, toks)
     e = nmse(got, Reference(open_model(path)).logits(toks))
-    assert e < STOCK_NMSE, f"{base} {plan}: NMSE {e:.3g}"
+    bound = STOCK_NMSE[("llama", base, plan)]
+    assert e < bound, f"{base} {plan}: NMSE {e:.3g}"
     control = nmse(got, Reference(open_model(plain)).logits(toks))
-    assert control > STOCK_NMSE and control > CONTROL_MARGIN * e, (control, e)
+    assert control > CONTROL_MARGIN * bound, (control, bound)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 def test_quantized_base_other_archs(stock, tmp_path, arch):
-    path = _with_params(stock.get(arch, "IQ2_XS", "parallel"), tmp_path)
+    plain = stock.get(arch, "IQ2_XS", "parallel")
+    path = _with_params(plain, tmp_path)
     toks = _tokens(8, 40)
-    e = nmse(_native_logits(path, toks), Reference(open_model(path)).logits(toks))
-    assert e < STOCK_NMSE, f"{arch}: NMSE {e:.3g}"
+    got = _native_logits(path, toks)
+    e = nmse(got, Reference(open_model(path)).logits(toks))
+    bound = STOCK_NMSE[(arch, "IQ2_XS", "parallel")]
+    assert e < bound, f"{arch}: NMSE {e:.3g}"
+    assert nmse(got, Reference(open_model(plain)).logits(toks)) > CONTROL_MARGIN * bound
 
 
 # ---- exact equalities ----------------------------------------------------------------------------
