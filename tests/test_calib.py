@@ -422,3 +422,36 @@ def test_stock_base_calibration(src, windows, stock_converted, tmp_path):
     got = _native.Model(str(tmp_path / "all.gguf"), n_ctx=64, kv_f32=True, flash_attn=0).eval(toks)
     want = Reference(open_model(tmp_path / "all.gguf")).logits(toks)
     assert nmse(got, want) < STOCK_NATIVE_NMSE
+
+
+def test_token_loss_weights_every_token_alike():
+    """--loss token: each token's squared error relative to its own mean square.  A synthetic
+    stream with one attention-sink-like token (norm 100x the others) and the same relative error
+    on every token: under mse the sink carries > 99 % of the loss (the defect the option fixes),
+    under token each token carries exactly 1/T."""
+    from lrq.calib.calibrate import token_weights, weighted_error
+    T, d = 16, 32
+    y = torch.randn(1, T, d, dtype=torch.float64)
+    y[0, 0] *= 100.0
+    out = y * 1.01                                    # 1 % relative error on every token
+    for loss, sink_share in (("mse", None), ("token", 1.0 / T)):
+        w = token_weights(y, loss)
+        per_tok = (w * (out - y) ** 2).sum(dim=-1)[0]
+        share = float(per_tok[0] / per_tok.sum())
+        if sink_share is None:
+            assert share > 0.99
+        else:
+            assert share == pytest.approx(sink_share, rel=1e-9)
+        assert float(w.mean()) == pytest.approx(1.0)         # both losses share one scale
+        assert float(weighted_error(out, y, w)) == pytest.approx(float(per_tok.sum()))
+
+
+def test_token_loss_is_what_is_written(src, windows, converted, tmp_path):
+    out = tmp_path / "token.gguf"
+    s = calibrate(converted["all"], out, src, _opts(loss="token"), windows=windows)
+    got = calibration_loss(out, src, windows, loss="token")
+    assert got == pytest.approx(s.final_loss, rel=LOSS_RTOL)
+    # the same file under the other loss is a different figure (the option reaches the fit)
+    assert abs(calibration_loss(out, src, windows) - got) > 10 * LOSS_RTOL * got
+    assert calibration_loss(out, src, windows, loss="token") < calibration_loss(converted["all"], src, windows,
+                                                                                loss="token")

@@ -30,6 +30,7 @@ def _floats(s: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..calib.calibrate import LOSSES
     from ..calib.replica import PARAMS
     ap = argparse.ArgumentParser(prog="lrq-calibrate", description=__doc__.splitlines()[0],
                                  epilog=__doc__.split("\n", 1)[1],
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="activation clip ratios to try per linear (e.g. 0.99,0.97,0.95); off by default")
     ap.add_argument("--start-layer", type=int, default=0,
                     help="layers below this keep their parameters and are only run (resume)")
+    ap.add_argument("--loss", choices=LOSSES, default="mse",
+                    help="block-wise loss: mse (residual stream, dominated by attention-sink "
+                         "tokens) or token (each token's error relative to its own norm); "
+                         "default mse")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (default: torch's choice; 1 is faster on a busy machine)")
@@ -80,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                             params=tuple(p.strip() for p in args.params.split(",") if p.strip()),
                             lr=args.lr, lr_offset=args.lr_offset, lr_bias=args.lr_bias,
                             serial_init=args.serial_init, act_clip_grid=args.act_clip_grid,
-                            seed=args.seed, progress=not args.quiet, start_layer=args.start_layer)
+                            seed=args.seed, progress=not args.quiet, start_layer=args.start_layer,
+                            loss=args.loss)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     return run_job("lrq-calibrate", args.out,
                    lambda: calibrate(args.src, args.out, args.source, opts, log=log),
