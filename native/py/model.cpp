@@ -8,8 +8,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <deque>
-#include <mutex>
 #include <sstream>
 
 namespace lrq {
@@ -18,36 +16,55 @@ namespace lrq {
 
 namespace {
 
-std::mutex g_log_mutex;
-std::deque<std::string> g_log_lines;    // recent warnings and errors
-std::string g_log_partial;              // llama.cpp sends some lines in pieces (CONT level)
-ggml_log_level g_log_last_level = GGML_LOG_LEVEL_INFO;
-constexpr size_t kLogKeep = 16;
+constexpr size_t kLogKeep = 16;   // lines kept per buffer: enough for llama.cpp's error context
+
+// The buffer of the Model this thread is calling llama.cpp for (nullptr: none).  llama.cpp
+// invokes the log callback synchronously on the thread that called it, so a thread_local is
+// exactly "the model this line is about".
+thread_local LogBuffer * t_sink = nullptr;
+// Level of this thread's previous piece: a CONT piece continues the line its own thread began.
+thread_local ggml_log_level t_last_level = GGML_LOG_LEVEL_INFO;
+
+// Makes a Model's buffer current on this thread for the duration of one call into llama.cpp
+// (load, context creation, decode, free), and empties it first, so that an error message
+// carries the lines of the call that failed and nothing older.  Restores the previous sink, so
+// scopes nest.
+class LogScope {
+public:
+    explicit LogScope(LogBuffer & buf) : prev_(t_sink) {
+        buf.clear();
+        t_sink = &buf;
+    }
+    ~LogScope() { t_sink = prev_; }
+    LogScope(const LogScope &) = delete;
+    LogScope & operator=(const LogScope &) = delete;
+
+private:
+    LogBuffer * prev_;
+};
 
 void log_callback(ggml_log_level level, const char * text, void * /*user*/) {
     static const bool verbose = std::getenv("LRQ_VERBOSE") != nullptr;
     if (verbose) {
         std::fputs(text, stderr);
     }
-    std::lock_guard<std::mutex> lock(g_log_mutex);
     if (level == GGML_LOG_LEVEL_CONT) {
-        level = g_log_last_level;
+        level = t_last_level;
     }
-    g_log_last_level = level;
+    t_last_level = level;
     if (level != GGML_LOG_LEVEL_ERROR && level != GGML_LOG_LEVEL_WARN) {
         return;
     }
-    g_log_partial += text;
-    size_t nl;
-    while ((nl = g_log_partial.find('\n')) != std::string::npos) {
-        std::string line = g_log_partial.substr(0, nl);
-        g_log_partial.erase(0, nl + 1);
-        if (!line.empty()) {
-            g_log_lines.push_back(line);
-            if (g_log_lines.size() > kLogKeep) {
-                g_log_lines.pop_front();
-            }
-        }
+    if (t_sink) {
+        t_sink->add(text);
+    } else if (level == GGML_LOG_LEVEL_ERROR && !verbose) {
+        // No current model: a thread llama.cpp started itself (ggml workers, the loader's
+        // tensor-validation tasks) or a call made outside any Model (backend init).  Such a
+        // line cannot be tied to one model, and keeping it in a shared buffer for later
+        // messages is exactly what would put one model's errors into another's exception; so
+        // it is kept for no message.  Errors still go to stderr so that they are not lost;
+        // warnings without a model are dropped (LRQ_VERBOSE shows them).
+        std::fputs(text, stderr);
     }
 }
 
@@ -57,35 +74,52 @@ void install_log_capture() {
     llama_log_set(log_callback, nullptr);
 }
 
-std::string recent_log_errors() {
-    std::lock_guard<std::mutex> lock(g_log_mutex);
+void LogBuffer::add(const char * text) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    partial_ += text;
+    size_t nl;
+    while ((nl = partial_.find('\n')) != std::string::npos) {
+        std::string line = partial_.substr(0, nl);
+        partial_.erase(0, nl + 1);
+        if (!line.empty()) {
+            lines_.push_back(std::move(line));
+            if (lines_.size() > kLogKeep) {
+                lines_.pop_front();
+            }
+        }
+    }
+}
+
+void LogBuffer::clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    lines_.clear();
+    partial_.clear();
+}
+
+std::string LogBuffer::text() const {
+    std::lock_guard<std::mutex> lock(mutex_);
     std::string out;
-    for (const auto & l : g_log_lines) {
+    for (const auto & l : lines_) {
         out += "\n  ";
         out += l;
     }
-    if (!g_log_partial.empty()) {
-        out += "\n  " + g_log_partial;
+    if (!partial_.empty()) {
+        out += "\n  " + partial_;
     }
     return out;
-}
-
-void clear_log() {
-    std::lock_guard<std::mutex> lock(g_log_mutex);
-    g_log_lines.clear();
-    g_log_partial.clear();
 }
 
 // ---- Model -----------------------------------------------------------------------------------
 
 Model::Model(const std::string & path, int n_ctx, int n_threads, int n_batch, bool kv_f32, int flash_attn)
     : path_(path), n_ctx_(n_ctx), n_batch_(n_batch > 0 ? std::min(n_batch, n_ctx) : n_ctx) {
-    clear_log();
+    // No lock: no other thread can reach this Model before its constructor returns.
+    LogScope scope(log_);
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = 0;
     model_ = llama_model_load_from_file(path.c_str(), mp);
     if (!model_) {
-        throw LoadError("cannot load GGUF '" + path + "': llama.cpp refused it:" + recent_log_errors());
+        throw LoadError("cannot load GGUF '" + path + "': llama.cpp refused it:" + log_.text());
     }
     llama_context_params cp = llama_context_default_params();
     cp.n_ctx = (uint32_t) n_ctx;
@@ -105,11 +139,13 @@ Model::Model(const std::string & path, int n_ctx, int n_threads, int n_batch, bo
     if (!ctx_) {
         llama_model_free(model_);
         model_ = nullptr;
-        throw LoadError("cannot create a context for '" + path + "':" + recent_log_errors());
+        throw LoadError("cannot create a context for '" + path + "':" + log_.text());
     }
 }
 
 Model::~Model() {
+    // Python drops the last reference only when no call is in flight, so no lock is needed.
+    LogScope scope(log_);
     if (ctx_) {
         llama_free(ctx_);
     }
@@ -153,6 +189,9 @@ std::string Model::meta(const std::string & key) const {
     return std::string(buf.data(), (size_t) n);
 }
 
+// tokenize/detokenize take no lock: they only read the vocabulary, which llama.cpp never changes
+// after loading (each call builds its own tokenizer session), as llama-server relies on when it
+// tokenizes on its HTTP threads while decoding.  Their rare warnings arrive without a sink.
 std::vector<int32_t> Model::tokenize(const std::string & text, bool add_special, bool parse_special) const {
     const llama_vocab * vocab = llama_model_get_vocab(model_);
     // a token is at least one byte, plus BOS/EOS
@@ -191,6 +230,7 @@ void Model::decode_window(const int32_t * tokens, int n, int first_output, std::
                                     std::to_string(n_ctx_));
     }
     const int nv = n_vocab();
+    LogScope scope(log_);
     llama_memory_clear(llama_get_memory(ctx_), true);
     llama_batch batch = llama_batch_init(n_batch_, 0, 1);
     try {
@@ -207,9 +247,9 @@ void Model::decode_window(const int32_t * tokens, int n, int first_output, std::
                 batch.logits[k] = pos >= first_output;
                 n_out += pos >= first_output;
             }
-            clear_log();
+            log_.clear();   // a failure's message carries this decode's lines, not an earlier batch's
             if (llama_decode(ctx_, batch) != 0) {
-                throw std::runtime_error("llama_decode failed on '" + path_ + "':" + recent_log_errors());
+                throw std::runtime_error("llama_decode failed on '" + path_ + "':" + log_.text());
             }
             for (int k = 0; k < len; ++k) {
                 if (batch.logits[k]) {
@@ -230,6 +270,7 @@ void Model::decode_window(const int32_t * tokens, int n, int first_output, std::
 }
 
 void Model::eval(const int32_t * tokens, int n, float * logits) {
+    std::lock_guard<std::mutex> lock(mutex_);
     std::vector<float> out;
     out.reserve((size_t) n * n_vocab());
     decode_window(tokens, n, 0, out);
@@ -246,6 +287,7 @@ PerplexityResult Model::perplexity(std::vector<int32_t> tokens, int n_ctx, int n
                                     " tokens; perplexity with a window of " + std::to_string(n_ctx) +
                                     " needs at least " + std::to_string(2 * n_ctx));
     }
+    std::lock_guard<std::mutex> lock(mutex_);   // one window sequence at a time on ctx_
     const llama_vocab * vocab = llama_model_get_vocab(model_);
     const bool add_bos = llama_vocab_get_add_bos(vocab);
     const int nv = n_vocab();

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -21,9 +23,25 @@ struct LoadError : std::runtime_error {
 
 // llama.cpp's log goes through here: errors and warnings are kept (for exception messages),
 // everything is echoed to stderr only when LRQ_VERBOSE is set in the environment.
+// llama_log_set is process-wide, but libllama calls the callback synchronously on the thread
+// that called into it, so each line goes to the LogBuffer that the calling thread has made
+// current (model.cpp's LogScope): two Models used from two threads never see each other's lines.
 void install_log_capture();
-std::string recent_log_errors();
-void clear_log();
+
+// The recent warning and error lines llama.cpp logged on behalf of one Model.  Written by the
+// log callback on whichever thread has it current; its own mutex makes that safe even if two
+// threads ever have the same buffer current at once.
+class LogBuffer {
+public:
+    void add(const char * text);   // a piece of a line, as llama.cpp sends it
+    void clear();
+    std::string text() const;      // each line as "\n  line" (appended to exception messages)
+
+private:
+    mutable std::mutex mutex_;
+    std::deque<std::string> lines_;
+    std::string partial_;          // llama.cpp sends some lines in pieces (CONT level)
+};
 
 struct PerplexityResult {
     double ppl = 0.0;        // exp(mean nll)
@@ -34,6 +52,14 @@ struct PerplexityResult {
     int n_ctx = 0;           // window length
 };
 
+// Thread safety: one Model may be used from several threads.  Everything that touches the
+// llama_context (eval, perplexity) runs under the Model's mutex, so concurrent calls on one
+// Model are serialized and each sees an empty cache and its own logits.  tokenize/detokenize and
+// the properties only read the llama_model and its vocabulary, which are immutable after
+// loading (llama.cpp's tokenizers keep their state in a per-call session), so they run without
+// it.  Callers holding a lock of their own (the GIL) must release it before eval/perplexity:
+// waiting for this mutex while holding the GIL would deadlock against a thread that needs the
+// GIL to return from its own call.
 class Model {
 public:
     // n_ctx: context size of the one sequence; n_threads <= 0: llama.cpp's default.
@@ -64,8 +90,11 @@ public:
     const std::string & path() const { return path_; }
 
 private:
+    // Caller holds mutex_.
     void decode_window(const int32_t * tokens, int n, int first_output, std::vector<float> & out);
 
+    std::mutex mutex_;           // held around every use of ctx_
+    LogBuffer log_;              // llama.cpp's lines for this model (load, context, decode)
     std::string path_;
     llama_model * model_ = nullptr;
     llama_context * ctx_ = nullptr;

@@ -1,5 +1,9 @@
 // lrq._native: pybind11 glue.  Validates arguments and casts between numpy and C++; all work
 // happens in model.cpp (and, for kernels, in native/).
+//
+// Threads: the GIL is released around every call that does llama.cpp work, and always *before*
+// Model::eval/perplexity take the Model's mutex: a thread waiting for that mutex with the GIL
+// held would block the thread inside the Model from ever reacquiring the GIL to return.
 #include "model.h"
 
 #include "llama.h"
