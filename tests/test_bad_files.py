@@ -158,6 +158,21 @@ def test_good_files_are_accepted_everywhere(files, which, tmp_path):
     assert all(ok for ok, _ in got.values()), {k: m[-1500:] for k, (ok, m) in got.items() if not ok}
 
 
+def test_a_string_that_is_not_utf8_is_accepted_everywhere(files, tmp_path):
+    """gguf and llama.cpp take any bytes as a string; the Python readers must accept the same file
+    (found by bench/fuzz: gguf-py's decode raised UnicodeDecodeError out of the reader)."""
+    data = bytearray(files.own.read_bytes())
+    key = b"general.name"
+    at = data.index(key) + len(key)
+    assert int.from_bytes(data[at:at + 4], "little") == 8            # a GGUF string follows
+    data[at + 12] = 0xFF                                              # its first byte: not UTF-8
+    path = tmp_path / "latin.gguf"
+    path.write_bytes(bytes(data))
+    got = verdicts(path, files, tmp_path)
+    assert all(ok for ok, _ in got.values()), {k: m[-1500:] for k, (ok, m) in got.items() if not ok}
+    assert "\ufffd" in LRQModelFile(path).kv["general.name"]
+
+
 # ---- the bad files -------------------------------------------------------------------------------
 
 def _lrq2_bytes(n_out: int, n_in: int) -> np.ndarray:
@@ -288,6 +303,10 @@ CASES = [
     ("act-clip-zero", "own", dict(replace={"blk.0.attn_v.lrq_r1.act": (np.array([0, 8], np.float32), F32)}),
      "blk.0.attn_v.lrq_r1.act", "T6"),
     ("act-bits-17", "own", dict(replace={"blk.0.attn_v.lrq_r1.act": (np.array([1, 17], np.float32), F32)}),
+     "blk.0.attn_v.lrq_r1.act", "T6"),
+    ("act-bits-nan", "own", dict(replace={"blk.0.attn_v.lrq_r1.act": (np.array([1, np.nan], np.float32), F32)}),
+     "blk.0.attn_v.lrq_r1.act", "T6"),
+    ("act-bits-inf", "own", dict(replace={"blk.0.attn_v.lrq_r1.act": (np.array([1, np.inf], np.float32), F32)}),
      "blk.0.attn_v.lrq_r1.act", "T6"),
     ("act-bits-fraction", "own", dict(replace={"blk.0.attn_v.lrq_r1.act": (np.array([1, 2.5], np.float32), F32)}),
      "blk.0.attn_v.lrq_r1.act", "T6"),

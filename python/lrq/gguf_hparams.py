@@ -50,9 +50,25 @@ def open_reader(path: str | os.PathLike) -> gguf.GGUFReader:
     return reader
 
 
+def read_field(field) -> Any:
+    """gguf-py's ReaderField.contents(), except that a string that is not valid UTF-8 is decoded
+    with replacement characters instead of raising UnicodeDecodeError: gguf and llama.cpp take
+    any bytes as a string (a model's name, a byte-level token), so the Python readers must too."""
+    try:
+        return field.contents()
+    except UnicodeDecodeError:
+        def dec(i):
+            return bytes(field.parts[i]).decode("utf-8", errors="replace")
+        if field.types[0] == gguf.GGUFValueType.STRING:
+            return dec(field.data[0])
+        if field.types[0] == gguf.GGUFValueType.ARRAY and field.types[-1] == gguf.GGUFValueType.STRING:
+            return [dec(i) for i in field.data]
+        raise
+
+
 def read_kv(reader: gguf.GGUFReader) -> dict[str, Any]:
     """Every key (except gguf-py's GGUF.* pseudo keys) -> its python value."""
-    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return {k: read_field(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
 def numpy_shape(t) -> tuple[int, ...]:

@@ -122,10 +122,16 @@ class GGUFStreamWriter:
     def copy_field(self, field) -> None:
         """Copy a key of a gguf.GGUFReader (scalars, strings, one-level arrays)."""
         types = list(field.types)
+        # strings are copied as their bytes: GGUF strings need not be UTF-8 (llama.cpp takes any
+        # bytes), and a copy must not change them
         if types[0] == GGUFValueType.ARRAY:
             if len(types) != 2:
                 raise WriterError(f"key {field.name!r}: nested arrays are not supported")
-            self.add_kv(field.name, field.contents(), GGUFValueType.ARRAY, types[1])
+            value = ([bytes(field.parts[i]) for i in field.data] if types[1] == GGUFValueType.STRING
+                     else field.contents())
+            self.add_kv(field.name, value, GGUFValueType.ARRAY, types[1])
+        elif types[0] == GGUFValueType.STRING:
+            self.add_kv(field.name, bytes(field.parts[field.data[0]]), types[0])
         else:
             self.add_kv(field.name, field.contents(), types[0])
 

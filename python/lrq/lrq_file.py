@@ -209,7 +209,7 @@ class LRQModelFile:
                 self._check_shape(name, F32, [(2,)])
                 c, k = (float(x) for x in self._t[name].data)
                 try:
-                    if k != int(k):
+                    if not np.isfinite(k) or k != int(k):     # int(nan) would raise ValueError
                         raise QuantError(f"activation bits {k} is not an integer")
                     check_activation_params(c, int(k))
                 except QuantError as e:

@@ -293,7 +293,8 @@ class ModelFile:
     def tokens(self) -> list[str]:
         """The token strings (tokenizer.ggml.tokens), id order."""
         f = self._reader.fields.get("tokenizer.ggml.tokens")
-        return [] if f is None else list(f.contents())
+        from .gguf_hparams import read_field
+        return [] if f is None else list(read_field(f))
 
     @property
     def bos_id(self) -> int | None:
