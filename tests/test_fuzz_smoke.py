@@ -5,11 +5,12 @@ libFuzzer on the C++ loader, are bench/fuzz/run.py, figures in docs/RESULTS.md "
   everything, or a harness that never gets past its own set-up, fails here);
 - a table of hand-made corruptions (truncations, magic, GGUF version, LRQ format version,
   schedule, key type) is refused with the readers' own errors, never another exception type;
-- a few hundred deterministic random mutations of the seeds (byte changes in the header and key
-  region, dictionary words spliced in, truncations) raise nothing but the readers' own errors,
-  apart from the known findings below, each an xfail(strict=True) test with a minimal reproducer
-  (a fixed reader makes its xfail pass, which fails the run until it is removed from KNOWN);
-- when atheris is installed, its harness (run.py's worker) runs a couple of hundred executions.
+- a couple of hundred deterministic random mutations of the seeds (byte changes in the header and
+  key region, dictionary words spliced in, truncations) raise nothing but the readers' own errors
+  (apart from KNOWN findings, none now);
+- every finding of the campaigns has a minimal reproducer here: fixed ones are regression tests,
+  an open one is xfail(strict=True) (a fix makes it pass, which fails the run until the mark goes);
+- when atheris is installed, its harness (run.py's worker) runs 100 executions.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ FUZZ = REPO / "bench" / "fuzz"
 # run is ~5-20 ms) while every seed gets mutated many times.
 N_MUTATIONS = 200
 # Findings of the fuzz campaign not fixed yet (a signature stage:ExceptionType@file:line is matched
-# without its line, which moves with unrelated edits): each has an xfail test below.
-KNOWN = {"open_model:UnicodeDecodeError@gguf_reader.py",       # non-UTF-8 string key
-         "open_model:ValueError@lrq_file.py",                  # NaN act bits
-         "open_model:OverflowError@lrq_file.py"}               # +inf act bits
+# without its line, which moves with unrelated edits), each with an xfail test below.  Empty: the
+# two Python findings (a non-UTF-8 string key, NaN / inf activation bits) are fixed and are plain
+# regression tests now.
+KNOWN: set[str] = set()
 
 
 def _load(name: str, file: Path):
@@ -186,22 +187,19 @@ def test_mutated_seeds_raise_only_the_readers_errors(seeds, tmp_path):
     assert outcomes["accepted"] > 0 and outcomes["refused"] > 0, outcomes
 
 
-# ---- known findings: each a minimal reproducer, xfail until the reader is fixed -----------------
+# ---- the campaigns' findings: a minimal reproducer each ------------------------------------------
 
-@pytest.mark.xfail(strict=True, raises=target.Finding, reason="finding of bench/fuzz (docs/RESULTS.md 'Fuzzing'): a string key "
-                   "that is not UTF-8 makes LRQModelFile raise UnicodeDecodeError from gguf-py's "
-                   "ReaderField.contents() in lrq.gguf_hparams.read_kv, not an LRQFileError naming "
-                   "the file and the key")
-def test_non_utf8_string_key_is_refused_with_a_reader_error(seeds, tmp_path):
-    bad = _set_string_byte(seeds["own"], "general.name", 0xFF)
-    got = target.run_one(bad, tmp_path / "bad.gguf")
-    assert got["open_model"] is False
+# Fuzz finding (fixed): a string key that was not UTF-8 made LRQModelFile raise UnicodeDecodeError
+# from gguf-py's ReaderField.contents().  gguf and llama.cpp take any bytes as a string, so the
+# readers now accept it (lrq.gguf_hparams.read_field).
+def test_non_utf8_string_key_is_accepted_by_every_reader(seeds, tmp_path):
+    odd = _set_string_byte(seeds["own"], "general.name", 0xFF)
+    got = target.run_one(odd, tmp_path / "odd.gguf")     # raises Finding on UnicodeDecodeError
+    assert all(got.values()), got
 
 
-@pytest.mark.xfail(strict=True, raises=target.Finding, reason="finding of bench/fuzz (docs/RESULTS.md "
-                   "'Fuzzing'): activation bits of NaN in a replica's act tensor make LRQModelFile's "
-                   "int(k) raise ValueError (and +inf OverflowError) in _check_tensors, before its "
-                   "QuantError handling, not an LRQFileError naming the file and the tensor")
+# Fuzz finding (fixed): activation bits of NaN in a replica's act tensor made LRQModelFile's int(k)
+# raise ValueError (+inf: OverflowError) instead of an LRQFileError; the C++ loader refused both.
 @pytest.mark.parametrize("bits", [float("nan"), float("inf")])
 def test_non_finite_act_bits_are_refused_with_a_reader_error(bits, seeds, tmp_path):
     bad = _set_tensor_f32(seeds["own"], "blk.2.attn_v.lrq_r1.act", 1, bits, tmp_path / "src.gguf")
@@ -239,6 +237,49 @@ def test_cpp_loader_refuses_invalid_type_ids(name, seeds, tmp_path):
         _native.Model(str(bad), n_ctx=32, n_threads=1)
     # and the Python readers agree
     assert target.run_one(bad.read_bytes(), tmp_path / "py.gguf")["open_model"] is False
+
+
+def _duplicate_token(data: bytes) -> bytes:
+    """tokenizer.ggml.tokens with one token's string replaced by an earlier token of the same
+    length: two ids for one string."""
+    at = _value_at(data, "tokenizer.ggml.tokens")
+    assert struct.unpack_from("<II", data, at) == (9, 8)            # array of strings
+    n = struct.unpack_from("<Q", data, at + 8)[0]
+    pos, first_of_len = at + 16, {}
+    for _ in range(n):
+        ln = struct.unpack_from("<Q", data, pos)[0]
+        if ln in first_of_len and ln > 0:
+            return _patch(data, pos + 8, data[first_of_len[ln]:first_of_len[ln] + ln])
+        first_of_len.setdefault(ln, pos + 8)
+        pos += 8 + ln
+    raise AssertionError("no two tokens of one length")
+
+
+# Run in a child: the failure this guards against is an abort, which would take pytest down.
+_LOAD_IN_CHILD = """
+import sys
+from lrq import _native
+try:
+    _native.Model(sys.argv[1], n_ctx=32, n_threads=1)
+except _native.LoadError as e:
+    print(e)
+    sys.exit(3)
+sys.exit(0)
+"""
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="finding of bench/fuzz (docs/RESULTS.md "
+                   "'Fuzzing'): a vocabulary with a repeated token string aborts the process in "
+                   "llama.cpp's vocab loader, GGML_ASSERT(id_to_token.size() == token_to_id.size()) "
+                   "(src/llama-vocab.cpp, llama_vocab::impl::load), instead of a load error")
+def test_cpp_loader_refuses_a_repeated_token(seeds, tmp_path):
+    bad = tmp_path / "dup-token.gguf"
+    bad.write_bytes(_duplicate_token(seeds["own"]))
+    proc = subprocess.run([sys.executable, "-c", _LOAD_IN_CHILD, str(bad)], capture_output=True, text=True,
+                          timeout=120)
+    # 3: refused with _native.LoadError; a negative code is a signal (SIGABRT from the assert)
+    assert proc.returncode == 3, (proc.returncode, proc.stderr[-2000:])
+    assert str(bad) in proc.stdout, proc.stdout
 
 
 def test_atheris_harness_runs(seeds, tmp_path):

@@ -145,7 +145,10 @@ def build_harness(jobs: int, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     cache = FUZZ_BUILD / "CMakeCache.txt"
     text = cache.read_text() if cache.is_file() else ""
-    if f"CMAKE_CXX_COMPILER:STRING={cxx}\n" not in text or f"CMAKE_CXX_FLAGS:STRING={SAN_FLAGS}\n" not in text:
+    def cached(key: str, value: str) -> bool:   # the entry's type varies (STRING, UNINITIALIZED)
+        return re.search(rf"^{key}:\w+={re.escape(value)}$", text, re.M) is not None
+
+    if not cached("CMAKE_CXX_COMPILER", cxx) or not cached("CMAKE_CXX_FLAGS", SAN_FLAGS):
         _log(f"configuring {FUZZ_BUILD} with {cxx}")
         _run(["cmake", "-S", REPO, "-B", FUZZ_BUILD, "-G", "Ninja", f"-DCMAKE_C_COMPILER={cc}",
               f"-DCMAKE_CXX_COMPILER={cxx}", "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
@@ -184,6 +187,9 @@ def ensure_seeds(out: Path, fresh: bool) -> tuple[Path, Path]:
 _STAT = re.compile(r"^stat::(\w+):\s*(\S+)", re.M)
 _PROGRESS = re.compile(r"^#(\d+)\s+(?:DONE|NEW|REDUCE|pulse|INITED|RELOAD)\s+cov: (\d+) ft: (\d+)"
                        r"(?: corp: (\d+)/(\S+))?", re.M)
+# fork mode's progress line: "#N: cov: C ft: F corp: K exec/s: R oom/timeout/crash: a/b/c time: Ts"
+_FORK = re.compile(r"^#(\d+): cov: (\d+) ft: (\d+) corp: (\d+) exec/s: (\d+) "
+                   r"oom/timeout/crash: (\d+)/(\d+)/(\d+) time: (\d+)s", re.M)
 _SANITIZER = re.compile(r"ERROR: (AddressSanitizer|LeakSanitizer|UndefinedBehaviorSanitizer)|"
                         r"runtime error:|SUMMARY: \w+Sanitizer", re.M)
 
@@ -213,21 +219,52 @@ def parse_libfuzzer(text: str) -> dict:
     }
 
 
+def crash_signature(binary: Path, crash: Path) -> str:
+    """Replays one crash input and names it: the failed GGML_ASSERT / GGML_ABORT, or the
+    sanitizer's SUMMARY line, with the innermost frame in llama.cpp / lrq code."""
+    proc = subprocess.run([str(binary), str(crash)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **SAN_ENV}, cwd=REPO)
+    text = proc.stdout + proc.stderr
+    m = re.search(r"([\w./-]+:\d+): (GGML_ASSERT\(.*?\) failed|GGML_ABORT.*)", text) or \
+        re.search(r"^SUMMARY: (.*)", text, re.M)
+    if not m:
+        return f"exit {proc.returncode}, no report (replay did not crash)"
+    return " ".join(g for g in m.groups() if g).replace(str(REPO) + "/", "")
+
+
 def run_cpp(binary: Path, seeds: Path, dic: Path, runs: int, out: Path) -> dict:
     corpus, crashes = out / "corpus-cpp", out / "crashes-cpp"
     corpus.mkdir(parents=True, exist_ok=True)
-    crashes.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(crashes, ignore_errors=True)
+    crashes.mkdir(parents=True)
     log = out / "cpp.log"
-    cmd = [binary, f"-runs={runs}", f"-dict={dic}", f"-timeout={TIMEOUT_S}", "-print_final_stats=1",
-           f"-artifact_prefix={crashes}/", "-close_fd_mask=1", corpus, seeds]
+    # keep-going mode, as for atheris: fuzzing runs in child processes (-fork=1) and a crash, OOM
+    # or timeout ends only its child; every crash input is kept and replayed below to name it
+    cmd = [binary, "-fork=1", "-ignore_crashes=1", "-ignore_ooms=1", "-ignore_timeouts=1",
+           f"-runs={runs}", f"-dict={dic}", f"-timeout={TIMEOUT_S}", f"-artifact_prefix={crashes}/",
+           "-close_fd_mask=1", corpus, seeds]
     _log(f"libFuzzer: {runs} executions of llama_model_load_from_file (log {log})")
     t0 = time.monotonic()
     with open(log, "w") as f:
         rc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT,
                             env={**os.environ, **SAN_ENV}, cwd=REPO).returncode
-    res = parse_libfuzzer(log.read_text(errors="replace"))
-    res.update(fuzzer="libFuzzer (C++ loader)", seconds=round(time.monotonic() - t0, 1), exit=rc,
-               crashes=len(res["artifacts"]) or int(rc != 0), log=str(log))
+    seconds = round(time.monotonic() - t0, 1)
+    text = log.read_text(errors="replace")
+    res = parse_libfuzzer(text)
+    fork = _FORK.findall(text)
+    if fork:
+        # the line's exec/s is the last child's; the run's own rate is executions / time
+        n, cov, ft, corp, _rate, oom, tmo, _crash, t = (int(x) for x in fork[-1])
+        res.update(executions=n, cov=cov, ft=ft, corpus=corp, exec_per_s=n // max(t, 1), ooms=oom, timeouts=tmo)
+    found: dict[str, int] = {}
+    for c in sorted(p for p in crashes.iterdir() if p.suffix != ".txt"):
+        sig = crash_signature(binary, c)
+        found[sig] = found.get(sig, 0) + 1
+        c.with_name(c.name + ".txt").write_text(sig + "\n")
+    res.update(fuzzer="libFuzzer (C++ loader)", seconds=seconds, exit=rc, findings=found,
+               crashes=sum(found.values()),
+               sanitizer_reports=sum(n for s, n in found.items() if "Sanitizer" in s),
+               log=str(log))
     return res
 
 
