@@ -59,6 +59,11 @@ GGML_API const char * ggml_lrq_mul_mat_check(const struct ggml_tensor * op);
 // without data.  ctx must be a no_alloc context with room for 4 tensors.
 GGML_API struct ggml_tensor * lrq_make_supports_test_op(struct ggml_context * ctx, struct ggml_tensor * t);
 
+// The kernel GGML_OP_LRQ_MUL_MAT runs on this CPU: lrq_kernels_simd() ("avx2" | "neon" | "generic").
+// Defined in lrq-cpu.c, so only inside a CPU backend, whose feature list shows it as LRQ_KERNELS
+// (patches/0005; llama.cpp prints it in its system_info line).
+const char * ggml_lrq_mul_mat_cpu_kernels(void);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,7 +1,8 @@
-// lrq: CPU forward of GGML_OP_LRQ_MUL_MAT (compiled into ggml-cpu by lrq's CMakeLists.txt; the
-// prototypes are in the patched ggml-cpu/ops.h).  The arithmetic is lrq_kernels' int8-activation
-// fast path (lrq_quantize_act_q8 + lrq_mul_mat_q8, native/include/lrq-kernels.h); this file only
-// maps ggml tensors onto its descriptors and splits the work among ggml's threads.
+// lrq: CPU forward of GGML_OP_LRQ_MUL_MAT (compiled into every ggml-cpu variant by lrq's
+// CMakeLists.txt; the prototypes are in the patched ggml-cpu/ops.h).  The arithmetic is
+// lrq_kernels' int8-activation fast path (lrq_quantize_act_q8 + lrq_mul_mat_q8,
+// native/include/lrq-kernels.h); this file only maps ggml tensors onto its descriptors and splits
+// the work among ggml's threads.
 //
 //   op shape: W [n_in, n_out] (codes), x F32 [n_in, T] (T = ne1*ne2*ne3 rows, equally strided)
 //             -> y F32 [n_out, T];  y[t, o] = sum_i W_r[o, i] * act_r(x[t, :])[i] + bias[o]
@@ -44,6 +45,11 @@ bool ggml_lrq_mul_mat_cpu_supported(const struct ggml_tensor * op) {
         if (s[i] && s[i]->type != GGML_TYPE_F32) return false;
     }
     return true;
+}
+
+// lrq-ggml.h; the same answer in every ggml-cpu variant, since lrq_kernels dispatch at run time.
+const char * ggml_lrq_mul_mat_cpu_kernels(void) {
+    return lrq_kernels_simd();
 }
 
 static int64_t lrq_op_tokens(const struct ggml_tensor * x) {

@@ -3,7 +3,7 @@
 #include "lrq-kernels.h"
 #include "lrq-ggml.h"   // GGML_OP_LRQ_MUL_MAT: ggml_op runs it through ggml's CPU backend
 
-#include "ggml-cpu.h"
+#include "ggml-backend.h"
 #include "ggml.h"
 
 #include <pybind11/numpy.h>
@@ -328,7 +328,6 @@ void lrq_register_kernels(py::module_ & parent) {
 
         size_t data = (size_t) n_out * lrq_row_bytes(n_in, bits) + (size_t) n_tok * (n_in + n_out) * 4 +
                       4 * (size_t) n_out * ng * 2 + 2 * (size_t) n_out * 4 + 64;
-        data += lrq_act_q8_size(n_tok, n_in, group_size) + 64 * (size_t) n_threads + 4096;   // work buffer
         ggml_init_params ip = { data + 16 * ggml_tensor_overhead() + ggml_graph_overhead() + 16 * 64, nullptr, false };
         ggml_context * ctx = ggml_init(ip);
         if (!ctx) throw std::runtime_error("ggml_init failed");
@@ -361,24 +360,39 @@ void lrq_register_kernels(py::module_ & parent) {
         ggml_tensor * y  = ggml_lrq_mul_mat(ctx, tw, tx, td, tm, ta, tb, tg, tc, tk, group_size, wa.w.mode);
         ggml_cgraph * gf = ggml_new_graph(ctx);
         ggml_build_forward_expand(gf, y);
-        ggml_cplan plan = ggml_graph_plan(gf, n_threads, nullptr);
-        std::vector<uint8_t> work(plan.work_size);
-        plan.work_data = work.data();
-        plan.use_ref   = use_ref;
+        // The CPU backend is a module (the ggml-cpu variant loaded for this CPU, module.cpp), so
+        // the graph goes through the backend API; the CPU backend computes tensors in plain memory.
+        ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+        ggml_backend_t     be  = dev ? ggml_backend_dev_init(dev, nullptr) : nullptr;
+        if (!be) {
+            ggml_free(ctx);
+            throw std::runtime_error("no ggml CPU backend is loaded");
+        }
+        ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+        auto set_n_threads = (ggml_backend_set_n_threads_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads");
+        auto set_use_ref   = (void (*)(ggml_backend_t, bool)) ggml_backend_reg_get_proc_address(reg, "ggml_backend_cpu_set_use_ref");
+        if (!set_n_threads || !set_use_ref) {
+            ggml_backend_free(be);
+            ggml_free(ctx);
+            throw std::runtime_error("the ggml CPU backend lacks ggml_backend_set_n_threads / ggml_backend_cpu_set_use_ref");
+        }
+        set_n_threads(be, n_threads);
+        set_use_ref(be, use_ref);
         ggml_status st;
         {
             py::gil_scoped_release nogil;
-            st = ggml_graph_compute(gf, &plan);
+            st = ggml_backend_graph_compute(be, gf);
         }
+        ggml_backend_free(be);
         py::array_t<float> out({(py::ssize_t) n_tok, (py::ssize_t) n_out});
         std::memcpy(out.mutable_data(), y->data, ggml_nbytes(y));
         ggml_free(ctx);
-        if (st != GGML_STATUS_SUCCESS) throw std::runtime_error("ggml_graph_compute failed");
+        if (st != GGML_STATUS_SUCCESS) throw std::runtime_error("ggml_backend_graph_compute failed");
         return out;
     }, py::arg("codes"), py::arg("d"), py::arg("m"), py::arg("bits"), py::arg("group_size"), py::arg("mode"), py::arg("x"),
        py::arg("alpha") = py::none(), py::arg("beta") = py::none(), py::arg("gain") = py::none(),
        py::arg("bias") = py::none(), py::arg("act_clip") = 1.0, py::arg("act_bits") = 0, py::arg("n_threads") = 1,
        py::arg("use_ref") = false,
-       "GGML_OP_LRQ_MUL_MAT on ggml's CPU backend (a one-node graph, n_threads threads): y float32 [n_tok, n_out].\n"
+       "GGML_OP_LRQ_MUL_MAT on the loaded ggml CPU backend variant (a one-node graph, n_threads threads): y float32 [n_tok, n_out].\n"
        "use_ref: ggml's reference mode (the op then runs lrq_mul_mat_ref per chunk).");
 }

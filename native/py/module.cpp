@@ -53,8 +53,15 @@ const int32_t * token_ptr(const TokenArray & tokens, int n_vocab, py::ssize_t & 
 PYBIND11_MODULE(_native, m) {
     m.doc() = "lrq native binding over the patched llama.cpp";
 
-    llama_backend_init();
+    // The CPU backends are modules (libggml-cpu-<variant>.so, the best one for this CPU) and so is
+    // RPC: load them from the build's bin directory, with the log already captured (not on stderr).
     lrq::install_log_capture();
+    ggml_backend_load_all_from_path(LRQ_BIN_DIR);
+    if (!ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)) {
+        throw py::import_error("lrq._native: no ggml CPU backend (libggml-cpu-*.so) loads from " LRQ_BIN_DIR
+                               ": rebuild with `make build`");
+    }
+    llama_backend_init();
 
     static py::exception<lrq::LoadError> load_error(m, "LoadError", PyExc_RuntimeError);
     py::register_exception_translator([](std::exception_ptr p) {
