@@ -228,12 +228,20 @@ INVALID_TYPE_IDS = {
 }
 
 
+# what gguf.cpp says about each (the refusal is for the type, not some other damage)
+INVALID_TYPE_MESSAGE = {"kv-type-out-of-range": "general.architecture' has invalid GGUF type",
+                        "tensor-type-out-of-range": "blk.0.attn_q.weight' has invalid ggml type"}
+
+
 @pytest.mark.parametrize("name", sorted(INVALID_TYPE_IDS))
 def test_cpp_loader_refuses_invalid_type_ids(name, seeds, tmp_path):
     from lrq import _native
+    good = tmp_path / "good.gguf"
+    good.write_bytes(seeds["own"])
+    _native.Model(str(good), n_ctx=32, n_threads=1)    # the control: a broken build fails here
     bad = tmp_path / f"{name}.gguf"
     bad.write_bytes(INVALID_TYPE_IDS[name](seeds["own"]))
-    with pytest.raises(_native.LoadError):
+    with pytest.raises(_native.LoadError, match=INVALID_TYPE_MESSAGE[name]):
         _native.Model(str(bad), n_ctx=32, n_threads=1)
     # and the Python readers agree
     assert target.run_one(bad.read_bytes(), tmp_path / "py.gguf")["open_model"] is False
@@ -273,13 +281,23 @@ sys.exit(0)
                    "llama.cpp's vocab loader, GGML_ASSERT(id_to_token.size() == token_to_id.size()) "
                    "(src/llama-vocab.cpp, llama_vocab::impl::load), instead of a load error")
 def test_cpp_loader_refuses_a_repeated_token(seeds, tmp_path):
-    bad = tmp_path / "dup-token.gguf"
-    bad.write_bytes(_duplicate_token(seeds["own"]))
-    proc = subprocess.run([sys.executable, "-c", _LOAD_IN_CHILD, str(bad)], capture_output=True, text=True,
-                          timeout=120)
+    def load(data: bytes, name: str) -> subprocess.CompletedProcess:
+        path = tmp_path / name
+        path.write_bytes(data)
+        return subprocess.run([sys.executable, "-c", _LOAD_IN_CHILD, str(path)], capture_output=True,
+                              text=True, timeout=120)
+
+    # the control loads in the same kind of child: a broken build (no backend, a library being
+    # rebuilt) is a real failure here (pytest.fail is not the xfail's AssertionError), never an
+    # "expected" refusal of the bad file
+    good = load(seeds["own"], "good.gguf")
+    if good.returncode != 0:
+        pytest.fail(f"the unmodified file does not load (exit {good.returncode}): {good.stdout[-500:]}"
+                    f"{good.stderr[-1500:]}")
+    proc = load(_duplicate_token(seeds["own"]), "dup-token.gguf")
     # 3: refused with _native.LoadError; a negative code is a signal (SIGABRT from the assert)
     assert proc.returncode == 3, (proc.returncode, proc.stderr[-2000:])
-    assert str(bad) in proc.stdout, proc.stdout
+    assert "dup-token.gguf" in proc.stdout and "token" in proc.stdout.replace("dup-token.gguf", ""), proc.stdout
 
 
 def test_atheris_harness_runs(seeds, tmp_path):
