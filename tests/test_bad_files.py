@@ -311,6 +311,26 @@ CASES = [
     ("act-bits-fraction", "own", dict(replace={"blk.0.attn_v.lrq_r1.act": (np.array([1, 2.5], np.float32), F32)}),
      "blk.0.attn_v.lrq_r1.act", "T6"),
 ]
+def _repeat_token(files: Files, dst: Path) -> Path:
+    """Token 20's string overwritten by token 10's (when both have one length): rule F2."""
+    from lrq.model_file import open_model
+    toks = open_model(files.src).tokens
+    i, j = next((i, j) for j in range(20, len(toks)) for i in range(10, j)
+                if len(toks[i].encode()) == len(toks[j].encode()) and toks[i] != toks[j])
+    data = bytearray(files.own.read_bytes())
+    a, b = toks[i].encode(), toks[j].encode()
+    at = data.index(len(b).to_bytes(8, "little") + b, data.index(b"tokenizer.ggml.tokens"))
+    data[at + 8:at + 8 + len(b)] = a
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def test_repeated_token_is_refused_everywhere(files, tmp_path):
+    """llama.cpp's vocabulary loader aborted the process on this file (bench/fuzz)."""
+    bad = _repeat_token(files, tmp_path / "repeated-token.gguf")
+    _check_refused(bad, ["tokenizer.ggml.tokens"], files, tmp_path)
+
+
 # F1: truncation at several places: inside the header, the keys, the tensor table, the data
 TRUNCATIONS = [("truncated-header", 20), ("truncated-keys", 600), ("truncated-tensor-table", -1),
                ("truncated-data", -2), ("truncated-last-tensor", -3)]
@@ -350,8 +370,8 @@ def _check_refused(path: Path, names: list[str], files: Files, tmp: Path) -> Non
 
 
 def test_the_table_covers_every_rule():
-    rules = {c[4] for c in CASES} | {"F1"}
-    assert rules == {"F1", "K1", "V1", "A1", "Q1", "S1", "S2", "S3", "S4", "S5", "T1", "T2", "T3", "T4",
+    rules = {c[4] for c in CASES} | {"F1", "F2"}
+    assert rules == {"F1", "F2", "K1", "V1", "A1", "Q1", "S1", "S2", "S3", "S4", "S5", "T1", "T2", "T3", "T4",
                      "T5", "T6"}
     assert len(CASES) + len(TRUNCATIONS) >= 30
     assert len({c[0] for c in CASES}) == len(CASES)

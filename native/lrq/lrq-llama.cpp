@@ -22,6 +22,7 @@
 #include <set>
 #include <stdexcept>
 #include <type_traits>
+#include <unordered_map>
 #include <utility>
 
 // ---- architecture name and format version -----------------------------------------------------
@@ -134,8 +135,30 @@ static std::vector<T> lrq_get_array(const gguf_context * meta, const char * key,
     return out;
 }
 
+// llama.cpp's vocabulary loader aborts (GGML_ASSERT in llama_vocab::impl::load) when
+// tokenizer.ggml.tokens holds one string twice (found by bench/fuzz).  A server must survive any
+// file, so the loader hook refuses such a file first, for every GGUF, LRQ or not.
+static void lrq_check_tokens_unique(const gguf_context * meta) {
+    const int64_t kid = gguf_find_key(meta, "tokenizer.ggml.tokens");
+    if (kid < 0 || gguf_get_kv_type(meta, kid) != GGUF_TYPE_ARRAY || gguf_get_arr_type(meta, kid) != GGUF_TYPE_STRING) {
+        return;   // absent or mistyped: llama.cpp's own typed read refuses the latter
+    }
+    const size_t n = gguf_get_arr_n(meta, kid);
+    std::unordered_map<std::string, size_t> seen;
+    seen.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+        auto [it, fresh] = seen.emplace(gguf_get_arr_str(meta, kid, i), i);
+        if (!fresh) {
+            throw std::runtime_error(format("%s: tokenizer.ggml.tokens: token %zu repeats token %zu ('%s'); a "
+                                            "vocabulary has each string once", lrq_cur_file.c_str(), i, it->second,
+                                            it->first.substr(0, 40).c_str()));
+        }
+    }
+}
+
 void lrq_check_format(const gguf_context * meta, const std::string & arch_name, const std::string & fname) {
     lrq_cur_file = fname.empty() ? std::string("(FILE*)") : fname;
+    lrq_check_tokens_unique(meta);
     const bool    lrq_name = arch_name.rfind("lrq-", 0) == 0;
     const int64_t kid      = gguf_find_key(meta, LRQ_KEY_FORMAT_VERSION);
     if (!lrq_name && kid < 0) {

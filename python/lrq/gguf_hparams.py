@@ -66,6 +66,19 @@ def read_field(field) -> Any:
         raise
 
 
+def check_tokens_unique(tokens, where: str) -> None:
+    """Rule F2 (docs/FORMAT.md section 10): tokenizer.ggml.tokens holds each string once —
+    llama.cpp's vocabulary loader aborts on a repeated one, so both readers refuse it first."""
+    if not isinstance(tokens, list):
+        return
+    seen: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        j = seen.setdefault(t, i)
+        if j != i:
+            raise GGUFFileError(f"{where}: tokenizer.ggml.tokens: token {i} repeats token {j} "
+                                f"({t[:40]!r}); a vocabulary has each string once")
+
+
 def read_kv(reader: gguf.GGUFReader) -> dict[str, Any]:
     """Every key (except gguf-py's GGUF.* pseudo keys) -> its python value."""
     return {k: read_field(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}

@@ -26,7 +26,8 @@ from .constants import (ARCH_PREFIX, EXEC_WARN_FACTOR, FORMAT_VERSION, FORMAT_VE
                         GROUP_SIZES, KEY_TYPES, LRQ_REPLICA_PARAMS, MODES, STOCK_REPLICA_PARAMS, SUPPORTED_ARCHS,
                         TERNARY_BITS, Keys, is_block_linear, layer_of, lrq_bits,
                         min_name, parse_replica_param_name, replica_param_name, scale_name)
-from .gguf_hparams import GGUFFileError, dequantize_tensor, hparams, numpy_shape, open_reader, read_kv
+from .gguf_hparams import (GGUFFileError, check_tokens_unique, dequantize_tensor, hparams, numpy_shape,
+                           open_reader, read_kv)
 from .bpw_count import count_bpw
 from .gguf_types import type_name
 from .plan import Execution, Plan, PlanError
@@ -63,6 +64,7 @@ class LRQModelFile:
         self.path = Path(path)
         self._reader = open_reader(self.path)
         self.kv: dict[str, Any] = read_kv(self._reader)
+        check_tokens_unique(self.kv.get("tokenizer.ggml.tokens"), str(self.path))
         self._t = {t.name: t for t in self._reader.tensors}
         self._check_keys()
         shapes = {n: numpy_shape(t) for n, t in self._t.items()}

@@ -177,6 +177,11 @@ class ModelFile:
             raise ModelFileError(f"{self.path}: cannot read GGUF tensors ({type(e).__name__}: {e}); "
                                  f"the file is corrupt") from e
         self._tensors = {t.name: t for t in self._reader.tensors}
+        from .gguf_hparams import GGUFFileError, check_tokens_unique
+        try:
+            check_tokens_unique(self.tokens, str(self.path))
+        except GGUFFileError as e:
+            raise ModelFileError(str(e)) from None
         self.hparams = self._read_hparams()
 
     # ---- validation ---------------------------------------------------------------------
