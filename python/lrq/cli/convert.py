@@ -55,8 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration text: a bundled text (sotu-calib) or a text file")
     c.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
     c.add_argument("--calib-window", type=int, default=512, help="tokens per window (default 512)")
-    c.add_argument("--gptq-damp", type=float, default=0.01,
-                   help="GPTQ dampening, a fraction of mean(diag(H)) (default 0.01)")
+    c.add_argument("--gptq-damp", type=float, default=0.1,
+                   help="GPTQ dampening, a fraction of mean(diag(H)) (default 0.1)")
+    c.add_argument("--calib-stream", "--gptq-stream", choices=("quantized", "float"), default="quantized",
+                   help="inputs the statistics come from: quantized = the model being quantized, "
+                        "layer by layer and sub-layer by sub-layer (sequential GPTQ, default); "
+                        "float = the full-precision source's")
+    q.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="refit each group's scale and min by least squares on its codes, weighted "
+                        "by E[x^2] of the input channels (uniform without --calib-text; inside "
+                        "GPTQ against its own objective) (default: on with --gptq or an "
+                        "act-mse search, off otherwise)")
     q.add_argument("--rounding", choices=("nearest", "stochastic"), default="nearest")
     q.add_argument("--noise", type=float, default=0.0,
                    help="std of Gaussian noise (in code units) added before rounding")
@@ -107,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                           scale_search=args.scale_search or "minmax", rounding=args.rounding,
                           noise=args.noise, gptq=args.gptq, calib_text=args.calib_text,
                           calib_tokens=args.calib_tokens, calib_window=args.calib_window,
-                          gptq_damp=args.gptq_damp,
+                          gptq_damp=args.gptq_damp, calib_stream=args.calib_stream, refit=args.refit,
                           grid_offset=args.grid_offset, scale_delta=args.scale_delta, keep=args.keep,
                           plan=args.plan, seed=args.seed, progress=not args.quiet,
                           base_type=args.base_type, imatrix=args.imatrix, work=args.work,

@@ -33,6 +33,8 @@ from .arch import ArchConverter, ConvertError, converter_for, converter_for_hf
 from .hf import hf_config, hf_n_layer, run_convert_hf
 from .replicas import initial_param_names, initial_params
 
+CALIB_STREAMS = ("quantized", "float")
+
 U32 = gguf.GGUFValueType.UINT32
 F32V = gguf.GGUFValueType.FLOAT32
 F16 = gguf.GGMLQuantizationType.F16
@@ -57,7 +59,19 @@ class ConvertOptions:
     calib_text: str | None = None      # bundled text name or a file
     calib_tokens: int = 4096
     calib_window: int = 512
-    gptq_damp: float = 0.01            # dampening, fraction of mean(diag(H))
+    # GPTQ's dampening, a fraction of mean(diag(H)): on SmolLM2 (2-bit g64, sequential, MSE
+    # scales, 4096 tokens) 0.1 gave KLD 3.10 against the paper's 0.01's 4.33 (ffn_down's
+    # 1536-wide Hessian over-fits 4096 tokens)
+    gptq_damp: float = 0.1
+    # where the calibrated quantizers' statistics come from: "quantized" = the stream of the
+    # model being quantized, layer by layer and sub-layer by sub-layer (sequential GPTQ; float
+    # Hessians made 2-bit GPTQ worse than round-to-nearest on SmolLM2), "float" = the source's
+    calib_stream: str = "quantized"
+    # weighted least-squares refit of each group's (d, m) on its codes (lrq.calib.gptq); None =
+    # on for the calibrated quantizers (GPTQ, act-mse), off for plain round-to-nearest (whose
+    # codes stay those of FORMAT.md's reference quantizer); True without a calibration text
+    # weighs every input channel the same
+    refit: bool | None = None
     # a stock-typed base (format v2, stock_base.py): llama-quantize makes the shared weights
     base_type: str | None = None       # e.g. IQ2_XS, Q2_K, Q4_K; None = lrq's own LRQ codes
     imatrix: str | None = None         # importance matrix for llama-quantize (else from calib_text)
@@ -70,6 +84,10 @@ class ConvertOptions:
     @property
     def needs_calibration(self) -> bool:
         return self.gptq or self.scale_search == "act-mse"
+
+    @property
+    def refits(self) -> bool:
+        return self.needs_calibration if self.refit is None else self.refit
 
     def validate(self) -> None:
         if self.base_type is not None:
@@ -98,6 +116,12 @@ class ConvertOptions:
                                    f"--calib-window ({self.calib_window}, >= 4)")
             if not (np.isfinite(self.gptq_damp) and self.gptq_damp > 0):
                 raise ConvertError(f"--gptq-damp must be > 0, got {self.gptq_damp}")
+        if self.refit and (self.rounding != "nearest" or self.noise):   # explicit --refit
+            raise ConvertError("--refit re-rounds to the nearest codes of the refitted parameters: "
+                               "--rounding stochastic and --noise cannot be combined with it")
+        if self.calib_stream not in CALIB_STREAMS:
+            raise ConvertError(f"--calib-stream: '{self.calib_stream}' is not one of "
+                               f"{', '.join(CALIB_STREAMS)}")
         if self.rounding not in ("nearest", "stochastic"):
             raise ConvertError(f"--rounding: '{self.rounding}' is not nearest or stochastic")
         for opt, v in (("--noise", self.noise), ("--grid-offset", self.grid_offset),
@@ -130,7 +154,7 @@ class ConvertOptions:
             ("--gptq", self.gptq), ("--scale-search", self.scale_search != "minmax"),
             ("--rounding", self.rounding != "nearest"), ("--noise", self.noise != 0),
             ("--grid-offset", self.grid_offset != 0), ("--scale-delta", self.scale_delta != 0),
-            ("--keep", self.keep is not None)) if on]
+            ("--keep", self.keep is not None), ("--refit", bool(self.refit))) if on]
         if lrq_only:
             raise ConvertError(f"--base-type {self.base_type}: {', '.join(lrq_only)} only apply "
                                f"to LRQ codes (llama-quantize makes a stock base)")
@@ -339,7 +363,8 @@ def _convert_gguf(src: Path, out: Path, opts: ConvertOptions, t0: float, log,
         raise ConvertError(f"{src}: no tensor would be quantized (every block linear is kept or has "
                            f"n_in not a multiple of 32)")
     by_name = {t.name: t for t in reader.tensors}
-    acts = _calibration_activations(src, opts, log) if opts.needs_calibration else None
+    acts = (_CalibratedQuantizer(src, opts, log, {sp.source for sp in layout if sp.lrq}, by_name)
+            if opts.needs_calibration else None)
 
     try:
         writer = GGUFStreamWriter(out, lrq_arch(conv.arch))
@@ -405,30 +430,88 @@ def _convert_gguf(src: Path, out: Path, opts: ConvertOptions, t0: float, log,
         seconds=time.monotonic() - t0, plan=plan.source or opts.plan)
 
 
-def _calibration_activations(src: Path, opts: ConvertOptions, log):
-    """The float32 reference of ``src`` on the calibration windows (lrq.calib.activations)."""
-    from ..calib import CalibError, calibration_windows
-    from ..calib.activations import SourceActivations
-    try:
-        windows = calibration_windows(src, opts.calib_text, opts.calib_tokens, opts.calib_window)
-    except CalibError as e:
-        raise ConvertError(str(e)) from None
-    log(f"calibration: {windows.size} tokens of {opts.calib_text} in windows of {windows.shape[1]}")
-    return SourceActivations(src, windows, progress=opts.progress)
+def _source_weight(t) -> np.ndarray:
+    w = dequantize_tensor(t).astype(np.float32)
+    if not np.isfinite(w).all():
+        raise ConvertError(f"tensor {t.name}: the source contains NaN or infinite values")
+    return w
 
 
-def _calibrated_quantize(w: np.ndarray, name: str, opts: ConvertOptions, acts):
+def _quantize_with_stats(w: np.ndarray, st, opts: ConvertOptions):
+    """(codes, d, m) of one linear from its input statistics (GPTQ or the weighted search)."""
     from ..calib.gptq import gptq_quantize_codes, weighted_quantize_codes
-    from ..quant import QuantizedTensor, pack
-    layer = layer_of(name)
-    linear = name.split(".")[2]
-    st = acts.linear_stats(layer)[linear]
     if opts.gptq:
-        q, d, m = gptq_quantize_codes(w, st.xtx, opts.bits, opts.group_size, opts.mode,
-                                      scale_search=opts.scale_search, importance=st.sq_mean,
-                                      damp=opts.gptq_damp)
-    else:
-        q, d, m = weighted_quantize_codes(w, opts.bits, opts.group_size, opts.mode, st.sq_mean)
+        return gptq_quantize_codes(w, st.xtx, opts.bits, opts.group_size, opts.mode,
+                                   scale_search=opts.scale_search, importance=st.sq_mean,
+                                   damp=opts.gptq_damp, refit=opts.refits)
+    return weighted_quantize_codes(w, opts.bits, opts.group_size, opts.mode, st.sq_mean,
+                                   refit=opts.refits)
+
+
+class _CalibratedQuantizer:
+    """Block linears quantized from calibration statistics (lrq.calib.activations).
+
+    Float stream: every tensor from the source's statistics, in any order.  Quantized stream: the
+    first tensor asked of a layer quantizes the whole layer (and any layer before it not done
+    yet) in sub-layer order on the quantized model's stream; its other linears wait in
+    ``done`` until the writer asks for them (packed codes: a fraction of the float weights)."""
+
+    def __init__(self, src: Path, opts: ConvertOptions, log, lrq_names: set[str], by_name: dict):
+        from ..calib import CalibError, calibration_windows
+        from ..calib.activations import QuantizedStream, SourceActivations
+        try:
+            windows = calibration_windows(src, opts.calib_text, opts.calib_tokens, opts.calib_window)
+        except CalibError as e:
+            raise ConvertError(str(e)) from None
+        log(f"calibration: {windows.size} tokens of {opts.calib_text} in windows of "
+            f"{windows.shape[1]}, statistics of the {opts.calib_stream} model's stream")
+        self.opts, self.lrq_names, self.by_name = opts, lrq_names, by_name
+        self.done: dict = {}
+        if opts.calib_stream == "float":
+            self.acts, self.stream = SourceActivations(src, windows, progress=opts.progress), None
+        else:
+            self.acts, self.stream = None, QuantizedStream(src, windows)
+
+    def _quantize(self, name: str, w: np.ndarray, st):
+        from ..quant import QuantizedTensor, pack
+        try:
+            q, d, m = _quantize_with_stats(w, st, self.opts)
+        except QuantError as e:
+            raise ConvertError(f"tensor {name}: {e}") from None
+        o = self.opts
+        return q, QuantizedTensor(pack(q, o.bits), d, m, o.bits, o.group_size, o.mode, int(q.shape[1]))
+
+    def quantize(self, name: str, w: np.ndarray):
+        layer, linear = layer_of(name), name.split(".")[2]
+        if self.stream is None:
+            return self._quantize(name, w, self.acts.linear_stats(layer)[linear])[1]
+        from ..quant import dequantize_codes
+        while name not in self.done:
+            if self.stream.layer > layer or self.stream.layer >= self.stream.n_layer:
+                raise ConvertError(f"tensor {name}: layer {layer} was quantized already "
+                                   f"(the tensor is listed twice?)")
+            L = self.stream.layer
+
+            def fn(lin: str, st, L=L):
+                full = f"blk.{L}.{lin}.weight"
+                if full not in self.lrq_names:          # kept in its source type: stays float
+                    return None
+                q, qt = self._quantize(full, _source_weight(self.by_name[full]), st)
+                self.done[full] = qt
+                return dequantize_codes(q, qt.scale, qt.min, qt.bits, qt.group_size, qt.mode)
+
+            self.stream.quantize_layer(fn)
+        return self.done.pop(name)
+
+
+def _refit_quantize(w: np.ndarray, opts: ConvertOptions):
+    """Round to nearest (--scale-search minmax | mse), then least-squares refits with uniform
+    weights (no calibration text: every input channel counts the same)."""
+    from ..calib.gptq import refit_codes
+    from ..quant import QuantizedTensor, pack, quantize_codes
+    q, d, m = refit_codes(w, *quantize_codes(w, opts.bits, opts.group_size, opts.mode,
+                                             scale_search=opts.scale_search),
+                          opts.bits, opts.group_size, opts.mode)
     return QuantizedTensor(pack(q, opts.bits), d, m, opts.bits, opts.group_size, opts.mode, int(q.shape[1]))
 
 
@@ -439,7 +522,9 @@ def _write_lrq(writer: GGUFStreamWriter, sp: SourceTensorPlan, t, opts: ConvertO
         raise ConvertError(f"tensor {t.name}: the source contains NaN or infinite values")
     try:
         if acts is not None:
-            qt = _calibrated_quantize(w, t.name, opts, acts)
+            qt = acts.quantize(t.name, w)
+        elif opts.refits:
+            qt = _refit_quantize(w, opts)
         else:
             qt = quantize(w, opts.bits, opts.group_size, opts.mode, scale_search=opts.scale_search,
                           rounding=opts.rounding, noise=opts.noise, seed=tensor_seed(opts.seed, t.name))
