@@ -37,9 +37,8 @@ FUZZ = REPO / "bench" / "fuzz"
 # run is ~5-20 ms) while every seed gets mutated many times.
 N_MUTATIONS = 200
 # Findings of the fuzz campaign not fixed yet (a signature stage:ExceptionType@file:line is matched
-# without its line, which moves with unrelated edits), each with an xfail test below.  Empty: the
-# two Python findings (a non-UTF-8 string key, NaN / inf activation bits) are fixed and are plain
-# regression tests now.
+# without its line, which moves with unrelated edits), each with an xfail test below.  Empty: every
+# finding so far is fixed and has a regression test below.
 KNOWN: set[str] = set()
 
 
@@ -187,7 +186,7 @@ def test_mutated_seeds_raise_only_the_readers_errors(seeds, tmp_path):
     assert outcomes["accepted"] > 0 and outcomes["refused"] > 0, outcomes
 
 
-# ---- the campaigns' findings: a minimal reproducer each ------------------------------------------
+# ---- the campaigns' findings: a minimal reproducer each (all fixed now) ---------------------------
 
 # Fuzz finding (fixed): a string key that was not UTF-8 made LRQModelFile raise UnicodeDecodeError
 # from gguf-py's ReaderField.contents().  gguf and llama.cpp take any bytes as a string, so the
@@ -276,10 +275,9 @@ sys.exit(0)
 """
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="finding of bench/fuzz (docs/RESULTS.md "
-                   "'Fuzzing'): a vocabulary with a repeated token string aborts the process in "
-                   "llama.cpp's vocab loader, GGML_ASSERT(id_to_token.size() == token_to_id.size()) "
-                   "(src/llama-vocab.cpp, llama_vocab::impl::load), instead of a load error")
+# Fuzz finding (fixed): a vocabulary with a repeated token string aborted the process in llama.cpp's
+# vocab loader, GGML_ASSERT(id_to_token.size() == token_to_id.size()) (src/llama-vocab.cpp,
+# llama_vocab::impl::load), in every tool and in the binding; the loader hook now refuses it.
 def test_cpp_loader_refuses_a_repeated_token(seeds, tmp_path):
     def load(data: bytes, name: str) -> subprocess.CompletedProcess:
         path = tmp_path / name
@@ -288,8 +286,7 @@ def test_cpp_loader_refuses_a_repeated_token(seeds, tmp_path):
                               text=True, timeout=120)
 
     # the control loads in the same kind of child: a broken build (no backend, a library being
-    # rebuilt) is a real failure here (pytest.fail is not the xfail's AssertionError), never an
-    # "expected" refusal of the bad file
+    # rebuilt) fails here with its own message, never taken for a refusal of the bad file
     good = load(seeds["own"], "good.gguf")
     if good.returncode != 0:
         pytest.fail(f"the unmodified file does not load (exit {good.returncode}): {good.stdout[-500:]}"
@@ -311,6 +308,7 @@ def test_atheris_harness_runs(seeds, tmp_path):
     proc = subprocess.run([sys.executable, str(FUZZ / "run.py"), "_atheris", "--findings", str(findings), "--",
                            "-atheris_runs=100", "-seed=1", str(tmp_path / "corpus-new"), str(corpus)],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
+    target.sweep_stale()      # the worker's input file (libFuzzer exits without clean-up)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "Done 100" in out, out[-3000:]

@@ -11,6 +11,7 @@
 //
 // Environment: LRQ_FUZZ_LOG=1 lets llama.cpp's log through (to reproduce one input).
 
+#include "ggml-backend.h"
 #include "llama.h"
 
 #include <cstdint>
@@ -29,7 +30,20 @@ extern "C" int LLVMFuzzerInitialize(int *, char ***) {
     if (!verbose || std::string(verbose) != "1") {
         llama_log_set(quiet_log, nullptr);   // logging would dominate the time of a failed load
     }
+    // the CPU backend is a module (GGML_BACKEND_DL) in the directory of this binary (build/fuzz/bin)
+    char exe[4096];
+    const ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    if (n > 0) {
+        exe[n] = 0;
+        std::string bin_dir(exe);
+        bin_dir.resize(bin_dir.rfind('/'));
+        ggml_backend_load_all_from_path(bin_dir.c_str());
+    }
     llama_backend_init();
+    if (ggml_backend_reg_count() == 0) {
+        std::fprintf(stderr, "lrq_load_fuzzer: no ggml backend loaded (libggml-cpu*.so beside the binary?)\n");
+        std::abort();   // every load would fail for that reason alone: nothing would be fuzzed
+    }
     const char * dir = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp";
     g_path = std::string(dir) + "/lrq-load-fuzz-" + std::to_string(getpid()) + ".gguf";
     return 0;

@@ -28,6 +28,27 @@ from pathlib import Path
 # tmpfs when there is one: the input file is rewritten for every execution
 _TMP_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
 _PATH = _TMP_DIR / f"lrq-fuzz-{os.getpid()}.gguf"
+# the input files of both fuzzers (lrq_load_fuzzer.cpp: lrq-load-fuzz-<pid>.gguf)
+_PATTERNS = ("lrq-fuzz-*.gguf", "lrq-load-fuzz-*.gguf")
+
+
+def sweep_stale() -> int:
+    """Remove the input files of fuzzer processes that are gone: libFuzzer ends a process with
+    exit() or a crash (every child of -fork mode), so none cleans up after itself."""
+    n = 0
+    for d in {_TMP_DIR, Path("/dev/shm"), Path("/tmp")}:
+        for pat in _PATTERNS:
+            for f in d.glob(pat) if d.is_dir() else ():
+                try:
+                    os.kill(int(f.stem.rsplit("-", 1)[1]), 0)
+                    continue                  # its process is alive
+                except ProcessLookupError:
+                    pass
+                except (ValueError, PermissionError):
+                    continue
+                f.unlink(missing_ok=True)
+                n += 1
+    return n
 
 _READERS = None
 

@@ -11,7 +11,8 @@ What it does (each step only when needed; a second run reuses the build and the 
    ``__builtin_cpu_supports`` does not know "f16c"); as root on Debian it is installed with apt
    (clang-19, libclang-rt-19-dev).
 3. build/fuzz: the patched llama.cpp tree and lrq's glue (the same CMakeLists.txt, LRQ_PYTHON=OFF,
-   target ``llama`` only) built with clang, ``-fsanitize=address,undefined,fuzzer-no-link``,
+   LRQ_CPU_ALL_VARIANTS=OFF: one CPU backend module, not one per instruction-set level; targets
+   ``llama`` and ``ggml-cpu`` only) built with clang, ``-fsanitize=address,undefined,fuzzer-no-link``,
    -O1 (UBSan with halt_on_error=1: any report stops the run with its input, except those listed
    in bench/fuzz/ubsan.supp, known reports of the pinned upstream code); then
    bench/fuzz/lrq_load_fuzzer.cpp linked with ``-fsanitize=fuzzer,address,undefined``.  This
@@ -148,17 +149,24 @@ def build_harness(jobs: int, out: Path) -> Path:
     def cached(key: str, value: str) -> bool:   # the entry's type varies (STRING, UNINITIALIZED)
         return re.search(rf"^{key}:\w+={re.escape(value)}$", text, re.M) is not None
 
-    if not cached("CMAKE_CXX_COMPILER", cxx) or not cached("CMAKE_CXX_FLAGS", SAN_FLAGS):
+    if not cached("CMAKE_CXX_COMPILER", cxx) or not cached("CMAKE_CXX_FLAGS", SAN_FLAGS) \
+            or not cached("LRQ_CPU_ALL_VARIANTS", "OFF"):
         _log(f"configuring {FUZZ_BUILD} with {cxx}")
         _run(["cmake", "-S", REPO, "-B", FUZZ_BUILD, "-G", "Ninja", f"-DCMAKE_C_COMPILER={cc}",
               f"-DCMAKE_CXX_COMPILER={cxx}", "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
               f"-DCMAKE_C_FLAGS_RELWITHDEBINFO={OPT_FLAGS}", f"-DCMAKE_CXX_FLAGS_RELWITHDEBINFO={OPT_FLAGS}",
               f"-DCMAKE_C_FLAGS={SAN_FLAGS}", f"-DCMAKE_CXX_FLAGS={SAN_FLAGS}",
-              "-DLRQ_PYTHON=OFF", "-DGGML_OPENMP=OFF"], log=out / "configure.log", env=env)
-    _log(f"building libllama in {FUZZ_BUILD} (-j {jobs}, nice 15; slow the first time)")
-    _run(["cmake", "--build", FUZZ_BUILD, "--target", "llama", "-j", jobs], log=out / "build.log", env=env, nice=15)
+              "-DLRQ_PYTHON=OFF", "-DGGML_OPENMP=OFF", "-DLRQ_CPU_ALL_VARIANTS=OFF"],
+             log=out / "configure.log", env=env)
+    _log(f"building libllama and the CPU backend in {FUZZ_BUILD} (-j {jobs}, nice 15; slow the first time)")
+    # the CPU backend is a module (GGML_BACKEND_DL) that the harness loads: a target of its own
+    _run(["cmake", "--build", FUZZ_BUILD, "--target", "llama", "ggml-cpu", "-j", jobs], log=out / "build.log",
+         env=env, nice=15)
     inc = REPO / "build" / "llama.cpp"
     bin_dir = FUZZ_BUILD / "bin"
+    # per-variant CPU modules of an earlier configuration would outscore libggml-cpu.so at load
+    for stale in bin_dir.glob("libggml-cpu-*.so*"):
+        stale.unlink()
     libs = [bin_dir / "libllama.so", bin_dir / "libggml.so", bin_dir / "libggml-base.so"]
     newest = max(p.stat().st_mtime for p in [HARNESS_SRC, *libs])
     if not HARNESS_BIN.is_file() or HARNESS_BIN.stat().st_mtime < newest:
@@ -350,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only != "py":
         results.append(run_cpp(binary, seeds, dic, args.runs, out))
     load1 = tuple(round(x, 2) for x in os.getloadavg())
+    sys.path.insert(0, str(HERE))
+    import py_target
+    py_target.sweep_stale()
     print(_table(results, (load0, load1)))
     for r in results:
         for sig, n in (r.get("findings") or {}).items():
