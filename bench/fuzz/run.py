@@ -24,8 +24,10 @@ What it does (each step only when needed; a second run reuses the build and the 
    is the public ``llama_model_load_from_file`` (CPU, mmap or not); the Python target is
    bench/fuzz/py_target.py (read_metadata, open_model / LRQModelFile + hparams) in keep-going
    mode: each distinct finding (exception type + innermost lrq / gguf-py frame) keeps its first
-   input under OUT/findings-py/ and the run goes on.  libFuzzer stops at its first crash and
-   leaves the input under OUT/crashes-cpp/.
+   input under OUT/findings-py/ and the run goes on.  libFuzzer keeps going too (-fork=1, a crash
+   ends only its child process): the crash inputs are left under OUT/crashes-cpp/ and replayed
+   to name each.  Fork mode stops after the child job in which the count is reached, so it
+   runs somewhat more than --runs (a few thousand more at most).
 
 Prints, per fuzzer: executions, seconds, executions/s, coverage (libFuzzer's final ``cov:``
 edges and ``ft:`` features; atheris counts Python bytecode edges the same way), corpus size,
