@@ -12,8 +12,9 @@ GPTQ had put its error on the input directions the float stream leaves silent.  
   on the written file), not on the source's;
 - on the tiny models, the default GPTQ beats round-to-nearest on every linear, measured on
   held-out text through each file's own stream, and the float-stream variant is worse;
-- the weighted least-squares refit against an independent solver (numpy lstsq), and that it
-  lowers the error it minimises.
+- the weighted least-squares refit against an independent solver (numpy lstsq), that it
+  lowers the error it minimises, and that inside GPTQ it lowers GPTQ's own objective by more
+  than a refit that does not hand the group's changed errors on to the later columns.
 """
 
 from __future__ import annotations
@@ -278,6 +279,31 @@ def test_refit_lowers_the_weighted_error(tiny_models, texts):
             assert (np.square(dequantize_codes(q2, d2, m2, BITS, GROUP, "asym") - w).sum()
                     <= np.square(dequantize_codes(q, d, m, BITS, GROUP, "asym") - w).sum())
     assert tot[True] / tot[False] < REFIT_RTN_TOTAL_MAX
+
+
+# GPTQ with refit against GPTQ without, on GPTQ's own objective (the output error under the
+# dampened Hessian the codes were chosen with), summed over the tiny llama's linears: measured
+# 0.819 (qwen2: 0.815); refitting without handing the group's changed errors on to the later
+# columns measured 0.879 (0.888), no refit 1.0
+GPTQ_REFIT_RATIO_MAX = 0.85
+GPTQ_TEST_DAMP = 0.1
+
+
+def test_gptq_refit_feeds_its_errors_forward(tiny_models, texts):
+    src = tiny_models.gguf("llama")
+    acts = SourceActivations(src, calibration_windows(src, texts[0], N_WIN * WINDOW, WINDOW))
+    sm = open_model(src)
+    tot = {False: 0.0, True: 0.0}
+    for L in range(acts.n_layer):
+        st = acts.linear_stats(L)
+        for name in LINEARS:
+            w = sm.tensor(f"blk.{L}.{name}.weight").astype(np.float32)
+            h = st[name].xtx
+            h_damped = h + GPTQ_TEST_DAMP * np.mean(np.diag(h)) * np.eye(len(h))
+            for refit in (False, True):
+                q, d, m = gptq_quantize_codes(w, h, BITS, GROUP, "asym", damp=GPTQ_TEST_DAMP, refit=refit)
+                tot[refit] += output_error(w, dequantize_codes(q, d, m, BITS, GROUP, "asym"), h_damped)
+    assert tot[True] / tot[False] < GPTQ_REFIT_RATIO_MAX
 
 
 # ---- options ---------------------------------------------------------------------------------
