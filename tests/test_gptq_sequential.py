@@ -186,17 +186,24 @@ def test_convert_uses_the_quantized_stream(tiny_gguf, texts, tmp_path):
 
 # ---- held-out error on the tiny models ------------------------------------------------------
 
-# Default GPTQ (quantized stream, refit, damping 0.1) against round-to-nearest (minmax, the
-# default scale search), per linear, on held-out text through each file's own stream.  Measured
-# (2-bit asym g32, 512 calibration tokens), held-out error / RTN's over the 21 linears:
-#   default               llama max 0.73 mean 0.56, qwen2 0.48 / 0.37, qwen3 0.76 / 0.55
-#   quantized, no refit   llama 1.09 / 0.77 (2 losses), qwen2 0.81 / 0.59, qwen3 1.02 / 0.71 (2)
-#   old (float stream, damping 0.01, no refit)
-#                         llama 1.37 / 0.88 (4 losses), qwen2 1.22 / 0.75 (2), qwen3 1.22 / 0.84 (6)
-# so the old path fails both bounds below.
-HELD_RATIO_MAX = 0.9
-# the old path's mean over the default's: measured 1.58, 2.05, 1.53
-FLOAT_OVER_DEFAULT_MIN = 1.3
+# Default GPTQ (quantized stream, MSE scales, refit, damping 0.1) against round-to-nearest
+# (minmax, the default without --gptq), per linear, on held-out text through each file's own
+# stream.  Measured (2-bit asym g32, 512 calibration tokens), held-out error / RTN's over the
+# 21 linears, max / mean:
+#   default                                     llama 0.59 / 0.42, qwen2 0.40 / 0.30, qwen3 0.51 / 0.39
+#   the same from the float stream              llama 0.60 / 0.44, qwen2 0.43 / 0.33, qwen3 0.54 / 0.42
+#   old (float stream, minmax, damping 0.01, no refit)
+#                                               llama 1.37 / 0.88, qwen2 1.22 / 0.75, qwen3 1.22 / 0.84
+#                                               (loses to RTN on 4, 2 and 6 linears)
+# so the old path fails all three bounds below.  Three random layers drift little from the float
+# stream, so the stream alone costs only 6-9 % here (SmolLM2's 30 trained layers: KLD 7.1 from
+# the float stream against 4.3 from the quantized one, both without refit; the synthetic test
+# above shows the mechanism in full).
+HELD_RATIO_MAX = 0.75
+# the old path's mean over the default's: measured 2.09, 2.51, 2.15
+OLD_OVER_DEFAULT_MIN = 1.5
+# the float stream's mean over the default's: measured 1.057, 1.094, 1.069
+FLOAT_OVER_DEFAULT_MIN = 1.03
 
 
 @pytest.mark.parametrize("tiny_gguf", ["llama", "qwen2", "qwen3"], indirect=True)
@@ -205,16 +212,18 @@ def test_gptq_beats_rtn_on_held_out_text(tiny_gguf, texts, tmp_path):
     held = calibration_windows(src, texts[1], N_WIN * WINDOW, WINDOW)
     files = {}
     for tag, kw in (("rtn", {}), ("gptq", dict(gptq=True, **_cal(texts[0]))),
+                    ("float", dict(gptq=True, calib_stream="float", **_cal(texts[0]))),
                     ("old", dict(gptq=True, calib_stream="float", refit=False, gptq_damp=0.01,
-                                 **_cal(texts[0])))):
+                                 scale_search="minmax", **_cal(texts[0])))):
         files[tag] = tmp_path / f"{tag}.gguf"
         convert(src, files[tag], ConvertOptions(bits=BITS, group_size=GROUP, progress=False, **kw))
     err = {tag: _rel_errors(src, p, held) for tag, p in files.items()}
-    ratio = {tag: {k: err[tag][k] / err["rtn"][k] for k in err["rtn"]} for tag in ("gptq", "old")}
+    ratio = {tag: {k: err[tag][k] / err["rtn"][k] for k in err["rtn"]} for tag in files if tag != "rtn"}
+    mean = {tag: float(np.mean(list(r.values()))) for tag, r in ratio.items()}
     worst = max(ratio["gptq"], key=ratio["gptq"].get)
     assert ratio["gptq"][worst] < HELD_RATIO_MAX, (worst, ratio["gptq"][worst])
-    assert (np.mean(list(ratio["old"].values()))
-            > FLOAT_OVER_DEFAULT_MIN * np.mean(list(ratio["gptq"].values())))
+    assert mean["old"] > OLD_OVER_DEFAULT_MIN * mean["gptq"], mean
+    assert mean["float"] > FLOAT_OVER_DEFAULT_MIN * mean["gptq"], mean
 
 
 # ---- the least-squares refit ----------------------------------------------------------------

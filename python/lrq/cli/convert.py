@@ -44,13 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, choices=(32, 64, 128, 256), default=64)
     q.add_argument("--scale-search", choices=("minmax", "mse", "act-mse"), default=None,
                    help="mse: per-group clipping that minimises the squared error; act-mse: the "
-                        "error weighted by E[x^2] of each input channel (needs --calib-text)")
+                        "error weighted by E[x^2] of each input channel (needs --calib-text) "
+                        "(default: mse with --gptq, minmax otherwise)")
     q.add_argument("--awq", dest="scale_search", action="store_const", const="act-mse",
                    help="same as --scale-search act-mse (activation-aware clipping search)")
     c = ap.add_argument_group("calibration-aware quantizers (need --calib-text)")
     c.add_argument("--gptq", action="store_true",
-                   help="GPTQ: codes column by column with Hessian error feedback; group "
-                        "parameters from --scale-search (default minmax)")
+                   help="GPTQ: codes column by column with Hessian error feedback on the "
+                        "quantized model's own inputs; group parameters from --scale-search "
+                        "(default mse), then refitted on their codes (see --refit)")
     c.add_argument("--calib-text", "--calib", metavar="NAME|FILE", default=None,
                    help="calibration text: a bundled text (sotu-calib) or a text file")
     c.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = args.mode or "asym"
     bits = args.bits if args.bits is not None else 2
     opts = ConvertOptions(bits=bits, mode=mode, group_size=args.group_size,
-                          scale_search=args.scale_search or "minmax", rounding=args.rounding,
+                          scale_search=args.scale_search, rounding=args.rounding,
                           noise=args.noise, gptq=args.gptq, calib_text=args.calib_text,
                           calib_tokens=args.calib_tokens, calib_window=args.calib_window,
                           gptq_damp=args.gptq_damp, calib_stream=args.calib_stream, refit=args.refit,
