@@ -59,10 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-window", type=int, default=512, help="tokens per window (default 512)")
     c.add_argument("--gptq-damp", type=float, default=0.1,
                    help="GPTQ dampening, a fraction of mean(diag(H)) (default 0.1)")
-    c.add_argument("--calib-stream", "--gptq-stream", choices=("quantized", "float"), default="quantized",
+    c.add_argument("--calib-stream", "--gptq-stream", choices=("quantized", "float"), default=None,
                    help="inputs the statistics come from: quantized = the model being quantized, "
-                        "layer by layer and sub-layer by sub-layer (sequential GPTQ, default); "
-                        "float = the full-precision source's")
+                        "layer by layer and sub-layer by sub-layer (sequential GPTQ); float = the "
+                        "full-precision source's (default: quantized with --gptq, float for act-mse)")
     q.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                    help="refit each group's scale and min by least squares on its codes, weighted "
                         "by E[x^2] of the input channels (uniform without --calib-text; inside "

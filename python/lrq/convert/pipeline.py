@@ -45,8 +45,8 @@ class ConvertOptions:
     bits: int = 2
     mode: str = "asym"                 # asym | sym | ternary
     group_size: int = 64
-    # minmax | mse | act-mse (needs calib_text); None: mse with gptq (SmolLM2 2-bit g64, GPTQ
-    # with refit: KLD 1.60 against minmax's 2.07), minmax otherwise (FORMAT.md's reference codes)
+    # minmax | mse | act-mse (needs calib_text); None: mse with gptq (with refit: KLD 1.60
+    # against minmax's 2.07; act-mse 1.63), minmax otherwise
     scale_search: str | None = None
     rounding: str = "nearest"          # nearest | stochastic
     noise: float = 0.0                 # std (code units) of Gaussian noise added before rounding
@@ -61,18 +61,21 @@ class ConvertOptions:
     calib_text: str | None = None      # bundled text name or a file
     calib_tokens: int = 4096
     calib_window: int = 512
-    # GPTQ's dampening, a fraction of mean(diag(H)), measured on SmolLM2 (2-bit g64, sequential,
-    # MSE scales, 4096 calibration tokens; KLD on sotu-eval): without refit 0.01 (the paper's)
-    # 4.33, 0.1 3.10; with refit 0.1 1.60, 0.3 1.75, 1.0 2.14
+    # Defaults below measured on SmolLM2 (2-bit asym g64, 4096 tokens of sotu-calib; KLD on 10
+    # chunks of sotu-eval, +- 0.03).
+    # GPTQ's dampening, a fraction of mean(diag(H)): without refit 0.01 (the paper's) 4.33, 0.1
+    # 3.10; with refit 0.05 1.62, 0.1 1.60, 0.3 1.75, 1.0 2.14
     gptq_damp: float = 0.1
     # where the calibrated quantizers' statistics come from: "quantized" = the stream of the
-    # model being quantized, layer by layer and sub-layer by sub-layer (sequential GPTQ; float
-    # Hessians made 2-bit GPTQ worse than round-to-nearest on SmolLM2), "float" = the source's
-    calib_stream: str = "quantized"
-    # weighted least-squares refit of each group's (d, m) on its codes (lrq.calib.gptq); None =
-    # on for the calibrated quantizers (GPTQ, act-mse), off for plain round-to-nearest (whose
-    # codes stay those of FORMAT.md's reference quantizer); True without a calibration text
-    # weighs every input channel the same
+    # model being quantized, layer by layer and sub-layer by sub-layer (sequential GPTQ), "float"
+    # = the source's.  None: quantized for GPTQ (KLD 1.60 against the float stream's 2.83; the
+    # old float-stream default, minmax and damping 0.01, 10.2: worse than round-to-nearest's
+    # 9.37), float for act-mse (2.30 against 2.53 with refit, 5.58 against 7.29 without)
+    calib_stream: str | None = None
+    # weighted least-squares refit of each group's (d, m) on its codes (lrq.calib.gptq).  None:
+    # on for the calibrated quantizers (GPTQ 1.60 against 3.10 without; act-mse 2.30 against
+    # 5.58), off for plain round-to-nearest, whose codes stay those of FORMAT.md's reference
+    # quantizer (refit with uniform weights there: MSE scales 7.78 against 8.93)
     refit: bool | None = None
     # a stock-typed base (format v2, stock_base.py): llama-quantize makes the shared weights
     base_type: str | None = None       # e.g. IQ2_XS, Q2_K, Q4_K; None = lrq's own LRQ codes
@@ -86,6 +89,8 @@ class ConvertOptions:
     def __post_init__(self):
         if self.scale_search is None:
             self.scale_search = "mse" if self.gptq else "minmax"
+        if self.calib_stream is None:
+            self.calib_stream = "quantized" if self.gptq else "float"
 
     @property
     def needs_calibration(self) -> bool:
