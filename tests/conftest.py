@@ -60,3 +60,13 @@ def tiny_hf(request, tiny_models) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gguf(request, tiny_models) -> Path:
     return tiny_models.gguf(getattr(request, "param", "llama"))
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """torch spins on a busy 2-core machine with 2 threads; one is several times faster."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -174,13 +174,16 @@ def test_two_threads_on_one_model_match_sequential(tiny_gguf, tmp_path):
     batch, or decodes into a cache the other just filled); in practice the child aborts inside
     llama.cpp or hangs."""
     r = in_child("one_model_two_threads", tmp_path, str(tiny_gguf))
-    assert r["got_a"].shape == (ROUNDS, *r["ref_a"].shape)
-    assert r["got_b"].shape == (ROUNDS, *r["ref_b"].shape)
-    for x in r["got_a"]:
-        np.testing.assert_array_equal(x, r["ref_a"])
-    for x in r["got_b"]:
-        np.testing.assert_array_equal(x, r["ref_b"])
+    _assert_every_round_equals_sequential(r)
     np.testing.assert_array_equal(r["got_ppl"], np.full(ROUNDS, r["ref_ppl"]))
+
+
+def _assert_every_round_equals_sequential(r) -> None:
+    """Each thread's ROUNDS results bit-identical to its sequential reference."""
+    for k in ("a", "b"):
+        assert r[f"got_{k}"].shape == (ROUNDS, *r[f"ref_{k}"].shape)
+        for x in r[f"got_{k}"]:
+            np.testing.assert_array_equal(x, r[f"ref_{k}"])
 
 
 def test_two_models_in_two_threads_match_sequential(tiny_gguf, tmp_path):
@@ -188,12 +191,7 @@ def test_two_models_in_two_threads_match_sequential(tiny_gguf, tmp_path):
     (one process-wide lock would pass, but a static batch/logits buffer or one context for all
     Models hands one thread the other's logits, of another shape here)."""
     r = in_child("two_models_two_threads", tmp_path, str(tiny_gguf))
-    assert r["got_a"].shape == (ROUNDS, *r["ref_a"].shape)
-    assert r["got_b"].shape == (ROUNDS, *r["ref_b"].shape)
-    for x in r["got_a"]:
-        np.testing.assert_array_equal(x, r["ref_a"])
-    for x in r["got_b"]:
-        np.testing.assert_array_equal(x, r["ref_b"])
+    _assert_every_round_equals_sequential(r)
 
 
 def test_load_errors_land_on_their_own_model(tiny_gguf, bad_files):

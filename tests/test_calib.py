@@ -40,13 +40,7 @@ LOSS_RTOL = 1e-3
 STOCK_NATIVE_NMSE = 0.06
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """torch spins on a busy 2-core machine with 2 threads; one is several times faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

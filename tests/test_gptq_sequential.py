@@ -38,13 +38,7 @@ N_WIN, WINDOW = 4, 128          # 512 calibration tokens, as in tests/test_calib
 BITS, GROUP = 2, 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """torch spins on a busy 2-core machine with 2 threads; one is several times faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _text(src, piece: str, path):
@@ -262,31 +256,36 @@ def test_refit_params_is_the_weighted_least_squares_fit(mode):
     np.testing.assert_array_less(new, opt * (1 + REFIT_OPT_RTOL) + 1e-12)
 
 
+def _tiny_llama_linears(tiny_models, texts):
+    """(layer, linear name, float32 weight, the layer's source statistics) of the tiny llama."""
+    src = tiny_models.gguf("llama")
+    acts = SourceActivations(src, calibration_windows(src, texts[0], N_WIN * WINDOW, WINDOW))
+    sm = open_model(src)
+    for L in range(acts.n_layer):
+        st = acts.linear_stats(L)
+        for name in LINEARS:
+            yield L, name, sm.tensor(f"blk.{L}.{name}.weight").astype(np.float32), st
+
+
 # round-to-nearest with refit on the tiny llama's statistics: measured 0.917 of the
 # importance-weighted error without it (2-bit asym g32, deterministic); no refit gives 1.0
 REFIT_RTN_TOTAL_MAX = 0.95
 
 
 def test_refit_lowers_the_weighted_error(tiny_models, texts):
-    src = tiny_models.gguf("llama")
-    acts = SourceActivations(src, calibration_windows(src, texts[0], N_WIN * WINDOW, WINDOW))
-    sm = open_model(src)
     tot = {False: 0.0, True: 0.0}
-    for L in range(acts.n_layer):
-        st = acts.linear_stats(L)
-        for name in LINEARS:
-            w = sm.tensor(f"blk.{L}.{name}.weight").astype(np.float32)
-            e = {}
-            for refit in (False, True):
-                q, d, m = weighted_quantize_codes(w, BITS, GROUP, "asym", st[name].sq_mean, refit=refit)
-                e[refit] = weighted_error(w, dequantize_codes(q, d, m, BITS, GROUP, "asym"), st[name].sq_mean)
-                tot[refit] += e[refit]
-            assert e[True] <= e[False], (L, name)
-            # uniform importance: the plain squared error of round-to-nearest
-            q, d, m = quantize_codes(w, BITS, GROUP, "asym", scale_search="mse")
-            q2, d2, m2 = refit_codes(w, q, d, m, BITS, GROUP, "asym")
-            assert (np.square(dequantize_codes(q2, d2, m2, BITS, GROUP, "asym") - w).sum()
-                    <= np.square(dequantize_codes(q, d, m, BITS, GROUP, "asym") - w).sum())
+    for L, name, w, st in _tiny_llama_linears(tiny_models, texts):
+        e = {}
+        for refit in (False, True):
+            q, d, m = weighted_quantize_codes(w, BITS, GROUP, "asym", st[name].sq_mean, refit=refit)
+            e[refit] = weighted_error(w, dequantize_codes(q, d, m, BITS, GROUP, "asym"), st[name].sq_mean)
+            tot[refit] += e[refit]
+        assert e[True] <= e[False], (L, name)
+        # uniform importance: the plain squared error of round-to-nearest
+        q, d, m = quantize_codes(w, BITS, GROUP, "asym", scale_search="mse")
+        q2, d2, m2 = refit_codes(w, q, d, m, BITS, GROUP, "asym")
+        assert (np.square(dequantize_codes(q2, d2, m2, BITS, GROUP, "asym") - w).sum()
+                <= np.square(dequantize_codes(q, d, m, BITS, GROUP, "asym") - w).sum())
     assert tot[True] / tot[False] < REFIT_RTN_TOTAL_MAX
 
 
@@ -299,19 +298,13 @@ GPTQ_TEST_DAMP = 0.1
 
 
 def test_gptq_refit_feeds_its_errors_forward(tiny_models, texts):
-    src = tiny_models.gguf("llama")
-    acts = SourceActivations(src, calibration_windows(src, texts[0], N_WIN * WINDOW, WINDOW))
-    sm = open_model(src)
     tot = {False: 0.0, True: 0.0}
-    for L in range(acts.n_layer):
-        st = acts.linear_stats(L)
-        for name in LINEARS:
-            w = sm.tensor(f"blk.{L}.{name}.weight").astype(np.float32)
-            h = st[name].xtx
-            h_damped = h + GPTQ_TEST_DAMP * np.mean(np.diag(h)) * np.eye(len(h))
-            for refit in (False, True):
-                q, d, m = gptq_quantize_codes(w, h, BITS, GROUP, "asym", damp=GPTQ_TEST_DAMP, refit=refit)
-                tot[refit] += output_error(w, dequantize_codes(q, d, m, BITS, GROUP, "asym"), h_damped)
+    for L, name, w, st in _tiny_llama_linears(tiny_models, texts):
+        h = st[name].xtx
+        h_damped = h + GPTQ_TEST_DAMP * np.mean(np.diag(h)) * np.eye(len(h))
+        for refit in (False, True):
+            q, d, m = gptq_quantize_codes(w, h, BITS, GROUP, "asym", damp=GPTQ_TEST_DAMP, refit=refit)
+            tot[refit] += output_error(w, dequantize_codes(q, d, m, BITS, GROUP, "asym"), h_damped)
     assert tot[True] / tot[False] < GPTQ_REFIT_RATIO_MAX
 
 

@@ -74,17 +74,20 @@ static const lrq_key_spec * lrq_key_spec_of(const char * key) {
     return nullptr;
 }
 
-// Rule K1: every key of LRQ_KEY_SPECS that is present has its table type.
+// Rule K1: a present key of LRQ_KEY_SPECS has its table type.
+static void lrq_check_key_type(const gguf_context * meta, const lrq_key_spec & s, int64_t kid) {
+    const bool is_arr = s.type == GGUF_TYPE_ARRAY;
+    if (gguf_get_kv_type(meta, kid) != s.type || (is_arr && gguf_get_arr_type(meta, kid) != s.arr_type)) {
+        lrq_fail("key %s must be %s%s, got %s", s.key, is_arr ? "an array of " : "",
+                 lrq_gguf_type_desc(is_arr ? s.arr_type : s.type), lrq_kv_type_desc(meta, kid).c_str());
+    }
+}
+
 static void lrq_check_key_types(const gguf_context * meta) {
     for (const lrq_key_spec & s : LRQ_KEY_SPECS) {
         const int64_t kid = gguf_find_key(meta, s.key);
-        if (kid < 0) {
-            continue;
-        }
-        const bool is_arr = s.type == GGUF_TYPE_ARRAY;
-        if (gguf_get_kv_type(meta, kid) != s.type || (is_arr && gguf_get_arr_type(meta, kid) != s.arr_type)) {
-            lrq_fail("key %s must be %s%s, got %s", s.key, is_arr ? "an array of " : "",
-                     lrq_gguf_type_desc(is_arr ? s.arr_type : s.type), lrq_kv_type_desc(meta, kid).c_str());
+        if (kid >= 0) {
+            lrq_check_key_type(meta, s, kid);
         }
     }
 }
@@ -103,7 +106,7 @@ static int64_t lrq_key(const gguf_context * meta, const char * key, bool require
         }
         return -1;
     }
-    lrq_check_key_types(meta);   // cheap (a dozen keys); keeps the check next to every read
+    lrq_check_key_type(meta, *spec, kid);
     return kid;
 }
 
@@ -465,10 +468,8 @@ static std::vector<uint32_t> lrq_load_tensors_impl(llama_model_base & m, llama_m
             created.insert(b.scale->name);
             lrq_check_finite(ml, b.scale, b.scale->name);
             if (b.min) {
-                lrq_check_finite(ml, b.min, b.min->name);
-            }
-            if (b.min) {
                 created.insert(b.min->name);
+                lrq_check_finite(ml, b.min, b.min->name);
             }
         }
     }

@@ -109,12 +109,11 @@ def run_block(ref: Reference, blk: Block, x: torch.Tensor, ctx=None) -> torch.Te
     return torch.stack(outs)
 
 
-class SourceActivations:
-    """The full-precision source on calibration windows, block by block (see module doc)."""
+class _Stream:
+    """A model (the reference executor on ``source``) run on calibration windows [n, T]."""
 
-    def __init__(self, source: str | os.PathLike, windows: np.ndarray, *,
-                 dtype: torch.dtype = torch.float32, progress: bool = False,
-                 max_checkpoint_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES, reference=None):
+    def __init__(self, source: str | os.PathLike, windows: np.ndarray, dtype: torch.dtype,
+                 progress: bool, reference=None):
         self.ref = reference if reference is not None else Reference(open_model(source), dtype)
         self.hp = self.ref.hp
         self.n_layer = self.hp.n_layer
@@ -123,6 +122,15 @@ class SourceActivations:
             raise ValueError(f"windows must be [n_windows, window], got shape {self.windows.shape}")
         self.ctx = rope_context(self.ref, self.windows.shape[1])
         self.progress = progress
+
+
+class SourceActivations(_Stream):
+    """The full-precision source on calibration windows, block by block (see module doc)."""
+
+    def __init__(self, source: str | os.PathLike, windows: np.ndarray, *,
+                 dtype: torch.dtype = torch.float32, progress: bool = False,
+                 max_checkpoint_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES, reference=None):
+        super().__init__(source, windows, dtype, progress, reference)
         x0 = self.ref.tok_embd[torch.from_numpy(self.windows)]
         per_layer = x0.numel() * x0.element_size()
         self.stride = max(1, math.ceil(per_layer * self.n_layer / max(max_checkpoint_bytes, 1)))
@@ -249,7 +257,7 @@ class _StatsSink:
 QuantizeFn = Callable[[str, LinearStats], "np.ndarray | None"]
 
 
-class QuantizedStream:
+class QuantizedStream(_Stream):
     """The quantized model's residual stream on calibration windows (see module doc).
 
     ``quantize_layer(fn)`` quantizes the next block (0, 1, ... in order) through ``fn`` and
@@ -257,14 +265,7 @@ class QuantizedStream:
 
     def __init__(self, source: str | os.PathLike, windows: np.ndarray, *,
                  dtype: torch.dtype = torch.float32, progress: bool = False, reference=None):
-        self.ref = reference if reference is not None else Reference(open_model(source), dtype)
-        self.hp = self.ref.hp
-        self.n_layer = self.hp.n_layer
-        self.windows = np.asarray(windows, dtype=np.int64)
-        if self.windows.ndim != 2:
-            raise ValueError(f"windows must be [n_windows, window], got shape {self.windows.shape}")
-        self.ctx = rope_context(self.ref, self.windows.shape[1])
-        self.progress = progress
+        super().__init__(source, windows, dtype, progress, reference)
         self.x = self.ref.tok_embd[torch.from_numpy(self.windows)]
         self.layer = 0
 
