@@ -52,8 +52,11 @@ testdeps:
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-index torch==$(TORCH_VERSION) 2>/dev/null \
-	  || $(PY) -m pip install -q torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX)
+	if $(PY) -m pip download -q --no-deps --no-index -d $(VENV)/.torch-probe torch==$(TORCH_VERSION) 2>/dev/null; \
+	then $(PY) -m pip install -q torch==$(TORCH_VERSION); \
+	else $(PY) -m pip install -q torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX) \
+	       --extra-index-url https://pypi.org/simple; fi
+	rm -rf $(VENV)/.torch-probe
 	$(PY) -m pip install -q -e '.[dev]'
 	command -v cmake >/dev/null || $(PY) -m pip install -q 'cmake>=3.21'
 	command -v ninja >/dev/null || $(PY) -m pip install -q ninja
