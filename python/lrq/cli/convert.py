@@ -7,6 +7,7 @@ Examples:
     lrq-convert model.gguf out.gguf --keep 'token_embd|output' --plan progressive
     lrq-convert model.Q4_1.gguf out.gguf --bits 2 --gptq --calib-text sotu-calib --calib-tokens 4096
     lrq-convert model.Q4_1.gguf out.gguf --bits 2 --awq --calib-text my-text.txt
+    lrq-convert model.Q4_1.gguf out.gguf --bits 2 --mix q2k --gptq --calib-text sotu-calib
     lrq-convert model.Q4_1.gguf out.gguf --base-type IQ2_XS --calib sotu-calib --plan last-4
     lrq-convert model.Q4_1.gguf out.gguf --rotate --scale-search mse    # keeps model.Q4_1.rotated-seed0.F32.gguf
 
@@ -42,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ternary", dest="mode", action="store_const", const="ternary",
                    help="codes -1/0/+1 times a per-group scale (2-bit storage)")
     q.add_argument("--group-size", type=int, choices=(32, 64, 128, 256), default=64)
+    q.add_argument("--mix", metavar="PRESET|RULES", default=None,
+                   help="mixed precision: a preset (q2k: llama.cpp's Q2_K file, attn_v 4 bits, "
+                        "attn_output and ffn_down 3; v4; v4-down3) or PATTERN=BITS[,...] rules, "
+                        "PATTERN a regex searched in the tensor name, first match wins; the other "
+                        "block linears get --bits")
     q.add_argument("--scale-search", choices=("minmax", "mse", "act-mse"), default=None,
                    help="mse: per-group clipping that minimises the squared error; act-mse: the "
                         "error weighted by E[x^2] of each input channel (needs --calib-text) "
@@ -120,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                           calib_tokens=args.calib_tokens, calib_window=args.calib_window,
                           gptq_damp=args.gptq_damp, calib_stream=args.calib_stream, refit=args.refit,
                           grid_offset=args.grid_offset, scale_delta=args.scale_delta, keep=args.keep,
+                          mix=args.mix,
                           plan=args.plan, seed=args.seed, progress=not args.quiet,
                           base_type=args.base_type, imatrix=args.imatrix, work=args.work,
                           rotate=args.rotate)

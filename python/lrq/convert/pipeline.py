@@ -31,6 +31,7 @@ from ..plan import Plan, PlanError, make_plan
 from ..quant import QuantError, n_groups, quantize
 from .arch import ArchConverter, ConvertError, converter_for, converter_for_hf
 from .hf import hf_config, hf_n_layer, run_convert_hf
+from .mix import MixError, parse_mix
 from .replicas import initial_param_names, initial_params
 
 CALIB_STREAMS = ("quantized", "float")
@@ -53,6 +54,7 @@ class ConvertOptions:
     grid_offset: float = 0.0           # replica r >= 1 initial grid offset magnitude (code units)
     scale_delta: float = 0.0           # replica r >= 1 initial scale multiplier deviation
     keep: str | None = None            # regex: matching tensors keep their source type
+    mix: str | None = None             # mixed precision: a preset or PATTERN=BITS rules (mix.py)
     plan: str = "none"                 # preset or plan file
     seed: int = 0
     progress: bool = True
@@ -92,6 +94,10 @@ class ConvertOptions:
         if self.calib_stream is None:
             self.calib_stream = "quantized" if self.gptq else "float"
 
+    def bits_for(self, name: str) -> int:
+        """Code bits of block linear ``name``: its --mix rule's, else --bits."""
+        return parse_mix(self.mix).bits_for(name, self.bits)
+
     @property
     def needs_calibration(self) -> bool:
         return self.gptq or self.scale_search == "act-mse"
@@ -110,6 +116,12 @@ class ConvertOptions:
         if self.mode == "ternary" and self.bits != TERNARY_BITS:
             raise ConvertError(f"--ternary stores codes with {TERNARY_BITS} bits; --bits {self.bits} "
                                f"contradicts it")
+        try:
+            mix = parse_mix(self.mix)
+        except MixError as e:
+            raise ConvertError(str(e)) from None
+        if mix.rules and self.mode == "ternary":
+            raise ConvertError(f"--mix {self.mix}: ternary codes have one width; use --asym or --sym")
         if self.group_size not in GROUP_SIZES:
             raise ConvertError(f"--group-size: {self.group_size} is not one of "
                                f"{', '.join(map(str, GROUP_SIZES))}")
@@ -166,7 +178,8 @@ class ConvertOptions:
             ("--scale-search", self.scale_search != ("mse" if self.gptq else "minmax")),
             ("--rounding", self.rounding != "nearest"), ("--noise", self.noise != 0),
             ("--grid-offset", self.grid_offset != 0), ("--scale-delta", self.scale_delta != 0),
-            ("--keep", self.keep is not None), ("--refit", bool(self.refit))) if on]
+            ("--keep", self.keep is not None), ("--refit", bool(self.refit)),
+            ("--mix", bool(self.mix))) if on]
         if lrq_only:
             raise ConvertError(f"--base-type {self.base_type}: {', '.join(lrq_only)} only apply "
                                f"to LRQ codes (llama-quantize makes a stock base)")
@@ -252,7 +265,7 @@ def _layout(conv: ArchConverter, reader, plan: Plan, opts: ConvertOptions,
             out.append(sp)
             continue
         n_out, n_in = shape
-        sp.outputs.append(OutTensor(t.name, shape, int(lrq_type(opts.bits))))
+        sp.outputs.append(OutTensor(t.name, shape, int(lrq_type(opts.bits_for(t.name)))))
         ng = n_groups(n_in, opts.group_size)
         sp.outputs.append(OutTensor(scale_name(t.name), (n_out, ng), int(F16)))
         if opts.mode == "asym":
@@ -449,14 +462,14 @@ def _source_weight(t) -> np.ndarray:
     return w
 
 
-def _quantize_with_stats(w: np.ndarray, st, opts: ConvertOptions):
+def _quantize_with_stats(w: np.ndarray, st, opts: ConvertOptions, bits: int):
     """(codes, d, m) of one linear from its input statistics (GPTQ or the weighted search)."""
     from ..calib.gptq import gptq_quantize_codes, weighted_quantize_codes
     if opts.gptq:
-        return gptq_quantize_codes(w, st.xtx, opts.bits, opts.group_size, opts.mode,
+        return gptq_quantize_codes(w, st.xtx, bits, opts.group_size, opts.mode,
                                    scale_search=opts.scale_search, importance=st.sq_mean,
                                    damp=opts.gptq_damp, refit=opts.refits)
-    return weighted_quantize_codes(w, opts.bits, opts.group_size, opts.mode, st.sq_mean,
+    return weighted_quantize_codes(w, bits, opts.group_size, opts.mode, st.sq_mean,
                                    refit=opts.refits)
 
 
@@ -486,12 +499,13 @@ class _CalibratedQuantizer:
 
     def _quantize(self, name: str, w: np.ndarray, st):
         from ..quant import QuantizedTensor, pack
+        o = self.opts
+        bits = o.bits_for(name)
         try:
-            q, d, m = _quantize_with_stats(w, st, self.opts)
+            q, d, m = _quantize_with_stats(w, st, o, bits)
         except QuantError as e:
             raise ConvertError(f"tensor {name}: {e}") from None
-        o = self.opts
-        return q, QuantizedTensor(pack(q, o.bits), d, m, o.bits, o.group_size, o.mode, int(q.shape[1]))
+        return q, QuantizedTensor(pack(q, bits), d, m, bits, o.group_size, o.mode, int(q.shape[1]))
 
     def quantize(self, name: str, w: np.ndarray):
         layer, linear = layer_of(name), name.split(".")[2]
@@ -516,15 +530,15 @@ class _CalibratedQuantizer:
         return self.done.pop(name)
 
 
-def _refit_quantize(w: np.ndarray, opts: ConvertOptions):
+def _refit_quantize(w: np.ndarray, opts: ConvertOptions, bits: int):
     """Round to nearest (--scale-search minmax | mse), then least-squares refits with uniform
     weights (no calibration text: every input channel counts the same)."""
     from ..calib.gptq import refit_codes
     from ..quant import QuantizedTensor, pack, quantize_codes
-    q, d, m = refit_codes(w, *quantize_codes(w, opts.bits, opts.group_size, opts.mode,
+    q, d, m = refit_codes(w, *quantize_codes(w, bits, opts.group_size, opts.mode,
                                              scale_search=opts.scale_search),
-                          opts.bits, opts.group_size, opts.mode)
-    return QuantizedTensor(pack(q, opts.bits), d, m, opts.bits, opts.group_size, opts.mode, int(q.shape[1]))
+                          bits, opts.group_size, opts.mode)
+    return QuantizedTensor(pack(q, bits), d, m, bits, opts.group_size, opts.mode, int(q.shape[1]))
 
 
 def _write_lrq(writer: GGUFStreamWriter, sp: SourceTensorPlan, t, opts: ConvertOptions,
@@ -536,9 +550,9 @@ def _write_lrq(writer: GGUFStreamWriter, sp: SourceTensorPlan, t, opts: ConvertO
         if acts is not None:
             qt = acts.quantize(t.name, w)
         elif opts.refits:
-            qt = _refit_quantize(w, opts)
+            qt = _refit_quantize(w, opts, opts.bits_for(t.name))
         else:
-            qt = quantize(w, opts.bits, opts.group_size, opts.mode, scale_search=opts.scale_search,
+            qt = quantize(w, opts.bits_for(t.name), opts.group_size, opts.mode, scale_search=opts.scale_search,
                           rounding=opts.rounding, noise=opts.noise, seed=tensor_seed(opts.seed, t.name))
     except QuantError as e:
         raise ConvertError(f"tensor {t.name}: {e}") from None
