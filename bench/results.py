@@ -103,7 +103,11 @@ MATRIX: list[Cell] = [
     # base quantizers, no replication
     Cell(R("RTN", note="round-to-nearest, minmax scales (FORMAT.md 3.1)"), quick=True),
     Cell(R("MSE", scale_search="mse", note="MSE scale search"), quick=True),
-    Cell(R("GPTQ", gptq=True, note="GPTQ rounding on sotu-calib Hessians")),
+    Cell(R("GPTQ", gptq=True, note="sequential GPTQ (quantized stream), MSE scales, refit")),
+    # mixed precision (lrq-convert --mix) and a wider type at a larger group, near Q2_K's bpw
+    Cell(R("GPTQ mix q2k", gptq=True, convert={"mix": "q2k"},
+           note="GPTQ, attn_v 4 bits, attn_output / ffn_down 3 (llama.cpp's Q2_K file mix)")),
+    Cell(R("GPTQ 3-bit g128", bits=3, group_size=128, gptq=True, note="GPTQ, 3 bits, groups of 128")),
     # replication without differentiated parameters (ablation: replicas = exact copies)
     Cell(R("MSE + sel", scale_search="mse", replication="selected",
            note="selected layers run twice, same parameters (no differentiation)"), quick=True),

@@ -74,6 +74,22 @@ def test_matrix_is_well_formed(results):
         assert not (c.not_on and not c.why), c      # a model restriction says why
 
 
+def test_gptq_rows_are_what_lrq_convert_gptq_makes(results, tmp_path):
+    # a recipe that does not name its scale search gets the converter's default for its
+    # quantizer; the control is the earlier defect, GPTQ rows built with minmax scales
+    from lrq.cli.convert import build_parser
+    from lrq.eval.recipe import Builder, BuildSettings
+    cli = build_parser().parse_args(["src.gguf", "out.gguf", "--gptq", "--calib-text", "sotu-calib"])
+    b = Builder(tmp_path / "src.gguf", tmp_path, BuildSettings())
+    for cell in results.MATRIX:
+        r = cell.recipe
+        if not r.gptq or dict(r.convert).get("base_type"):
+            continue
+        o = b.convert_options(r, "none")
+        assert o.scale_search == "mse" and cli.scale_search is None, r.name
+        assert (o.refits, o.calib_stream) == (True, "quantized"), r.name
+
+
 def test_quick_run_on_the_tiny_model(results, tiny_models, tmp_path, capsys):
     from lrq import assets
     src = tiny_models.gguf("llama")

@@ -60,7 +60,9 @@ class Recipe:
     name: str
     bits: int = 2
     group_size: int = 64
-    scale_search: str = "minmax"          # minmax | mse | act-mse
+    # minmax | mse | act-mse; None: the converter's default for the quantizer (MSE with GPTQ,
+    # minmax otherwise: lrq.convert.ConvertOptions), so a GPTQ row is what `lrq-convert --gptq` makes
+    scale_search: str | None = None
     gptq: bool = False
     replication: str = "none"             # none | selected | all
     mode: str = "serial"                  # serial | parallel (of the replicated layers)
@@ -71,6 +73,8 @@ class Recipe:
     note: str = ""                        # what the row shows (ablation), printed in reports
 
     def __post_init__(self):
+        if self.scale_search is None:
+            object.__setattr__(self, "scale_search", "mse" if self.gptq else "minmax")
         if self.replication not in REPLICATIONS:
             raise ValueError(f"recipe {self.name}: replication {self.replication!r} is not one of "
                              f"{', '.join(REPLICATIONS)}")
