@@ -199,6 +199,25 @@ def _tensor(path: Path, name: str) -> np.ndarray:
     return np.asarray(t[name].data)
 
 
+def _lowrank(stem: str, n_out: int, n_in: int, rank: int = 8, *, rank_v: int | None = None,
+             n_in_v: int | None = None, u_type: int = F16, v_value: float | None = None,
+             q8_v_inf: bool = False) -> dict:
+    """lr_u / lr_v tensors of replica 1 of ``stem`` (``add=`` of rewrite), valid unless told."""
+    rng = np.random.default_rng(1)
+    rv, ni = rank_v or rank, n_in_v or n_in
+    u = (0.01 * rng.standard_normal((n_out, rank))).astype(np.float16 if u_type == F16 else np.float32)
+    v = (0.01 * rng.standard_normal((rv, ni))).astype(np.float32)
+    if v_value is not None:
+        v = _nan_at(v, v_value)
+    if q8_v_inf:       # Q8_0 blocks {F16 d, 32 x int8}: the first block's d = +inf
+        raw = gguf.quants.quantize(v, gguf.GGMLQuantizationType.Q8_0)
+        raw[0, 0:2] = np.frombuffer(np.float16(np.inf).tobytes(), np.uint8)
+        vt = (raw, int(gguf.GGMLQuantizationType.Q8_0), (rv, ni))
+    else:
+        vt = (v.astype(np.float16), F16)
+    return {f"{stem}.lrq_r1.lr_u": (u, u_type), f"{stem}.lrq_r1.lr_v": vt}
+
+
 # (id, base file, rewrite arguments or a callable (src, dst) -> None, what the message must name,
 #  FORMAT.md rule).  Each changes one thing of a good file.
 CASES = [
@@ -222,7 +241,7 @@ CASES = [
     ("unused-key-seed-float", "stock", dict(kv={Keys.SEED: (0.0, V.FLOAT32)}), Keys.SEED, "K1"),
     ("base-key-string", "own", dict(kv={"llama.block_count": ("3", V.STRING)}), "llama.block_count", "K1"),
     # V1, A1, Q1
-    ("version-3", "own", dict(kv={Keys.FORMAT_VERSION: (3, V.UINT32)}), "format version 3", "V1"),
+    ("version-4", "own", dict(kv={Keys.FORMAT_VERSION: (4, V.UINT32)}), "format version 4", "V1"),
     ("version-0", "own", dict(kv={Keys.FORMAT_VERSION: (0, V.UINT32)}), "format version 0", "V1"),
     ("version-missing", "own", dict(kv={Keys.FORMAT_VERSION: None}), Keys.FORMAT_VERSION, "V1"),
     ("base-arch-mismatch", "own", dict(kv={Keys.BASE_ARCH: ("qwen2", V.STRING)}), Keys.BASE_ARCH, "A1"),
@@ -310,6 +329,24 @@ CASES = [
      "blk.0.attn_v.lrq_r1.act", "T6"),
     ("act-bits-fraction", "own", dict(replace={"blk.0.attn_v.lrq_r1.act": (np.array([1, 2.5], np.float32), F32)}),
      "blk.0.attn_v.lrq_r1.act", "T6"),
+    # low-rank corrections (format v3, FORMAT.md 6.2)
+    ("lowrank-in-v2-file", "own", dict(kv={Keys.FORMAT_VERSION: (2, V.UINT32)}, add=_lowrank("blk.0.attn_q", D, D)),
+     "blk.0.attn_q.lrq_r1.lr_u", "T3"),
+    ("lowrank-not-scheduled", "stock", dict(add=_lowrank("blk.1.ffn_up", FF, D)), "blk.1.ffn_up.lrq_r1.lr_u", "T3"),
+    ("lowrank-u-without-v", "own", dict(add={k: v for k, v in _lowrank("blk.0.attn_q", D, D).items()
+                                             if k.endswith("lr_u")}), "blk.0.attn_q.lrq_r1.lr_v", "T4"),
+    ("lowrank-ranks-differ", "own", dict(add=_lowrank("blk.0.attn_q", D, D, rank_v=4)),
+     "blk.0.attn_q.lrq_r1.lr_v", "T4"),
+    ("lowrank-rank-65", "stock", dict(add=_lowrank("blk.0.ffn_down", D, FF, rank=65)),
+     "blk.0.ffn_down.lrq_r1.lr_u", "T4"),
+    ("lowrank-v-wrong-n-in", "own", dict(add=_lowrank("blk.2.ffn_up", FF, D, n_in_v=32)),
+     "blk.2.ffn_up.lrq_r1.lr_v", "T4"),
+    ("lowrank-u-f32", "stock", dict(add=_lowrank("blk.0.attn_k", 32, D, u_type=F32)),
+     "blk.0.attn_k.lrq_r1.lr_u", "T4"),
+    ("lowrank-v-nan", "own", dict(add=_lowrank("blk.0.ffn_gate", FF, D, v_value=np.nan)),
+     "blk.0.ffn_gate.lrq_r1.lr_v", "T5"),
+    ("lowrank-q8-v-inf", "stock", dict(add=_lowrank("blk.2.attn_output", D, D, rank=32, q8_v_inf=True)),
+     "blk.2.attn_output.lrq_r1.lr_v", "T5"),
 ]
 def _repeat_token(files: Files, dst: Path) -> Path:
     """Token 20's string overwritten by token 10's (when both have one length): rule F2."""

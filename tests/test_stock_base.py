@@ -146,7 +146,7 @@ def _native_logits(path: Path, toks: np.ndarray, **kw) -> np.ndarray:
 def test_stock_base_file_is_llama_quantize_output_plus_schedule(stock):
     path = stock.get("llama", "IQ2_XS", "all")
     f = LRQModelFile(path)
-    assert f.version == FORMAT_VERSION == 2 and f.mode is None and f.group_size is None
+    assert f.version == FORMAT_VERSION and f.mode is None and f.group_size is None
     assert f.kv[Keys.BASE_TYPE] == "IQ2_XS" and f.kv[Keys.BASE_IMATRIX].endswith(".gguf")
     # every tensor byte for byte from llama-quantize's file, none added
     q = gguf.GGUFReader(next(stock.work.glob("*.IQ2_XS.imat.gguf")))

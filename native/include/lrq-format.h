@@ -5,10 +5,14 @@
 //   1: LRQ-typed codes with per-group parameters and replicas, the schedule.
 //   2: adds stock-typed (any ggml type) block linears with per-replica gain / bias / clip.  A v1
 //      file is a valid v2 file, so v1 files still load; a v1 file may not carry v2 tensors.
+//   3: adds per-replica low-rank corrections y += U (V x) (lr_u, lr_v; F16 or Q8_0) of any
+//      replicable linear.  A v2 file is a valid v3 file; an older file may not carry them.
 #pragma once
 
-#define LRQ_FORMAT_VERSION 2
+#define LRQ_FORMAT_VERSION 3
 #define LRQ_FORMAT_VERSION_MIN 1
+#define LRQ_LOWRANK_VERSION 3
+#define LRQ_LOWRANK_MAX_RANK 64
 
 #define LRQ_STR_(x) #x
 #define LRQ_STR(x) LRQ_STR_(x)

@@ -52,6 +52,8 @@ struct lrq_linear {
     ggml_tensor * gain  = nullptr;
     ggml_tensor * bias  = nullptr;
     ggml_tensor * act   = nullptr;
+    ggml_tensor * lr_u  = nullptr;   // format v3: y += U (V x), x before any clip (FORMAT.md 6.2)
+    ggml_tensor * lr_v  = nullptr;
 };
 
 struct lrq_exec {

@@ -350,13 +350,19 @@ static ggml_tensor ** lrq_slot_ptr(llama_layer & layer, int s) {
     }
 }
 
-static const char * const LRQ_REPLICA_PARAMS[] = { "scale_mult", "grid_offset", "gain", "bias", "act", "clip" };
+static const char * const LRQ_REPLICA_PARAMS[] = { "scale_mult", "grid_offset", "gain", "bias", "act", "clip",
+                                                    "lr_u", "lr_v" };
+
+static bool lrq_is_lowrank(const char * p) {
+    return std::strcmp(p, "lr_u") == 0 || std::strcmp(p, "lr_v") == 0;
+}
 
 // Which parameters a replica of each kind of weight may have (FORMAT.md sections 5 and 6):
 // LRQ-typed codes take all but clip; a stock-typed weight (format v2) takes the parameters that
-// live outside the matmul, so they run as plain ggml ops on every backend.
+// live outside the matmul, so they run as plain ggml ops on every backend.  Both take the
+// low-rank factors (format v3), which are two more plain mul_mats.
 static bool lrq_param_allowed(const char * p, bool stock) {
-    if (std::strcmp(p, "gain") == 0 || std::strcmp(p, "bias") == 0) {
+    if (std::strcmp(p, "gain") == 0 || std::strcmp(p, "bias") == 0 || lrq_is_lowrank(p)) {
         return true;
     }
     return stock ? std::strcmp(p, "clip") == 0 : std::strcmp(p, "clip") != 0;
@@ -379,11 +385,27 @@ static bool lrq_read_f32(llama_model_loader & ml, const std::string & name, floa
     return lrq_read_raw(ml, name, out, n * sizeof(float));
 }
 
-// Rule T5: the group parameters and the replica parameters (F16 or F32) hold finite values only.
-// A NaN or infinity there would not crash anything, but it silently turns every logit into NaN.
+// Rule T5: the group parameters and the replica parameters (F16, F32 or, for low-rank factors,
+// Q8_0) hold finite values only.  A NaN or infinity there would not crash anything, but it
+// silently turns every logit into NaN.
 static void lrq_check_finite(llama_model_loader & ml, const ggml_tensor * meta, const std::string & name) {
     const size_t n = (size_t) ggml_nelements(meta);
-    if (meta->type == GGML_TYPE_F16) {
+    if (meta->type == GGML_TYPE_Q8_0) {
+        // blocks of { F16 d; int8 qs[32] }: a value is finite exactly when its block's d is
+        const size_t bs = ggml_type_size(GGML_TYPE_Q8_0), nb = n / (size_t) ggml_blck_size(GGML_TYPE_Q8_0);
+        std::vector<uint8_t> raw(nb * bs);
+        if (!lrq_read_raw(ml, name, raw.data(), raw.size())) {
+            return;
+        }
+        for (size_t i = 0; i < nb; ++i) {
+            uint16_t d;
+            std::memcpy(&d, raw.data() + i * bs, sizeof d);
+            if ((d & 0x7c00) == 0x7c00) {
+                lrq_fail("tensor %s: element %zu is not finite (rule T5)", name.c_str(),
+                         i * (size_t) ggml_blck_size(GGML_TYPE_Q8_0));
+            }
+        }
+    } else if (meta->type == GGML_TYPE_F16) {
         std::vector<uint16_t> h(n);
         if (!lrq_read_raw(ml, name, h.data(), n * sizeof(uint16_t))) {
             return;
@@ -415,6 +437,12 @@ ggml_op lrq_tensor_op(const llama_model_loader & ml, const ggml_tensor * t_meta,
     if (pos == std::string::npos) {
         return op;
     }
+    // low-rank factors (format v3) of any weight: two plain mul_mats after the weight's own
+    const bool lowrank = (name.size() >= 5 && name.compare(name.size() - 5, 5, ".lr_u") == 0) ||
+                         (name.size() >= 5 && name.compare(name.size() - 5, 5, ".lr_v") == 0);
+    if (lowrank && name.compare(pos, 6, ".lrq_r") == 0) {
+        return GGML_OP_MUL_MAT;
+    }
     // group parameters, and replica parameters of LRQ codes, are read only by the LRQ op
     const ggml_tensor * w = ml.get_tensor_meta((name.substr(0, pos) + ".weight").c_str());
     if (name.compare(pos, 6, ".lrq_r") != 0 || !w || GGML_TYPE_IS_LRQ(w->type)) {
@@ -424,6 +452,29 @@ ggml_op lrq_tensor_op(const llama_model_loader & ml, const ggml_tensor * t_meta,
     // bound is read at load time and becomes a ggml_clamp constant (any buffer will do)
     const bool gain = name.size() >= 5 && name.compare(name.size() - 5, 5, ".gain") == 0;
     return gain ? GGML_OP_MUL : GGML_OP_ADD;
+}
+
+// Rule T4 for the low-rank factors of one replica of one linear (FORMAT.md 6.2): both or neither,
+// U [n_out, r] and V [r, n_in] of one rank 1 <= r <= min(n_out, n_in, 64), Q8_0 only with rows of
+// whole blocks (gguf itself refuses other Q8_0 rows).  stem: "blk.L.<slot>.lrq_r<k>".
+static void lrq_check_lowrank(const lrq_linear & lin, const std::string & stem) {
+    if (!lin.lr_u && !lin.lr_v) {
+        return;
+    }
+    if (!lin.lr_u || !lin.lr_v) {
+        lrq_fail("tensor %s.%s has no partner %s.%s: a low-rank correction needs both lr_u and lr_v (rule T4)",
+                 stem.c_str(), lin.lr_u ? "lr_u" : "lr_v", stem.c_str(), lin.lr_u ? "lr_v" : "lr_u");
+    }
+    const int64_t n_in = lin.codes->ne[0], n_out = lin.codes->ne[1], rank = lin.lr_u->ne[0];
+    if (lin.lr_v->ne[1] != rank) {
+        lrq_fail("tensor %s.lr_v has rank %lld, %s.lr_u rank %lld: they must agree (rule T4)", stem.c_str(),
+                 (long long) lin.lr_v->ne[1], stem.c_str(), (long long) rank);
+    }
+    const int64_t max_rank = std::min<int64_t>({ n_out, n_in, (int64_t) LRQ_LOWRANK_MAX_RANK });
+    if (rank < 1 || rank > max_rank) {
+        lrq_fail("tensor %s.lr_u: rank %lld is outside 1..%lld (at most min(n_out, n_in, %d); rule T4)", stem.c_str(),
+                 (long long) rank, (long long) max_rank, LRQ_LOWRANK_MAX_RANK);
+    }
 }
 
 static std::vector<uint32_t> lrq_load_tensors_impl(llama_model_base & m, llama_model_loader & ml) {
@@ -501,11 +552,36 @@ static std::vector<uint32_t> lrq_load_tensors_impl(llama_model_base & m, llama_m
                 if (!meta) {
                     continue;
                 }
+                if (lrq_is_lowrank(p) && l.version < LRQ_LOWRANK_VERSION) {
+                    lrq_fail("tensor %s: low-rank corrections need format version %d, the file says %u (rule T3)",
+                             name.c_str(), LRQ_LOWRANK_VERSION, l.version);
+                }
                 if (!lrq_param_allowed(p, b.stock)) {
                     lrq_fail("%s: a replica of %s weight %s takes %s, not %s", name.c_str(),
                                                     b.stock ? "stock-typed" : "LRQ-typed", b.codes->name,
-                                                    b.stock ? "gain, bias and clip" : "scale_mult, grid_offset, gain, bias and act",
+                                                    b.stock ? "gain, bias, clip, lr_u and lr_v"
+                                                            : "scale_mult, grid_offset, gain, bias, act, lr_u and lr_v",
                                                     p);
+                }
+                if (lrq_is_lowrank(p)) {
+                    // shapes are checked against each other once both factors are known (below)
+                    const bool u = std::strcmp(p, "lr_u") == 0;
+                    if (ggml_n_dims(meta) > 2 || (meta->type != GGML_TYPE_F16 && meta->type != GGML_TYPE_Q8_0)) {
+                        lrq_fail("tensor %s must be a 2-D F16 or Q8_0 matrix, got %s with %d dims (rule T4)",
+                                 name.c_str(), ggml_type_name(meta->type), ggml_n_dims(meta));
+                    }
+                    if (u ? meta->ne[1] != n_out : meta->ne[0] != b.codes->ne[0]) {
+                        lrq_fail("tensor %s has shape [%lld, %lld], expected %s (rule T4)", name.c_str(),
+                                 (long long) meta->ne[1], (long long) meta->ne[0],
+                                 u ? format("[%lld, rank]", (long long) n_out).c_str()
+                                   : format("[rank, %lld]", (long long) b.codes->ne[0]).c_str());
+                    }
+                    ggml_tensor * t = m.create_tensor(ml, tn, {meta->ne[0], meta->ne[1]}, flags_opt);
+                    lrq_check_finite(ml, meta, name);
+                    created.insert(name);
+                    l.n_replica_tensors++;
+                    (u ? lin.lr_u : lin.lr_v) = t;
+                    continue;
                 }
                 if (std::strcmp(p, "clip") == 0) {
                     if (meta->type != GGML_TYPE_F32 || ggml_n_dims(meta) != 1 || meta->ne[0] != 1) {
@@ -572,6 +648,7 @@ static std::vector<uint32_t> lrq_load_tensors_impl(llama_model_base & m, llama_m
                     }
                 }
             }
+            lrq_check_lowrank(lin, m.tn(LRQ_SLOT_TENSOR[s], format("lrq_r%u", e.replica).c_str(), e.layer).str());
         }
     }
 
@@ -611,7 +688,7 @@ static std::vector<uint32_t> lrq_load_tensors_impl(llama_model_base & m, llama_m
         const auto & lins = reps.at({ l.exec[e].layer, l.exec[e].replica });
         for (int s = 0; s < LRQ_SLOT_COUNT; ++s) {
             const lrq_linear & lin = lins[s];
-            const bool stock_default = lin.stock && !lin.gain && !lin.bias && std::isinf(lin.clip);
+            const bool stock_default = lin.stock && !lin.gain && !lin.bias && std::isinf(lin.clip) && !lin.lr_u;
             if (lin.codes && !stock_default) {   // a stock weight without parameters is a plain mul_mat
                 l.exec[e].lin.push_back(lin);
             }
@@ -690,7 +767,8 @@ std::string lrq_model_desc(const lrq_model & l, const std::string & stock_desc) 
 uint32_t lrq_graph_max_nodes(const lrq_model & l, uint32_t stock) {
     const size_t n_exec = l.exec.size();
     const size_t rep    = (n_exec + l.n_base - 1) / l.n_base;
-    return (uint32_t) (stock * rep + 8 * n_exec);
+    // a low-rank correction costs 3 nodes (two mul_mats and an add) per linear of an execution
+    return (uint32_t) (stock * rep + (8 + 3 * LRQ_SLOT_COUNT) * n_exec);
 }
 
 // ---- graph ----------------------------------------------------------------------------------------
@@ -736,6 +814,17 @@ ggml_tensor * llm_graph_context::build_lrq_layer_out(ggml_tensor * cur, int il, 
     return cur;   // not used: the next member starts from lrq_x
 }
 
+// y + U (V x) (FORMAT.md 6.2) with x the linear's input before any clip: two stock mul_mats and an
+// add, so the correction runs wherever its factor types (F16, Q8_0) do.  V [n_in, r] (ggml order)
+// turns x [n_in, t] into [r, t], U [r, n_out] that into [n_out, t].
+static ggml_tensor * build_lrq_lowrank(ggml_context * ctx, const lrq_linear & lin, ggml_tensor * x, ggml_tensor * y) {
+    if (!lin.lr_u) {
+        return y;
+    }
+    ggml_tensor * vx = ggml_mul_mat(ctx, lin.lr_v, x);
+    return ggml_add(ctx, y, ggml_mul_mat(ctx, lin.lr_u, vx));
+}
+
 ggml_tensor * llm_graph_context::build_lrq_mm(ggml_tensor * w, ggml_tensor * cur) const {
     const bool lrq_typed = GGML_TYPE_IS_LRQ(w->type);
     if (lrq_il < 0 || (size_t) lrq_il >= lrq->exec.size()) {
@@ -751,6 +840,7 @@ ggml_tensor * llm_graph_context::build_lrq_mm(ggml_tensor * w, ggml_tensor * cur
         if (lin.stock) {
             // y[n_out, t] = gain[n_out] * (W[n_out, n_in] . clamp(x[n_in, t], -c, c)) + bias[n_out]
             // (FORMAT.md section 6.1): stock ops only, so this runs on every backend of the base type
+            ggml_tensor * x = cur;
             if (std::isfinite(lin.clip)) {
                 cur = ggml_clamp(ctx0, cur, -lin.clip, lin.clip);
             }
@@ -764,14 +854,15 @@ ggml_tensor * llm_graph_context::build_lrq_mm(ggml_tensor * w, ggml_tensor * cur
             if (lin.bias) {
                 res = ggml_add(ctx0, res, lin.bias);
             }
-            return res;
+            return build_lrq_lowrank(ctx0, lin, x, res);
         }
         // the op reads rows of x with one stride
         if (cur->nb[0] != sizeof(float) || cur->nb[2] != cur->nb[1] * cur->ne[1] || cur->nb[3] != cur->nb[2] * cur->ne[2]) {
             cur = ggml_cont(ctx0, cur);
         }
-        return ggml_lrq_mul_mat(ctx0, w, cur, lin.scale, lin.min, lin.alpha, lin.beta, lin.gain, lin.bias, lin.act,
-                                lrq->group_size, (lrq_mode) lrq->mode);
+        ggml_tensor * res = ggml_lrq_mul_mat(ctx0, w, cur, lin.scale, lin.min, lin.alpha, lin.beta, lin.gain, lin.bias,
+                                             lin.act, lrq->group_size, (lrq_mode) lrq->mode);
+        return build_lrq_lowrank(ctx0, lin, cur, res);
     }
     if (!lrq_typed) {
         return ggml_mul_mat(ctx0, w, cur);   // a stock weight without replica parameters (or the output head)

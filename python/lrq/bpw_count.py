@@ -24,7 +24,9 @@ def count_bpw(tensors: Iterable[tuple[str, tuple[int, ...], int, int]]) -> dict:
     """lrq: bits of LRQ codes + their parameter tensors / LRQ weights;
     linears: bits of every 2-D block linear (LRQ or stock-typed) + every parameter tensor /
     block-linear weights; file: bits of all tensors / base parameters (aux tensors excluded).
-    A figure without any weight to divide by is 0."""
+    Parameter tensors are every ``lrq_scale`` / ``lrq_min`` / ``lrq_r*`` tensor, so a replica's
+    low-rank factors (``lrq_r*.lr_u`` / ``lr_v``, format v3) count in the bits of the weight they
+    correct and never as weights.  A figure without any weight to divide by is 0."""
     ts = [(n, tuple(s), int(t), int(b)) for n, s, t, b in tensors]
     size = {n: int(np.prod(s)) for n, s, _, _ in ts}
     lrq_w = {n for n, _, t, _ in ts if lrq_bits(t) is not None}

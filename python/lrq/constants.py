@@ -1,4 +1,4 @@
-"""Constants of the LRQ GGUF format v2 (docs/FORMAT.md is the specification).
+"""Constants of the LRQ GGUF format v3 (docs/FORMAT.md is the specification).
 
 Everything a reader or writer of an LRQ GGUF needs to agree on lives here: the format version,
 every ``lrq.*`` key, the ggml type ids of the code tensors, the supported base architectures and
@@ -14,8 +14,13 @@ from enum import IntEnum
 # it).  Writers write FORMAT_VERSION; readers accept FORMAT_VERSION_MIN..FORMAT_VERSION and refuse
 # any other value.  v1: LRQ-typed codes and their replicas.  v2: also stock-typed (any ggml type)
 # block linears whose replicas carry gain / bias / clip; every v1 file is a valid v2 file.
-FORMAT_VERSION = 2
+# v3: per-replica low-rank corrections (lr_u, lr_v) of any replicable linear; every v2 file is
+# a valid v3 file.
+FORMAT_VERSION = 3
 FORMAT_VERSION_MIN = 1
+# the first version that may hold each kind of content (readers refuse it in an older file)
+STOCK_REPLICAS_VERSION = 2
+LOWRANK_VERSION = 3
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 ARCH_PREFIX = "lrq-"        # general.architecture = "lrq-" + base: stock llama.cpp refuses it
@@ -162,10 +167,14 @@ ACT_BITS_MAX = 16
 # For a weight "blk.5.attn_q.weight" the stem is "blk.5.attn_q".
 SCALE_SUFFIX = ".lrq_scale"          # F16 [n_out, n_groups]: d
 MIN_SUFFIX = ".lrq_min"              # F16 [n_out, n_groups]: m (asym only)
-REPLICA_PARAMS = ("scale_mult", "grid_offset", "gain", "bias", "act", "clip")
+REPLICA_PARAMS = ("scale_mult", "grid_offset", "gain", "bias", "act", "clip", "lr_u", "lr_v")
+# format v3: the low-rank correction y += U (V x) of a replica (docs/FORMAT.md section 6.2):
+# lr_u [n_out, rank], lr_v [rank, n_in], F16 or Q8_0, both or neither
+LOWRANK_PARAMS = ("lr_u", "lr_v")
+LOWRANK_MAX_RANK = 64
 # which parameters a replica of each kind of weight takes (docs/FORMAT.md sections 5, 6)
-LRQ_REPLICA_PARAMS = ("scale_mult", "grid_offset", "gain", "bias", "act")
-STOCK_REPLICA_PARAMS = ("gain", "bias", "clip")      # format v2: outside the matmul, any backend
+LRQ_REPLICA_PARAMS = ("scale_mult", "grid_offset", "gain", "bias", "act") + LOWRANK_PARAMS
+STOCK_REPLICA_PARAMS = ("gain", "bias", "clip") + LOWRANK_PARAMS   # v2: outside the matmul, any backend
 # the block linears a replica parameterises (LRQ codes by default; any type in format v2)
 BLOCK_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 

@@ -23,7 +23,8 @@ import gguf
 import numpy as np
 
 from .constants import (ARCH_PREFIX, EXEC_WARN_FACTOR, FORMAT_VERSION, FORMAT_VERSION_MIN,
-                        GROUP_SIZES, KEY_TYPES, LRQ_REPLICA_PARAMS, MODES, STOCK_REPLICA_PARAMS, SUPPORTED_ARCHS,
+                        GROUP_SIZES, KEY_TYPES, LOWRANK_MAX_RANK, LOWRANK_PARAMS, LOWRANK_VERSION,
+                        LRQ_REPLICA_PARAMS, MODES, STOCK_REPLICA_PARAMS, SUPPORTED_ARCHS,
                         TERNARY_BITS, Keys, is_block_linear, layer_of, lrq_bits,
                         min_name, parse_replica_param_name, replica_param_name, scale_name)
 from .gguf_hparams import (GGUFFileError, check_tokens_unique, dequantize_tensor, hparams, numpy_shape,
@@ -35,6 +36,8 @@ from .quant import QuantizedTensor, ReplicaParams, dequantize, n_groups, row_byt
 
 F16 = gguf.GGMLQuantizationType.F16
 F32 = gguf.GGMLQuantizationType.F32
+Q8_0 = gguf.GGMLQuantizationType.Q8_0
+Q8_0_BLOCK = 32          # ggml's Q8_0 rows are whole blocks of 32 elements
 
 
 class LRQFileError(GGUFFileError):
@@ -172,6 +175,7 @@ class LRQModelFile:
         layers_of_replicas = {}
         for e in self.schedule:
             layers_of_replicas.setdefault(e.layer, set()).add(e.replica)
+        lowrank: dict[tuple[str, int], dict[str, str]] = {}     # (weight, replica) -> {param: name}
         for name in self._t:
             if name.endswith(".lrq_scale") or name.endswith(".lrq_min"):
                 w = name.rsplit(".", 1)[0] + ".weight"
@@ -187,6 +191,9 @@ class LRQModelFile:
                 raise self._err(f"tensor {name} belongs to no LRQ weight ({w} is missing or not "
                                 f"LRQ){v1}")
             allowed = LRQ_REPLICA_PARAMS if self.is_lrq(w) else STOCK_REPLICA_PARAMS
+            if param in LOWRANK_PARAMS and self.version < LOWRANK_VERSION:
+                raise self._err(f"tensor {name}: low-rank corrections need format version "
+                                f"{LOWRANK_VERSION}, the file says {self.version} (rule T3)")
             if param not in allowed:
                 kind = "LRQ-typed" if self.is_lrq(w) else f"stock-typed ({self.tensor_type(w)})"
                 raise self._err(f"tensor {name}: a replica of {kind} weight {w} takes "
@@ -196,6 +203,9 @@ class LRQModelFile:
                 raise self._err(f"tensor {name} is for replica {r} of layer {layer}, which the "
                                 f"schedule never runs")
             n_out, n_in = numpy_shape(self._t[w])
+            if param in LOWRANK_PARAMS:
+                lowrank.setdefault((w, r), {})[param] = name
+                continue
             if param in ("scale_mult", "grid_offset"):
                 self._check_shape(name, F16, [(n_out, n_groups(n_in, self.group_size)), (n_out, 1), (1, 1)])
                 self._check_finite(name)
@@ -217,10 +227,46 @@ class LRQModelFile:
                 except QuantError as e:
                     raise self._err(f"tensor {name}: {e}") from None
 
+        for (w, r), names in lowrank.items():
+            self._check_lowrank(w, r, names)
+
+    def _check_lowrank(self, w: str, r: int, names: dict[str, str]) -> None:
+        """Rules T4 / T5 for the low-rank factors of replica r of weight w (FORMAT.md 6.2)."""
+        for p in LOWRANK_PARAMS:
+            if p not in names:
+                have = names[next(iter(names))]
+                raise self._err(f"tensor {have} has no partner {replica_param_name(w, r, p)}: a "
+                                f"low-rank correction needs both lr_u and lr_v (rule T4)")
+        n_out, n_in = numpy_shape(self._t[w])
+        u, v = self._t[names["lr_u"]], self._t[names["lr_v"]]
+        su, sv = numpy_shape(u), numpy_shape(v)
+        if len(su) != 2 or su[0] != n_out:
+            raise self._err(f"tensor {names['lr_u']} has shape {list(su)}, expected [{n_out}, rank] "
+                            f"(rule T4)")
+        if len(sv) != 2 or sv[1] != n_in:
+            raise self._err(f"tensor {names['lr_v']} has shape {list(sv)}, expected [rank, {n_in}] "
+                            f"(rule T4)")
+        rank = su[1]
+        if sv[0] != rank:
+            raise self._err(f"tensor {names['lr_v']} has rank {sv[0]}, {names['lr_u']} rank {rank}: "
+                            f"they must agree (rule T4)")
+        if not 1 <= rank <= min(n_out, n_in, LOWRANK_MAX_RANK):
+            raise self._err(f"tensor {names['lr_u']}: rank {rank} is outside 1..{min(n_out, n_in, LOWRANK_MAX_RANK)} "
+                            f"(at most min(n_out, n_in, {LOWRANK_MAX_RANK}); rule T4)")
+        for name, t, row in ((names["lr_u"], u, rank), (names["lr_v"], v, n_in)):
+            if int(t.tensor_type) not in (int(F16), int(Q8_0)):
+                raise self._err(f"tensor {name} has type {type_name(t.tensor_type)}, expected F16 or "
+                                f"Q8_0 (rule T4)")
+            if int(t.tensor_type) == int(Q8_0) and row % Q8_0_BLOCK:
+                raise self._err(f"tensor {name}: Q8_0 needs rows of a multiple of {Q8_0_BLOCK} "
+                                f"elements, its rows have {row} (rule T4)")
+            self._check_finite(name)
+
     def _check_finite(self, name: str) -> None:
         """Rule T5: group and replica parameters hold finite values only (a NaN would not crash
         anything, but it silently turns every logit into NaN)."""
-        a = np.asarray(self._t[name].data).reshape(-1)
+        t = self._t[name]
+        a = (dequantize_tensor(t) if int(t.tensor_type) == int(Q8_0) else np.asarray(t.data)).reshape(-1)
         bad = np.flatnonzero(~np.isfinite(a.astype(np.float32)))
         if bad.size:
             raise self._err(f"tensor {name}: element {int(bad[0])} is not finite (rule T5)")
@@ -332,16 +378,18 @@ class LRQModelFile:
                                bits, self.group_size, self.mode, n_in)
 
     def replica_params(self, name: str, replica: int) -> ReplicaParams:
-        """Parameters of ``replica`` of an LRQ weight (defaults for absent tensors)."""
+        """Parameters of ``replica`` of a replicable weight (defaults for absent tensors; low-rank
+        factors dequantized to float64)."""
         def get(param):
             t = self._t.get(replica_param_name(name, replica, param))
-            return None if t is None else np.asarray(t.data, dtype=np.float64).reshape(numpy_shape(t))
+            return None if t is None else dequantize_tensor(t)
         act, clip = get("act"), get("clip")
         return ReplicaParams(scale_mult=get("scale_mult"), grid_offset=get("grid_offset"),
                              gain=get("gain"), bias=get("bias"),
                              act_clip=1.0 if act is None else float(act[0]),
                              act_bits=0 if act is None else int(act[1]),
-                             clip=float("inf") if clip is None else float(clip[0]))
+                             clip=float("inf") if clip is None else float(clip[0]),
+                             lr_u=get("lr_u"), lr_v=get("lr_v"))
 
     def tensor(self, name: str) -> np.ndarray:
         """float64 array in numpy shape.  An LRQ weight gives its replica-0 base weight
@@ -370,7 +418,9 @@ class LRQModelFile:
 
         W_r = gain * (scale_mult * d * (level(q) + grid_offset) + m): the gain is FOLDED IN
         (params.gain_folded is True; do not apply params.gain again).  The caller applies
-        params.act_clip / act_bits to the input and adds params.bias to the output.  A stock-typed
+        params.act_clip / act_bits to the input and adds params.bias and, when the replica has
+        one, the low-rank term params.lr_u @ (params.lr_v @ x) of the unclipped input x to the
+        output (FORMAT.md 6.2).  A stock-typed
         block linear of a v2 file (section 6.1) is dequantized by gguf-py and scaled by its
         replica's gain (params.clip bounds the input); any other tensor is returned as is with
         default params, whatever the replica.

@@ -108,9 +108,11 @@ class QuantizedTensor:
 class ReplicaParams:
     """Parameters of replica r of a weight (docs/FORMAT.md "Per-replica parameters").
 
-    None means the default (alpha 1, beta 0, gain 1, bias 0).  ``gain_folded`` is True when a
-    matrix handed out with these params already includes the gain (LRQModelFile.weight does
-    that): the caller must then not multiply by ``gain`` again.
+    None means the default (alpha 1, beta 0, gain 1, bias 0, no low-rank term).  ``gain_folded``
+    is True when a matrix handed out with these params already includes the gain
+    (LRQModelFile.weight does that): the caller must then not multiply by ``gain`` again.
+    ``lr_u`` / ``lr_v`` (format v3) add U (V x) to the output, x the linear's input before any
+    clip; the gain does not scale that term (docs/FORMAT.md section 6.2).
     """
 
     scale_mult: np.ndarray | None = None    # alpha: [n_out, n_groups] | [n_out, 1] | [1, 1]
@@ -120,10 +122,17 @@ class ReplicaParams:
     act_clip: float = 1.0                   # c in (0, 1]
     act_bits: int = 0                       # k: 0 = off, 2..16
     clip: float = float("inf")              # stock-typed weights: clamp(x, -clip, clip) (v2)
+    lr_u: np.ndarray | None = None          # U [n_out, rank] (v3)
+    lr_v: np.ndarray | None = None          # V [rank, n_in] (v3)
     gain_folded: bool = field(default=False)
 
+    @property
+    def rank(self) -> int:
+        return 0 if self.lr_u is None else int(np.shape(self.lr_u)[1])
+
     def is_identity(self) -> bool:
-        return all(v is None for v in (self.scale_mult, self.grid_offset, self.gain, self.bias)) \
+        return all(v is None for v in (self.scale_mult, self.grid_offset, self.gain, self.bias,
+                                       self.lr_u, self.lr_v)) \
             and self.act_clip == 1.0 and self.act_bits == 0 and self.clip == float("inf")
 
 

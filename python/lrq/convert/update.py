@@ -18,8 +18,9 @@ import gguf
 import numpy as np
 
 from ..bpw_count import count_bpw
-from ..constants import (LRQ_REPLICA_PARAMS, STOCK_REPLICA_PARAMS, Keys, is_block_linear,
-                         layer_of, parse_replica_param_name)
+from ..constants import (LOWRANK_MAX_RANK, LOWRANK_PARAMS, LOWRANK_VERSION, LRQ_REPLICA_PARAMS,
+                         STOCK_REPLICA_PARAMS, Keys, is_block_linear, layer_of,
+                         parse_replica_param_name, replica_param_name)
 from ..gguf_hparams import numpy_shape, open_reader
 from ..gguf_write import GGUFStreamWriter, WriterError, tensor_nbytes
 from ..lrq_file import LRQFileError, LRQModelFile
@@ -29,7 +30,13 @@ from .arch import ConvertError
 F16 = int(gguf.GGMLQuantizationType.F16)
 F32 = int(gguf.GGMLQuantizationType.F32)
 # storage type of each replica parameter (docs/FORMAT.md, "Per-replica parameters")
-PARAM_TYPE = {"scale_mult": F16, "grid_offset": F16, "gain": F32, "bias": F32, "act": F32, "clip": F32}
+PARAM_TYPE = {"scale_mult": F16, "grid_offset": F16, "gain": F32, "bias": F32, "act": F32, "clip": F32,
+              "lr_u": F16, "lr_v": F16}
+Q8_0 = int(gguf.GGMLQuantizationType.Q8_0)
+Q8_0_BLOCK = 32
+# storage of the low-rank factors (FORMAT.md 6.2): F16, or Q8_0 for each factor whose rows (rank
+# for lr_u, n_in for lr_v) are whole Q8_0 blocks (the others stay F16)
+LOWRANK_TYPES = ("F16", "Q8_0")
 
 
 def _check_param(f: LRQModelFile, name: str, value: np.ndarray) -> np.ndarray:
@@ -50,6 +57,17 @@ def _check_param(f: LRQModelFile, name: str, value: np.ndarray) -> np.ndarray:
     if replica not in {e.replica for e in f.schedule if e.layer == layer}:
         raise ConvertError(f"{name}: the schedule of {f.path} never runs replica {replica} of layer {layer}")
     n_out, n_in = f.tensor_info(weight).shape
+    if param in LOWRANK_PARAMS:
+        value = np.asarray(value)
+        if value.ndim != 2 or value.shape[0 if param == "lr_u" else 1] != (n_out if param == "lr_u" else n_in):
+            want = f"[{n_out}, rank]" if param == "lr_u" else f"[rank, {n_in}]"
+            raise ConvertError(f"{name}: shape {list(value.shape)}, expected {want}")
+        rank = value.shape[1 if param == "lr_u" else 0]
+        if not 1 <= rank <= min(n_out, n_in, LOWRANK_MAX_RANK):
+            raise ConvertError(f"{name}: rank {rank} is outside 1..{min(n_out, n_in, LOWRANK_MAX_RANK)}")
+        if not np.isfinite(value).all():
+            raise ConvertError(f"{name}: contains NaN or infinite values")
+        return value.astype(np.float32)
     if param in ("scale_mult", "grid_offset"):
         shapes = [(n_out, n_groups(n_in, f.group_size)), (n_out, 1), (1, 1)]
     elif param in ("gain", "bias"):
@@ -76,8 +94,52 @@ def _check_param(f: LRQModelFile, name: str, value: np.ndarray) -> np.ndarray:
     return value.astype(np.float16 if PARAM_TYPE[param] == F16 else np.float32)
 
 
-def set_replica_params(src: str | Path, out: str | Path, params: Mapping[str, np.ndarray]) -> Path:
-    """Write ``src`` to ``out`` with the replica parameter tensors of ``params`` set."""
+def _lowrank_storage(new: dict[str, np.ndarray], lowrank_type: str) -> dict[str, int]:
+    """{name: ggml type} of the low-rank factors among ``new``, whose float32 values are replaced
+    by their stored bytes (Q8_0) in place."""
+    if lowrank_type not in LOWRANK_TYPES:
+        raise ConvertError(f"low-rank factor type must be one of {', '.join(LOWRANK_TYPES)}, got {lowrank_type!r}")
+    types = {}
+    for name, v in new.items():
+        if parse_replica_param_name(name)[2] not in LOWRANK_PARAMS:
+            continue
+        if lowrank_type == "Q8_0" and v.shape[1] % Q8_0_BLOCK == 0:
+            new[name] = gguf.quants.quantize(v, gguf.GGMLQuantizationType.Q8_0)
+            types[name] = Q8_0
+        else:
+            new[name] = v.astype(np.float16)
+            types[name] = F16
+    return types
+
+
+def _check_lowrank_pairs(f: LRQModelFile, old: dict, new: dict) -> None:
+    """Both factors of a replica's low-rank correction, of one rank, in the written file."""
+    def rank(name):
+        if name in new:
+            return new[name]["shape"]
+        return None if name not in old else tuple(reversed(old[name].shape.tolist()))
+    seen = set()
+    for name in list(new) + list(old):
+        p = parse_replica_param_name(name)
+        if p is None or p[2] not in LOWRANK_PARAMS or (p[0], p[1]) in seen:
+            continue
+        seen.add((p[0], p[1]))
+        u, v = (replica_param_name(p[0], p[1], q) for q in LOWRANK_PARAMS)
+        su, sv = rank(u), rank(v)
+        if su is None or sv is None:
+            raise ConvertError(f"{u if su is None else v}: missing; a low-rank correction needs both "
+                               f"lr_u and lr_v")
+        if su[1] != sv[0]:
+            raise ConvertError(f"{u} has rank {su[1]}, {v} rank {sv[0]}: they must agree")
+
+
+def set_replica_params(src: str | Path, out: str | Path, params: Mapping[str, np.ndarray],
+                       lowrank_type: str = "F16") -> Path:
+    """Write ``src`` to ``out`` with the replica parameter tensors of ``params`` set.
+
+    Low-rank factors (``lr_u`` / ``lr_v``) are given as float arrays and stored as
+    ``lowrank_type`` (LOWRANK_TYPES); a file that holds any is written as format version
+    LOWRANK_VERSION (or its own version, when newer)."""
     src, out = Path(src), Path(out)
     try:
         f = LRQModelFile(src)
@@ -86,11 +148,17 @@ def set_replica_params(src: str | Path, out: str | Path, params: Mapping[str, np
     new = {name: _check_param(f, name, v) for name, v in params.items()}
     reader = open_reader(src)
     old = {t.name: t for t in reader.tensors}
+    _check_lowrank_pairs(f, old, {n: {"shape": v.shape} for n, v in new.items()})
+    types = {name: PARAM_TYPE[parse_replica_param_name(name)[2]] for name in new}
+    shapes = {name: v.shape for name, v in new.items()}
+    types.update(_lowrank_storage(new, lowrank_type))
     order = list(old) + sorted(n for n in new if n not in old)
+    has_lowrank = any((p := parse_replica_param_name(n)) is not None and p[2] in LOWRANK_PARAMS for n in order)
+    version = max(f.version, LOWRANK_VERSION) if has_lowrank else f.version
 
     def info(name):
         if name in new:
-            return new[name].shape, PARAM_TYPE[parse_replica_param_name(name)[2]]
+            return shapes[name], types[name]
         t = old[name]
         return numpy_shape(t), int(t.tensor_type)
 
@@ -102,6 +170,9 @@ def set_replica_params(src: str | Path, out: str | Path, params: Mapping[str, np
             for key, field in reader.fields.items():
                 if key.startswith("GGUF.") or key in ("general.architecture", Keys.BPW_LRQ,
                                                       Keys.BPW_LINEARS):
+                    continue
+                if key == Keys.FORMAT_VERSION:
+                    w.add_uint32(key, version)
                     continue
                 w.copy_field(field)
             if bpw["n_lrq_weights"]:
