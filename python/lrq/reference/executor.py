@@ -4,7 +4,8 @@ It follows llama.cpp's graphs (src/models/llama.cpp, qwen2.cpp, qwen3.cpp) and t
 LRQ schedule (lrq-design.md): executions in order; a group of one execution is a serial step
 x -> B(x; theta_r); a parallel group computes x + sum_j w_j (B(x; theta_j) - x); every
 execution has its OWN KV cache.  Per-replica weights come from ``model.weight(name, replica)``;
-the replica's gain and bias are applied after the matmul and its activation clip/quant before.
+the replica's gain and bias are applied after the matmul and its activation clip/quant before;
+its low-rank correction U (V x) (format v3) is added to the output, read from the unclipped x.
 
     ref = Reference(open_model("tiny.gguf"))            # float64 by default
     logits = ref.logits(np.array([1, 42, 7]))           # [3, n_vocab], positions 0..2
@@ -70,6 +71,13 @@ def _replica_terms(params) -> tuple[np.ndarray | None, np.ndarray | None, float,
     return gain, params.bias, float(params.act_clip), int(params.act_bits), float(params.clip)
 
 
+def _lowrank_terms(params) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(U, V) of a replica's low-rank correction (FORMAT.md 6.2), (None, None) without one."""
+    if params is None:
+        return None, None
+    return getattr(params, "lr_u", None), getattr(params, "lr_v", None)
+
+
 class Reference:
     """Run a model file's schedule in torch (float64: the oracle; float32: a faster check)."""
 
@@ -116,8 +124,9 @@ class Reference:
         for name in _LINEARS:
             w, params = self.model.weight(f"{p}.{name}.weight", replica)
             gain, rbias, act_clip, bits, clip = _replica_terms(params)
+            lr_u, lr_v = _lowrank_terms(params)
             lin[name] = Linear(self._t(w), self._opt(f"{p}.{name}.bias"), self._t(gain),
-                               self._t(rbias), act_clip, bits, clip)
+                               self._t(rbias), act_clip, bits, clip, self._t(lr_u), self._t(lr_v))
         # norms are not LRQ tensors: every replica of a layer shares one copy
         if layer not in self._norms:
             self._norms[layer] = (self._t(self.model.tensor(f"{p}.attn_norm.weight")),

@@ -40,10 +40,15 @@ def act_clip_quant(x: torch.Tensor, clip: float, bits: int) -> torch.Tensor:
 
 @dataclass
 class Linear:
-    """One projection of one replica: y = gain * (act(clamp(x)) @ W^T) + replica_bias + bias.
+    """One projection of one replica:
+
+        y = gain * (act(clamp(x)) @ W^T) + replica_bias + (x @ V^T) @ U^T + bias
 
     ``clip`` is the absolute input bound of a stock-typed weight's replica (FORMAT.md 6.1,
-    ggml_clamp); ``act_clip`` / ``act_bits`` the per-token clip and quantization of LRQ codes."""
+    ggml_clamp); ``act_clip`` / ``act_bits`` the per-token clip and quantization of LRQ codes.
+    ``lr_u`` [n_out, rank] / ``lr_v`` [rank, n_in] are the replica's low-rank correction
+    (FORMAT.md 6.2): it reads the input x before any clip or quantization (the LRQ op clips
+    inside its kernel, so no ggml tensor holds the clipped input) and is not scaled by the gain."""
     weight: torch.Tensor                   # [n_out, n_in]
     bias: torch.Tensor | None = None       # the model's own bias tensor (e.g. qwen2 attn_q.bias)
     gain: torch.Tensor | None = None       # per-replica gain gamma [n_out]
@@ -51,8 +56,11 @@ class Linear:
     act_clip: float = 1.0
     act_bits: int = 0
     clip: float = float("inf")
+    lr_u: torch.Tensor | None = None       # U [n_out, rank]
+    lr_v: torch.Tensor | None = None       # V [rank, n_in]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x0 = x
         if self.clip != float("inf"):
             x = x.clamp(-self.clip, self.clip)
         y = act_clip_quant(x, self.act_clip, self.act_bits) @ self.weight.T
@@ -60,6 +68,8 @@ class Linear:
             y = y * self.gain
         if self.replica_bias is not None:
             y = y + self.replica_bias
+        if self.lr_u is not None:
+            y = y + (x0 @ self.lr_v.T) @ self.lr_u.T
         if self.bias is not None:
             y = y + self.bias
         return y
