@@ -60,6 +60,16 @@ def test_tokenize_roundtrip(model):
     assert model.detokenize(tokens) == text
 
 
+def test_unencodable_text_is_a_clear_error(tiny_models):
+    # the tiny llama's SentencePiece vocabulary has no byte fallback: llama.cpp's tokenizer throws
+    # std::out_of_range ("unordered_map::at") on a character it lacks; the binding names the file
+    path = tiny_models.gguf("llama")
+    m = _native.Model(str(path), n_ctx=64)
+    with pytest.raises(ValueError, match=f"{path}: the vocabulary has no token for a character"):
+        m.tokenize("\u4e2d\u6587", add_special=False)
+    assert len(m.tokenize("a", add_special=False)) == 1      # the model still works afterwards
+
+
 def test_perplexity_equals_llama_perplexity(model, smollm2):
     text_file = assets.path("sotu-eval")
     ours = model.perplexity(model.tokenize(text_file.read_text()), n_ctx=N_CTX, n_chunks=N_CHUNKS)

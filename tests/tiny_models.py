@@ -190,11 +190,11 @@ def tiny_vocab_text(model: Path, text: str, path: Path) -> Path:
         try:
             tok.tokenize(ch, add_special=False)
             ok.add(ch)
-        except IndexError as e:
-            # llama.cpp's SPM tokenizer looks the character up with unordered_map::at (the
-            # binding turns its std::out_of_range into IndexError): only that refusal means
-            # "drop it"; anything else (a broken model, a binding error) fails the caller
-            if "unordered_map::at" not in str(e):
+        except ValueError as e:
+            # the binding's refusal of a character the vocabulary has no token for (llama.cpp's
+            # SPM tokenizer throws on it): only that means "drop it"; anything else (a broken
+            # model, a binding error) fails the caller
+            if "has no token for a character" not in str(e):
                 raise
     path.write_text("".join(c for c in text if c in ok), encoding="utf-8")
     return path

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <sstream>
+#include <stdexcept>
 
 namespace lrq {
 
@@ -196,12 +197,20 @@ std::vector<int32_t> Model::tokenize(const std::string & text, bool add_special,
     const llama_vocab * vocab = llama_model_get_vocab(model_);
     // a token is at least one byte, plus BOS/EOS
     std::vector<llama_token> out(text.size() + 2);
-    int32_t n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(),
-                               add_special, parse_special);
-    if (n < 0) {
-        out.resize((size_t) -n);
+    int32_t n = 0;
+    try {
         n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(),
                            add_special, parse_special);
+        if (n < 0) {
+            out.resize((size_t) -n);
+            n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(),
+                               add_special, parse_special);
+        }
+    } catch (const std::out_of_range &) {
+        // llama.cpp's SPM tokenizer looks each character up with unordered_map::at: a vocabulary
+        // without byte fallback throws on a character it has no token for
+        throw std::invalid_argument(path_ + ": the vocabulary has no token for a character of the text "
+                                    "(and no byte fallback)");
     }
     if (n < 0) {
         throw std::runtime_error("tokenization failed for a text of " + std::to_string(text.size()) + " bytes");
