@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..constants import replica_param_name
+from ..constants import LOWRANK_MAX_RANK, replica_param_name
 from ..gguf_write import WriterError, check_output_path
 from ..lrq_file import LRQFileError, LRQModelFile
 from ..plan import Execution
@@ -79,6 +79,8 @@ class CalibrateOptions:
     progress: bool = True
     start_layer: int = 0               # layers below keep the file's parameters (resume)
     loss: str = "mse"                  # mse | token (LOSSES)
+    lowrank: int = 0                   # rank of a low-rank correction per linear and replica (0: none new)
+    lr_lowrank: float = 1e-3           # lr_u / lr_v (FORMAT.md 6.2)
 
     def validate(self) -> None:
         if self.start_layer < 0:
@@ -97,9 +99,12 @@ class CalibrateOptions:
         if bad or not self.params:
             raise CalibError(f"--params: {', '.join(sorted(bad)) or 'none given'}; choose from "
                              f"{', '.join(PARAMS)}")
-        for name, v in (("--lr", self.lr), ("--lr-offset", self.lr_offset), ("--lr-bias", self.lr_bias)):
+        for name, v in (("--lr", self.lr), ("--lr-offset", self.lr_offset), ("--lr-bias", self.lr_bias),
+                        ("--lr-lowrank", self.lr_lowrank)):
             if not (np.isfinite(v) and v >= 0):
                 raise CalibError(f"{name} must be a finite value >= 0, got {v}")
+        if not 0 <= self.lowrank <= LOWRANK_MAX_RANK:
+            raise CalibError(f"--lowrank must be in 0..{LOWRANK_MAX_RANK}, got {self.lowrank}")
         if self.loss not in LOSSES:
             raise CalibError(f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
         if self.serial_init not in SERIAL_INITS:
@@ -186,7 +191,9 @@ class QuantLayer:
     """Layer L of an LRQ file as torch modules: one Block of ReplicaLinears per replica."""
 
     def __init__(self, f: LRQModelFile, layer: int, groups: list[list[Execution]],
-                 opts: CalibrateOptions):
+                 opts: CalibrateOptions, lowrank: int = 0):
+        """lowrank > 0: every replicable linear of every replica gets new (zero) low-rank factors
+        of that rank (at most min(n_out, n_in)); 0: the file's own factors, where it has any."""
         self.layer = layer
         self.groups = groups
         self.replicas = sorted({e.replica for g in groups for e in g})
@@ -202,14 +209,16 @@ class QuantLayer:
             for name in LINEARS:
                 wn = f"{p}.{name}.weight"
                 mb = f.tensor(f"{p}.{name}.bias") if f.has_tensor(f"{p}.{name}.bias") else None
+                n_out, n_in = f.tensor_info(wn).shape
+                rank = min(lowrank, n_out, n_in)
                 if f.is_lrq(wn):
                     m = ReplicaLinear(f.quantized(wn), f.replica_params(wn, r), mb,
-                                      opts.granularity, opts.params)
+                                      opts.granularity, opts.params, rank)
                     lin[name] = mods[name] = m
                 elif f.is_replicable(wn):     # a stock-typed weight (format v2): gain / bias / clip
                     if wn not in stock_w:
                         stock_w[wn] = f.tensor(wn)
-                    m = StockReplicaLinear(stock_w[wn], f.replica_params(wn, r), mb, opts.params)
+                    m = StockReplicaLinear(stock_w[wn], f.replica_params(wn, r), mb, opts.params, rank)
                     lin[name] = mods[name] = m
                 else:      # kept in its source type (--keep): fixed, shared by the replicas
                     w, _ = f.weight(wn, r)
@@ -262,9 +271,11 @@ def weighted_error(out: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch
 
 class _Fitter:
     def __init__(self, ref: Reference, ctx, x: torch.Tensor, y: torch.Tensor, opts: CalibrateOptions,
-                 rng: np.random.Generator, fp_block: Block | None = None):
+                 rng: np.random.Generator, fp_block: Block | None = None,
+                 sq_mean: dict[str, np.ndarray] | None = None):
         self.ref, self.ctx, self.x, self.y, self.opts, self.rng = ref, ctx, x, y, opts, rng
         self.fp_block = fp_block       # the full-precision layer (closed-form fits)
+        self.sq_mean = sq_mean         # {linear: E[x^2] of its input} (low-rank initialisation)
         self.w = token_weights(y, opts.loss)
 
     def loss(self, ql: QuantLayer, groups=None) -> float:
@@ -280,7 +291,7 @@ class _Fitter:
         mods = list(ql.modules(replicas))
         pg = []
         for names, lr in ((("scale_mult", "gain"), o.lr), (("grid_offset",), o.lr_offset),
-                          (("bias",), o.lr_bias)):
+                          (("bias",), o.lr_bias), (("lr_u", "lr_v"), o.lr_lowrank)):
             ps = [getattr(m, n) for m in mods for n in names
                   if getattr(m, n, None) is not None and getattr(m, n).requires_grad]
             if ps and lr > 0:
@@ -316,6 +327,18 @@ def _closed_form(fit: _Fitter, ql: QuantLayer, groups) -> None:
         m.finish_lsq()
 
 
+def _init_lowrank(fit: _Fitter, ql: QuantLayer, replicas) -> None:
+    """Low-rank factors of ``replicas`` from the SVD of each linear's activation-weighted error
+    against the full-precision layer (replica.lowrank_init); before this they are zero, and zero
+    factors get no gradient."""
+    if fit.fp_block is None or fit.sq_mean is None:
+        return
+    for r in replicas:
+        for n, m in ql.mods[r].items():
+            if m.lr_u is not None:
+                m.init_lowrank(fit.fp_block.lin[n].weight.detach().numpy(), fit.sq_mean[n])
+
+
 def _embed_norep(ql: QuantLayer) -> None:
     """Replica 0's parameters into every other replica so the layer equals replica 0 alone."""
     par = _parallel_with_zero(ql.groups)
@@ -328,6 +351,8 @@ def _embed_norep(ql: QuantLayer) -> None:
                 if r not in par and n in OUTPUT_LINEARS:
                     m.gain.zero_()
                     m.bias.zero_()
+                    if m.lr_u is not None:     # U = 0 keeps V's gradient alive (U's is V x)
+                        m.lr_u.zero_()
 
 
 def _split_serial(ql: QuantLayer) -> None:
@@ -343,12 +368,16 @@ def _split_serial(ql: QuantLayer) -> None:
                     src = ql.mods[0][name]
                     ql.mods[r][name].gain.copy_(src.gain / n)
                     ql.mods[r][name].bias.copy_(src.bias / n)
+                    if src.lr_u is not None and ql.mods[r][name].lr_u is not None:
+                        ql.mods[r][name].lr_u.copy_(src.lr_u / n)
         # replica 0 itself last (the others copied its unscaled values above)
         if 0 in serial and 0 not in par:
             for name in OUTPUT_LINEARS:
                 if name in ql.mods[0] and n > 1:
                     ql.mods[0][name].gain.div_(n)
                     ql.mods[0][name].bias.div_(n)
+                    if ql.mods[0][name].lr_u is not None:
+                        ql.mods[0][name].lr_u.div_(n)
 
 
 def _act_search(fit: _Fitter, ql: QuantLayer, grid, best: float) -> tuple[float, bool]:
@@ -379,6 +408,8 @@ def calibrate_layer(fit: _Fitter, ql: QuantLayer, opts: CalibrateOptions) -> Lay
     start0 = ql.state([0])
     l_start0 = loss_start if plain else fit.loss(ql, norep_groups)
     _closed_form(fit, ql, norep_groups)
+    if fit.opts.lowrank:
+        _init_lowrank(fit, ql, [0])
     fit.train(ql, [0], norep_groups)
     l0 = fit.loss(ql, norep_groups)
     if l_start0 < l0:
@@ -458,8 +489,11 @@ def calibrate(src: str | os.PathLike, out: str | os.PathLike, source: str | os.P
     try:
         for layer in range(acts.n_layer):
             y_fp = acts.block_output(layer)
-            ql = QuantLayer(f, layer, groups_by_layer[layer], opts)
-            fit = _Fitter(ref, acts.ctx, x_q, y_fp, opts, rng, acts.block(layer))
+            ql = QuantLayer(f, layer, groups_by_layer[layer], opts,
+                            opts.lowrank if layer >= opts.start_layer else 0)
+            sq = ({n: s.sq_mean for n, s in acts.linear_stats(layer).items()}
+                  if opts.lowrank and layer >= opts.start_layer else None)
+            fit = _Fitter(ref, acts.ctx, x_q, y_fp, opts, rng, acts.block(layer), sq)
             if layer < opts.start_layer:       # kept as it is: only its output is needed
                 l = fit.loss(ql)
                 rep = LayerReport(layer, ql.replicas, l, l, l, "kept", 0.0)

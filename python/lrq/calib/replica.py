@@ -10,6 +10,12 @@ clip ratio c and bits k are plain attributes.  ``export()`` gives the tensors to
 ``lrq.convert.update.set_replica_params`` (F16 alpha / beta, F32 gain / bias / act);
 ``round_to_storage()`` rounds alpha and beta to fp16 in place so what is evaluated is what is
 written.
+
+Both module kinds may carry a low-rank correction (format v3, FORMAT.md 6.2), the Parameters
+``lr_u`` [n_out, k] and ``lr_v`` [k, n_in] (None without one): ``y += (x @ V^T) @ U^T`` with x
+the unclipped input.  ``init_lowrank`` sets them from the truncated SVD of the
+activation-weighted error between a full-precision weight and the replica's (``lowrank_init``);
+they are stored as F16.
 """
 
 from __future__ import annotations
@@ -22,6 +28,96 @@ from ..reference.ops import act_clip_quant
 
 PARAMS = ("scale_mult", "grid_offset", "gain", "bias")
 GRANULARITIES = ("group", "channel")
+LOWRANK = ("lr_u", "lr_v")
+# E[x_i^2] below this fraction of its mean over the inputs is raised to it before D^-1 is taken
+# (an input channel the calibration text never excites would otherwise give V an infinite column)
+SQ_MEAN_FLOOR = 1e-6
+
+
+def lowrank_init(w_float, w_replica, sq_mean, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(U [n_out, rank], V [rank, n_in]) float32 minimising ||(W - W_r - U V) D||_F, D =
+    diag(sqrt(E[x^2])): the truncated SVD (E - P S Q^T) of E = (W - W_r) D, U = P_k S_k^1/2,
+    V = S_k^1/2 Q_k^T D^-1 (LQER / EoRA).  The output error of x -> U V x on inputs with those
+    second moments (uncorrelated) is then the tail sum of S^2 (Eckart-Young)."""
+    w_float = torch.as_tensor(np.asarray(w_float, dtype=np.float64))
+    w_replica = torch.as_tensor(np.asarray(w_replica, dtype=np.float64))
+    sq = torch.as_tensor(np.asarray(sq_mean, dtype=np.float64)).clamp_min(0)
+    d = torch.sqrt(torch.clamp(sq, min=SQ_MEAN_FLOOR * float(sq.mean()) + 1e-300))
+    n_out, n_in = w_float.shape
+    if not 1 <= rank <= min(n_out, n_in):
+        raise ValueError(f"rank {rank} is outside 1..{min(n_out, n_in)}")
+    p, sv, qt = torch.linalg.svd((w_float - w_replica) * d[None, :], full_matrices=False)
+    root = torch.sqrt(sv[:rank])
+    u = p[:, :rank] * root[None, :]
+    v = root[:, None] * qt[:rank] / d[None, :]
+    return u.float().numpy(), v.float().numpy()
+
+
+class _LowRank:
+    """The low-rank correction shared by both module kinds (mixed into torch.nn.Module)."""
+
+    def _init_lowrank_params(self, p: ReplicaParams, rank: int) -> None:
+        """rank > 0: zero factors of that rank (``init_lowrank`` gives them values); rank 0:
+        the file's own factors, if the replica has any (trained too)."""
+        if rank > 0:
+            u, v = np.zeros((self.n_out, rank), np.float32), np.zeros((rank, self.n_in), np.float32)
+        elif p.lr_u is not None:
+            u, v = np.asarray(p.lr_u, np.float32), np.asarray(p.lr_v, np.float32)
+        else:
+            self.register_parameter("lr_u", None)
+            self.register_parameter("lr_v", None)
+            return
+        self.lr_u = torch.nn.Parameter(torch.from_numpy(np.array(u)))
+        self.lr_v = torch.nn.Parameter(torch.from_numpy(np.array(v)))
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.lr_u is None else int(self.lr_u.shape[1])
+
+    def lowrank_term(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.lr_u is None:
+            return None
+        return (x @ self.lr_v.T) @ self.lr_u.T
+
+    @torch.no_grad()
+    def init_lowrank(self, w_float, sq_mean) -> None:
+        """Factors from the SVD of (w_float - this replica's weight) diag(sqrt(sq_mean))."""
+        if self.lr_u is None:
+            return
+        w = self.weight().detach().numpy()
+        u, v = lowrank_init(w_float, w, sq_mean, self.rank)
+        self.lr_u.copy_(torch.from_numpy(u))
+        self.lr_v.copy_(torch.from_numpy(v))
+
+    @torch.no_grad()
+    def _round_lowrank(self) -> None:
+        if self.lr_u is not None:
+            self.lr_u.copy_(self.lr_u.half().float())
+            self.lr_v.copy_(self.lr_v.half().float())
+
+    @torch.no_grad()
+    def _copy_lowrank(self, other) -> None:
+        if self.lr_u is not None and other.lr_u is not None:
+            self.lr_u.copy_(other.lr_u)
+            self.lr_v.copy_(other.lr_v)
+
+    def _lowrank_state(self) -> dict:
+        return {} if self.lr_u is None else {n: getattr(self, n).detach().clone() for n in LOWRANK}
+
+    @torch.no_grad()
+    def _load_lowrank(self, st: dict) -> None:
+        if self.lr_u is not None and "lr_u" in st:
+            self.lr_u.copy_(st["lr_u"])
+            self.lr_v.copy_(st["lr_v"])
+
+    def _export_lowrank(self) -> dict[str, np.ndarray]:
+        """float32 factors (set_replica_params stores them as F16)."""
+        return {} if self.lr_u is None else {n: getattr(self, n).detach().numpy().astype(np.float32)
+                                             for n in LOWRANK}
+
+    def _lowrank_params(self) -> dict:
+        return {} if self.lr_u is None else {n: getattr(self, n).detach().numpy().astype(np.float64)
+                                             for n in LOWRANK}
 
 
 def _init(value, n_out: int, ng: int, width: int, default: float) -> torch.Tensor:
@@ -37,12 +133,12 @@ def _init(value, n_out: int, ng: int, width: int, default: float) -> torch.Tenso
     return v.expand(n_out, width).clone()
 
 
-class ReplicaLinear(torch.nn.Module):
+class ReplicaLinear(_LowRank, torch.nn.Module):
     """One LRQ weight seen through one replica's parameters (see the module doc)."""
 
     def __init__(self, qt: QuantizedTensor, params: ReplicaParams | None = None,
                  model_bias: np.ndarray | None = None, granularity: str = "channel",
-                 learn: tuple[str, ...] = PARAMS):
+                 learn: tuple[str, ...] = PARAMS, lowrank: int = 0):
         super().__init__()
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -77,6 +173,7 @@ class ReplicaLinear(torch.nn.Module):
                                        requires_grad="bias" in learn)
         self.act_clip = float(p.act_clip)
         self.act_bits = int(p.act_bits)
+        self._init_lowrank_params(p, lowrank)
 
     def _expand(self, p: torch.Tensor) -> torch.Tensor:
         return p[:, self.gidx] if p.shape[1] > 1 else p
@@ -95,41 +192,50 @@ class ReplicaLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = (act_clip_quant(x, self.act_clip, self.act_bits) @ self.base_weight().T) * self.gain + self.bias
+        lr = self.lowrank_term(x)
+        if lr is not None:
+            y = y + lr
         if self.model_bias is not None:
             y = y + self.model_bias
         return y
 
     @torch.no_grad()
     def round_to_storage(self) -> None:
-        """alpha and beta are stored as F16, gain and bias as F32: round them in place."""
+        """alpha, beta and the low-rank factors are stored as F16, gain and bias as F32: round
+        them in place."""
         self.scale_mult.copy_(self.scale_mult.half().float())
         self.grid_offset.copy_(self.grid_offset.half().float())
+        self._round_lowrank()
 
     @torch.no_grad()
     def copy_from(self, other: "ReplicaLinear") -> None:
         for n in PARAMS:
             getattr(self, n).copy_(getattr(other, n))
         self.act_clip, self.act_bits = other.act_clip, other.act_bits
+        self._copy_lowrank(other)
 
     def state(self) -> dict:
         return {**{n: getattr(self, n).detach().clone() for n in PARAMS},
-                "act": (self.act_clip, self.act_bits)}
+                "act": (self.act_clip, self.act_bits), **self._lowrank_state()}
 
     @torch.no_grad()
     def load(self, st: dict) -> None:
         for n in PARAMS:
             getattr(self, n).copy_(st[n])
         self.act_clip, self.act_bits = st["act"]
+        self._load_lowrank(st)
 
     def export(self, params: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         """{param: array} in storage types (scale_mult / grid_offset F16, gain / bias / act F32);
-        ``act`` only when it is not the default (c = 1, k = 0)."""
+        ``act`` only when it is not the default (c = 1, k = 0); the low-rank factors (float32)
+        whenever the module has them."""
         out = {}
         for n in (params if params is not None else PARAMS):
             v = getattr(self, n).detach().numpy()
             out[n] = v.astype(np.float16) if n in ("scale_mult", "grid_offset") else v.astype(np.float32)
         if self.act_clip != 1.0 or self.act_bits != 0:
             out["act"] = np.array([self.act_clip, self.act_bits], dtype=np.float32)
+        out.update(self._export_lowrank())
         return out
 
     def replica_params(self) -> ReplicaParams:
@@ -137,13 +243,13 @@ class ReplicaLinear(torch.nn.Module):
         g = lambda n: getattr(self, n).detach().numpy().astype(np.float64)
         return ReplicaParams(scale_mult=g("scale_mult"), grid_offset=g("grid_offset"),
                              gain=g("gain"), bias=g("bias"), act_clip=self.act_clip,
-                             act_bits=self.act_bits)
+                             act_bits=self.act_bits, **self._lowrank_params())
 
 
 STOCK_PARAMS = ("gain", "bias")
 
 
-class StockReplicaLinear(torch.nn.Module):
+class StockReplicaLinear(_LowRank, torch.nn.Module):
     """A stock-typed weight (format v2, FORMAT.md 6.1) seen through one replica:
 
         y[t, o] = gain[o] * (clamp(x[t], -clip, clip) @ W[o]) + bias[o]  (+ the model's own bias)
@@ -156,7 +262,8 @@ class StockReplicaLinear(torch.nn.Module):
     """
 
     def __init__(self, w: np.ndarray, params: ReplicaParams | None = None,
-                 model_bias: np.ndarray | None = None, learn: tuple[str, ...] = STOCK_PARAMS):
+                 model_bias: np.ndarray | None = None, learn: tuple[str, ...] = STOCK_PARAMS,
+                 lowrank: int = 0):
         super().__init__()
         p = params or ReplicaParams()
         w = np.asarray(w, dtype=np.float32)
@@ -176,6 +283,7 @@ class StockReplicaLinear(torch.nn.Module):
         self.absmax = 0.0              # largest |x| seen; frozen once a clip ratio is set
         self._absmax_frozen = False
         self._lsq: dict | None = None
+        self._init_lowrank_params(p, lowrank)
 
     # the clip as a ratio of the largest input seen (1 = no clip)
     @property
@@ -199,9 +307,12 @@ class StockReplicaLinear(torch.nn.Module):
             self.absmax = max(self.absmax, float(x.detach().abs().max()))
         xc = x.clamp(-self.clip, self.clip) if np.isfinite(self.clip) else x
         q = xc @ self.w.T
+        lr = self.lowrank_term(x)
         if self._lsq is not None:
-            self._accumulate(x.detach(), q.detach())
+            self._accumulate(x.detach(), q.detach(), None if lr is None else lr.detach())
         y = q * self.gain + self.bias
+        if lr is not None:
+            y = y + lr
         if self.model_bias is not None:
             y = y + self.model_bias
         return y
@@ -209,13 +320,16 @@ class StockReplicaLinear(torch.nn.Module):
     # ---- closed form --------------------------------------------------------------------------
     def start_lsq(self, w_ref: torch.Tensor) -> None:
         """Collect, over the next forward passes, the statistics of q = clamp(x) W^T against
-        f = x W_ref^T, per output channel (float64)."""
+        f = x W_ref^T minus this replica's low-rank term, per output channel (float64)."""
         z = lambda: torch.zeros(self.n_out, dtype=torch.float64)
         self._lsq = {"w_ref": w_ref.to(torch.float32), "n": 0, "q": z(), "f": z(), "qq": z(), "qf": z()}
 
-    def _accumulate(self, x: torch.Tensor, q: torch.Tensor) -> None:
+    def _accumulate(self, x: torch.Tensor, q: torch.Tensor, lr: torch.Tensor | None) -> None:
         s = self._lsq
-        f = (x @ s["w_ref"].T).reshape(-1, self.n_out).to(torch.float64)
+        f = x @ s["w_ref"].T
+        if lr is not None:
+            f = f - lr
+        f = f.reshape(-1, self.n_out).to(torch.float64)
         q = q.reshape(-1, self.n_out).to(torch.float64)
         s["n"] += q.shape[0]
         s["q"] += q.sum(0)
@@ -249,31 +363,38 @@ class StockReplicaLinear(torch.nn.Module):
     # ---- the calibrator's interface (as ReplicaLinear) ----------------------------------------
     @torch.no_grad()
     def round_to_storage(self) -> None:
-        """gain and bias are stored as F32, the clip bound as F32: nothing to round."""
+        """gain and bias are stored as F32, the clip bound as F32, the low-rank factors as F16:
+        round those."""
+        self._round_lowrank()
 
     @torch.no_grad()
     def copy_from(self, other: "StockReplicaLinear") -> None:
         self.gain.copy_(other.gain)
         self.bias.copy_(other.bias)
         self.clip = other.clip
+        self._copy_lowrank(other)
 
     def state(self) -> dict:
-        return {"gain": self.gain.detach().clone(), "bias": self.bias.detach().clone(), "clip": self.clip}
+        return {"gain": self.gain.detach().clone(), "bias": self.bias.detach().clone(), "clip": self.clip,
+                **self._lowrank_state()}
 
     @torch.no_grad()
     def load(self, st: dict) -> None:
         self.gain.copy_(st["gain"])
         self.bias.copy_(st["bias"])
         self.clip = st["clip"]
+        self._load_lowrank(st)
 
     def export(self, params: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-        """{param: F32 array} for gain / bias among ``params``; ``clip`` when there is one."""
+        """{param: F32 array} for gain / bias among ``params``; ``clip`` when there is one; the
+        low-rank factors (float32) whenever the module has them."""
         out = {n: getattr(self, n).detach().numpy().astype(np.float32)
                for n in (params if params is not None else STOCK_PARAMS) if n in STOCK_PARAMS}
         if np.isfinite(self.clip):
             out["clip"] = np.array([self.clip], dtype=np.float32)
+        out.update(self._export_lowrank())
         return out
 
     def replica_params(self) -> ReplicaParams:
         g = lambda n: getattr(self, n).detach().numpy().astype(np.float64)
-        return ReplicaParams(gain=g("gain"), bias=g("bias"), clip=self.clip)
+        return ReplicaParams(gain=g("gain"), bias=g("bias"), clip=self.clip, **self._lowrank_params())

@@ -4,12 +4,17 @@ Examples:
     lrq-calibrate smol.lrq.gguf smol.cal.lrq.gguf --source SmolLM2-135M-Instruct.Q4_1.gguf \\
         --text sotu-calib --tokens 4096
     lrq-calibrate in.gguf out.gguf --source src.gguf --text my-text.txt --granularity group --steps 100
+    lrq-calibrate in.gguf out.gguf --source src.gguf --lowrank 8      # + rank-8 corrections (format v3)
 
 Codes stay frozen.  Block by block, every replica the schedule runs (replica 0 included) gets
 scale multipliers, grid offsets, gains and biases fitted with Adam so that the quantized layer,
 fed the quantized model's own residual stream, reproduces the full-precision model's residual
 stream after that layer (MSE).  A replicated layer keeps its replicas only when they beat
 replica 0 alone (extra serial replicas otherwise get gain 0 on attn_output and ffn_down).
+--lowrank K adds to every calibrated linear of every replica a rank-K correction U (V x)
+(docs/FORMAT.md 6.2), initialised from the truncated SVD of its activation-weighted quantization
+error and trained with the other parameters; it costs 16 K (n_out + n_in) bits per linear and
+replica (SmolLM2, K = 8: about +0.4 bpw).
 --source is the plain GGUF the LRQ file was converted from (the full-precision reference is its
 float32 dequantization).  Never calibrate on the text you evaluate on.
 """
@@ -64,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="block-wise loss: mse (residual stream, dominated by attention-sink "
                          "tokens) or token (each token's error relative to its own norm); "
                          "default mse")
+    ap.add_argument("--lowrank", type=int, default=0, metavar="K",
+                    help="rank of a low-rank correction per linear and replica, 0..64 (default 0: "
+                         "none added; factors the file has are kept and trained)")
+    ap.add_argument("--lr-lowrank", type=float, default=1e-3,
+                    help="Adam lr of the low-rank factors (default 1e-3)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (default: torch's choice; 1 is faster on a busy machine)")
@@ -86,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                             lr=args.lr, lr_offset=args.lr_offset, lr_bias=args.lr_bias,
                             serial_init=args.serial_init, act_clip_grid=args.act_clip_grid,
                             seed=args.seed, progress=not args.quiet, start_layer=args.start_layer,
-                            loss=args.loss)
+                            loss=args.loss, lowrank=args.lowrank, lr_lowrank=args.lr_lowrank)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     return run_job("lrq-calibrate", args.out,
                    lambda: calibrate(args.src, args.out, args.source, opts, log=log),
