@@ -263,3 +263,24 @@ def test_native_matches_reference(runtime_files, case, monkeypatch):
         monkeypatch.setattr(ops.Linear, "__call__", _LINEAR_CALL)
     controls["gain_scaled"] = nmse(got, _gain_scaled(Reference(path), f).logits(toks))
     assert all(c > CONTROL_MARGIN * bound for c in controls.values()), (case, e, controls, bound)
+
+
+def test_one_dimensional_v_is_rank_1_in_both_readers(runtime_files, tmp_path):
+    """ggml has no 1-D / [1, n] distinction (ne[] only), so a 1-D lr_v [n_in] is a rank-1 V for the
+    C++ loader; the Python reader must read the same file the same way (FORMAT.md section 10:
+    both readers accept exactly the same files)."""
+    from gguf_edit import rewrite
+    base = runtime_files[("stock", "F16")]
+    f0 = LRQModelFile(base)
+    drop = {n for n in f0.tensor_names if n.startswith("blk.1.ffn_up.lrq_r0.lr_")}
+    rng = np.random.default_rng(5)
+    u, v = 0.1 * rng.standard_normal((192, 1)), 0.1 * rng.standard_normal(64)
+    F16 = 1
+    path = rewrite(base, tmp_path / "v1d.gguf", drop=drop, add={
+        "blk.1.ffn_up.lrq_r0.lr_u": (u.astype(np.float16), F16),
+        "blk.1.ffn_up.lrq_r0.lr_v": (v.astype(np.float16), F16)})
+    rp = LRQModelFile(path).replica_params("blk.1.ffn_up.weight", 0)
+    assert rp.lr_u.shape == (192, 1) and rp.lr_v.shape == (1, 64) and rp.rank == 1
+    toks = np.random.default_rng(9).integers(3, TINY_VOCAB, size=24).astype(np.int32)
+    got = _native.Model(str(path), n_ctx=64, n_threads=2, kv_f32=True, flash_attn=0).eval(toks)
+    assert nmse(got, Reference(path).logits(toks)) < NATIVE_NMSE[("stock", "F16")]

@@ -60,6 +60,15 @@ def read_format_version(path: str | os.PathLike) -> int | None:
     return None if v is None else int(v)
 
 
+def _as_ggml_2d(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A numpy shape as ggml sees a matrix: the C++ loader has only ne[0..3], so a 1-D [n] is
+    [1, n] and leading 1s beyond two axes vanish.  Anything else keeps its length (refused)."""
+    shape = tuple(shape)
+    while len(shape) > 2 and shape[0] == 1:
+        shape = shape[1:]
+    return (1,) + shape if len(shape) == 1 else shape
+
+
 class LRQModelFile:
     """An opened, validated LRQ GGUF (the interface of lrq.model_file.open_model)."""
 
@@ -239,7 +248,7 @@ class LRQModelFile:
                                 f"low-rank correction needs both lr_u and lr_v (rule T4)")
         n_out, n_in = numpy_shape(self._t[w])
         u, v = self._t[names["lr_u"]], self._t[names["lr_v"]]
-        su, sv = numpy_shape(u), numpy_shape(v)
+        su, sv = _as_ggml_2d(numpy_shape(u)), _as_ggml_2d(numpy_shape(v))
         if len(su) != 2 or su[0] != n_out:
             raise self._err(f"tensor {names['lr_u']} has shape {list(su)}, expected [{n_out}, rank] "
                             f"(rule T4)")
@@ -383,13 +392,16 @@ class LRQModelFile:
         def get(param):
             t = self._t.get(replica_param_name(name, replica, param))
             return None if t is None else dequantize_tensor(t)
-        act, clip = get("act"), get("clip")
+        act, clip, lr_u, lr_v = get("act"), get("clip"), get("lr_u"), get("lr_v")
+        if lr_u is not None:        # validated as a pair on open; a 1-D factor is rank 1
+            n_out, n_in = numpy_shape(self._get(name))
+            lr_u, lr_v = lr_u.reshape(n_out, -1), lr_v.reshape(-1, n_in)
         return ReplicaParams(scale_mult=get("scale_mult"), grid_offset=get("grid_offset"),
                              gain=get("gain"), bias=get("bias"),
                              act_clip=1.0 if act is None else float(act[0]),
                              act_bits=0 if act is None else int(act[1]),
                              clip=float("inf") if clip is None else float(clip[0]),
-                             lr_u=get("lr_u"), lr_v=get("lr_v"))
+                             lr_u=lr_u, lr_v=lr_v)
 
     def tensor(self, name: str) -> np.ndarray:
         """float64 array in numpy shape.  An LRQ weight gives its replica-0 base weight

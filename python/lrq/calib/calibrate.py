@@ -19,6 +19,13 @@ update 1/n each) and the candidate with the lowest full calibration loss (after 
 stored precision) is kept.  For the same reason a fitted layer is kept only if it beats its
 starting point.
 
+With ``lowrank`` K > 0 every replicable linear of every replica also gets a rank-K correction
+U (V x) (format v3, FORMAT.md 6.2): replica 0's factors start from the truncated SVD of its
+activation-weighted error against the full-precision weight (E[x^2] of the full-precision
+model's inputs to that linear) after its closed-form gain / bias, and are trained with the other
+parameters; the other replicas start from replica 0's as they do for every parameter (an extra
+serial replica embedded as a no-op gets U = 0).
+
     >>> s = calibrate("in.lrq.gguf", "out.lrq.gguf", "src.gguf",
     ...               CalibrateOptions(n_tokens=4096))         # doctest: +SKIP
 """
