@@ -302,3 +302,68 @@ def dequantize(t: TwoLevelTensor) -> np.ndarray:
     d = t.d.astype(np.float64)[:, sup_of] * t.sc.astype(np.float64)[:, sub_of]
     m = t.dmin.astype(np.float64)[:, sup_of] * t.mn.astype(np.float64)[:, sub_of]
     return d * t.codes.astype(np.float64) - m
+
+
+# ---- GPTQ on the two-level grid -------------------------------------------------------------
+
+GPTQ_BLOCK = 128    # columns updated lazily as one block (the paper's 128)
+
+
+def gptq_quantize(w: np.ndarray, hessian: np.ndarray, importance: np.ndarray | None = None, *,
+                  damp: float = 0.1, super_size: int = SUPER_SIZE, sub_size: int = 16,
+                  block: int = GPTQ_BLOCK) -> TwoLevelTensor:
+    """GPTQ (Frantar et al. 2022) on the two-level grid: every parameter (d, dmin, sc, mn) is
+    fixed first by ``quantize`` on the original weights (``importance``: default diag(hessian)),
+    then columns are rounded left to right onto their sub-block's grid and each column's error
+    is spread over the later columns through the inverse Hessian's Cholesky factor, as
+    lrq.calib.gptq does with static groups.  ``hessian``: X^T X of the layer's input (any
+    positive scale); ``damp``: lambda = damp * mean(diag(H)) added to its diagonal."""
+    w = np.asarray(w)
+    t = quantize(w, np.diag(np.asarray(hessian, dtype=np.float64)) if importance is None else importance,
+                 super_size=super_size, sub_size=sub_size)
+    n_out, n_in = t.codes.shape
+    H = np.array(hessian, dtype=np.float64)
+    if H.shape != (n_in, n_in):
+        raise TwoLevelError(f"Hessian shape {H.shape} does not match n_in = {n_in}")
+    if not np.isfinite(H).all():
+        raise TwoLevelError("the Hessian contains NaN or infinite values")
+    if not (damp > 0 and np.isfinite(damp)):
+        raise TwoLevelError(f"GPTQ dampening must be > 0, got {damp}")
+    dead = np.diag(H) <= 0
+    H[dead, dead] = 1.0
+    H[np.diag_indices(n_in)] += damp * float(np.mean(np.diag(H)))
+    try:
+        Lc = np.linalg.cholesky(H)
+        Linv = np.linalg.inv(Lc)
+        U = np.linalg.cholesky(Linv.T @ Linv).T                 # H^-1 = U^T U, U upper
+    except np.linalg.LinAlgError as e:
+        raise TwoLevelError(f"the dampened Hessian is not positive definite ({e})") from None
+    sub_of = np.arange(n_in) // sub_size
+    sup_of = np.arange(n_in) // super_size
+    # the float32 grid of the requantization step and its float64 dequantization
+    D32 = t.d.astype(np.float32)[:, sup_of] * t.sc.astype(np.float32)[:, sub_of]
+    M32 = t.dmin.astype(np.float32)[:, sup_of] * t.mn.astype(np.float32)[:, sub_of]
+    D64 = t.d.astype(np.float64)[:, sup_of] * t.sc.astype(np.float64)[:, sub_of]
+    M64 = t.dmin.astype(np.float64)[:, sup_of] * t.mn.astype(np.float64)[:, sub_of]
+    codes = t.codes.copy()
+    W = w.astype(np.float64)
+    for i1 in range(0, n_in, block):
+        i2 = min(i1 + block, n_in)
+        W1 = W[:, i1:i2].copy()
+        E1 = np.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            c = i1 + i
+            nz = D32[:, c] != 0                                # d_sub == 0: every code gives -m
+            x = W1[:, i].astype(np.float32)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                q = np.clip(np.rint((x + M32[:, c]) / np.where(nz, D32[:, c], 1)), 0, CODE_MAX)
+            codes[:, c] = np.where(nz, q, codes[:, c]).astype(np.uint8)
+            err = (W1[:, i] - (D64[:, c] * codes[:, c] - M64[:, c])) / U1[i, i]
+            W1[:, i:] -= np.outer(err, U1[i, i:])
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return TwoLevelTensor(codes, t.sc, t.mn, t.d, t.dmin, super_size, sub_size)
+
+
+__all__ += ["gptq_quantize", "GPTQ_BLOCK"]
