@@ -284,3 +284,36 @@ def test_one_dimensional_v_is_rank_1_in_both_readers(runtime_files, tmp_path):
     toks = np.random.default_rng(9).integers(3, TINY_VOCAB, size=24).astype(np.int32)
     got = _native.Model(str(path), n_ctx=64, n_threads=2, kv_f32=True, flash_attn=0).eval(toks)
     assert nmse(got, Reference(path).logits(toks)) < NATIVE_NMSE[("stock", "F16")]
+
+
+def test_lowrank_files_are_accepted_by_every_reader(runtime_files, tmp_path):
+    """The readers of tests/test_bad_files.py (lrq-inspect, the reference, the binding, llama-cli)
+    all take a file with low-rank factors (the control of that table's low-rank rows)."""
+    from test_bad_files import CHAT_TEMPLATE, _binding, _inspect, _reference, _run_tool
+
+    def llama_cli(path):
+        # loaded and answered (test_bad_files' check, except that the answer may begin with a space)
+        template = tmp_path / "passthrough.jinja"
+        template.write_text(CHAT_TEMPLATE)
+        rc, out = _run_tool("llama-cli", ["-m", str(path), "-p", "the", "-n", "2", "-st", "--temp", "0", "-t", "1",
+                                          "-c", "64", "--jinja", "--chat-template-file", str(template)])
+        return rc == 0 and "Error" not in out and "> the\n" in out and "Generation:" in out, out
+
+    for case in (("lrq", "F16"), ("stock", "Q8_0")):
+        path = runtime_files[case]
+        got = {"lrq-inspect": _inspect(path), "reference": _reference(path), "binding": _binding(path),
+               "llama-cli": llama_cli(path)}
+        assert all(ok for ok, _ in got.values()), {k: m[-1500:] for k, (ok, m) in got.items() if not ok}
+
+
+def test_rank_0_calibration_keeps_and_trains_the_files_factors(src, windows, runtime_files, tmp_path):
+    """--lowrank 0 on a file with factors: they stay (same rank, F16), are trained, and what the
+    calibrator measured is what the written file does."""
+    path = runtime_files[("stock", "F16")]
+    out = tmp_path / "cal.gguf"
+    s = calibrate(path, out, src, CalibrateOptions(steps=5, progress=False), windows=windows[:2])
+    assert calibration_loss(out, src, windows[:2]) == pytest.approx(s.final_loss, rel=LOSS_RTOL)
+    f_in, f_out = LRQModelFile(path), LRQModelFile(out)
+    names = [n for n in f_in.tensor_names if n.endswith(".lr_u") or n.endswith(".lr_v")]
+    assert names and all(f_out.tensor_info(n).shape == f_in.tensor_info(n).shape for n in names)
+    assert any(not np.array_equal(f_in.tensor(n), f_out.tensor(n)) for n in names)
