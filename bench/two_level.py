@@ -12,12 +12,14 @@ bits per weight? (issue 12, item 3)
    ``llama-perplexity --kl-divergence`` against the cached F32 reference logits (lrq.eval.run),
    round to nearest everywhere (no calibration).
 
-GPTQ is not run: lrq.calib.gptq chooses each group's fp16 parameters inside its column loop
-(one (d, m) per group of 32..256); the two-level layout's per-super-block parameters would need
-a change there.
+3. ``--gptq 32,16``: the two-level layout quantized by GPTQ (lrq.quant_two_level.gptq_quantize:
+   parameters from the importance-weighted search, then GPTQ's error feedback) on the quantized
+   model's own stream (lrq.calib.activations.QuantizedStream, sub-layer by sub-layer, as
+   lrq-convert --gptq does), 4096 tokens of sotu-calib, damping 0.1; scored like step 2.
 
     python bench/two_level.py                                  # all layers, 4 files scored
     python bench/two_level.py --layers 0,3,15,29 --no-e2e      # weight errors only (minutes)
+    python bench/two_level.py --no-weights --gptq 32           # GPTQ file(s) only
 """
 
 from __future__ import annotations
@@ -130,6 +132,10 @@ def main(argv=None) -> int:
     ap.add_argument("--text", default="sotu-eval")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lrq-two-level"))
     ap.add_argument("--json", type=Path, default=None, help="write every figure here")
+    ap.add_argument("--no-weights", action="store_true", help="skip steps 1-2 (weight table, RTN files)")
+    ap.add_argument("--gptq", default="", help="sub-block sizes to run GPTQ with, e.g. 32,16")
+    ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--gptq-damp", type=float, default=0.1)
     a = ap.parse_args(argv)
     for p in (a.ref, a.imatrix):
         if not p.is_file():
@@ -139,6 +145,53 @@ def main(argv=None) -> int:
     names = {t.name: t for t in reader.tensors}
     n_layer = 1 + max(int(n.split(".")[1]) for n in names if n.startswith("blk."))
     layers = range(n_layer) if a.layers == "all" else [int(x) for x in a.layers.split(",")]
+    result = {"layers": list(layers), "weight_error": [], "e2e": [], "gptq": []}
+    if not a.no_weights:
+        weights_and_rtn(a, reader, im, names, layers, result)
+    for sub in [int(x) for x in a.gptq.split(",") if x.strip()]:
+        result["gptq"].append(gptq_row(a, reader, names, n_layer, sub))
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def gptq_row(a, reader, names, n_layer: int, sub: int) -> dict:
+    """Two-level GPTQ on the quantized stream -> fake-quantized file -> KLD row."""
+    from lrq.calib import calibration_windows
+    from lrq.calib.activations import QuantizedStream
+    from lrq.eval.run import base_logits, evaluate_model
+    t0 = time.monotonic()
+    stream = QuantizedStream(a.ref, calibration_windows(a.ref, "sotu-calib", a.calib_tokens, 512))
+    deq, nbits, nw = {}, 0, 0
+    for L in range(n_layer):
+        def fn(lin, st, L=L):
+            nonlocal nbits, nw
+            name = f"blk.{L}.{lin}.weight"
+            w = np.array(names[name].data, dtype=np.float32)
+            t = tl.gptq_quantize(w, st.xtx, st.sq_mean, damp=a.gptq_damp, sub_size=sub)
+            nbits += w.shape[0] * tl.row_bits(w.shape[1], sub_size=sub)
+            nw += w.size
+            deq[name] = tl.dequantize(t).astype(np.float32)
+            return deq[name]
+        stream.quantize_layer(fn)
+        print(f"gptq S256/{sub}: layer {L} done ({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
+    quant_s = time.monotonic() - t0
+    base = base_logits(a.ref, a.text, ctx=512, chunks=a.chunks, threads=a.threads)
+    a.work.mkdir(parents=True, exist_ok=True)
+    out = a.work / f"fq-gptq-two-level-{sub}.gguf"
+    write_fake_quant(reader, lambda name, data: deq.get(name), out)
+    r = evaluate_model(out, base, label=f"two-level S256/{sub} GPTQ", threads=a.threads)
+    out.unlink()
+    row = {"variant": f"two-level S256/{sub} GPTQ (quantized stream, {a.calib_tokens} tokens, "
+                      f"damping {a.gptq_damp})", "bpw": nbits / nw, "ppl": r.ppl, "ppl_err": r.ppl_err,
+           "kld": r.kld, "kld_err": r.kld_err, "top1": r.top1, "quantize_seconds": quant_s}
+    print(f"| {row['variant']} | {row['bpw']:.4f} | {r.ppl:.2f} ± {r.ppl_err:.2f} | "
+          f"{r.kld:.4f} ± {r.kld_err:.4f} | {100 * r.top1:.1f} % |", flush=True)
+    return row
+
+
+def weights_and_rtn(a, reader, im, names, layers, result) -> None:
+    """Steps 1 and 2 of the module doc (fills result["weight_error"] and result["e2e"])."""
     V = variants()
     e2e_wanted = [] if a.no_e2e else [s.strip() for s in a.e2e.split(",") if s.strip()]
     if e2e_wanted and a.layers != "all":
@@ -182,7 +235,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"| {r['variant']} | {r['bpw']:.4f} | " + " | ".join(f"{r[c]:.4f}" for c in cols[1:]) + " |")
 
-    result = {"layers": list(layers), "weight_error": rows, "e2e": []}
+    result["weight_error"] = rows
     if e2e_wanted:
         from lrq.eval.run import base_logits, evaluate_model
         chosen = []
@@ -218,9 +271,6 @@ def main(argv=None) -> int:
             print(f"| {v} | {row['bpw']:.4f} | {r.ppl:.2f} ± {r.ppl_err:.2f} | {r.kld:.4f} ± {r.kld_err:.4f} "
                   f"| {100 * r.top1:.1f} % |", flush=True)
             out.unlink()
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=1))
-    return 0
 
 
 if __name__ == "__main__":
