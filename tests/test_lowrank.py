@@ -50,6 +50,10 @@ LOSS_RTOL = 1e-3
 # calibration loss falls to about a third); a correction that is ignored, or trained away, gives 1
 LOWRANK_LOSS_RATIO_MAX = 0.8
 RANK = 8
+# an embedded no-op replica changes a layer's output by float32 rounding only (the serial step
+# x -> B_0(x) -> B_1(.) with B_1 adding exactly 0); a nonzero U on the extra replica moves the
+# loss by far more than this
+EMBED_RTOL = 1e-6
 
 # Native (LRQ_CPU_REF=1, F32 KV, no flash attention: the rest of the graph is exact to ~1e-11,
 # tests/test_runtime.py) against the float64 reference.  What remains is the CPU backend's own
@@ -166,6 +170,26 @@ def test_calibration_with_rank_8_beats_rank_0(src, windows, converted, tmp_path)
     b0, b = f0.bpw(), f.bpw()
     assert b["lrq"] == pytest.approx(b0["lrq"] + 8 * extra / b0["n_lrq_weights"], rel=1e-12)
     assert b["n_lrq_weights"] == b0["n_lrq_weights"] and b["n_base_params"] == b0["n_base_params"]
+
+
+def test_replicated_calibration_with_factors(src, windows, tmp_path):
+    """Every layer twice (serial) with rank-4 factors and no Adam steps: running a copy twice is
+    far worse than once, so every layer must fall back to replica 0 alone embedded exactly —
+    the extra replica an exact no-op, which with factors needs U = 0 on its output linears as
+    well as gain = bias = 0 (without it the embedded layer's loss moves off replica 0's) — and
+    the file does what the calibrator measured."""
+    base = tmp_path / "all.gguf"
+    convert(src, base, ConvertOptions(bits=2, group_size=32, plan="all", progress=False))
+    out = tmp_path / "all.cal.gguf"
+    s = calibrate(base, out, src, CalibrateOptions(steps=0, serial_init="zero", lowrank=4, progress=False),
+                  windows=windows[:2])
+    assert calibration_loss(out, src, windows[:2]) == pytest.approx(s.final_loss, rel=LOSS_RTOL)
+    for r in s.layers:
+        assert r.replicas == [0, 1] and r.choice == "norep", r
+        assert r.loss == pytest.approx(r.loss_norep, rel=EMBED_RTOL), r
+    f = LRQModelFile(out)
+    assert f.tensor_info("blk.2.ffn_down.lrq_r1.lr_u").shape == (64, 4)
+    assert not f.tensor("blk.2.ffn_down.lrq_r1.lr_u").any()
 
 
 def test_bad_lowrank_option(src, converted, tmp_path):
