@@ -341,6 +341,21 @@ def test_lowrank_files_are_accepted_by_every_reader(runtime_files, tmp_path):
         assert all(ok for ok, _ in got.values()), {k: m[-1500:] for k, (ok, m) in got.items() if not ok}
 
 
+def test_inspect_reports_the_corrections(runtime_files, capsys):
+    # counted from gguf-py's tensor list, independently of lrq's reader
+    import gguf
+
+    from lrq.cli.inspect import main as inspect_main
+    for (base, typ), path in runtime_files.items():
+        r = gguf.GGUFReader(str(path))
+        v = [t for t in r.tensors if t.name.endswith(".lr_v")]
+        ranks = sorted({int(t.shape[-1]) if len(t.shape) == 2 else 1 for t in v})   # ggml order
+        assert inspect_main([str(path), "--no-tensors"]) == 0
+        out = capsys.readouterr().out
+        assert f"low-rank corrections: {len(v)} (linear, replica) pairs, rank {', '.join(map(str, ranks))}" in out
+        assert typ in out.split("low-rank corrections:")[1].splitlines()[0]
+
+
 def test_rank_0_calibration_keeps_and_trains_the_files_factors(src, windows, runtime_files, tmp_path):
     """--lowrank 0 on a file with factors: they stay (same rank, F16), are trained, and what the
     calibrator measured is what the written file does."""

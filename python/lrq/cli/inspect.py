@@ -47,6 +47,11 @@ def collect(path: str, full_metadata: bool = False) -> dict:
         tensors.append({"name": name, "type": ti.type_name, "type_id": ti.type_id,
                         "shape": list(ti.shape), "bytes": ti.nbytes})
     bpw = f.bpw()
+    # low-rank corrections (FORMAT.md 6.2): one lr_v [rank, n_in] per corrected (linear, replica)
+    lr = [t for t in tensors if t["name"].endswith(".lr_v")]
+    lr_u = [t for t in tensors if t["name"].endswith(".lr_u")]
+    lowrank = {"n": len(lr), "ranks": sorted({t["shape"][0] if len(t["shape"]) == 2 else 1 for t in lr}),
+               "types": sorted({t["type"] for t in lr + lr_u})}
     return {
         "file": str(f.path),
         "format_version": f.format_version,
@@ -60,6 +65,7 @@ def collect(path: str, full_metadata: bool = False) -> dict:
         "schedule": [{"layer": e.layer, "replica": e.replica, "group": e.group, "weight": e.weight}
                      for e in f.schedule],
         "schedule_summary": f.plan.describe(),
+        "lowrank": lowrank,
         "bpw": {"lrq": bpw["lrq"], "linears": bpw["linears"], "file": bpw["file"],
                 "lrq_recorded": f.kv.get(Keys.BPW_LRQ), "linears_recorded": f.kv.get(Keys.BPW_LINEARS)},
         "counts": {"tensors": len(tensors), "lrq_weights": len(f.lrq_weights()),
@@ -93,6 +99,10 @@ def _print(info: dict, show_tensors: bool) -> None:
               f"{b['linears']:.4f} block linears, {b['file']:.4f} whole file")
     else:
         print(f"  bpw: {b['linears']:.4f} block linears incl. replica parameters, {b['file']:.4f} whole file")
+    lr = info["lowrank"]
+    if lr["n"]:
+        print(f"  low-rank corrections: {lr['n']} (linear, replica) pairs, rank "
+              f"{', '.join(map(str, lr['ranks']))}, factors {', '.join(lr['types'])}")
     c = info["counts"]
     print(f"  {c['tensors']} tensors, {c['lrq_weights']} LRQ weights, {c['file_bytes']} bytes")
     print("lrq metadata:")
