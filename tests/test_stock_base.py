@@ -161,6 +161,9 @@ def test_stock_base_file_is_llama_quantize_output_plus_schedule(stock):
            and "norm" not in t.name]
     want = 8 * sum(int(t.n_bytes) for t in lin) / sum(int(t.n_elements) for t in lin)
     assert f.bpw()["linears"] == pytest.approx(want) == pytest.approx(f.kv[Keys.BPW_LINEARS])
+    # lrq-eval's table names the base by its type (it printed "LRQ? g?": no LRQ bits or group)
+    from lrq.eval.bpw import file_bpw
+    assert file_bpw(path).file_type == "IQ2_XS base"
 
 
 # ---- logits: native against the reference --------------------------------------------------------

@@ -43,8 +43,12 @@ def file_bpw(path: str | os.PathLike) -> FileBpw:
     if Keys.FORMAT_VERSION in kv:
         from ..lrq_file import LRQModelFile
         b = LRQModelFile(path).bpw()
+        # a stock-typed base (format v2) is named by its llama-quantize type, LRQ codes by their
+        # nominal bits and group (--mix files: the default width)
+        label = (f"{kv[Keys.BASE_TYPE]} base" if Keys.BASE_TYPE in kv
+                 else f"LRQ{kv.get(Keys.BITS, '?')} g{kv.get(Keys.GROUP_SIZE, '?')}")
         return FileBpw(float(b["file"]), int(b["tensor_bytes"]), int(b["n_base_params"]), "lrq",
-                       f"LRQ{kv.get(Keys.BITS, '?')} g{kv.get(Keys.GROUP_SIZE, '?')}", float(b["linears"]))
+                       label, float(b["linears"]))
     nbytes = sum(int(t.n_bytes) for t in reader.tensors)
     n = sum(int(t.n_elements) for t in reader.tensors)
     if n == 0:
