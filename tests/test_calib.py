@@ -28,7 +28,7 @@ from lrq.quant import (ReplicaParams, dequantize, dequantize_codes, quantize, qu
                        quantize_codes)
 from lrq.reference import Reference, rms_norm
 from numerics import nmse
-from tiny_models import tiny_vocab_text
+from tiny_models import tiny_calib_text
 
 N_WIN, WINDOW = 4, 128          # 512 calibration tokens: > n_in (<= 192) of every tiny linear
 # float32 torch vs float64 numpy on O(1) weights: relative error ~1e-7; 1e-5 leaves margin
@@ -52,9 +52,7 @@ def src(tiny_models):
 def text_file(src, tmp_path_factory):
     """Calibration text the tiny SentencePiece vocab can encode (it has no byte fallback, and
     llama.cpp's tokenizer throws on a character outside it): SOTU text with the others removed."""
-    from lrq import assets
-    return tiny_vocab_text(src, assets.text("sotu-calib")[:20_000].replace("\n", " "),
-                           tmp_path_factory.mktemp("calib-text") / "calib.txt")
+    return tiny_calib_text(src, tmp_path_factory.mktemp("calib-text") / "calib.txt")
 
 
 @pytest.fixture(scope="module")

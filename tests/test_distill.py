@@ -20,7 +20,7 @@ from lrq.convert import ConvertOptions, convert
 from lrq.lrq_file import LRQModelFile
 from lrq.model_file import open_model
 from lrq.reference import Reference
-from tiny_models import tiny_vocab_text
+from tiny_models import tiny_calib_text
 
 N_WIN, WINDOW = 3, 96
 # The distiller's float32 modules against the float64 reference executor on the files: the KL
@@ -44,9 +44,7 @@ def src(tiny_models):
 
 @pytest.fixture(scope="module")
 def windows(src, tmp_path_factory):
-    from lrq import assets
-    text = tiny_vocab_text(src, assets.text("sotu-calib")[:20_000].replace("\n", " "),
-                           tmp_path_factory.mktemp("distill-text") / "calib.txt")
+    text = tiny_calib_text(src, tmp_path_factory.mktemp("distill-text") / "calib.txt")
     return calibration_windows(src, text, n_tokens=N_WIN * WINDOW, window=WINDOW)
 
 
@@ -227,8 +225,7 @@ def test_lowrank_factors_of_the_file_are_trained(src, windows, files, tmp_path):
 
 
 def test_cli(src, windows, files, tmp_path, capsys):
-    from lrq import assets
-    text = tiny_vocab_text(src, assets.text("sotu-calib")[:20_000].replace("\n", " "), tmp_path / "t.txt")
+    text = tiny_calib_text(src, tmp_path / "t.txt")
     out = tmp_path / "cli.gguf"
     rc = distill_cli.main([str(files["stock"]), str(out), "--source", str(src), "--calib-text", str(text),
                            "--tokens", "128", "--window", "64", "--steps", "2", "--resume",

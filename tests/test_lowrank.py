@@ -33,7 +33,7 @@ from lrq.convert.update import set_replica_params
 from lrq.lrq_file import LRQModelFile
 from lrq.reference import Reference, ops
 from numerics import nmse
-from tiny_models import TINY_VOCAB, tiny_vocab_text
+from tiny_models import TINY_VOCAB, tiny_calib_text
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -78,9 +78,7 @@ def src(tiny_models):
 
 @pytest.fixture(scope="module")
 def windows(src, tmp_path_factory):
-    from lrq import assets
-    text = tiny_vocab_text(src, assets.text("sotu-calib")[:20_000].replace("\n", " "),
-                           tmp_path_factory.mktemp("lowrank-text") / "calib.txt")
+    text = tiny_calib_text(src, tmp_path_factory.mktemp("lowrank-text") / "calib.txt")
     return calibration_windows(src, text, n_tokens=N_WIN * WINDOW, window=WINDOW)
 
 

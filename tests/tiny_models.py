@@ -198,3 +198,10 @@ def tiny_vocab_text(model: Path, text: str, path: Path) -> Path:
                 raise
     path.write_text("".join(c for c in text if c in ok), encoding="utf-8")
     return path
+
+
+def tiny_calib_text(model: Path, path: Path) -> Path:
+    """The first 20,000 characters of sotu-calib, one line, without the characters the tiny
+    vocabulary cannot encode: the calibration text of the tests that fit on the tiny models."""
+    from lrq import assets
+    return tiny_vocab_text(model, assets.text("sotu-calib")[:20_000].replace("\n", " "), path)

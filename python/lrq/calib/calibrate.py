@@ -450,16 +450,11 @@ def calibrate_layer(fit: _Fitter, ql: QuantLayer, opts: CalibrateOptions) -> Lay
                        time.monotonic() - t0)
 
 
-def calibrate(src: str | os.PathLike, out: str | os.PathLike, source: str | os.PathLike,
-              opts: CalibrateOptions | None = None, log: Callable[[str], None] = lambda s: None,
-              windows: np.ndarray | None = None) -> CalibrateSummary:
-    """Fit the replica parameters of the LRQ file ``src`` against the full-precision ``source``
-    on calibration text and write ``out`` (see the module doc).  CalibError on bad input;
-    nothing is written unless the calibration succeeds.  ``windows`` (int [n, T]) overrides
-    the text / token options."""
-    t0 = time.monotonic()
-    opts = opts or CalibrateOptions()
-    opts.validate()
+def open_job(src, out, source, text, n_tokens: int, window: int, windows: np.ndarray | None = None):
+    """What a job that rewrites LRQ file ``src``'s parameters into ``out`` against the
+    full-precision ``source`` starts with (lrq-calibrate, lrq-distill): the checked output path,
+    the opened file, the checked source and the calibration windows (int64 [n, T]; ``windows``
+    overrides the text options).  CalibError names what is wrong."""
     src, out = Path(src), Path(out)
     try:
         out = check_output_path(out)
@@ -470,8 +465,21 @@ def calibrate(src: str | os.PathLike, out: str | os.PathLike, source: str | os.P
     f = open_lrq(src)
     source = check_source(source)
     if windows is None:
-        windows = calibration_windows(source, opts.text, opts.n_tokens, opts.window)
-    windows = np.asarray(windows, dtype=np.int64)
+        windows = calibration_windows(source, text, n_tokens, window)
+    return out, f, source, np.asarray(windows, dtype=np.int64)
+
+
+def calibrate(src: str | os.PathLike, out: str | os.PathLike, source: str | os.PathLike,
+              opts: CalibrateOptions | None = None, log: Callable[[str], None] = lambda s: None,
+              windows: np.ndarray | None = None) -> CalibrateSummary:
+    """Fit the replica parameters of the LRQ file ``src`` against the full-precision ``source``
+    on calibration text and write ``out`` (see the module doc).  CalibError on bad input;
+    nothing is written unless the calibration succeeds.  ``windows`` (int [n, T]) overrides
+    the text / token options."""
+    t0 = time.monotonic()
+    opts = opts or CalibrateOptions()
+    opts.validate()
+    out, f, source, windows = open_job(src, out, source, opts.text, opts.n_tokens, opts.window, windows)
     try:
         acts = SourceActivations(source, windows, progress=opts.progress)
     except ValueError as e:       # ModelFileError / ReferenceError: the source cannot be run

@@ -48,14 +48,13 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import atomic
 from ..constants import replica_param_name
-from ..gguf_write import WriterError, check_output_path
 from ..lrq_file import LRQModelFile
 from ..plan import Execution
 from ..reference import Reference
 from ..reference.ops import rms_norm
 from .activations import rope_context
-from .calibrate import CalibrateOptions, QuantLayer, check_pairing, open_lrq
-from .data import CalibError, calibration_windows, check_source
+from .calibrate import CalibrateOptions, QuantLayer, check_pairing, open_job
+from .data import CalibError
 from .replica import GRANULARITIES, PARAMS
 
 STATE_FILE = "state.pt"
@@ -358,18 +357,8 @@ def distill(src: str | os.PathLike, out: str | os.PathLike, source: str | os.Pat
     t0 = time.monotonic()
     opts = opts or DistillOptions()
     opts.validate()
-    src, out = Path(src), Path(out)
-    try:
-        out = check_output_path(out)
-    except WriterError as e:
-        raise CalibError(str(e)) from None
-    if out.exists() and src.exists() and out.resolve() == src.resolve():
-        raise CalibError(f"{out}: the output would overwrite the input")
-    f = open_lrq(src)
-    source = check_source(source)
-    if windows is None:
-        windows = calibration_windows(source, opts.text, opts.n_tokens, opts.window)
-    windows = np.asarray(windows, dtype=np.int64)
+    src = Path(src)
+    out, f, source, windows = open_job(src, out, source, opts.text, opts.n_tokens, opts.window, windows)
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise CalibError(f"calibration windows must be [n, T >= 2], got shape {list(windows.shape)}")
     resume = None

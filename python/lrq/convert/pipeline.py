@@ -9,6 +9,7 @@ first) and the data is produced one source tensor at a time.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import tempfile
 import time
@@ -96,7 +97,13 @@ class ConvertOptions:
 
     def bits_for(self, name: str) -> int:
         """Code bits of block linear ``name``: its --mix rule's, else --bits."""
-        return parse_mix(self.mix).bits_for(name, self.bits)
+        return self._mix.bits_for(name, self.bits)
+
+    @functools.cached_property
+    def _mix(self):
+        # parsed once per options object (bits_for is asked for every tensor); a bad spec raises
+        # MixError here, and validate() turns it into a ConvertError first
+        return parse_mix(self.mix)
 
     @property
     def needs_calibration(self) -> bool:
@@ -117,7 +124,7 @@ class ConvertOptions:
             raise ConvertError(f"--ternary stores codes with {TERNARY_BITS} bits; --bits {self.bits} "
                                f"contradicts it")
         try:
-            mix = parse_mix(self.mix)
+            mix = self._mix
         except MixError as e:
             raise ConvertError(str(e)) from None
         if mix.rules and self.mode == "ternary":
