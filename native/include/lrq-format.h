@@ -14,6 +14,16 @@
 #define LRQ_LOWRANK_VERSION 3
 #define LRQ_LOWRANK_MAX_RANK 64
 
+// Adapters (FORMAT.md section 11; lrq.constants.ADAPTER_*): a GGUF of architecture "lrq-adapter"
+// holding a schedule and replica tensors, bound to its base by the shapes, types and sampled
+// CRC-32 of the weights it modifies.  Its own container version, independent of the above.
+#define LRQ_ADAPTER_ARCH "lrq-adapter"
+#define LRQ_ADAPTER_VERSION 1
+#define LRQ_ADAPTER_VERSION_MIN 1
+#define LRQ_ADAPTER_HASH_WHOLE_MAX 65536
+#define LRQ_ADAPTER_HASH_CHUNKS 16
+#define LRQ_ADAPTER_HASH_CHUNK 4096
+
 #define LRQ_STR_(x) #x
 #define LRQ_STR(x) LRQ_STR_(x)
 #define LRQ_FORMAT_VERSION_STR LRQ_STR(LRQ_FORMAT_VERSION)

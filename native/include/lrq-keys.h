@@ -24,6 +24,18 @@ struct lrq_key_spec {
 #define LRQ_KEY_SCHEDULE_REPLICA "lrq.schedule.replica"
 #define LRQ_KEY_SCHEDULE_GROUP   "lrq.schedule.group"
 #define LRQ_KEY_SCHEDULE_WEIGHT  "lrq.schedule.weight"
+// adapters (FORMAT.md section 11)
+#define LRQ_KEY_ADAPTER_VERSION  "lrq.adapter.version"
+#define LRQ_KEY_ADAPTER_ARCH     "lrq.adapter.base.architecture"
+#define LRQ_KEY_ADAPTER_NLAYER   "lrq.adapter.base.block_count"
+#define LRQ_KEY_ADAPTER_TENSORS  "lrq.adapter.base.tensors"
+#define LRQ_KEY_ADAPTER_TYPES    "lrq.adapter.base.types"
+#define LRQ_KEY_ADAPTER_SHAPES   "lrq.adapter.base.shapes"
+#define LRQ_KEY_ADAPTER_CRC32    "lrq.adapter.base.crc32"
+// Load options of the patched tools and the binding (--lrq-layers, --lrq-adapter), passed to the
+// loader as string kv-overrides under these names.  They are never file keys.
+#define LRQ_OPT_LAYERS           "lrq.load.layers"
+#define LRQ_OPT_ADAPTER          "lrq.load.adapter"
 
 // The longest schedule either reader takes: llama.cpp's LLAMA_MAX_LAYERS (its per-layer arrays
 // have this size).  Replica indices are bounded by the same number (rule S2).
@@ -56,4 +68,13 @@ static const struct lrq_key_spec LRQ_KEY_SPECS[] = {
     { "lrq.bpw.linears",        GGUF_TYPE_FLOAT32, GGUF_TYPE_COUNT },
     { "lrq.source",             GGUF_TYPE_STRING,  GGUF_TYPE_COUNT },
     { "lrq.converter",          GGUF_TYPE_STRING,  GGUF_TYPE_COUNT },
+    { LRQ_KEY_ADAPTER_VERSION,  GGUF_TYPE_UINT32,  GGUF_TYPE_COUNT },
+    { LRQ_KEY_ADAPTER_ARCH,     GGUF_TYPE_STRING,  GGUF_TYPE_COUNT },
+    { LRQ_KEY_ADAPTER_NLAYER,   GGUF_TYPE_UINT32,  GGUF_TYPE_COUNT },
+    { LRQ_KEY_ADAPTER_TENSORS,  GGUF_TYPE_ARRAY,   GGUF_TYPE_STRING },
+    { LRQ_KEY_ADAPTER_TYPES,    GGUF_TYPE_ARRAY,   GGUF_TYPE_UINT32 },
+    { LRQ_KEY_ADAPTER_SHAPES,   GGUF_TYPE_ARRAY,   GGUF_TYPE_UINT32 },
+    { LRQ_KEY_ADAPTER_CRC32,    GGUF_TYPE_ARRAY,   GGUF_TYPE_UINT32 },
+    { "lrq.adapter.base.file",  GGUF_TYPE_STRING,  GGUF_TYPE_COUNT },
+    { "lrq.adapter.base.type",  GGUF_TYPE_STRING,  GGUF_TYPE_COUNT },
 };

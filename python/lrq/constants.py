@@ -76,6 +76,17 @@ class Keys:
     SOURCE = "lrq.source"                          # string, file name of the converted source
     CONVERTER = "lrq.converter"                    # string, "lrq <version>"
 
+    # an adapter (docs/FORMAT.md section 11): what it is and the base it binds to
+    ADAPTER_VERSION = "lrq.adapter.version"                  # uint32, = constants.ADAPTER_VERSION
+    ADAPTER_BASE_ARCH = "lrq.adapter.base.architecture"      # string, the base's general.architecture
+    ADAPTER_BASE_BLOCK_COUNT = "lrq.adapter.base.block_count"  # uint32, the base's layer count
+    ADAPTER_BASE_TENSORS = "lrq.adapter.base.tensors"        # string[n], modified base weights, sorted
+    ADAPTER_BASE_TYPES = "lrq.adapter.base.types"            # uint32[n], their ggml type ids
+    ADAPTER_BASE_SHAPES = "lrq.adapter.base.shapes"          # uint32[2n], (ne0, ne1) pairs
+    ADAPTER_BASE_CRC32 = "lrq.adapter.base.crc32"            # uint32[n], CRC-32 of sampled data
+    ADAPTER_BASE_FILE = "lrq.adapter.base.file"              # string, base file name (provenance)
+    ADAPTER_BASE_TYPE = "lrq.adapter.base.type"              # string, e.g. IQ2_XS (provenance)
+
     @classmethod
     def all(cls) -> dict[str, str]:
         """{attribute name: key} of every key."""
@@ -117,7 +128,25 @@ KEY_TYPES: dict[str, str] = {
     Keys.BPW_LINEARS: "float32",
     Keys.SOURCE: "string",
     Keys.CONVERTER: "string",
+    Keys.ADAPTER_VERSION: "uint32",
+    Keys.ADAPTER_BASE_ARCH: "string",
+    Keys.ADAPTER_BASE_BLOCK_COUNT: "uint32",
+    Keys.ADAPTER_BASE_TENSORS: "array:string",
+    Keys.ADAPTER_BASE_TYPES: "array:uint32",
+    Keys.ADAPTER_BASE_SHAPES: "array:uint32",
+    Keys.ADAPTER_BASE_CRC32: "array:uint32",
+    Keys.ADAPTER_BASE_FILE: "string",
+    Keys.ADAPTER_BASE_TYPE: "string",
 }
+
+# Adapters (docs/FORMAT.md section 11): general.architecture of an adapter file, its container
+# version (LRQ_ADAPTER_VERSION in lrq-format.h) and the sample its content hash covers.
+ADAPTER_ARCH = "lrq-adapter"
+ADAPTER_VERSION = 1
+ADAPTER_VERSION_MIN = 1
+ADAPTER_HASH_WHOLE_MAX = 65536     # bytes: a tensor up to this size is hashed whole
+ADAPTER_HASH_CHUNKS = 16           # else this many chunks ...
+ADAPTER_HASH_CHUNK = 4096          # ... of this many bytes, evenly spaced
 
 # The longest schedule (and the bound on replica indices) either reader takes: llama.cpp's
 # LLAMA_MAX_LAYERS, the size of its per-layer arrays (LRQ_MAX_EXECUTIONS in lrq-keys.h).
