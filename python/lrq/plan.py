@@ -1,7 +1,8 @@
 """Replication schedules: which base layer runs, with which replica, in which order.
 
 A ``Plan`` is the ordered list of executions of docs/FORMAT.md "Schedule".  It is built from a
-preset (``none``, ``all``, ``last-N``, ``progressive``) or an explicit JSON / YAML file::
+preset (``none``, ``all``, ``last-N``, ``progressive``), a layer map (FORMAT.md 7.1, e.g.
+``0..15,11..31`` or ``27x2``) or an explicit JSON / YAML file::
 
     {"layers": {"27": {"replicas": 2, "mode": "serial"},
                 "28": {"replicas": 3, "mode": "parallel", "weights": [0.5, 0.25, 0.25]}}}
@@ -74,7 +75,9 @@ class Plan:
         if len(self.executions) > MAX_EXECUTIONS:
             raise PlanError(f"{where}: the schedule has {len(self.executions)} executions; at most "
                             f"{MAX_EXECUTIONS} (llama.cpp's layer limit) are supported")
-        prev_layer = prev_group = -1
+        # layers may come in any order (FORMAT.md rule S3): a schedule may go back to an earlier
+        # layer; only the group ids must not decrease
+        prev_group = -1
         for i, e in enumerate(self.executions):
             if not (0 <= e.layer < n_layer):
                 raise PlanError(f"{where}: layer {e.layer} does not exist in a model with {n_layer} "
@@ -82,15 +85,12 @@ class Plan:
             if not (0 <= e.replica < MAX_EXECUTIONS):
                 raise PlanError(f"{where}: execution {i} (layer {e.layer}) has replica {e.replica}; "
                                 f"replica indices are 0..{MAX_EXECUTIONS - 1}")
-            if e.layer < prev_layer:
-                raise PlanError(f"{where}: execution {i} runs layer {e.layer} after layer {prev_layer}; "
-                                f"layers must be in non-decreasing order")
             if e.group < prev_group:
                 raise PlanError(f"{where}: execution {i} (layer {e.layer}) has group id {e.group} after "
                                 f"{prev_group}; group ids must be non-decreasing")
             if not math.isfinite(e.weight):
                 raise PlanError(f"{where}: execution {i} (layer {e.layer}) has weight {e.weight}")
-            prev_layer, prev_group = e.layer, e.group
+            prev_group = e.group
         for grp in self.groups():
             if len({e.layer for e in grp}) != 1:
                 raise PlanError(f"{where}: parallel group {grp[0].group} mixes layers "
@@ -104,6 +104,15 @@ class Plan:
             raise PlanError(f"{where}: layer(s) {', '.join(map(str, missing))} never run; every layer "
                             f"0..{n_layer - 1} must appear at least once")
         return self
+
+    def first_backstep(self) -> int | None:
+        """Index of the first execution whose layer is lower than the one before it (a schedule
+        that goes back to an earlier layer, or starts past layer 0), None when the layers never
+        decrease: the tools that fit layer by layer in index order need the latter."""
+        for i in range(1, len(self.executions)):
+            if self.executions[i].layer < self.executions[i - 1].layer:
+                return i
+        return None
 
     # ---- GGUF key arrays ------------------------------------------------------------------
     def to_gguf_arrays(self) -> dict[str, list]:
@@ -172,8 +181,88 @@ def preset(name: str, n_layer: int) -> Plan:
         counts = {l: (2 if l < n_layer - third else 3, "serial", None) for l in range(third, n_layer)}
     else:
         raise PlanError(f"unknown plan preset '{name}'; presets: none, all, last-N (e.g. last-8), "
-                        f"progressive, or a .json / .yaml file")
+                        f"progressive, a .json / .yaml file, or a layer map "
+                        f"(e.g. 0..15,11..31 or 27x2)")
     return from_replicas(counts, n_layer, name)
+
+
+# ---- layer maps (docs/FORMAT.md section 7.1) ---------------------------------------------------
+
+_MAP_CHARS = re.compile(r"^[0-9.,x ]+$")
+_MAP_N = re.compile(r"^(\d+)$")
+_MAP_RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
+_MAP_REPEAT = re.compile(r"^(\d+)x(\d+)$")
+
+
+def looks_like_layer_map(spec: str) -> bool:
+    """Only digits, '.', ',', 'x' and spaces, with a digit: what make_plan hands to layer_map."""
+    return bool(_MAP_CHARS.match(spec)) and any(c.isdigit() for c in spec)
+
+
+def layer_map(spec: str, n_layer: int) -> Plan:
+    """The schedule of layer map ``spec`` (FORMAT.md 7.1) for a model of ``n_layer`` layers.
+
+    A map whose items are all ``NxK`` is a repeat list (every layer once, in order, layer N K
+    times); any other map lists every execution (``N``, ``A..B`` both ends included, ``NxK``).
+    Execution e runs its layer with replica = the number of earlier executions of that layer,
+    in a serial step of weight 1 (group e).  PlanError names the map and the layer count."""
+    where = f"layer map '{spec}' (a model with {n_layer} layers)"
+
+    def bad(msg: str) -> PlanError:
+        return PlanError(f"{where}: {msg}")
+
+    text = spec.replace(" ", "")
+    if not text:
+        raise bad("the map is empty; expected items N, A..B or NxK separated by commas")
+    items = []                     # (kind, a, b): "n" (a), "range" (a..b), "repeat" (a x b)
+    for it in text.split(","):
+        if m := _MAP_N.match(it):
+            items.append(("n", int(m.group(1)), 1))
+        elif m := _MAP_RANGE.match(it):
+            a, b = int(m.group(1)), int(m.group(2))
+            if a > b:
+                raise bad(f"item '{it}': the range runs backwards ({a} > {b}); write A..B with A <= B")
+            items.append(("range", a, b))
+        elif m := _MAP_REPEAT.match(it):
+            n, k = int(m.group(1)), int(m.group(2))
+            if k < 1:
+                raise bad(f"item '{it}': a layer must run at least once (K >= 1)")
+            items.append(("repeat", n, k))
+        else:
+            raise bad(f"item '{it}' is not N, A..B or NxK (decimal integers)")
+    for kind, a, b in items:
+        top = b if kind == "range" else a
+        if top >= n_layer:
+            raise bad(f"layer {top} does not exist (valid: 0..{n_layer - 1})")
+    if all(kind == "repeat" for kind, _, _ in items):
+        counts: dict[int, int] = {}
+        for _, n, k in items:
+            if n in counts:
+                raise bad(f"layer {n} is named twice in a repeat list")
+            counts[n] = k
+        n_exec = n_layer + sum(k - 1 for k in counts.values())
+        layers = None if n_exec > MAX_EXECUTIONS else [l for l in range(n_layer) for _ in range(counts.get(l, 1))]
+    else:
+        n_exec = sum(b - a + 1 if kind == "range" else b for kind, a, b in items)
+        layers = None if n_exec > MAX_EXECUTIONS else [
+            l for kind, a, b in items
+            for l in (range(a, b + 1) if kind == "range" else [a] * (b if kind == "repeat" else 1))]
+    if layers is None:      # counted before expanding: a map like 0x99999999 costs nothing
+        raise bad(f"the map runs {n_exec} executions; at most {MAX_EXECUTIONS} (llama.cpp's layer "
+                  f"limit) are supported")
+    missing = sorted(set(range(n_layer)) - set(layers))
+    if missing:
+        raise bad(f"layer(s) {', '.join(map(str, missing))} never run; every layer 0..{n_layer - 1} "
+                  f"must run at least once")
+    seen: dict[int, int] = {}
+    ex = []
+    for e, l in enumerate(layers):
+        ex.append(Execution(l, seen.get(l, 0), e, 1.0))
+        seen[l] = seen.get(l, 0) + 1
+    try:
+        return Plan(tuple(ex), spec).validate(n_layer, where)
+    except PlanError as err:       # unreachable for a map parsed above; kept as a safety net
+        raise bad(str(err)) from None
 
 
 def _load_file(path: Path) -> dict:
@@ -235,7 +324,8 @@ def from_file(path: str | os.PathLike, n_layer: int) -> Plan:
 
 
 def make_plan(spec: str, n_layer: int) -> Plan:
-    """A preset name or a plan file path -> a validated Plan for a model of n_layer layers."""
+    """A preset name, a plan file path or a layer map (FORMAT.md 7.1) -> a validated Plan for a
+    model of n_layer layers.  A preset wins over a file of that name, a file over a map."""
     if spec in ("none", "all", "progressive") or _LAST_N.match(spec):
         return preset(spec, n_layer).validate(n_layer, f"plan '{spec}'")
     p = Path(spec)
@@ -243,4 +333,6 @@ def make_plan(spec: str, n_layer: int) -> Plan:
         if not p.is_file():
             raise PlanError(f"plan file {p} does not exist")
         return from_file(p, n_layer)
+    if looks_like_layer_map(spec):
+        return layer_map(spec, n_layer)
     return preset(spec, n_layer)   # raises the unknown-preset error
