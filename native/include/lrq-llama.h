@@ -27,11 +27,19 @@ struct llama_model_loader;
 // "lrq-mamba" stays an unknown architecture.
 const char * lrq_base_arch_name(const char * name);
 
-// Refuses (throws std::runtime_error naming the file) an LRQ file whose lrq.format_version is
-// absent or outside LRQ_FORMAT_VERSION_MIN..LRQ_FORMAT_VERSION, or whose lrq.base_architecture
-// disagrees with the name.
-// Applies when arch_name starts with "lrq-" or the key lrq.format_version exists.
-void lrq_check_format(const gguf_context * meta, const std::string & arch_name, const std::string & fname);
+// At the end of the loader's constructor (metadata and tensor index read).  Refuses (throws
+// std::runtime_error naming the file) an LRQ file whose lrq.format_version is absent or outside
+// LRQ_FORMAT_VERSION_MIN..LRQ_FORMAT_VERSION, or whose lrq.base_architecture disagrees with the
+// name (when the architecture starts with "lrq-" or the key lrq.format_version exists), and a
+// vocabulary with a repeated token (any GGUF).  Then reads the load options --lrq-layers and
+// --lrq-adapter (string kv-overrides LRQ_OPT_*, lrq-args.h) and, for an adapter, checks its
+// binding to this base (FORMAT.md section 11, rules AD1-AD4) and adds its file and its tensors
+// to the loader's index, so that llama.cpp places and loads them like the base's own.
+void lrq_loader_init(llama_model_loader & ml, const std::string & fname);
+
+// A layer map (FORMAT.md 7.1) -> the base layer of each execution.  Throws std::runtime_error
+// naming the map and n_layer when it is invalid.
+std::vector<uint32_t> lrq_parse_layer_map(const std::string & map, uint32_t n_layer);
 
 // The linears of a block that may hold LRQ codes (FORMAT.md section 5).
 enum lrq_slot {
@@ -75,6 +83,8 @@ struct lrq_model {
     uint32_t    n_base     = 0;
     int         max_bits   = 0;   // widest LRQ code type; 0 = stock-typed base (no LRQ op)
     size_t      n_replica_tensors = 0;
+    std::string layer_map;     // --lrq-layers ("" none)
+    std::string adapter;       // --lrq-adapter file ("" none)
     std::vector<lrq_exec> exec;
 };
 

@@ -41,7 +41,7 @@ const char * lrq_base_arch_name(const char * name) {
     return nullptr;
 }
 
-// The file being loaded, for error messages.  Set by lrq_check_format (the loader's constructor)
+// The file being loaded, for error messages.  Set by lrq_loader_init (the loader's constructor)
 // and read by the later hooks of the same load, which llama.cpp runs on the same thread; being
 // thread_local, two models loading in two threads never see each other's name.
 static thread_local std::string lrq_cur_file;
@@ -159,8 +159,7 @@ static void lrq_check_tokens_unique(const gguf_context * meta) {
     }
 }
 
-void lrq_check_format(const gguf_context * meta, const std::string & arch_name, const std::string & fname) {
-    lrq_cur_file = fname.empty() ? std::string("(FILE*)") : fname;
+static void lrq_check_format(const gguf_context * meta, const std::string & arch_name) {
     lrq_check_tokens_unique(meta);
     const bool    lrq_name = arch_name.rfind("lrq-", 0) == 0;
     const int64_t kid      = gguf_find_key(meta, LRQ_KEY_FORMAT_VERSION);
@@ -187,20 +186,362 @@ void lrq_check_format(const gguf_context * meta, const std::string & arch_name, 
     }
 }
 
+
+// ---- load options: layer maps and adapters (FORMAT.md 7.1 and 11) -----------------------------
+
+// The parameters a replica tensor may name (FORMAT.md section 5).
+static const char * const LRQ_REPLICA_PARAMS[] = { "scale_mult", "grid_offset", "gain", "bias", "act", "clip",
+                                                    "lr_u", "lr_v" };
+
+// The load options of the model being loaded, from the loader's constructor to load_hparams (the
+// same thread, like lrq_cur_file).  The adapter's metadata (its schedule) lives here until the
+// next load on this thread; its tensor metadata context is owned by the loader.
+struct lrq_load_state {
+    std::string      layers;    // --lrq-layers MAP ("" none)
+    std::string      adapter;   // --lrq-adapter FILE ("" none)
+    gguf_context_ptr adapter_meta;
+};
+static thread_local lrq_load_state lrq_cur;
+
+// A string load option (lrq-args.h), "" when absent.
+static std::string lrq_load_option(const llama_model_loader & ml, const char * key) {
+    const auto it = ml.kv_overrides.find(key);
+    if (it == ml.kv_overrides.end()) {
+        return "";
+    }
+    if (it->second.tag != LLAMA_KV_OVERRIDE_TYPE_STR) {
+        lrq_fail("load option %s must be a string", key);
+    }
+    return std::string(it->second.val_str, strnlen(it->second.val_str, sizeof(it->second.val_str)));
+}
+
+std::vector<uint32_t> lrq_parse_layer_map(const std::string & map, uint32_t n_layer) {
+    auto bad = [&](const std::string & why) -> std::runtime_error {
+        return std::runtime_error(format("layer map '%s' for a %u-layer model: %s (FORMAT.md 7.1)", map.c_str(), n_layer,
+                                         why.c_str()));
+    };
+    std::string m;
+    for (char c : map) {
+        if (c != ' ' && c != '\t') {
+            m += c;
+        }
+    }
+    // a decimal number at str[pos..], advancing pos
+    auto number = [&](const std::string & str, size_t & pos) -> uint64_t {
+        const size_t start = pos;
+        uint64_t v = 0;
+        while (pos < str.size() && str[pos] >= '0' && str[pos] <= '9') {
+            v = v * 10 + (uint64_t) (str[pos] - '0');
+            if (v > 1000000) {
+                throw bad("number too large in '" + str + "'");
+            }
+            ++pos;
+        }
+        if (pos == start) {
+            throw bad("'" + str + "' is not N, A..B or NxK");
+        }
+        return v;
+    };
+    struct item_t { uint64_t a, b, k; bool repeat; };
+    std::vector<item_t> items;
+    if (m.empty()) {
+        throw bad("empty");
+    }
+    for (size_t pos = 0;;) {
+        const size_t comma = m.find(',', pos);
+        const std::string item = m.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+        size_t q = 0;
+        item_t it{0, 0, 1, false};
+        it.a = it.b = number(item, q);
+        if (item.compare(q, 2, "..") == 0) {
+            q += 2;
+            it.b = number(item, q);
+            if (it.b < it.a) {
+                throw bad("'" + item + "' runs backwards (A..B needs A <= B)");
+            }
+        } else if (q < item.size() && item[q] == 'x') {
+            ++q;
+            it.k = number(item, q);
+            it.repeat = true;
+            if (it.k == 0) {
+                throw bad("'" + item + "' repeats a layer 0 times (K >= 1)");
+            }
+        }
+        if (q != item.size()) {
+            throw bad("'" + item + "' is not N, A..B or NxK");
+        }
+        if (it.b >= n_layer) {
+            throw bad(format("layer %llu does not exist (layers 0..%u)", (unsigned long long) it.b, n_layer - 1));
+        }
+        items.push_back(it);
+        if (comma == std::string::npos) {
+            break;
+        }
+        pos = comma + 1;
+    }
+    const bool repeat_list = std::all_of(items.begin(), items.end(), [](const item_t & it) { return it.repeat; });
+    std::vector<uint32_t> out;
+    auto push = [&](uint64_t L, uint64_t k) {
+        if (out.size() + k > (size_t) LRQ_MAX_EXECUTIONS) {
+            throw bad(format("more than %d executions (llama.cpp's layer limit)", LRQ_MAX_EXECUTIONS));
+        }
+        out.insert(out.end(), (size_t) k, (uint32_t) L);
+    };
+    if (repeat_list) {
+        std::vector<uint64_t> times(n_layer, 1);
+        std::vector<bool>     named(n_layer, false);
+        for (const item_t & it : items) {
+            if (named[it.a]) {
+                throw bad(format("layer %llu is named twice in a repeat list", (unsigned long long) it.a));
+            }
+            named[it.a] = true;
+            times[it.a] = it.k;
+        }
+        for (uint32_t L = 0; L < n_layer; ++L) {
+            push(L, times[L]);
+        }
+    } else {
+        for (const item_t & it : items) {
+            for (uint64_t L = it.a; L <= it.b; ++L) {
+                push(L, it.k);
+            }
+        }
+        std::vector<bool> seen(n_layer, false);
+        for (uint32_t L : out) {
+            seen[L] = true;
+        }
+        for (uint32_t L = 0; L < n_layer; ++L) {
+            if (!seen[L]) {
+                throw bad(format("layer %u never runs (every layer must run at least once)", L));
+            }
+        }
+    }
+    return out;
+}
+
+// CRC-32 of zlib (reflected polynomial 0xEDB88320), continued from crc (0 to start).
+static uint32_t lrq_crc32(uint32_t crc, const uint8_t * p, size_t n) {
+    static const std::array<uint32_t, 256> table = [] {
+        std::array<uint32_t, 256> t{};
+        for (uint32_t i = 0; i < 256; ++i) {
+            uint32_t c = i;
+            for (int k = 0; k < 8; ++k) {
+                c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+            }
+            t[i] = c;
+        }
+        return t;
+    }();
+    crc = ~crc;
+    for (size_t i = 0; i < n; ++i) {
+        crc = table[(crc ^ p[i]) & 0xff] ^ (crc >> 8);
+    }
+    return ~crc;
+}
+
+// The content hash of FORMAT.md section 11: CRC-32 of the whole data up to 64 KiB, else of 16
+// chunks of 4 KiB evenly spaced (first and last included), read from the base file.
+static uint32_t lrq_tensor_crc32(llama_model_loader & ml, const llama_model_loader::llama_tensor_weight & w) {
+    const size_t nbytes = ggml_nbytes(w.tensor);
+    llama_file & f = *ml.files.at(w.idx);
+    std::vector<uint8_t> buf;
+    uint32_t crc = 0;
+    if (nbytes <= LRQ_ADAPTER_HASH_WHOLE_MAX) {
+        buf.resize(nbytes);
+        f.seek(w.offs, SEEK_SET);
+        f.read_raw(buf.data(), nbytes);
+        return lrq_crc32(0, buf.data(), nbytes);
+    }
+    buf.resize(LRQ_ADAPTER_HASH_CHUNK);
+    for (int k = 0; k < LRQ_ADAPTER_HASH_CHUNKS; ++k) {
+        const size_t off = (size_t) ((unsigned __int128) k * (nbytes - LRQ_ADAPTER_HASH_CHUNK) / (LRQ_ADAPTER_HASH_CHUNKS - 1));
+        f.seek(w.offs + off, SEEK_SET);
+        f.read_raw(buf.data(), buf.size());
+        crc = lrq_crc32(crc, buf.data(), buf.size());
+    }
+    return crc;
+}
+
+// The replicable linears by their GGUF name ("attn_q", ...), for the adapter's tensor names.
+static bool lrq_is_slot_name(const char * slot) {
+    static const char * const names[] = { "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down" };
+    for (const char * n : names) {
+        if (std::strcmp(n, slot) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+// Rules AD1-AD4 (FORMAT.md section 11), then the adapter's file and tensors join the loader's
+// index (a further "split" whose tensors llama.cpp places, maps and loads like the base's).
+static void lrq_attach_adapter(llama_model_loader & ml, const std::string & path) {
+    ggml_context * actx = nullptr;
+    gguf_init_params ip = { /*.no_alloc =*/ true, /*.ctx =*/ &actx };
+    lrq_cur.adapter_meta.reset(gguf_init_from_file(path.c_str(), ip));
+    if (!lrq_cur.adapter_meta) {
+        lrq_fail("the adapter is not a readable GGUF file (missing, truncated or corrupt; rule AD1)");
+    }
+    ml.contexts.emplace_back(actx);   // owned by the loader from here on, as a split's would be
+    const gguf_context * am = lrq_cur.adapter_meta.get();
+
+    // AD1: what the file is
+    const int64_t karch = gguf_find_key(am, "general.architecture");
+    if (karch < 0 || gguf_get_kv_type(am, karch) != GGUF_TYPE_STRING ||
+        std::strcmp(gguf_get_val_str(am, karch), LRQ_ADAPTER_ARCH) != 0) {
+        lrq_fail("not an lrq adapter: general.architecture must be '" LRQ_ADAPTER_ARCH "' (rule AD1)");
+    }
+    lrq_check_key_types(am);
+    const uint32_t av = lrq_get_u32(am, lrq_key(am, LRQ_KEY_ADAPTER_VERSION, true));
+    if (av < (uint32_t) LRQ_ADAPTER_VERSION_MIN || av > (uint32_t) LRQ_ADAPTER_VERSION) {
+        lrq_fail("adapter version %u is not supported: this build reads adapter versions %d..%d (rule AD1)", av,
+                 LRQ_ADAPTER_VERSION_MIN, LRQ_ADAPTER_VERSION);
+    }
+    const uint32_t fv = lrq_get_u32(am, lrq_key(am, LRQ_KEY_FORMAT_VERSION, true));
+    if (fv < (uint32_t) LRQ_FORMAT_VERSION_MIN || fv > (uint32_t) LRQ_FORMAT_VERSION) {
+        lrq_fail("the adapter's LRQ format version %u is not supported: this build reads %d..%d (rule V1)", fv,
+                 LRQ_FORMAT_VERSION_MIN, LRQ_FORMAT_VERSION);
+    }
+
+    // AD2: the base it was made for
+    const std::string want_arch = lrq_get_str(am, lrq_key(am, LRQ_KEY_ADAPTER_ARCH, true));
+    if (want_arch != ml.arch_name) {
+        lrq_fail("the adapter is for architecture '%s', the base is '%s' (rule AD2)", want_arch.c_str(),
+                 ml.arch_name.c_str());
+    }
+    uint32_t n_layer = 0;
+    ml.get_key(LLM_KV_BLOCK_COUNT, n_layer, false);
+    const uint32_t want_layers = lrq_get_u32(am, lrq_key(am, LRQ_KEY_ADAPTER_NLAYER, true));
+    if (want_layers != n_layer) {
+        lrq_fail("the adapter is for a %u-layer model, the base has %u layers (rule AD2)", want_layers, n_layer);
+    }
+    const int64_t kt = lrq_key(am, LRQ_KEY_ADAPTER_TENSORS, true);
+    const size_t  n  = gguf_get_arr_n(am, kt);
+    const std::vector<uint32_t> types  = lrq_get_array<uint32_t>(am, LRQ_KEY_ADAPTER_TYPES, (size_t) -1);
+    const std::vector<uint32_t> shapes = lrq_get_array<uint32_t>(am, LRQ_KEY_ADAPTER_SHAPES, (size_t) -1);
+    const std::vector<uint32_t> crcs   = lrq_get_array<uint32_t>(am, LRQ_KEY_ADAPTER_CRC32, (size_t) -1);
+    if (types.size() != n || crcs.size() != n || shapes.size() != 2 * n) {
+        lrq_fail("%s lists %zu tensors but %s has %zu entries, %s %zu and %s %zu (one each, shapes two; rule AD2)",
+                 LRQ_KEY_ADAPTER_TENSORS, n, LRQ_KEY_ADAPTER_TYPES, types.size(), LRQ_KEY_ADAPTER_SHAPES,
+                 shapes.size(), LRQ_KEY_ADAPTER_CRC32, crcs.size());
+    }
+    std::map<std::string, bool> listed;   // name -> has a replica tensor in the adapter
+    for (size_t i = 0; i < n; ++i) {
+        const std::string name = gguf_get_arr_str(am, kt, i);
+        if (!listed.emplace(name, false).second) {
+            lrq_fail("%s lists %s twice (rule AD2)", LRQ_KEY_ADAPTER_TENSORS, name.c_str());
+        }
+        // AD3: the base has it, with that type, shape and content
+        const auto it = ml.weights_map.find(name);
+        if (it == ml.weights_map.end()) {
+            lrq_fail("the adapter modifies %s, which the base does not have (rule AD3)", name.c_str());
+        }
+        const ggml_tensor * t = it->second.tensor;
+        if ((uint32_t) t->type != types[i]) {
+            lrq_fail("%s is %s in the base, %s in the base the adapter was made for (a different quantization; "
+                     "rule AD3)", name.c_str(), ggml_type_name(t->type),
+                     types[i] < (uint32_t) GGML_TYPE_COUNT ? ggml_type_name((ggml_type) types[i]) : "an unknown type");
+        }
+        if (ggml_n_dims(t) != 2 || (uint64_t) t->ne[0] != shapes[2 * i] || (uint64_t) t->ne[1] != shapes[2 * i + 1]) {
+            lrq_fail("%s has ne [%lld, %lld] in the base, [%u, %u] in the base the adapter was made for (rule AD3)",
+                     name.c_str(), (long long) t->ne[0], (long long) t->ne[1], shapes[2 * i], shapes[2 * i + 1]);
+        }
+        const uint32_t crc = lrq_tensor_crc32(ml, it->second);
+        if (crc != crcs[i]) {
+            lrq_fail("%s has CRC-32 %08x in the base, %08x in the base the adapter was made for (same type and "
+                     "shape, other data: another quantization or model; rule AD3)", name.c_str(), crc, crcs[i]);
+        }
+    }
+
+    // AD1, AD2, AD4: only replica tensors, each of a listed weight, none named like a base tensor
+    for (ggml_tensor * cur = ggml_get_first_tensor(actx); cur; cur = ggml_get_next_tensor(actx, cur)) {
+        const std::string name = ggml_get_name(cur);
+        unsigned L = 0, r = 0;
+        char slot[64] = {0}, param[64] = {0};
+        const bool parsed = std::sscanf(name.c_str(), "blk.%u.%63[^.].lrq_r%u.%63s", &L, slot, &r, param) == 4 &&
+                            format("blk.%u.%s.lrq_r%u.%s", L, slot, r, param) == name && lrq_is_slot_name(slot) &&
+                            std::find_if(std::begin(LRQ_REPLICA_PARAMS), std::end(LRQ_REPLICA_PARAMS),
+                                         [&](const char * p) { return std::strcmp(p, param) == 0; }) !=
+                                std::end(LRQ_REPLICA_PARAMS);
+        if (!parsed) {
+            lrq_fail("tensor %s is not a replica tensor blk.N.<linear>.lrq_r<r>.<param>; an adapter holds only those "
+                     "(rule AD1)", name.c_str());
+        }
+        if (ml.weights_map.count(name)) {
+            lrq_fail("tensor %s is both in the base and in the adapter (rule AD4)", name.c_str());
+        }
+        const std::string weight = format("blk.%u.%s.weight", L, slot);
+        const auto it = listed.find(weight);
+        if (it == listed.end()) {
+            lrq_fail("tensor %s modifies %s, which %s does not list (rule AD2)", name.c_str(), weight.c_str(),
+                     LRQ_KEY_ADAPTER_TENSORS);
+        }
+        it->second = true;
+    }
+    for (const auto & [name, used] : listed) {
+        if (!used) {
+            lrq_fail("%s lists %s, but the adapter has no replica tensor of it (rule AD2)", LRQ_KEY_ADAPTER_TENSORS,
+                     name.c_str());
+        }
+    }
+
+    // join the loader's index
+    ml.files.emplace_back(new llama_file(path.c_str(), "rb", ml.use_direct_io));
+    const uint16_t idx = (uint16_t) (ml.files.size() - 1);
+    for (ggml_tensor * cur = ggml_get_first_tensor(actx); cur; cur = ggml_get_next_tensor(actx, cur)) {
+        ml.weights_map.emplace(cur->name, llama_model_loader::llama_tensor_weight(ml.files.back().get(), idx, am, cur));
+        ml.n_elements += ggml_nelements(cur);
+        ml.n_bytes    += ggml_nbytes(cur);
+    }
+}
+
+void lrq_loader_init(llama_model_loader & ml, const std::string & fname) {
+    lrq_cur_file = fname.empty() ? std::string("(FILE*)") : fname;
+    lrq_cur.layers.clear();
+    lrq_cur.adapter.clear();
+    lrq_cur.adapter_meta.reset();
+    if (!ml.metadata) {
+        return;   // a model built without a file (no metadata to check, no options apply)
+    }
+    lrq_check_format(ml.metadata, ml.arch_name);
+    lrq_cur.layers  = lrq_load_option(ml, LRQ_OPT_LAYERS);
+    lrq_cur.adapter = lrq_load_option(ml, LRQ_OPT_ADAPTER);
+    if (!lrq_cur.layers.empty() && !lrq_cur.adapter.empty()) {
+        lrq_fail("a layer map (--lrq-layers '%s') and an adapter (--lrq-adapter %s) cannot be combined: the adapter's "
+                 "parameters were fitted for its own schedule", lrq_cur.layers.c_str(), lrq_cur.adapter.c_str());
+    }
+    if (!lrq_cur.adapter.empty()) {
+        lrq_cur_file = lrq_cur_file + " + adapter " + lrq_cur.adapter;
+        try {
+            lrq_attach_adapter(ml, lrq_cur.adapter);
+        } catch (const std::runtime_error & e) {
+            // llama.cpp's own throws (tensor data outside the file) do not name the files
+            const std::string what = e.what();
+            if (what.rfind(lrq_cur_file + ":", 0) == 0) {
+                throw;
+            }
+            throw std::runtime_error(lrq_cur_file + ": " + what);
+        }
+    }
+}
+
 // ---- hparams: keys and schedule -----------------------------------------------------------------
 
 std::shared_ptr<lrq_model> lrq_load_hparams(llama_model_base & m, llama_model_loader & ml,
                                            const llama_model_params & params) {
-    const char * base = lrq_base_arch_name(ml.arch_name.c_str());
-    if (!base) {
+    const char *         base    = lrq_base_arch_name(ml.arch_name.c_str());
+    const gguf_context * adapter = lrq_cur.adapter_meta.get();
+    if (!base && lrq_cur.layers.empty() && !adapter) {
         return nullptr;   // a plain GGUF (lrq_check_format has refused "lrq-<other>")
     }
     const gguf_context * meta = ml.metadata;
     auto l = std::make_shared<lrq_model>();
     l->arch_name = ml.arch_name;
+    l->layer_map = lrq_cur.layers;
+    l->adapter   = lrq_cur.adapter;
 
     if (m.arch != LLM_ARCH_LLAMA && m.arch != LLM_ARCH_QWEN2 && m.arch != LLM_ARCH_QWEN3) {
-        lrq_fail("base architecture %s is not supported", base);
+        lrq_fail("architecture %s is not supported by lrq (llama, qwen2, qwen3)", ml.arch_name.c_str());
     }
     if (m.hparams.n_layer_nextn != 0 || m.hparams.n_expert != 0 || m.hparams.n_layer_kv_from_start >= 0) {
         lrq_fail("MoE, next-n prediction and shared-KV layers are not supported");
@@ -209,7 +550,16 @@ std::shared_ptr<lrq_model> lrq_load_hparams(llama_model_base & m, llama_model_lo
         lrq_fail("tensor split mode is not supported (the LRQ op runs on the CPU)");
     }
 
-    l->version = lrq_get_u32(meta, lrq_key(meta, LRQ_KEY_FORMAT_VERSION, true));   // range: lrq_check_format
+    // the format version whose rules apply: the file's (range: lrq_check_format) or the adapter's
+    // (range: lrq_attach_adapter), whichever is newer; a stock GGUF under a layer map is read as
+    // the current version (stock-typed weights, which need >= 2)
+    l->version = base ? lrq_get_u32(meta, lrq_key(meta, LRQ_KEY_FORMAT_VERSION, true)) : 0;
+    if (adapter) {
+        l->version = std::max(l->version, lrq_get_u32(adapter, lrq_key(adapter, LRQ_KEY_FORMAT_VERSION, true)));
+    }
+    if (l->version == 0) {
+        l->version = LRQ_FORMAT_VERSION;
+    }
 
     // widest code type of the file (0: no LRQ-typed tensor, a stock-typed base; format v2)
     for (const auto & [name, w] : ml.weights_map) {
@@ -243,15 +593,32 @@ std::shared_ptr<lrq_model> lrq_load_hparams(llama_model_base & m, llama_model_lo
         l->group_size = (int) g;
     }
 
-    // the schedule (FORMAT.md sections 7 and 10)
-    const std::vector<uint32_t> layer   = lrq_get_array<uint32_t>(meta, LRQ_KEY_SCHEDULE_LAYER, (size_t) -1);
-    const size_t                n_exec  = layer.size();
-    const std::vector<uint32_t> replica = lrq_get_array<uint32_t>(meta, LRQ_KEY_SCHEDULE_REPLICA, n_exec);
-    const std::vector<uint32_t> group   = lrq_get_array<uint32_t>(meta, LRQ_KEY_SCHEDULE_GROUP, n_exec);
-    const std::vector<float>    weight  = lrq_get_array<float>(meta, LRQ_KEY_SCHEDULE_WEIGHT, n_exec);
-
+    // the schedule (FORMAT.md sections 7 and 10): a layer map's (7.1), else the adapter's, else
+    // the file's; the map's run each layer's replicas in order of appearance, serially
     const uint32_t n_base = m.hparams.n_layer_all;
     l->n_base = n_base;
+    std::vector<uint32_t> layer, replica, group;
+    std::vector<float>    weight;
+    if (!lrq_cur.layers.empty()) {
+        try {
+            layer = lrq_parse_layer_map(lrq_cur.layers, n_base);
+        } catch (const std::runtime_error & e) {
+            lrq_fail("%s", e.what());
+        }
+        std::vector<uint32_t> seen(n_base, 0);
+        for (size_t e = 0; e < layer.size(); ++e) {
+            replica.push_back(seen[layer[e]]++);
+            group.push_back((uint32_t) e);
+            weight.push_back(1.0f);
+        }
+    } else {
+        const gguf_context * smeta = adapter ? adapter : meta;
+        layer   = lrq_get_array<uint32_t>(smeta, LRQ_KEY_SCHEDULE_LAYER, (size_t) -1);
+        replica = lrq_get_array<uint32_t>(smeta, LRQ_KEY_SCHEDULE_REPLICA, layer.size());
+        group   = lrq_get_array<uint32_t>(smeta, LRQ_KEY_SCHEDULE_GROUP, layer.size());
+        weight  = lrq_get_array<float>(smeta, LRQ_KEY_SCHEDULE_WEIGHT, layer.size());
+    }
+    const size_t n_exec = layer.size();
     if (n_exec < n_base || n_exec > LRQ_MAX_EXECUTIONS) {
         lrq_fail("the schedule has %zu executions; it needs %u..%d for %u base layers (rule S1)", n_exec, n_base,
                  LRQ_MAX_EXECUTIONS, n_base);
@@ -265,11 +632,8 @@ std::shared_ptr<lrq_model> lrq_load_hparams(llama_model_base & m, llama_model_lo
             lrq_fail("execution %zu runs replica %u; replica indices are below %d (rule S2)", e, replica[e],
                      LRQ_MAX_EXECUTIONS);
         }
-        if (e > 0 && (layer[e] < layer[e - 1] || group[e] < group[e - 1])) {
-            lrq_fail("schedule layer/group must be non-decreasing (execution %zu, rule S3)", e);
-        }
-        if (e > 0 ? layer[e] > layer[e - 1] + 1 : layer[e] != 0) {
-            lrq_fail("the schedule skips a layer before execution %zu (rule S4)", e);
+        if (e > 0 && group[e] < group[e - 1]) {
+            lrq_fail("schedule group ids must be non-decreasing (execution %zu, rule S3)", e);
         }
         if (!std::isfinite(weight[e])) {
             lrq_fail("schedule weight of execution %zu is not finite (rule S5)", e);
@@ -280,8 +644,16 @@ std::shared_ptr<lrq_model> lrq_load_hparams(llama_model_base & m, llama_model_lo
         x.group   = group[e];
         x.weight  = weight[e];
     }
-    if (layer[n_exec - 1] != n_base - 1) {
-        lrq_fail("the schedule ends at layer %u of %u (rule S4)", layer[n_exec - 1], n_base);
+    {
+        std::vector<bool> runs(n_base, false);
+        for (uint32_t L : layer) {
+            runs[L] = true;
+        }
+        for (uint32_t L = 0; L < n_base; ++L) {
+            if (!runs[L]) {
+                lrq_fail("the schedule never runs layer %u of %u (rule S4)", L, n_base);
+            }
+        }
     }
     // parallel groups: consecutive executions with the same id, one layer, distinct replicas
     for (size_t e0 = 0; e0 < n_exec;) {
@@ -350,8 +722,6 @@ static ggml_tensor ** lrq_slot_ptr(llama_layer & layer, int s) {
     }
 }
 
-static const char * const LRQ_REPLICA_PARAMS[] = { "scale_mult", "grid_offset", "gain", "bias", "act", "clip",
-                                                    "lr_u", "lr_v" };
 
 static bool lrq_is_lowrank(const char * p) {
     return std::strcmp(p, "lr_u") == 0 || std::strcmp(p, "lr_v") == 0;
@@ -754,6 +1124,15 @@ std::vector<uint32_t> lrq_load_tensors(llama_model_base & m, llama_model_loader 
 }
 
 std::string lrq_model_desc(const lrq_model & l, const std::string & stock_desc) {
+    if (!l.layer_map.empty() || !l.adapter.empty()) {
+        // load options on any file: "<its own description> + layer map '...'"
+        const std::string own = l.arch_name.rfind("lrq-", 0) == 0 && l.max_bits > 0
+                                    ? stock_desc.substr(0, stock_desc.find(' ', stock_desc.find(' ') + 1)) + " " + lrq_codes_desc(l)
+                                    : stock_desc;
+        const std::string opt = !l.layer_map.empty() ? "layer map '" + l.layer_map + "'"
+                                                     : "adapter " + l.adapter.substr(l.adapter.find_last_of('/') + 1);
+        return format("%s + %s, %u layers -> %zu executions", own.c_str(), opt.c_str(), l.n_base, l.exec.size());
+    }
     if (l.max_bits == 0) {
         // a stock-typed base: the stock description ("<arch> <size> <ftype>") is right
         return format("lrq-%s, %u layers -> %zu executions", stock_desc.c_str(), l.n_base, l.exec.size());

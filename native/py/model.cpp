@@ -1,6 +1,8 @@
 // lrq: Model — load a GGUF through the patched libllama, evaluate logits, compute perplexity.
 #include "model.h"
 
+#include "lrq-args.h"
+
 #include "ggml-backend.h"
 #include "llama.h"
 
@@ -112,12 +114,30 @@ std::string LogBuffer::text() const {
 
 // ---- Model -----------------------------------------------------------------------------------
 
-Model::Model(const std::string & path, int n_ctx, int n_threads, int n_batch, bool kv_f32, int flash_attn)
+Model::Model(const std::string & path, int n_ctx, int n_threads, int n_batch, bool kv_f32, int flash_attn,
+             const std::string & layers, const std::string & adapter)
     : path_(path), n_ctx_(n_ctx), n_batch_(n_batch > 0 ? std::min(n_batch, n_ctx) : n_ctx) {
     // No lock: no other thread can reach this Model before its constructor returns.
     LogScope scope(log_);
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = 0;
+    // the same kv-overrides as the tools' --lrq-layers / --lrq-adapter (lrq-args.h)
+    std::vector<llama_model_kv_override> overrides;
+    try {
+        if (!layers.empty()) {
+            lrq_push_load_option(overrides, LRQ_OPT_LAYERS, layers, "layers");
+        }
+        if (!adapter.empty()) {
+            lrq_push_load_option(overrides, LRQ_OPT_ADAPTER, adapter, "adapter");
+        }
+    } catch (const std::invalid_argument & e) {
+        throw LoadError("cannot load GGUF '" + path + "': " + e.what());
+    }
+    if (!overrides.empty()) {
+        overrides.emplace_back();
+        overrides.back().key[0] = 0;
+        mp.kv_overrides = overrides.data();
+    }
     model_ = llama_model_load_from_file(path.c_str(), mp);
     if (!model_) {
         throw LoadError("cannot load GGUF '" + path + "': llama.cpp refused it:" + log_.text());

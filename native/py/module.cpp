@@ -100,7 +100,7 @@ PYBIND11_MODULE(_native, m) {
 
     py::class_<lrq::Model>(m, "Model")
         .def(py::init([](const std::string & path, int n_ctx, int n_threads, int n_batch, bool kv_f32,
-                         int flash_attn) {
+                         int flash_attn, const std::string & layers, const std::string & adapter) {
                  if (n_ctx < 4) {
                      throw py::value_error("n_ctx must be >= 4, got " + std::to_string(n_ctx));
                  }
@@ -108,13 +108,18 @@ PYBIND11_MODULE(_native, m) {
                      throw py::value_error("flash_attn must be -1 (auto), 0 (off) or 1 (on)");
                  }
                  check_readable(path);
+                 if (!adapter.empty()) {
+                     check_readable(adapter);
+                 }
                  py::gil_scoped_release nogil;
-                 return std::make_unique<lrq::Model>(path, n_ctx, n_threads, n_batch, kv_f32, flash_attn);
+                 return std::make_unique<lrq::Model>(path, n_ctx, n_threads, n_batch, kv_f32, flash_attn, layers,
+                                                     adapter);
              }),
              py::arg("path"), py::arg("n_ctx") = 512, py::arg("n_threads") = 0, py::arg("n_batch") = 0,
-             py::arg("kv_f32") = false, py::arg("flash_attn") = -1,
+             py::arg("kv_f32") = false, py::arg("flash_attn") = -1, py::arg("layers") = "", py::arg("adapter") = "",
              "Load a GGUF (plain or LRQ) on the CPU. n_threads <= 0: llama.cpp's default.\n"
-             "kv_f32: F32 KV cache (default F16, as llama.cpp); flash_attn: -1 auto, 0 off, 1 on.")
+             "kv_f32: F32 KV cache (default F16, as llama.cpp); flash_attn: -1 auto, 0 off, 1 on.\n"
+             "layers: a layer map ('0..15,11..31', '27x2'), adapter: an lrq adapter GGUF (docs/FORMAT.md 7.1, 11).")
         .def_property_readonly("path", &lrq::Model::path)
         .def_property_readonly("n_vocab", &lrq::Model::n_vocab)
         .def_property_readonly("n_ctx", &lrq::Model::n_ctx)
