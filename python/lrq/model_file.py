@@ -132,9 +132,15 @@ class Vocab:
 DEFAULT_REPLICA_PARAMS = ReplicaParams()
 
 
-def open_model(path: str | os.PathLike):
-    """Open a plain GGUF (``ModelFile``) or an LRQ GGUF (``lrq.lrq_file.LRQModelFile``)."""
+def open_model(path: str | os.PathLike, adapter: str | os.PathLike | None = None,
+               layers: str | None = None):
+    """Open a plain GGUF (``ModelFile``) or an LRQ GGUF (``lrq.lrq_file.LRQModelFile``); with an
+    adapter (FORMAT.md 11) or a layer map (7.1), the view of that base with it as one LRQ model
+    (``lrq.adapter.BoundModelFile``; a stock base is seen as a v3 file with stock-typed weights)."""
     path = Path(path)
+    if adapter is not None or layers is not None:
+        from .adapter import BoundModelFile
+        return BoundModelFile(path, adapter, layers)
     try:
         meta = read_metadata(path)
     except GGUFMetaError as e:

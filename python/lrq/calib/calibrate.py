@@ -450,11 +450,38 @@ def calibrate_layer(fit: _Fitter, ql: QuantLayer, opts: CalibrateOptions) -> Lay
                        time.monotonic() - t0)
 
 
-def open_job(src, out, source, text, n_tokens: int, window: int, windows: np.ndarray | None = None):
+def open_adapter_base(src: str | os.PathLike, plan: str | None) -> LRQModelFile:
+    """``src`` — a stock GGUF of any type llama-quantize makes, or an LRQ file without replica
+    tensors — seen with schedule ``plan`` (a preset, plan file or layer map; default "none") as
+    one LRQ model, the base of an adapter (FORMAT.md 11).  CalibError names what is wrong."""
+    from ..adapter import BoundModelFile
+    from ..plan import PlanError, make_plan
+    p = Path(src)
+    if not p.is_file():
+        raise CalibError(f"{p}: file not found")
+    try:
+        f = BoundModelFile(p)
+        reps = [n for n in f.tensor_names if ".lrq_r" in n]
+        if reps:
+            raise CalibError(f"{p}: holds replica tensors ({reps[0]}, ...): the base of an adapter must "
+                             f"not (AD4); split the file first (lrq.adapter.split_lrq_file) and calibrate "
+                             f"its base")
+        n_layer = f.hparams_dict["n_layer"]
+        f.close()
+        return BoundModelFile(p, layers=make_plan(plan or "none", n_layer))
+    except (PlanError, LRQFileError, ValueError) as e:
+        if isinstance(e, CalibError):
+            raise
+        raise CalibError(f"{p}: cannot be the base of an adapter ({e})") from None
+
+
+def open_job(src, out, source, text, n_tokens: int, window: int, windows: np.ndarray | None = None,
+             plan: str | None = None, adapter: bool = False):
     """What a job that rewrites LRQ file ``src``'s parameters into ``out`` against the
     full-precision ``source`` starts with (lrq-calibrate, lrq-distill): the checked output path,
     the opened file, the checked source and the calibration windows (int64 [n, T]; ``windows``
-    overrides the text options).  CalibError names what is wrong."""
+    overrides the text options).  ``adapter``: ``src`` is the base of an adapter ``out``, seen
+    with schedule ``plan`` (open_adapter_base).  CalibError names what is wrong."""
     src, out = Path(src), Path(out)
     try:
         out = check_output_path(out)
@@ -462,7 +489,7 @@ def open_job(src, out, source, text, n_tokens: int, window: int, windows: np.nda
         raise CalibError(str(e)) from None
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise CalibError(f"{out}: the output would overwrite the input")
-    f = open_lrq(src)
+    f = open_adapter_base(src, plan) if adapter else open_lrq(src)
     source = check_source(source)
     if windows is None:
         windows = calibration_windows(source, text, n_tokens, window)
@@ -471,15 +498,30 @@ def open_job(src, out, source, text, n_tokens: int, window: int, windows: np.nda
 
 def calibrate(src: str | os.PathLike, out: str | os.PathLike, source: str | os.PathLike,
               opts: CalibrateOptions | None = None, log: Callable[[str], None] = lambda s: None,
-              windows: np.ndarray | None = None) -> CalibrateSummary:
+              windows: np.ndarray | None = None, plan: str | None = None,
+              adapter: bool = False) -> CalibrateSummary:
     """Fit the replica parameters of the LRQ file ``src`` against the full-precision ``source``
     on calibration text and write ``out`` (see the module doc).  CalibError on bad input;
     nothing is written unless the calibration succeeds.  ``windows`` (int [n, T]) overrides
-    the text / token options."""
+    the text / token options.  ``adapter``: ``src`` is a base (a stock GGUF of any type, or an
+    LRQ file without replica tensors) left untouched, run with schedule ``plan`` (preset, plan
+    file or layer map; default "none"), and ``out`` is the adapter (FORMAT.md 11) holding the
+    schedule and the fitted parameters."""
     t0 = time.monotonic()
     opts = opts or CalibrateOptions()
     opts.validate()
-    out, f, source, windows = open_job(src, out, source, opts.text, opts.n_tokens, opts.window, windows)
+    if plan is not None and not adapter:
+        raise CalibError("a plan is given to the base of an adapter only (--plan with --adapter); an "
+                         "LRQ file is calibrated with its own schedule")
+    out, f, source, windows = open_job(src, out, source, opts.text, opts.n_tokens, opts.window, windows,
+                                       plan=plan, adapter=adapter)
+    back = f.plan.first_backstep()
+    if back is not None:
+        ex = f.plan.executions
+        raise CalibError(f"{f.path}: the schedule{f' (plan {plan!r})' if adapter else ''} runs layer "
+                         f"{ex[back].layer} after layer {ex[back - 1].layer} (execution {back}): "
+                         f"lrq-calibrate fits layer by layer in order and cannot fit a schedule that goes "
+                         f"back to an earlier layer")
     try:
         acts = SourceActivations(source, windows, progress=opts.progress)
     except ValueError as e:       # ModelFileError / ReferenceError: the source cannot be run
@@ -539,6 +581,10 @@ def calibrate(src: str | os.PathLike, out: str | os.PathLike, source: str | os.P
 
     from ..convert.arch import ConvertError
     from ..convert.update import set_replica_params
+    if adapter:
+        summary.bpw = _write_adapter(f, src, out, params, source, plan)
+        summary.seconds = time.monotonic() - t0
+        return summary
     try:
         set_replica_params(src, out, params)
     except ConvertError as e:
@@ -546,6 +592,26 @@ def calibrate(src: str | os.PathLike, out: str | os.PathLike, source: str | os.P
     summary.bpw = LRQModelFile(out).bpw()
     summary.seconds = time.monotonic() - t0
     return summary
+
+
+def _write_adapter(f: LRQModelFile, src, out: Path, params: dict[str, np.ndarray], source: Path,
+                   plan: str | None) -> dict:
+    """The fitted ``params`` as the adapter ``out`` of base ``src`` (each in its storage type, as
+    set_replica_params stores them; low-rank factors F16); returns the bound model's bpw."""
+    from ..adapter import AdapterError, bind, write_adapter
+    from ..constants import Keys, parse_replica_param_name
+    from ..convert.update import PARAM_TYPE
+    from ..gguf_write import WriterError as _WriterError
+    tensors = {}
+    for name, v in params.items():
+        typ = PARAM_TYPE[parse_replica_param_name(name)[2]]
+        tensors[name] = (np.asarray(v, dtype=np.float16 if typ == PARAM_TYPE["scale_mult"] else np.float32), typ)
+    try:
+        write_adapter(src, f.plan, tensors, out,
+                      provenance={Keys.SOURCE: Path(source).name, Keys.PLAN: plan or "none"})
+        return bind(src, out).bpw()
+    except (AdapterError, _WriterError) as e:
+        raise CalibError(str(e)) from None
 
 
 def calibration_loss(model: str | os.PathLike, source: str | os.PathLike, windows: np.ndarray,

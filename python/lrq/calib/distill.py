@@ -12,9 +12,10 @@ distribution matches the full-precision reference's:
 Codes, base parameters, norms, embeddings and the output head stay frozen.  The model is the
 calibrator's own torch form (``QuantLayer`` per layer: ReplicaLinear / StockReplicaLinear
 modules over the file's codes, the reference executor's block math, the file's schedule), so
-what is trained is what ``lrq.reference`` runs from the written file.  Each layer runs under
-``torch.utils.checkpoint`` (its activations are recomputed in the backward pass): memory holds
-one layer's activations plus one residual stream per layer.
+what is trained is what ``lrq.reference`` runs from the written file, in schedule order (a
+schedule that goes back to an earlier layer trains that layer's parameters on every visit).
+Each schedule step runs under ``torch.utils.checkpoint`` (its activations are recomputed in the
+backward pass): memory holds one step's activations plus one residual stream per step.
 
 The reference runs once: its log-probabilities (all of them, or the top-k and the remaining
 mass with ``top_k``) are kept for the whole run, and with a resume directory also on disk.
@@ -153,6 +154,10 @@ class QuantModel:
             groups.setdefault(g[0].layer, []).append(g)
         hp = f.hparams
         self.layers = [QuantLayer(f, l, groups[l], copts) for l in range(hp.n_layer)]
+        # run group by group in schedule order, each with its layer's modules: a schedule that
+        # goes back to an earlier layer (FORMAT.md 7.1) reuses that layer's parameters, and a
+        # schedule in layer order runs exactly as layer by layer
+        self.steps = f.plan.groups()
         self.rms_eps = float(hp.rms_eps)
         t32 = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))
         self.out_norm = t32(f.tensor("output_norm.weight"))
@@ -184,8 +189,9 @@ class QuantModel:
         """x: the embedded windows [n, T, d] -> logits [n, T, n_vocab]."""
         if self.ctx is None or self.ctx[0].numel() != x.shape[1]:
             self.ctx = rope_context(self.ref, x.shape[1])
-        for ql in self.layers:
-            run = lambda h, ql=ql: ql.forward(self.ref, h, None, self.ctx)
+        for g in self.steps:
+            ql = self.layers[g[0].layer]
+            run = lambda h, ql=ql, g=g: ql.forward(self.ref, h, [g], self.ctx)
             if self.grad_checkpoint and torch.is_grad_enabled():
                 x = checkpoint(run, x, use_reentrant=False)
             else:

@@ -1,9 +1,12 @@
-"""lrq-inspect: metadata, schedule, tensors and bits per weight of an LRQ GGUF.
+"""lrq-inspect: metadata, schedule, tensors and bits per weight of an LRQ GGUF or an adapter.
 
 Examples:
     lrq-inspect out.lrq.gguf                 # summary, schedule, per-tensor table
     lrq-inspect out.lrq.gguf --json          # everything as one JSON object
     lrq-inspect out.lrq.gguf --no-tensors    # without the per-tensor table
+    lrq-inspect smol.adapter.gguf            # an adapter: its base, schedule, replica tensors
+    lrq-inspect smol.IQ2_XS.gguf --adapter smol.adapter.gguf   # base + adapter as one model
+    lrq-inspect smol.IQ2_XS.gguf --layers 0..15,11..29         # a base with a layer map
 """
 
 from __future__ import annotations
@@ -33,12 +36,36 @@ def _short(v: Any, full: bool) -> Any:
     return _jsonable(v)
 
 
-def collect(path: str, full_metadata: bool = False) -> dict:
-    """Everything lrq-inspect reports, as plain JSON-able data."""
+def collect_adapter(path: str) -> dict:
+    """What lrq-inspect reports of an adapter file on its own (FORMAT.md 11), JSON-able."""
+    from ..adapter import AdapterFile
+    info = AdapterFile(path).summary()
+    info["lrq_metadata"] = {k: _short(_jsonable(v), False) for k, v in info["lrq_metadata"].items()}
+    info["warnings"] = []
+    return info
+
+
+def _is_adapter(path: str) -> bool:
+    from ..constants import ADAPTER_ARCH
+    from ..gguf_meta import GGUFMetaError, read_metadata
+    try:
+        return read_metadata(path).get("general.architecture") == ADAPTER_ARCH
+    except (GGUFMetaError, OSError, ValueError):
+        return False          # the full reader reports what is wrong with the file
+
+
+def collect(path: str, full_metadata: bool = False, adapter: str | None = None,
+            layers: str | None = None) -> dict:
+    """Everything lrq-inspect reports, as plain JSON-able data (``adapter`` / ``layers``: the
+    view of base ``path`` with that adapter or layer map)."""
     from ..constants import Keys
     from ..lrq_file import LRQModelFile
 
-    f = LRQModelFile(path)
+    if adapter is not None or layers is not None:
+        from ..adapter import BoundModelFile
+        f = BoundModelFile(path, adapter, layers)
+    else:
+        f = LRQModelFile(path)
     lrq_keys = {k: _jsonable(v) for k, v in f.kv.items() if k.startswith("lrq.")}
     other = {k: _short(v, full_metadata) for k, v in f.kv.items() if not k.startswith("lrq.")}
     tensors = []
@@ -75,12 +102,36 @@ def collect(path: str, full_metadata: bool = False) -> dict:
         "metadata": other,
         "tensors": tensors,
         "warnings": f.warnings,
+        "adapter": None if adapter is None else str(adapter),
+        "layer_map": layers,
     }
+
+
+def _print_adapter(info: dict, show_tensors: bool) -> None:
+    b = info["base"]
+    print(info["file"])
+    print(f"  lrq adapter v{info['adapter_version']} (LRQ format v{info['format_version']}) for a base "
+          f"{b['architecture']} of {b['block_count']} layers"
+          + (f", file {b['file']}" if b["file"] else "") + (f", type {b['type']}" if b["type"] else ""))
+    print(f"  {info['modified_tensors']} modified base weights, {len(info['replica_tensors'])} replica "
+          f"tensors ({info['replica_tensor_bytes']} bytes), {info['file_bytes']} bytes")
+    print("lrq metadata:")
+    for k, v in info["lrq_metadata"].items():
+        print(f"  {k} = {v}")
+    print(f"schedule: {info['schedule_summary']}")
+    for i, e in enumerate(info["schedule"]):
+        print(f"  exec {i:3d}: layer {e['layer']:3d} replica {e['replica']} "
+              f"group {e['group']:3d} weight {e['weight']:.4g}")
+    if show_tensors:
+        print("replica tensors:")
+        for t in info["replica_tensors"]:
+            print(f"  {t['name']:40s} {t['type']:6s} {str(t['shape']):16s} {t['bytes']}")
 
 
 def _print(info: dict, show_tensors: bool) -> None:
     q = info["quant"]
-    print(f"{info['file']}")
+    print(f"{info['file']}" + (f" with adapter {info['adapter']}" if info.get("adapter") else "")
+          + (f" with layer map '{info['layer_map']}'" if info.get("layer_map") else ""))
     print(f"  LRQ format v{info['format_version']}, {info['architecture']} "
           f"(base {info['base_architecture']})")
     h = info["hparams"]
@@ -126,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lrq-inspect", description=__doc__.splitlines()[0],
                                  epilog=__doc__.split("\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("file", metavar="FILE", help="an LRQ GGUF")
+    ap.add_argument("file", metavar="FILE", help="an LRQ GGUF, an adapter, or the base of --adapter / --layers")
+    ap.add_argument("--adapter", metavar="A.gguf", help="show FILE with this adapter bound (FORMAT.md 11)")
+    ap.add_argument("--layers", metavar="MAP", help="show FILE with this layer map (FORMAT.md 7.1)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--full-metadata", action="store_true", help="do not shorten long arrays")
     ap.add_argument("--no-tensors", action="store_true", help="leave out the per-tensor table")
@@ -134,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..gguf_hparams import GGUFFileError
 
+    adapter_alone = args.adapter is None and args.layers is None and _is_adapter(args.file)
     try:
-        info = collect(args.file, args.full_metadata)
+        info = (collect_adapter(args.file) if adapter_alone
+                else collect(args.file, args.full_metadata, args.adapter, args.layers))
     except GGUFFileError as e:
         print(f"lrq-inspect: error: {e}", file=sys.stderr)
         return 1
@@ -144,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.json:
             print(json.dumps(info, indent=2))
+        elif adapter_alone:
+            _print_adapter(info, not args.no_tensors)
         else:
             _print(info, not args.no_tensors)
     except BrokenPipeError:     # `lrq-inspect FILE | head` is fine

@@ -151,8 +151,8 @@ class Reference:
                                          f"a replica (execution {i})")
                 s.execs.append(i); s.replicas.append(e.replica); s.weights.append(float(e.weight))
             else:
-                if steps and e.layer < steps[-1].layer:
-                    raise ReferenceError(f"{where}: schedule layers decrease at execution {i}")
+                # the layers may come in any order (FORMAT.md rule S3): each execution has its
+                # own KV cache slot, so going back to an earlier layer is just another step
                 steps.append(_Step(e.layer, [i], [e.replica], [float(e.weight)]))
             prev_group = e.group
         missing = set(range(self.hp.n_layer)) - {e.layer for e in self.schedule}
