@@ -216,105 +216,127 @@ static std::string lrq_load_option(const llama_model_loader & ml, const char * k
 }
 
 std::vector<uint32_t> lrq_parse_layer_map(const std::string & map, uint32_t n_layer) {
+    // The messages and the order of the checks are those of Python's lrq.plan.layer_map: one table
+    // of maps (tests/test_layer_map.py) checks both parsers.
     auto bad = [&](const std::string & why) -> std::runtime_error {
-        return std::runtime_error(format("layer map '%s' for a %u-layer model: %s (FORMAT.md 7.1)", map.c_str(), n_layer,
-                                         why.c_str()));
+        return std::runtime_error(format("layer map '%s' (a model with %u layers): %s", map.c_str(), n_layer, why.c_str()));
     };
-    std::string m;
+    std::string text;
     for (char c : map) {
-        if (c != ' ' && c != '\t') {
-            m += c;
+        if (c != ' ') {
+            text += c;
         }
     }
-    // a decimal number at str[pos..], advancing pos
-    auto number = [&](const std::string & str, size_t & pos) -> uint64_t {
+    if (text.empty()) {
+        throw bad("the map is empty; expected items N, A..B or NxK separated by commas");
+    }
+    // a run of decimal digits at str[pos..] (advancing pos), saturated far above any valid value
+    // (sums saturate too) so that a huge K is counted, never expanded; false when there is no digit
+    constexpr uint64_t LRQ_MAP_SAT = (uint64_t) 1 << 62;
+    auto add_sat = [&](uint64_t x, uint64_t y) { return std::min(x + y, LRQ_MAP_SAT); };   // x, y <= 2^62
+    auto number = [&](const std::string & str, size_t & pos, uint64_t & v) -> bool {
         const size_t start = pos;
-        uint64_t v = 0;
+        v = 0;
         while (pos < str.size() && str[pos] >= '0' && str[pos] <= '9') {
-            v = v * 10 + (uint64_t) (str[pos] - '0');
-            if (v > 1000000) {
-                throw bad("number too large in '" + str + "'");
-            }
+            v = v > LRQ_MAP_SAT / 10 ? LRQ_MAP_SAT : std::min<uint64_t>(v * 10 + (uint64_t) (str[pos] - '0'), LRQ_MAP_SAT);
             ++pos;
         }
-        if (pos == start) {
-            throw bad("'" + str + "' is not N, A..B or NxK");
-        }
-        return v;
+        return pos > start;
     };
-    struct item_t { uint64_t a, b, k; bool repeat; };
+    enum kind_t { ONE, RANGE, REPEAT };
+    struct item_t { kind_t kind; uint64_t a, b; };
     std::vector<item_t> items;
-    if (m.empty()) {
-        throw bad("empty");
-    }
     for (size_t pos = 0;;) {
-        const size_t comma = m.find(',', pos);
-        const std::string item = m.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+        const size_t comma = text.find(',', pos);
+        const std::string it = text.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
         size_t q = 0;
-        item_t it{0, 0, 1, false};
-        it.a = it.b = number(item, q);
-        if (item.compare(q, 2, "..") == 0) {
+        uint64_t a = 0, b = 0;
+        bool ok = number(it, q, a);
+        kind_t kind = ONE;
+        if (ok && it.compare(q, 2, "..") == 0) {
             q += 2;
-            it.b = number(item, q);
-            if (it.b < it.a) {
-                throw bad("'" + item + "' runs backwards (A..B needs A <= B)");
-            }
-        } else if (q < item.size() && item[q] == 'x') {
-            ++q;
-            it.k = number(item, q);
-            it.repeat = true;
-            if (it.k == 0) {
-                throw bad("'" + item + "' repeats a layer 0 times (K >= 1)");
-            }
+            kind = RANGE;
+            ok = number(it, q, b);
+        } else if (ok && q < it.size() && it[q] == 'x') {
+            q += 1;
+            kind = REPEAT;
+            ok = number(it, q, b);
         }
-        if (q != item.size()) {
-            throw bad("'" + item + "' is not N, A..B or NxK");
+        if (!ok || q != it.size()) {
+            throw bad("item '" + it + "' is not N, A..B or NxK (decimal integers)");
         }
-        if (it.b >= n_layer) {
-            throw bad(format("layer %llu does not exist (layers 0..%u)", (unsigned long long) it.b, n_layer - 1));
+        if (kind == RANGE && a > b) {
+            throw bad(format("item '%s': the range runs backwards (%llu > %llu); write A..B with A <= B", it.c_str(),
+                             (unsigned long long) a, (unsigned long long) b));
         }
-        items.push_back(it);
+        if (kind == REPEAT && b < 1) {
+            throw bad("item '" + it + "': a layer must run at least once (K >= 1)");
+        }
+        items.push_back({ kind, a, kind == ONE ? 1 : b });
         if (comma == std::string::npos) {
             break;
         }
         pos = comma + 1;
     }
-    const bool repeat_list = std::all_of(items.begin(), items.end(), [](const item_t & it) { return it.repeat; });
-    std::vector<uint32_t> out;
-    auto push = [&](uint64_t L, uint64_t k) {
-        if (out.size() + k > (size_t) LRQ_MAX_EXECUTIONS) {
-            throw bad(format("more than %d executions (llama.cpp's layer limit)", LRQ_MAX_EXECUTIONS));
+    for (const item_t & it : items) {
+        const uint64_t top = it.kind == RANGE ? it.b : it.a;
+        if (top >= n_layer) {   // the first layer of the item that does not exist
+            throw bad(format("layer %llu does not exist (valid: 0..%u)", (unsigned long long) std::max<uint64_t>(it.a, n_layer),
+                             n_layer - 1));
         }
-        out.insert(out.end(), (size_t) k, (uint32_t) L);
-    };
+    }
+    const bool repeat_list = std::all_of(items.begin(), items.end(), [](const item_t & it) { return it.kind == REPEAT; });
+    std::vector<uint64_t> times(n_layer, 1);
+    uint64_t n_exec = 0;
     if (repeat_list) {
-        std::vector<uint64_t> times(n_layer, 1);
-        std::vector<bool>     named(n_layer, false);
+        std::vector<bool> named(n_layer, false);
         for (const item_t & it : items) {
             if (named[it.a]) {
                 throw bad(format("layer %llu is named twice in a repeat list", (unsigned long long) it.a));
             }
-            named[it.a] = true;
-            times[it.a] = it.k;
+            named[it.a]  = true;
+            times[it.a]  = it.b;
         }
         for (uint32_t L = 0; L < n_layer; ++L) {
-            push(L, times[L]);
+            n_exec = add_sat(n_exec, times[L]);
         }
     } else {
         for (const item_t & it : items) {
-            for (uint64_t L = it.a; L <= it.b; ++L) {
-                push(L, it.k);
-            }
+            n_exec = add_sat(n_exec, it.kind == RANGE ? it.b - it.a + 1 : it.b);
         }
-        std::vector<bool> seen(n_layer, false);
-        for (uint32_t L : out) {
-            seen[L] = true;
-        }
+    }
+    if (n_exec > (uint64_t) LRQ_MAX_EXECUTIONS) {   // counted before expanding
+        throw bad(format("the map runs %llu executions; at most %d (llama.cpp's layer limit) are supported",
+                         (unsigned long long) n_exec, LRQ_MAX_EXECUTIONS));
+    }
+    std::vector<uint32_t> out;
+    if (repeat_list) {
         for (uint32_t L = 0; L < n_layer; ++L) {
-            if (!seen[L]) {
-                throw bad(format("layer %u never runs (every layer must run at least once)", L));
+            out.insert(out.end(), (size_t) times[L], L);
+        }
+    } else {
+        for (const item_t & it : items) {
+            if (it.kind == RANGE) {
+                for (uint64_t L = it.a; L <= it.b; ++L) {
+                    out.push_back((uint32_t) L);
+                }
+            } else {
+                out.insert(out.end(), (size_t) it.b, (uint32_t) it.a);
             }
         }
+    }
+    std::vector<bool> runs(n_layer, false);
+    for (uint32_t L : out) {
+        runs[L] = true;
+    }
+    std::string missing;
+    for (uint32_t L = 0; L < n_layer; ++L) {
+        if (!runs[L]) {
+            missing += (missing.empty() ? "" : ", ") + std::to_string(L);
+        }
+    }
+    if (!missing.empty()) {
+        throw bad(format("layer(s) %s never run; every layer 0..%u must run at least once", missing.c_str(), n_layer - 1));
     }
     return out;
 }
@@ -1105,8 +1127,12 @@ static std::vector<uint32_t> lrq_load_tensors_impl(llama_model_base & m, llama_m
     for (const lrq_exec & e : l.exec) {
         n_par += e.first && e.n_group > 1;
     }
-    LLAMA_LOG_INFO("%s: format v%u, %u base layers -> %zu executions (%zu parallel groups), %s, %zu replica tensors\n",
-                   __func__, l.version, n_base, n_exec, n_par, lrq_codes_desc(l).c_str(), l.n_replica_tensors);
+    const std::string opt = !l.layer_map.empty() ? ", layer map '" + l.layer_map + "'"
+                          : !l.adapter.empty()   ? ", adapter " + l.adapter
+                                                 : std::string();
+    LLAMA_LOG_INFO("%s: format v%u, %u base layers -> %zu executions (%zu parallel groups), %s, %zu replica tensors%s\n",
+                   __func__, l.version, n_base, n_exec, n_par, lrq_codes_desc(l).c_str(), l.n_replica_tensors,
+                   opt.c_str());
     return exec_layer;
 }
 
