@@ -52,6 +52,8 @@ BAD_MAPS = [
     ("1x0", 3, "K >= 1"),
     ("0..1,1x0,2", 3, "K >= 1"),
     ("0..3", 3, "layer 3 does not exist"),
+    ("0..9", 3, "layer 3 does not exist"),           # the first layer of the item that is missing
+    ("5..9", 3, "layer 5 does not exist"),
     ("3x2", 3, "layer 3 does not exist"),
     ("0,1,7", 3, "layer 7 does not exist"),
     ("0,2", 3, "layer(s) 1 never run"),

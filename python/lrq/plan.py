@@ -232,8 +232,8 @@ def layer_map(spec: str, n_layer: int) -> Plan:
             raise bad(f"item '{it}' is not N, A..B or NxK (decimal integers)")
     for kind, a, b in items:
         top = b if kind == "range" else a
-        if top >= n_layer:
-            raise bad(f"layer {top} does not exist (valid: 0..{n_layer - 1})")
+        if top >= n_layer:       # the first layer of the item that does not exist
+            raise bad(f"layer {max(a, n_layer)} does not exist (valid: 0..{n_layer - 1})")
     if all(kind == "repeat" for kind, _, _ in items):
         counts: dict[int, int] = {}
         for _, n, k in items:

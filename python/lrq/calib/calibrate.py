@@ -476,12 +476,14 @@ def open_adapter_base(src: str | os.PathLike, plan: str | None) -> LRQModelFile:
 
 
 def open_job(src, out, source, text, n_tokens: int, window: int, windows: np.ndarray | None = None,
-             plan: str | None = None, adapter: bool = False):
+             plan: str | None = None, adapter: bool = False, in_layer_order: bool = False):
     """What a job that rewrites LRQ file ``src``'s parameters into ``out`` against the
     full-precision ``source`` starts with (lrq-calibrate, lrq-distill): the checked output path,
     the opened file, the checked source and the calibration windows (int64 [n, T]; ``windows``
     overrides the text options).  ``adapter``: ``src`` is the base of an adapter ``out``, seen
-    with schedule ``plan`` (open_adapter_base).  CalibError names what is wrong."""
+    with schedule ``plan`` (open_adapter_base).  ``in_layer_order``: refuse a schedule that goes
+    back to an earlier layer (a fit layer by layer in index order cannot follow it).  CalibError
+    names what is wrong."""
     src, out = Path(src), Path(out)
     try:
         out = check_output_path(out)
@@ -490,6 +492,13 @@ def open_job(src, out, source, text, n_tokens: int, window: int, windows: np.nda
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise CalibError(f"{out}: the output would overwrite the input")
     f = open_adapter_base(src, plan) if adapter else open_lrq(src)
+    back = f.plan.first_backstep() if in_layer_order else None
+    if back is not None:
+        ex = f.plan.executions
+        raise CalibError(f"{f.path}: the schedule{f' (plan {plan!r})' if adapter else ''} runs layer "
+                         f"{ex[back].layer} after layer {ex[back - 1].layer} (execution {back}): "
+                         f"lrq-calibrate fits layer by layer in order and cannot fit a schedule that goes "
+                         f"back to an earlier layer")
     source = check_source(source)
     if windows is None:
         windows = calibration_windows(source, text, n_tokens, window)
@@ -514,14 +523,7 @@ def calibrate(src: str | os.PathLike, out: str | os.PathLike, source: str | os.P
         raise CalibError("a plan is given to the base of an adapter only (--plan with --adapter); an "
                          "LRQ file is calibrated with its own schedule")
     out, f, source, windows = open_job(src, out, source, opts.text, opts.n_tokens, opts.window, windows,
-                                       plan=plan, adapter=adapter)
-    back = f.plan.first_backstep()
-    if back is not None:
-        ex = f.plan.executions
-        raise CalibError(f"{f.path}: the schedule{f' (plan {plan!r})' if adapter else ''} runs layer "
-                         f"{ex[back].layer} after layer {ex[back - 1].layer} (execution {back}): "
-                         f"lrq-calibrate fits layer by layer in order and cannot fit a schedule that goes "
-                         f"back to an earlier layer")
+                                       plan=plan, adapter=adapter, in_layer_order=True)
     try:
         acts = SourceActivations(source, windows, progress=opts.progress)
     except ValueError as e:       # ModelFileError / ReferenceError: the source cannot be run

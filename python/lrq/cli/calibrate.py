@@ -5,6 +5,8 @@ Examples:
         --text sotu-calib --tokens 4096
     lrq-calibrate in.gguf out.gguf --source src.gguf --text my-text.txt --granularity group --steps 100
     lrq-calibrate in.gguf out.gguf --source src.gguf --lowrank 8      # + rank-8 corrections (format v3)
+    lrq-calibrate smol.IQ2_XS.gguf --adapter smol.adapter.gguf --source smol.f32.gguf --plan last-8
+        # an unchanged stock GGUF + an adapter (schedule and fitted parameters, docs/FORMAT.md 11)
 
 Codes stay frozen.  Block by block, every replica the schedule runs (replica 0 included) gets
 scale multipliers, grid offsets, gains and biases fitted with Adam so that the quantized layer,
@@ -17,6 +19,11 @@ error and trained with the other parameters; it costs 16 K (n_out + n_in) bits p
 replica (SmolLM2, K = 8: +0.37 bpw in the block linears, +0.29 whole file).
 --source is the plain GGUF the LRQ file was converted from (the full-precision reference is its
 float32 dequantization).  Never calibrate on the text you evaluate on.
+--adapter OUT leaves IN untouched — a stock GGUF of any type llama-quantize makes, or an LRQ file
+without replica tensors — runs it with --plan (a preset, plan file or layer map such as
+0..15,11..29; default none: each layer once, gain / bias / clip per linear) and writes only the
+schedule and the fitted parameters, bound to IN by name, type, shape and CRC-32: load it with
+--lrq-adapter OUT in the patched llama.cpp tools, Model(IN, adapter=OUT) or lrq-eval --adapter.
 """
 
 from __future__ import annotations
@@ -40,8 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lrq-calibrate", description=__doc__.splitlines()[0],
                                  epilog=__doc__.split("\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("src", metavar="IN.lrq.gguf", help="LRQ file to calibrate")
-    ap.add_argument("out", metavar="OUT.lrq.gguf", help="calibrated LRQ file (written atomically)")
+    ap.add_argument("src", metavar="IN.gguf", help="LRQ file to calibrate (with --adapter: the base, any GGUF)")
+    ap.add_argument("out", metavar="OUT.lrq.gguf", nargs="?", default=None,
+                    help="calibrated LRQ file (written atomically); not with --adapter")
+    ap.add_argument("--adapter", metavar="OUT.gguf", default=None,
+                    help="write an adapter for the unchanged IN instead of a whole file (docs/FORMAT.md 11)")
+    ap.add_argument("--plan", default=None, metavar="PRESET|FILE|MAP",
+                    help="with --adapter: the schedule of IN + adapter (none, all, last-N, progressive, a "
+                         ".json / .yaml plan or a layer map; default none)")
     ap.add_argument("--source", required=True, metavar="SRC.gguf",
                     help="the plain GGUF IN was converted from (full-precision reference)")
     ap.add_argument("--text", default="sotu-calib", metavar="NAME|FILE",
@@ -82,7 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if (args.out is None) == (args.adapter is None):
+        ap.error("give either OUT.lrq.gguf or --adapter OUT.gguf (one output)")
+    if args.plan is not None and args.adapter is None:
+        ap.error("--plan goes with --adapter (an LRQ file is calibrated with its own schedule)")
+    out = args.adapter if args.adapter is not None else args.out
     import torch
 
     from ..calib import CalibError
@@ -98,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                             seed=args.seed, progress=not args.quiet, start_layer=args.start_layer,
                             loss=args.loss, lowrank=args.lowrank, lr_lowrank=args.lr_lowrank)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
-    return run_job("lrq-calibrate", args.out,
-                   lambda: calibrate(args.src, args.out, args.source, opts, log=log),
+    return run_job("lrq-calibrate", out,
+                   lambda: calibrate(args.src, out, args.source, opts, log=log, plan=args.plan,
+                                     adapter=args.adapter is not None),
                    (CalibError,), args.quiet)
 
 

@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-o", "--out", default=None, metavar="PREFIX", help="write PREFIX.csv and PREFIX.png")
     ap.add_argument("--csv", default=None, help="CSV output path")
     ap.add_argument("--plot", default=None, help="PNG output path")
+    ap.add_argument("--adapter", default=None, metavar="A.gguf",
+                    help="evaluate every MODEL.gguf with this lrq adapter applied at load time "
+                         "(docs/FORMAT.md 11; llama-perplexity --lrq-adapter)")
+    ap.add_argument("--layers", default=None, metavar="MAP",
+                    help="evaluate every MODEL.gguf with this layer map, e.g. 0..15,11..29 "
+                         "(docs/FORMAT.md 7.1; llama-perplexity --lrq-layers)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return ap
 
@@ -74,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     for m in args.models:
         if not Path(m).is_file():
             err(f"{m}: no such model file"); return 1
+    if args.adapter is not None and args.layers is not None:
+        err("--adapter and --layers are not combined (an adapter's parameters were fitted for its own "
+            "schedule)"); return 2
+    if (args.adapter is not None or args.layers is not None) and not args.models:
+        err("--adapter / --layers apply to MODEL.gguf files; none given"); return 2
+    if args.adapter is not None and not Path(args.adapter).is_file():
+        err(f"{args.adapter}: no such adapter file"); return 1
     stock = [t.strip().upper() for t in (",".join(ev.STOCK_DEFAULT) if args.stock == "default"
                                          else args.stock).split(",") if t.strip()]
     if not args.models and not stock:
@@ -100,13 +113,16 @@ def main(argv: list[str] | None = None) -> int:
                                        work=work, **kw)
             log(f"stock {t}{' + imatrix' if use else ''} ...")
             jobs.append((ev.make_stock(ref, t, imat if use else None, work), f"{t}{'+imat' if use else ''}", "stock"))
-        jobs += [(Path(m), Path(m).name, None) for m in args.models]
+        suffix = (f" + {Path(args.adapter).name}" if args.adapter is not None
+                  else f" layers {args.layers}" if args.layers is not None else "")
+        jobs += [(Path(m), Path(m).name + suffix, None) for m in args.models]
         log(f"reference logits on {args.text} (-c {args.ctx}, {args.chunks} chunks) ...")
         base = ev.base_logits(ref, args.text, args.ctx, args.chunks, args.threads, work)
         rows = [ev.reference_row(base)]
         from tqdm import tqdm
         for path, label, kind in tqdm(jobs, desc="lrq-eval", unit="model", disable=args.quiet):
-            rows.append(ev.evaluate_model(path, base, label, args.threads, kind))
+            load = {} if kind == "stock" else {"adapter": args.adapter, "layers": args.layers}
+            rows.append(ev.evaluate_model(path, base, label, args.threads, kind, **load))
     except (ev.EvalError, ev.StockError, ToolError, AssetError, ValueError, OSError) as e:
         err(e); return 1
     except KeyboardInterrupt:

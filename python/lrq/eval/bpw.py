@@ -35,9 +35,22 @@ def _dominant_type(reader) -> str:
     return c.most_common(1)[0][0] if c else "?"
 
 
-def file_bpw(path: str | os.PathLike) -> FileBpw:
-    """Whole-file bpw of a GGUF; GGUFFileError / LRQFileError (naming the file) if unreadable."""
+def file_bpw(path: str | os.PathLike, adapter: str | os.PathLike | None = None,
+             layers: str | None = None) -> FileBpw:
+    """Whole-file bpw of a GGUF; GGUFFileError / LRQFileError (naming the file) if unreadable.
+    With ``adapter`` (FORMAT.md 11): of the base and the adapter's tensors together (what a user
+    downloads); a layer map adds no tensor, so the base's own figure stands."""
     path = Path(path)
+    if adapter is not None:
+        from ..adapter import BoundModelFile
+        m = BoundModelFile(path, adapter, layers)
+        b = m.bpw()
+        label = f"{_dominant_type(m._reader)} + adapter"
+        return FileBpw(float(b["file"]), int(b["tensor_bytes"]), int(b["n_base_params"]), "lrq",
+                       label, float(b["linears"]))
+    if layers is not None:
+        from ..adapter import BoundModelFile
+        BoundModelFile(path, layers=layers).close()      # an invalid map is refused by name here
     reader = open_reader(path)
     kv = read_kv(reader)
     if Keys.FORMAT_VERSION in kv:

@@ -139,19 +139,24 @@ def reference_row(base: Base, label: str = "F32 reference") -> Row:
 
 
 def evaluate_model(model: str | os.PathLike, base: Base, label: str | None = None,
-                   threads: int | None = None, kind: str | None = None) -> Row:
-    """One ``--kl-divergence`` run of ``model`` against ``base``."""
+                   threads: int | None = None, kind: str | None = None,
+                   adapter: str | os.PathLike | None = None, layers: str | None = None) -> Row:
+    """One ``--kl-divergence`` run of ``model`` against ``base``; with ``adapter`` / ``layers``
+    (FORMAT.md 11 / 7.1) the model is that base with the adapter or layer map applied at load
+    time (llama-perplexity's --lrq-adapter / --lrq-layers), its bpw the bound model's."""
     model = Path(model)
     if not model.is_file():
         raise EvalError(f"{model}: no such model file")
     try:
-        b = file_bpw(model)
+        b = file_bpw(model, adapter=adapter, layers=layers)
     except Exception as e:  # GGUFFileError, LRQFileError: the message names the file
         raise EvalError(str(e)) from None
+    load = (["--lrq-adapter", str(adapter)] if adapter is not None else []) + \
+        (["--lrq-layers", layers] if layers is not None else [])
     t0 = time.monotonic()
     try:
         r = _run_parsed(_ppl_args(model, base.text_file, base.ctx, base.chunks, threads or base.threads)
-                        + ["--kl-divergence-base", base.logits, "--kl-divergence"],
+                        + load + ["--kl-divergence-base", base.logits, "--kl-divergence"],
                         parse_kld, f"llama-perplexity --kl-divergence on {model}")
     except Exception as e:
         raise EvalError(f"{model}: {e}") from None
