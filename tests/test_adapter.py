@@ -493,3 +493,36 @@ def test_bad_adapter_is_refused_by_the_binding(files, name, make, msg, tmp_path)
     with pytest.raises(_native.LoadError) as ei:
         _cpp_model(base, adapter=str(adapter))
     assert str(adapter) in str(ei.value), str(ei.value)
+
+
+def test_distill_runs_a_revisiting_schedule_in_order(files, tmp_path):
+    """lrq-distill trains group by group in schedule order: its step-0 KL on a file converted with
+    map 0..2,1..2 is the KL the reference executor computes from that file (a distiller that ran
+    each layer's groups together, i.e. 0,1,1,2,2, is far outside the bound)."""
+    import torch
+    from lrq.calib import calibration_windows
+    from lrq.calib.distill import DistillOptions, distill
+    from tiny_models import tiny_calib_text
+    # float32 modules against the float64 reference: ~1e-6 relative (tests/test_distill.py)
+    kl_rtol = 1e-4
+    text = tiny_calib_text(files.src, tmp_path / "calib.txt")
+    windows = calibration_windows(files.src, text, n_tokens=64, window=32)
+    lrq = tmp_path / "revisit.lrq.gguf"
+    convert(files.src, lrq, ConvertOptions(bits=2, group_size=32, plan="0..2,1..2", progress=False))
+    assert [(e.layer, e.replica) for e in open_model(lrq).schedule] == [(0, 0), (1, 0), (2, 0), (1, 1), (2, 1)]
+    s = distill(lrq, tmp_path / "d.gguf", files.src, DistillOptions(steps=0, progress=False), windows=windows)
+
+    def kl(model_ref):
+        src_ref = Reference(files.src)
+        tot = 0.0
+        for w in windows:
+            lq = torch.log_softmax(torch.from_numpy(model_ref.logits(w)), -1).numpy()
+            lp = torch.log_softmax(torch.from_numpy(src_ref.logits(w)), -1).numpy()
+            tot += float((np.exp(lp) * (lp - lq)).sum())
+        return tot / windows.size
+
+    want = kl(Reference(lrq))
+    assert s.kl_start == pytest.approx(want, rel=kl_rtol)
+    grouped = Reference(lrq)
+    grouped.steps.sort(key=lambda st: st.layer)          # the same executions, layer by layer
+    assert abs(kl(grouped) - want) > 10 * kl_rtol * want
