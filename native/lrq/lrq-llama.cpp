@@ -14,6 +14,7 @@
 #include "llama-model.h"
 
 #include <algorithm>
+#include <cctype>
 #include <array>
 #include <cmath>
 #include <cstdio>
@@ -50,6 +51,24 @@ static thread_local std::string lrq_cur_file;
 template <typename... Args>
 [[noreturn]] static void lrq_fail(const char * fmt, Args... args) {
     throw std::runtime_error(lrq_cur_file + ": LRQ: " + format(fmt, args...));
+}
+
+// "F16" for ggml's "f16" (the type names Python's messages use)
+static std::string lrq_upper(const char * s) {
+    std::string out = s ? s : "?";
+    for (char & c : out) {
+        c = (char) std::toupper((unsigned char) c);
+    }
+    return out;
+}
+
+// "[n_out, n_in]" in numpy order, as Python's messages write shapes
+static std::string lrq_shape_desc(const ggml_tensor * t) {
+    std::string out = "[";
+    for (int d = ggml_n_dims(t) - 1; d >= 0; --d) {
+        out += std::to_string(t->ne[d]) + (d ? ", " : "]");
+    }
+    return out;
 }
 
 static const char * lrq_gguf_type_desc(gguf_type t) {
@@ -428,14 +447,13 @@ static void lrq_attach_adapter(llama_model_loader & ml, const std::string & path
     // AD2: the base it was made for
     const std::string want_arch = lrq_get_str(am, lrq_key(am, LRQ_KEY_ADAPTER_ARCH, true));
     if (want_arch != ml.arch_name) {
-        lrq_fail("the adapter is for architecture '%s', the base is '%s' (rule AD2)", want_arch.c_str(),
-                 ml.arch_name.c_str());
+        lrq_fail(LRQ_KEY_ADAPTER_ARCH " = '%s' but the base is '%s' (rule AD2)", want_arch.c_str(), ml.arch_name.c_str());
     }
     uint32_t n_layer = 0;
     ml.get_key(LLM_KV_BLOCK_COUNT, n_layer, false);
     const uint32_t want_layers = lrq_get_u32(am, lrq_key(am, LRQ_KEY_ADAPTER_NLAYER, true));
     if (want_layers != n_layer) {
-        lrq_fail("the adapter is for a %u-layer model, the base has %u layers (rule AD2)", want_layers, n_layer);
+        lrq_fail(LRQ_KEY_ADAPTER_NLAYER " = %u but the base has %u layers (rule AD2)", want_layers, n_layer);
     }
     const int64_t kt = lrq_key(am, LRQ_KEY_ADAPTER_TENSORS, true);
     const size_t  n  = gguf_get_arr_n(am, kt);
@@ -456,22 +474,24 @@ static void lrq_attach_adapter(llama_model_loader & ml, const std::string & path
         // AD3: the base has it, with that type, shape and content
         const auto it = ml.weights_map.find(name);
         if (it == ml.weights_map.end()) {
-            lrq_fail("the adapter modifies %s, which the base does not have (rule AD3)", name.c_str());
+            lrq_fail("the base has no tensor %s (rule AD3)", name.c_str());
         }
         const ggml_tensor * t = it->second.tensor;
         if ((uint32_t) t->type != types[i]) {
-            lrq_fail("%s is %s in the base, %s in the base the adapter was made for (a different quantization; "
-                     "rule AD3)", name.c_str(), ggml_type_name(t->type),
-                     types[i] < (uint32_t) GGML_TYPE_COUNT ? ggml_type_name((ggml_type) types[i]) : "an unknown type");
+            lrq_fail("tensor %s of the base has type %s, the adapter was made for %s (another quantization; rule AD3)",
+                     name.c_str(), lrq_upper(ggml_type_name(t->type)).c_str(),
+                     types[i] < (uint32_t) GGML_TYPE_COUNT ? lrq_upper(ggml_type_name((ggml_type) types[i])).c_str()
+                                                           : format("type id %u", types[i]).c_str());
         }
         if (ggml_n_dims(t) != 2 || (uint64_t) t->ne[0] != shapes[2 * i] || (uint64_t) t->ne[1] != shapes[2 * i + 1]) {
-            lrq_fail("%s has ne [%lld, %lld] in the base, [%u, %u] in the base the adapter was made for (rule AD3)",
-                     name.c_str(), (long long) t->ne[0], (long long) t->ne[1], shapes[2 * i], shapes[2 * i + 1]);
+            lrq_fail("tensor %s of the base has shape (ne0, ne1) = (%lld, %lld), the adapter was made for (%u, %u) "
+                     "(rule AD3)", name.c_str(), (long long) t->ne[0], (long long) t->ne[1], shapes[2 * i],
+                     shapes[2 * i + 1]);
         }
         const uint32_t crc = lrq_tensor_crc32(ml, it->second);
         if (crc != crcs[i]) {
-            lrq_fail("%s has CRC-32 %08x in the base, %08x in the base the adapter was made for (same type and "
-                     "shape, other data: another quantization or model; rule AD3)", name.c_str(), crc, crcs[i]);
+            lrq_fail("tensor %s of the base has CRC-32 %08x, the adapter was made for %08x (same type and shape, "
+                     "other data: another quantization or model; rule AD3)", name.c_str(), crc, crcs[i]);
         }
     }
 
@@ -490,7 +510,7 @@ static void lrq_attach_adapter(llama_model_loader & ml, const std::string & path
                      "(rule AD1)", name.c_str());
         }
         if (ml.weights_map.count(name)) {
-            lrq_fail("tensor %s is both in the base and in the adapter (rule AD4)", name.c_str());
+            lrq_fail("tensor %s of the adapter is also a tensor of the base (rule AD4)", name.c_str());
         }
         const std::string weight = format("blk.%u.%s.weight", L, slot);
         const auto it = listed.find(weight);
@@ -502,7 +522,7 @@ static void lrq_attach_adapter(llama_model_loader & ml, const std::string & path
     }
     for (const auto & [name, used] : listed) {
         if (!used) {
-            lrq_fail("%s lists %s, but the adapter has no replica tensor of it (rule AD2)", LRQ_KEY_ADAPTER_TENSORS,
+            lrq_fail("%s lists %s, which no replica tensor of the adapter modifies (rule AD2)", LRQ_KEY_ADAPTER_TENSORS,
                      name.c_str());
         }
     }
@@ -671,10 +691,15 @@ std::shared_ptr<lrq_model> lrq_load_hparams(llama_model_base & m, llama_model_lo
         for (uint32_t L : layer) {
             runs[L] = true;
         }
+        std::string missing;
         for (uint32_t L = 0; L < n_base; ++L) {
             if (!runs[L]) {
-                lrq_fail("the schedule never runs layer %u of %u (rule S4)", L, n_base);
+                missing += (missing.empty() ? "" : ", ") + std::to_string(L);
             }
+        }
+        if (!missing.empty()) {
+            lrq_fail("the schedule: layer(s) %s never run; every layer 0..%u must run at least once (rule S4)",
+                     missing.c_str(), n_base - 1);
         }
     }
     // parallel groups: consecutive executions with the same id, one layer, distinct replicas
@@ -1011,9 +1036,9 @@ static std::vector<uint32_t> lrq_load_tensors_impl(llama_model_base & m, llama_m
                 } else {
                     const int64_t n = std::strcmp(p, "act") == 0 ? 2 : n_out;
                     if (meta->type != GGML_TYPE_F32 || ggml_n_dims(meta) != 1 || meta->ne[0] != n) {
-                        lrq_fail("%s must be F32 [%lld], got %s with %lld elements",
-                                                        name.c_str(), (long long) n, ggml_type_name(meta->type),
-                                                        (long long) ggml_nelements(meta));
+                        lrq_fail("tensor %s has shape %s (%s), expected F32 [%lld]", name.c_str(),
+                                 lrq_shape_desc(meta).c_str(), lrq_upper(ggml_type_name(meta->type)).c_str(),
+                                 (long long) n);
                     }
                     t = m.create_tensor(ml, tn, {n}, flags_opt);
                     if (std::strcmp(p, "act") != 0) {
@@ -1051,7 +1076,7 @@ static std::vector<uint32_t> lrq_load_tensors_impl(llama_model_base & m, llama_m
             unsigned L = 0, r = 0;
             char     slot[64] = {0};
             if (std::sscanf(name.c_str(), "blk.%u.%63[^.].lrq_r%u.", &L, slot, &r) == 3) {
-                lrq_fail("tensor %s: replica %u of layer %u is not in the schedule, or its "
+                lrq_fail("tensor %s is for replica %u of layer %u, which the schedule never runs, or its "
                                                 "weight %s has no LRQ codes%s", name.c_str(), r, L, slot,
                                                 l.version < 2 ? " (format version 1 has no stock-typed replicas)" : "");
             }
