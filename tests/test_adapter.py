@@ -181,6 +181,15 @@ def test_layer_map_view_of_a_stock_gguf(files):
     assert m.version == 3 and m.is_replicable("blk.0.attn_q.weight") and not m.is_lrq("blk.0.attn_q.weight")
     with pytest.raises(AdapterError, match="layer 3 does not exist"):
         open_model(files.src, layers="0..3")
+    # lrq-inspect shows the same view, and refuses the bad map by name
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert inspect_cli.main([str(files.src), "--layers", "0..2,1..2", "--json"]) == 0
+    info = json.loads(out.getvalue())
+    assert [(e["layer"], e["replica"]) for e in info["schedule"]] == [(0, 0), (1, 0), (2, 0), (1, 1), (2, 1)]
+    assert info["layer_map"] == "0..2,1..2" and info["base_architecture"] == "llama"
+    rc, err = _inspect([str(files.src), "--layers", "0..3"])
+    assert rc == 1 and "layer map '0..3'" in err and str(files.src) in err, err
 
 
 # ---- schedules that go back to an earlier layer ----------------------------------------------------
@@ -557,3 +566,17 @@ def test_eval_applies_an_adapter_and_a_layer_map(files, tmp_path, capsys):
     assert float(rows["adapter"]["bpw"]) > float(rows["identity"]["bpw"]) == float(rows["revisit"]["bpw"])
     assert eval_main(common + ["--adapter", str(files.adapter), "--layers", "0..2", str(files.src)]) == 2
     assert "not combined" in capsys.readouterr().err
+
+
+def test_nothing_to_adapt_is_refused_by_name(files, tmp_path):
+    """No replica tensors: no adapter (its binding arrays would be empty), and nothing written."""
+    with pytest.raises(AdapterError, match="no replica tensors"):
+        write_adapter(files.src, files.plan, {}, tmp_path / "a.gguf")
+    plain = tmp_path / "none.lrq.gguf"
+    convert(files.src, plain, ConvertOptions(bits=2, group_size=32, plan="none", progress=False))
+    with pytest.raises(AdapterError, match="no replica tensors") as ei:
+        split_lrq_file(plain, tmp_path / "a.gguf", tmp_path / "b.gguf")
+    assert str(plain) in str(ei.value)
+    assert not (tmp_path / "a.gguf").exists() and not (tmp_path / "b.gguf").exists()
+    with pytest.raises(AdapterError, match="layer 3 does not exist"):
+        write_adapter(files.src, layer_map("0..3", 4), files.tensors, tmp_path / "a.gguf")

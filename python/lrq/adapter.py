@@ -352,6 +352,11 @@ def _write(out: Path, arch_of_base: str, n_layer: int, plan: Plan, tensors: Mapp
            binding: tuple[list[int], list[int], list[int]], weights: list[str],
            provenance: Mapping[str, str], validate) -> Path:
     types, shapes, crcs = binding
+    if not tensors:
+        # the binding arrays would be empty, which GGUF writers refuse; a schedule alone needs no
+        # adapter: it is a layer map (--lrq-layers) when it has one serial step per execution
+        raise AdapterError(f"adapter {out}: no replica tensors to write; an adapter modifies at least one "
+                           f"weight (a schedule alone is a layer map, --lrq-layers)")
     out = check_output_path(out)
     with atomic.atomic_path(out) as tmp:
         with GGUFStreamWriter(tmp, ADAPTER_ARCH) as w:
@@ -411,7 +416,10 @@ def write_adapter(base_path: str | os.PathLike, plan: Plan, tensors: Mapping[str
                 base_type = None
     prov = {Keys.ADAPTER_BASE_FILE: base_path.name, Keys.ADAPTER_BASE_TYPE: base_type,
             **(provenance or {})}
-    plan.validate(int(n_layer), f"adapter {out}: schedule")
+    try:
+        plan.validate(int(n_layer), f"adapter {out}: schedule for base {base_path}")
+    except PlanError as e:
+        raise AdapterError(str(e)) from None
     return _write(Path(out), arch, int(n_layer), plan, tensors, binding, weights, prov,
                   lambda tmp: BoundModelFile(base_path, tmp).close())
 
@@ -443,6 +451,9 @@ def split_lrq_file(lrq_path: str | os.PathLike, adapter_out: str | os.PathLike,
     replica = {t.name: (np.asarray(_raw(reader, t)).reshape(_byte_shape(t)) if _quantized(t)
                         else np.asarray(t.data), int(t.tensor_type)) for t in reader.tensors
                if parse_replica_param_name(t.name) is not None}
+    if not replica:
+        raise AdapterError(f"{lrq_path}: has no replica tensors, so there is no adapter to split off "
+                           f"(its schedule alone is a layer map, --lrq-layers)")
     base_arch_name = f.kv["general.architecture"] if has_codes else f.arch
     none = layer_map(f"0..{n_layer - 1}", n_layer)
     written_base = None
@@ -494,11 +505,5 @@ def _byte_shape(t) -> tuple[int, ...]:
     return tuple(gguf.quant_shape_to_byte_shape(shape, gguf.GGMLQuantizationType(int(t.tensor_type))))
 
 
-def open_bound(base: str | os.PathLike, adapter: str | os.PathLike | None = None,
-               layers: str | Plan | None = None) -> BoundModelFile:
-    """lrq.model_file.open_model's view of a base with an adapter or a layer map."""
-    return BoundModelFile(base, adapter, layers)
-
-
 __all__ = ["AdapterError", "AdapterFile", "BoundModelFile", "bind", "sample_crc32", "write_adapter",
-           "split_lrq_file", "open_bound"]
+           "split_lrq_file"]
