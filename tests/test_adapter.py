@@ -26,7 +26,7 @@ import gguf
 import numpy as np
 import pytest
 
-from lrq.adapter import (AdapterError, AdapterFile, BoundModelFile, _binding, _write, bind, sample_crc32,
+from lrq.adapter import (AdapterError, AdapterFile, _binding, _write, bind, sample_crc32,
                          split_lrq_file, write_adapter)
 from lrq.cli import inspect as inspect_cli
 from lrq.constants import ADAPTER_ARCH, Keys
