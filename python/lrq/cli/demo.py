@@ -12,17 +12,19 @@ patched llama-perplexity; a greedy completion with llama-completion; and the sho
 bench/runtime.py's speed table (LRQ schedules against stock Q2_K / Q4_0 / F32).
 
 The LRQ files of those steps are plain round-to-nearest with no calibration: they show the
-pipeline running, not lrq's best quality.  The final step is the comparison that matters: SmolLM2
-converted to LRQ 2-bit g64 (MSE scale search), layers chosen by lrq-select (top-k by the measured
-KL of quantizing each layer alone), converted with that plan and calibrated on the SOTU
-*calibration* text, against stock Q2_K (with an importance matrix from the same calibration text)
-and Q4_0 — bpw, PPL, KLD and top-1 agreement against the F32 reference on the evaluation text,
-and decode tokens/s (llama-bench) — with one line saying which row wins and what each step cost.
-Calibration is the expensive part (~4 min of the default 1024 tokens x 20 steps on one core);
---calib-tokens / --calib-steps trade time for quality and --calib-threads 2 is ~1.7x faster on an
-idle 2-core machine but several times slower when other jobs share it (docs/RESULTS.md, "The
-demo's final table", has the measurements).  Nothing is cached across runs except what
-lrq.eval.stock caches (the F32 reference, the importance matrix, the stock files).
+pipeline running, not lrq's best quality.  The final step is the comparison that matters, the way
+users meet lrq: llama.cpp's own IQ2_XS and Q2_K files of SmolLM2 (llama-quantize with an importance
+matrix from the SOTU *calibration* text), each alone and with a small adapter that
+``lrq-calibrate --adapter`` fits on the same calibration text (per-output-channel gain / bias of
+every block linear; the stock file itself is never changed) — bpw, adapter size, PPL, KLD and
+top-1 agreement against the F32 reference on the evaluation text, and decode tokens/s
+(llama-bench --lrq-adapter) — with one line per adapter against its stock file and one saying
+which row wins.  SmolLM2's 576-wide rows do not take 2-bit k-/i-quants, so llama.cpp's "IQ2_XS"
+file is mostly IQ4_NL (~4.9 bpw): on this model the rows compare llama.cpp's own files, not 2-bit
+ones (docs/RESULTS.md has Qwen2.5-Coder-1.5B, whose rows do).  Calibration is the expensive part
+(about 3 minutes per adapter at the default 1024 tokens x 20 steps on one core); --calib-tokens /
+--calib-steps trade time for quality.  Nothing is cached across runs except what lrq.eval.stock
+caches (the F32 reference, the importance matrix, the stock files).
 """
 
 from __future__ import annotations
@@ -60,28 +62,23 @@ def _perplexity_rows(paths: dict[str, Path], text: str, text_file: Path, args) -
     return rows
 
 
-# ---- the final table: calibrated LRQ 2-bit with a selected plan against stock Q2_K / Q4_0 ----
+# ---- the final table: llama.cpp's own files + a calibrated adapter, against the same files alone ----
 
 @dataclass
 class FinalOptions:
     text: str = "sotu-eval"                # evaluation text (never calibrated on)
-    calib_text: str = "sotu-calib"         # calibration: lrq-select, lrq-calibrate, the imatrix
+    calib_text: str = "sotu-calib"         # calibration: lrq-calibrate and the imatrix
     ctx: int = 512
     chunks: int = 10
     threads: int = 2                       # llama.cpp threads (perplexity, llama-bench)
-    bits: int = 2
-    group_size: int = 64
-    scale_search: str = "mse"
-    select_k: int = 4                      # lrq-select --strategy top-k --k K --rank-by kl
-    select_tokens: int = 512               # activation statistics and the measured KL
-    window: int = 512                      # token window of lrq-select and the calibration
+    bases: tuple[str, ...] = ("IQ2_XS", "Q2_K")   # llama-quantize types, each with the imatrix
+    plan: str = "none"                     # schedule of base + adapter (a preset, plan file or layer map)
+    window: int = 512                      # token window of the calibration
     calib_tokens: int = 1024
     calib_steps: int = 20
-    torch_threads: int = 1                 # torch threads of select + calibrate
-    stock: tuple[tuple[str, bool], ...] = (("Q2_K", True), ("Q4_0", False))   # (type, imatrix)
+    torch_threads: int = 1                 # torch threads of the calibration
     imatrix_chunks: int | None = None      # None: lrq.eval.stock's default (64)
     stock_work: Path | None = None         # lrq.eval.stock's cache (None: ~/.cache/lrq/eval)
-    uncalibrated_row: bool = True          # also evaluate the converted file before calibration
     tg: int = 32                           # llama-bench decode tokens
     reps: int = 1
     progress: bool = False
@@ -90,11 +87,10 @@ class FinalOptions:
 @dataclass
 class FinalResult:
     rows: list                             # lrq.eval.Row; reference first; row.extra["tg"] = t/s
-    lrq_label: str
-    plan: dict[int, int]
     header: str
+    adapters: dict = field(default_factory=dict)   # row label -> (adapter path, its stock row's label)
     seconds: dict[str, float] = field(default_factory=dict)
-    calib_loss: float = math.nan
+    calib_loss: dict = field(default_factory=dict)  # row label -> final residual-stream MSE
 
 
 def _same_text(a: str, b: str) -> bool:
@@ -103,10 +99,13 @@ def _same_text(a: str, b: str) -> bool:
 
 
 def final_table(src: Path, work: Path, o: FinalOptions, log=lambda s: None) -> FinalResult:
-    """Build, evaluate and time the final table's rows (module doc).  ``work`` holds this run's
-    LRQ files and the reference logits; stock files come from lrq.eval.stock's cache."""
+    """Build, evaluate and time the final table's rows (module doc): for each base type, the
+    stock llama-quantize file (with the importance matrix) and the same file + an adapter fitted
+    by lrq-calibrate --adapter.  ``work`` holds this run's adapters and reference logits; stock
+    files come from lrq.eval.stock's cache and are never modified."""
     from .. import eval as ev
-    from ..eval.recipe import Builder, BuildSettings, Recipe, add_time
+    from ..calib.calibrate import CalibrateOptions, calibrate
+    from ..eval.recipe import add_time
     from ..eval.speed import bench_speed
 
     if _same_text(o.calib_text, o.text):
@@ -115,91 +114,107 @@ def final_table(src: Path, work: Path, o: FinalOptions, log=lambda s: None) -> F
     work.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(work / "eval", ignore_errors=True)      # never reuse a previous run's logits
     secs: dict[str, float] = {}
-
     timed = functools.partial(add_time, secs)
 
-    settings = BuildSettings(calib_text=o.calib_text, select_strategy="top-k", select_k=o.select_k,
-                             select_rank_by="kl", select_tokens=o.select_tokens,
-                             select_measure_tokens=o.select_tokens, select_ctx=o.window,
-                             calib_window=o.window, calib_tokens=o.calib_tokens,
-                             calib_steps=o.calib_steps, torch_threads=o.torch_threads,
-                             progress=o.progress)
-    tag = f"LRQ{o.bits} g{o.group_size} {o.scale_search}, top-{o.select_k}"
-    recipe = Recipe(f"{tag} calibrated", bits=o.bits, group_size=o.group_size,
-                    scale_search=o.scale_search, replication="selected", calibrated=True)
-    b = Builder(src, work / "lrq", settings, log)
-    built = b.build(recipe)
-    secs.update(built.seconds)
-    files = [(built.path, recipe.name, "lrq")]
-    if o.uncalibrated_row:
-        files.append((b.converted(recipe).path, f"{tag} not calibrated", "lrq"))
-
-    log(f"F32 reference of {src.name}, stock {', '.join(t for t, _ in o.stock)}")
+    log(f"F32 reference of {src.name}, importance matrix on {o.calib_text}, stock {', '.join(o.bases)}")
     ref = timed("reference + stock", ev.reference_f32, src, o.stock_work)
-    imat = None
-    if any(use for _, use in o.stock):
-        kw = {"chunks": o.imatrix_chunks} if o.imatrix_chunks else {}
-        imat = timed("reference + stock", ev.make_imatrix, ref, o.calib_text, ctx=o.ctx,
-                     threads=o.threads, work=o.stock_work, **kw)
-    for qtype, use in o.stock:
-        path = timed("reference + stock", ev.make_stock, ref, qtype, imat if use else None, o.stock_work)
-        files.append((path, f"stock {qtype}" + (" + imatrix" if use else ""), "stock"))
+    kw = {"chunks": o.imatrix_chunks} if o.imatrix_chunks else {}
+    imat = timed("reference + stock", ev.make_imatrix, ref, o.calib_text, ctx=o.ctx, threads=o.threads,
+                 work=o.stock_work, **kw)
+    copts = CalibrateOptions(text=o.calib_text, n_tokens=o.calib_tokens, window=o.window, steps=o.calib_steps,
+                             progress=o.progress)
+    models = []                                    # (label, base path, adapter or None, kind)
+    adapters, losses = {}, {}
+    for qtype in o.bases:
+        stock = timed("reference + stock", ev.make_stock, ref, qtype, imat, o.stock_work)
+        label = f"stock {qtype} + imatrix"
+        models.append((label, stock, None, "stock"))
+        adapter = work / f"{src.stem}.{qtype}.adapter.gguf"
+        log(f"lrq-calibrate {stock.name} --adapter {adapter.name} --plan {o.plan}")
+        n = torch_threads(o.torch_threads)
+        try:
+            summary = timed("calibrate", calibrate, stock, adapter, ref, copts, plan=o.plan, adapter=True)
+        finally:
+            torch_threads(n)
+        a_label = f"{qtype} + adapter"
+        models.append((a_label, stock, adapter, "lrq"))
+        adapters[a_label] = (adapter, label)
+        losses[a_label] = summary.final_loss
 
     log(f"reference logits on {o.text} (-c {o.ctx}, {o.chunks} chunks)")
     base = timed("evaluate", ev.base_logits, ref, o.text, o.ctx, o.chunks, o.threads, work / "eval")
     rows = [ev.reference_row(base)]
     try:
-        for path, label, kind in files:
+        for label, path, adapter, kind in models:
             log(f"evaluate {label}")
-            rows.append(timed("evaluate", ev.evaluate_model, path, base, label, o.threads, kind))
+            rows.append(timed("evaluate", ev.evaluate_model, path, base, label, o.threads, kind, adapter=adapter))
     finally:
         base.logits.unlink(missing_ok=True)         # ~25 MB a chunk; nothing is kept across runs
-    for row in rows:
+    for row, (_, _, adapter, _) in zip(rows, [(None, None, None, None)] + models):
         log(f"llama-bench tg{o.tg} {row.label}")
-        sp = timed("llama-bench", bench_speed, row.path, o.threads, o.reps, 0, o.tg)
+        sp = timed("llama-bench", bench_speed, row.path, o.threads, o.reps, 0, o.tg,
+                   extra=["--lrq-adapter", str(adapter)] if adapter else None)
         row.extra["tg"], row.extra["load1"] = sp.tg, sp.load1
     n_ch = base.result.n_chunks if base.result.n_chunks > 0 else o.chunks
     header = (f"model {src.name} (reference: its F32 dequantization), text {o.text}, -c {o.ctx}, "
               f"{n_ch} chunks, {o.threads} threads; decode = llama-bench tg{o.tg}, {o.reps} rep")
-    return FinalResult(rows, recipe.name, built.choice, header, secs, built.calib_loss)
+    return FinalResult(rows, header, adapters, secs, losses)
 
 
-def winner_line(rows, lrq_label: str) -> str:
-    """One line naming the row that wins on quality (lowest KLD) and how the LRQ row compares."""
+def torch_threads(n: int) -> int:
+    """Set torch's thread count to ``n`` (when > 0); returns the previous count."""
+    import torch
+    prev = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    return prev
+
+
+def adapter_lines(rows, adapters: dict) -> list[str]:
+    """One line per adapter row: its KLD, PPL, bits and decode speed against its stock file's."""
+    by = {r.label: r for r in rows}
+    out = []
+    for label, (path, stock_label) in adapters.items():
+        a, s = by.get(label), by.get(stock_label)
+        if a is None or s is None or not (math.isfinite(a.kld) and math.isfinite(s.kld) and s.kld > 0):
+            continue
+        size = Path(path).stat().st_size if Path(path).exists() else 0
+        tg_a, tg_s = a.extra.get("tg", math.nan), s.extra.get("tg", math.nan)
+        speed = f", decode {tg_a / tg_s:.2f}x" if tg_a > 0 and tg_s > 0 else ""
+        out.append(f"{label}: KLD {a.kld:.4f} vs {s.kld:.4f} ({100 * (a.kld / s.kld - 1):+.0f} %), PPL {a.ppl:.2f} "
+                   f"vs {s.ppl:.2f}, {size / 1e6:.2f} MB adapter (+{a.bpw - s.bpw:.3f} bpw){speed} against "
+                   f"{stock_label} alone")
+    return out
+
+
+def winner_line(rows) -> str:
+    """One line naming the row that wins on quality (lowest KLD) among the quantized rows."""
     cand = [r for r in rows if r.kind != "reference" and math.isfinite(r.kld)]
     if not cand:
         return "winner: none (no row was evaluated)"
     best = min(cand, key=lambda r: r.kld)
-    lrq = next((r for r in cand if r.label == lrq_label), None)
-    if lrq is None:
-        return f"winner: {best.label} (lowest KLD {best.kld:.4f}); the LRQ row did not run"
-    others = [r for r in cand if r is not lrq]
-    smaller = all(lrq.bpw < r.bpw for r in others)
-    if best is lrq:
-        return (f"winner: {lrq.label} — lowest KLD ({lrq.kld:.4f})"
-                + (" at the fewest bits per weight" if smaller else "") + ".")
-    size = (f"{lrq.bpw:.2f} bpw against {best.bpw:.2f}" if smaller or lrq.bpw != best.bpw else "same bpw")
-    tg_l, tg_b = lrq.extra.get("tg", math.nan), best.extra.get("tg", math.nan)
-    speed = (f", decodes at {tg_l / tg_b:.2f}x its speed" if tg_l > 0 and tg_b > 0 else "")
-    return (f"winner: {best.label} (KLD {best.kld:.4f}, PPL {best.ppl:.2f}); the calibrated LRQ row is "
-            f"{'smaller' if lrq.bpw < best.bpw else 'not smaller'} ({size}) but its KLD is "
-            f"{lrq.kld / best.kld:.1f}x higher (PPL {lrq.ppl:.2f}){speed}.")
+    fewest = all(best.bpw <= r.bpw for r in cand)
+    runner = min((r for r in cand if r is not best), key=lambda r: r.kld, default=None)
+    tail = (f"; next: {runner.label} (KLD {runner.kld:.4f} at {runner.bpw:.2f} bpw)" if runner else "")
+    return (f"winner: {best.label} — lowest KLD ({best.kld:.4f}, PPL {best.ppl:.2f}) at {best.bpw:.2f} bpw"
+            + (", the fewest bits per weight" if fewest else "") + tail + ".")
 
 
 def format_final(res: FinalResult, o: FinalOptions) -> str:
-    from ..eval.recipe import plan_summary
     lines = ["final table: " + res.header,
-             f"{'file':38s} {'bpw':>6s} {'PPL':>17s} {'KLD':>8s} {'top-1':>7s} {'tg t/s':>7s}"]
+             f"{'file':30s} {'bpw':>6s} {'adapter':>9s} {'PPL':>17s} {'KLD':>8s} {'top-1':>7s} {'tg t/s':>7s}"]
     for r in res.rows:
         ppl = f"{r.ppl:.2f} ± {r.ppl_err:.2f}"
         tg = r.extra.get("tg", math.nan)
-        lines.append(f"{r.label[:38]:38s} {r.bpw:6.2f} {ppl:>17s} {r.kld:8.4f} {100 * r.top1:6.1f}% "
+        a = res.adapters.get(r.label)
+        size = f"{Path(a[0]).stat().st_size / 1e6:6.2f} MB" if a and Path(a[0]).exists() else f"{'–':>9s}"
+        lines.append(f"{r.label[:30]:30s} {r.bpw:6.2f} {size:>9s} {ppl:>17s} {r.kld:8.4f} {100 * r.top1:6.1f}% "
                      f"{tg:7.1f}")
-    lines.append(f"bpw = whole file (embeddings included); LRQ plan (lrq-select top-{o.select_k} by "
-                 f"measured KL): {plan_summary(res.plan)}; calibrated on {o.calib_text}, "
-                 f"{o.calib_tokens} tokens, {o.calib_steps} steps (final residual MSE "
-                 f"{res.calib_loss:.4g})")
-    lines.append(winner_line(res.rows, res.lrq_label))
+    lines.append(f"bpw = whole file (embeddings included; with an adapter: base + adapter); adapters: "
+                 f"lrq-calibrate --adapter --plan {o.plan} on {o.calib_text}, {o.calib_tokens} tokens, "
+                 f"{o.calib_steps} steps; the stock files are unchanged")
+    lines.extend(adapter_lines(res.rows, res.adapters))
+    lines.append(winner_line(res.rows))
     from ..eval.speed import busy_cpu
     loads = [r.extra.get("load1", math.nan) for r in res.rows]
     if any(busy_cpu(x) for x in loads):
@@ -207,7 +222,7 @@ def format_final(res: FinalResult, o: FinalOptions) -> str:
                      f"{max(x for x in loads if math.isfinite(x)):.1f} on {os.cpu_count()} cores): "
                      f"the tokens/s column is unreliable; rerun on a quiet machine")
     s = res.seconds
-    order = ("select", "convert", "calibrate", "reference + stock", "evaluate", "llama-bench")
+    order = ("reference + stock", "calibrate", "evaluate", "llama-bench")
     parts = [f"{k} {s[k]:.0f} s" for k in order if k in s]
     extra = "" if "calibrate" not in s else f" (calibrate: {o.torch_threads} torch thread(s))"
     lines.append(f"cost: {', '.join(parts)}; total {sum(s.values()):.0f} s{extra}")
@@ -283,15 +298,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text", default="sotu-eval", help="a bundled text name or a file of your own")
     ap.add_argument("--out", type=Path, default=Path("out"), help="directory for the converted model")
     ap.add_argument("--no-bench", action="store_true", help="skip the speed table")
-    f = ap.add_argument_group("final table (calibrated LRQ 2-bit with a selected plan vs stock Q2_K / Q4_0)")
+    f = ap.add_argument_group("final table (llama.cpp's own IQ2_XS / Q2_K files + a calibrated adapter vs the same files)")
     f.add_argument("--calib-tokens", type=int, default=FinalOptions.calib_tokens,
                    help=f"calibration tokens (default {FinalOptions.calib_tokens}; lrq-calibrate's own default is 4096)")
     f.add_argument("--calib-steps", type=int, default=FinalOptions.calib_steps,
-                   help=f"Adam steps per layer and candidate (default {FinalOptions.calib_steps}; lrq-calibrate: 50)")
+                   help=f"Adam steps per layer (default {FinalOptions.calib_steps}; lrq-calibrate: 50)")
     f.add_argument("--calib-threads", type=int, default=FinalOptions.torch_threads,
-                   help="torch threads of lrq-select and the calibration (default 1: faster on a busy 2-core machine)")
-    f.add_argument("--select-k", type=int, default=FinalOptions.select_k,
-                   help=f"layers lrq-select replicates (top-k by measured KL; default {FinalOptions.select_k})")
+                   help="torch threads of the calibration (default 1: faster on a busy 2-core machine)")
+    f.add_argument("--bases", default=",".join(FinalOptions.bases),
+                   help=f"llama-quantize types of the final table (default {','.join(FinalOptions.bases)})")
+    f.add_argument("--plan", default=FinalOptions.plan,
+                   help="schedule of base + adapter: none (default), last-N, ... or a layer map such as 29x2")
     f.add_argument("--final-chunks", type=int, default=None, help="perplexity windows of the final table (default --chunks)")
     f.add_argument("--no-final", action="store_true", help="skip the final table")
     f.add_argument("--only-final", action="store_true", help="run only the final table")
@@ -316,21 +333,19 @@ def main(argv: list[str] | None = None) -> int:
 
     # 5. the final table
     o = FinalOptions(text=args.text, ctx=args.ctx, chunks=args.final_chunks or args.chunks,
-                     threads=args.threads, select_k=args.select_k, calib_tokens=args.calib_tokens,
-                     calib_steps=args.calib_steps, torch_threads=args.calib_threads)
-    print(f"\nfinal table: LRQ {o.bits}-bit g{o.group_size} ({o.scale_search} scale search), lrq-select "
-          f"top-{o.select_k} by measured KL, calibrated on {o.calib_text} ({o.calib_tokens} tokens, "
-          f"{o.calib_steps} steps) vs stock Q2_K + imatrix and Q4_0 ...", flush=True)
+                     threads=args.threads, bases=tuple(b.strip() for b in args.bases.split(",") if b.strip()),
+                     plan=args.plan, calib_tokens=args.calib_tokens, calib_steps=args.calib_steps,
+                     torch_threads=args.calib_threads)
+    print(f"\nfinal table: llama.cpp's own {' and '.join(o.bases)} files of {model.name} (with an importance "
+          f"matrix), each alone and with an adapter calibrated on {o.calib_text} ({o.calib_tokens} tokens, "
+          f"{o.calib_steps} steps, plan {o.plan}) ...", flush=True)
     log = lambda m: print(f"  [{time.strftime('%H:%M:%S')}] {m}", flush=True)  # noqa: E731
     from ..calib import CalibError
-    from ..convert import ConvertError
     from ..eval import EvalError, StockError
-    from ..select import SelectError
     from ..tools import ToolError
     try:
         res = final_table(model, args.out / "final", o, log)
-    except (CalibError, ConvertError, EvalError, StockError, SelectError, ToolError, ValueError,
-            OSError) as e:
+    except (CalibError, EvalError, StockError, ToolError, ValueError, OSError) as e:
         print(f"lrq-demo: error: {e}", file=sys.stderr)
         return 1
     print(format_final(res, o))

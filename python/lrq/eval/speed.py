@@ -37,8 +37,9 @@ def busy_cpu(load1: float, slack: float = 0.5) -> bool:
 
 
 def bench_speed(model: str | os.PathLike, threads: int = 2, reps: int = 1, pp: int = 0, tg: int = 32,
-                timeout: float | None = 900) -> Speed:
-    """One ``llama-bench -m MODEL -p PP -n TG -r REPS -t THREADS -o json`` run."""
+                timeout: float | None = 900, extra: list[str] | None = None) -> Speed:
+    """One ``llama-bench -m MODEL -p PP -n TG -r REPS -t THREADS -o json`` run; ``extra``: more
+    llama-bench options (``--lrq-adapter FILE``, ``--lrq-layers MAP``)."""
     model = Path(model)
     if not model.is_file():
         raise EvalError(f"{model}: no such model file")
@@ -50,7 +51,7 @@ def bench_speed(model: str | os.PathLike, threads: int = 2, reps: int = 1, pp: i
         load1 = math.nan
     try:
         proc = tools.run("llama-bench", ["-m", model, "-p", max(pp, 0), "-n", max(tg, 0), "-r", reps,
-                                         "-t", threads, "-o", "json"], timeout=timeout)
+                                         "-t", threads, "-o", "json", *(extra or [])], timeout=timeout)
         res = json.loads(proc.stdout)
     except (tools.ToolError, json.JSONDecodeError, OSError) as e:
         raise EvalError(f"llama-bench on {model}: {e}") from None
