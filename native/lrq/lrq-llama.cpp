@@ -465,12 +465,17 @@ static void lrq_attach_adapter(llama_model_loader & ml, const std::string & path
                  LRQ_KEY_ADAPTER_TENSORS, n, LRQ_KEY_ADAPTER_TYPES, types.size(), LRQ_KEY_ADAPTER_SHAPES,
                  shapes.size(), LRQ_KEY_ADAPTER_CRC32, crcs.size());
     }
+    if (ggml_get_first_tensor(actx) == nullptr) {
+        lrq_fail("the adapter holds no replica tensor; an adapter modifies at least one weight (a schedule "
+                 "alone is a layer map: --lrq-layers) (rule AD1)");
+    }
     std::map<std::string, bool> listed;   // name -> has a replica tensor in the adapter
     for (size_t i = 0; i < n; ++i) {
         const std::string name = gguf_get_arr_str(am, kt, i);
-        if (!listed.emplace(name, false).second) {
-            lrq_fail("%s lists %s twice (rule AD2)", LRQ_KEY_ADAPTER_TENSORS, name.c_str());
+        if (i > 0 && !(gguf_get_arr_str(am, kt, i - 1) < name)) {
+            lrq_fail("key %s must be sorted and name each weight once (rule AD2)", LRQ_KEY_ADAPTER_TENSORS);
         }
+        listed.emplace(name, false);
         // AD3: the base has it, with that type, shape and content
         const auto it = ml.weights_map.find(name);
         if (it == ml.weights_map.end()) {
