@@ -5,6 +5,7 @@
 // property): the quantizer is byte-exact with numpy only if every float32 multiply and add is
 // rounded separately, as numpy does, instead of being fused into an FMA.
 #include "lrq-impl.h"
+#include "lrq-dequant.h"   // code layout and zero point, shared with metal/lrq.metal
 
 #include <math.h>
 #include <stdlib.h>
@@ -74,13 +75,7 @@ int64_t lrq_n_groups(int64_t n_in, int group_size) { return (n_in + group_size -
 
 int lrq_max_code(int bits, lrq_mode mode) { return mode == LRQ_MODE_TERNARY ? 2 : (1 << bits) - 1; }
 
-float lrq_zero_point(int bits, lrq_mode mode) {
-    switch (mode) {
-        case LRQ_MODE_SYM:     return (float) ((1 << bits) - 1) / 2.0f;   // exact: 0.5 .. 7.5
-        case LRQ_MODE_TERNARY: return 1.0f;
-        default:               return 0.0f;
-    }
-}
+float lrq_zero_point(int bits, lrq_mode mode) { return lrq_dq_zero_point(bits, (int) mode); }   // exact: 0.5 .. 7.5 (sym)
 
 int lrq_check_params(int64_t n_in, int bits, lrq_mode mode, int group_size) {
     if (mode != LRQ_MODE_ASYM && mode != LRQ_MODE_SYM && mode != LRQ_MODE_TERNARY) return LRQ_ERR_MODE;
@@ -279,11 +274,9 @@ static void dequantize_block_f64(const lrq_weight * w, const lrq_replica * r, in
     const double     z     = (double) lrq_zero_point(w->bits, w->mode);
     const uint16_t * alpha = r ? r->alpha : NULL;
     const uint16_t * beta  = r ? r->beta : NULL;
-    uint8_t          q[LRQ_QK];
-    lrq_unpack_block(p, w->bits, q);
     for (int j = 0; j < LRQ_QK; ++j) {
         const int64_t G     = (b * LRQ_QK + j) / w->group_size;
-        const double  level = (double) q[j] - z;
+        const double  level = (double) lrq_dq_code(p, w->bits, j) - z;   // the kernels' code layout
         const double  d     = (double) lrq_h2f(w->d[row * w->d_row_stride + G]);
         double        v;
         if (beta) {
