@@ -142,24 +142,33 @@ def test_memory_report_sums_the_last_report_of_each_buffer():
 llama_kv_cache:        CPU KV buffer size =     0.00 MiB
 sched_reserve:        CPU compute buffer size =    98.25 MiB
 load_tensors:   CPU_Mapped model buffer size =    78.48 MiB
+load_tensors:   CPU_Mapped model buffer size =     0.01 MiB
 load_tensors:   CPU_REPACK model buffer size =    43.55 MiB
 llama_context:        CPU  output buffer size =     0.19 MiB
 llama_kv_cache:        CPU KV buffer size =    12.00 MiB
 llama_kv_cache: size =   12.00 MiB (   512 cells,  32 layers,  1/1 seqs), K (f16):    6.00 MiB
 sched_reserve:        CPU compute buffer size =    98.25 MiB
 """
-    assert memory_report(log) == pytest.approx(78.48 + 43.55 + 0.19 + 12.00 + 98.25)
+    # the last load only (the first is a dry run), both mapped buffers (base and adapter: a
+    # report keyed by buffer name alone kept the adapter's 0.01 MiB and lost the base's 78 MiB)
+    assert memory_report(log) == pytest.approx(78.48 + 0.01 + 43.55 + 0.19 + 12.00 + 98.25)
     with pytest.raises(SearchError, match="no buffer sizes"):
         memory_report("nothing here")
 
 
-def test_memory_grows_with_the_executions_of_a_map(tiny):
+def test_memory_grows_with_the_executions_of_a_map(tiny, tmp_path):
     """llama.cpp's report through the patched llama-completion: one KV cache per execution, so a
     map with 2 more executions reports more memory (KV 2 x ctx x 2 x n_embd_kv x 2 bytes)."""
     from lrq.search.measure import load_memory
     a = load_memory(tiny["base"], 256, [], 1)
     b = load_memory(tiny["base"], 256, ["--lrq-layers", "0x3"], 1)
     assert b > a
+    # the same map through an adapter of gains: the base's buffers plus the adapter's
+    sp = _space(tiny)
+    ad = Evaluator(tiny["ref"], sp, np.zeros((1, 32), np.int64), tmp_path, measure_cost=False).write_adapter(
+        Candidate(str(tiny["base"]), (2, 1, 1), (0.5, 1, 1), (1, 1, 1)), tmp_path / "a.adapter.gguf")
+    c = load_memory(tiny["base"], 256, ["--lrq-adapter", str(ad)], 1)
+    assert c >= load_memory(tiny["base"], 256, ["--lrq-layers", "0x2,1x2"], 1)
 
 
 # ---- studies ------------------------------------------------------------------------------------

@@ -126,14 +126,19 @@ def kld_top1(lp_ref: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
 
 
 def memory_report(log: str) -> float:
-    """MiB: the sum of the buffers llama.cpp reports (the last report of each buffer: a tool
-    that first fits its parameters prints a dry run with zero sizes)."""
-    last: dict[tuple[str, str, str], float] = {}
+    """MiB: the sum of the buffers llama.cpp reports in its last load (a tool that first fits
+    its parameters prints a dry run with zero sizes; a load starts with its load_tensors lines,
+    which may name one buffer type twice: the base's mapped tensors and an adapter's)."""
+    cur: list[float] = []
+    prev = None
     for m in _BUFFER.finditer(log):
-        last[(m.group(1), m.group(2), m.group(3))] = float(m.group(4))
-    if not last:
+        if m.group(1) == "load_tensors" and prev not in (None, "load_tensors"):
+            cur = []
+        cur.append(float(m.group(4)))
+        prev = m.group(1)
+    if not cur:
         raise SearchError("llama.cpp reported no buffer sizes")
-    return sum(last.values())
+    return sum(cur)
 
 
 def load_memory(base: str | os.PathLike, ctx: int, load: list[str], threads: int) -> float:
