@@ -204,9 +204,12 @@ def _check_complete(study, cfg, budget_slack: int):
     return done
 
 
-def test_two_workers_share_one_study(tiny, tmp_path):
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_two_workers_share_one_study(tiny, tmp_path, kind):
+    """The journal file (the default) and a database URL (SQLite here: the same RDBStorage code,
+    with the heartbeat, that PostgreSQL gets)."""
     cfg = _cfg(tiny, budget=12)
-    journal = tmp_path / "s.journal"
+    journal = tmp_path / "s.journal" if kind == "journal" else f"sqlite:///{tmp_path / 's.db'}"
     create_or_load(open_storage(str(journal), None), "two", cfg)
     procs = [subprocess.Popen([PY, "-m", "lrq.cli.search", "--worker", "--storage", str(journal), "--study", "two",
                                "-t", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -103,13 +103,23 @@ class SearchConfig:
 
 def open_storage(spec: str | None, out_dir: str | os.PathLike | None):
     """None / a file path -> journal file storage; a URL (scheme://) -> RDB storage with heartbeat."""
+    import warnings
+
     import optuna
-    from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import JournalStorage, RDBStorage
     from optuna.storages.journal import JournalFileBackend
     if spec and "://" in spec:
+        # the heartbeat is marked experimental in Optuna; it is what makes a dead worker's trial
+        # run again, so it is used on purpose
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         try:
-            return RDBStorage(spec, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                              failed_trial_callback=RetryFailedTrialCallback(max_retry=3))
+            try:      # Optuna >= 4.9
+                from optuna.storages import RetryHeartbeatStaleTrialCallback
+                retry = {"heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=3)}
+            except ImportError:
+                from optuna.storages import RetryFailedTrialCallback
+                retry = {"failed_trial_callback": RetryFailedTrialCallback(max_retry=3)}
+            return RDBStorage(spec, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **retry)
         except (ImportError, ModuleNotFoundError) as e:
             raise SearchError(f"--storage {spec}: the database driver is not installed ({e}); "
                               f"e.g. pip install psycopg2-binary for postgresql://") from None
