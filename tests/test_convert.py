@@ -59,7 +59,7 @@ def test_lrq_type_ids_follow_every_known_type():
     assert {n: v for n, v in ids.items() if n.startswith("LRQ")} == {t.name: int(t) for t in LRQType}
     assert ids.pop("COUNT") == LRQType.LRQ4 + 1
     assert max(v for n, v in ids.items() if not n.startswith("LRQ")) < LRQType.LRQ1
-    assert set(SUPPORTED_ARCHS) == {"llama", "qwen2", "qwen3"}
+    assert set(SUPPORTED_ARCHS) == {"llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe"}
     assert all(v.startswith("lrq.") for v in Keys.all().values())
     assert len(set(Keys.all().values())) == len(Keys.all())
 

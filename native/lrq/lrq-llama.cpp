@@ -28,7 +28,8 @@
 
 // ---- architecture name and format version -----------------------------------------------------
 
-static const char * const LRQ_BASE_ARCHS[] = { "llama", "qwen2", "qwen3" };
+// qwen2moe / qwen3moe: mixture of experts (docs/moe.md); their graph files get the two hooks in patches/0008
+static const char * const LRQ_BASE_ARCHS[] = { "llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe" };
 
 const char * lrq_base_arch_name(const char * name) {
     if (!name || std::strncmp(name, "lrq-", 4) != 0) {
@@ -197,7 +198,7 @@ static void lrq_check_format(const gguf_context * meta, const std::string & arch
     }
     const char *  base = lrq_base_arch_name(arch_name.c_str());
     if (!base) {
-        lrq_fail("architecture '%s' is not supported (lrq-llama, lrq-qwen2, lrq-qwen3)", arch_name.c_str());
+        lrq_fail("architecture '%s' is not supported (lrq-llama, lrq-qwen2, lrq-qwen3, lrq-qwen2moe, lrq-qwen3moe)", arch_name.c_str());
     }
     const int64_t bid = lrq_key(meta, LRQ_KEY_BASE_ARCH, true);
     if (lrq_get_str(meta, bid) != base) {
@@ -587,11 +588,15 @@ std::shared_ptr<lrq_model> lrq_load_hparams(llama_model_base & m, llama_model_lo
     l->layer_map = lrq_cur.layers;
     l->adapter   = lrq_cur.adapter;
 
-    if (m.arch != LLM_ARCH_LLAMA && m.arch != LLM_ARCH_QWEN2 && m.arch != LLM_ARCH_QWEN3) {
-        lrq_fail("architecture %s is not supported by lrq (llama, qwen2, qwen3)", ml.arch_name.c_str());
+    const bool moe_arch = m.arch == LLM_ARCH_QWEN2MOE || m.arch == LLM_ARCH_QWEN3MOE;
+    if (m.arch != LLM_ARCH_LLAMA && m.arch != LLM_ARCH_QWEN2 && m.arch != LLM_ARCH_QWEN3 && !moe_arch) {
+        lrq_fail("architecture %s is not supported by lrq (llama, qwen2, qwen3, qwen2moe, qwen3moe)", ml.arch_name.c_str());
     }
-    if (m.hparams.n_layer_nextn != 0 || m.hparams.n_expert != 0 || m.hparams.n_layer_kv_from_start >= 0) {
-        lrq_fail("MoE, next-n prediction and shared-KV layers are not supported");
+    // MoE: every layer of qwen2moe / qwen3moe is a router + stacked experts that the aliased
+    // virtual layers share (ggml_mul_mat_id on the base tensors); MoE llama files (mixtral) are
+    // not wired yet
+    if (m.hparams.n_layer_nextn != 0 || (m.hparams.n_expert != 0 && !moe_arch) || m.hparams.n_layer_kv_from_start >= 0) {
+        lrq_fail("MoE (other than qwen2moe, qwen3moe), next-n prediction and shared-KV layers are not supported");
     }
     if (params.split_mode == LLAMA_SPLIT_MODE_TENSOR) {
         lrq_fail("tensor split mode is not supported (the LRQ op runs on the CPU)");

@@ -22,7 +22,9 @@ FORMAT_VERSION_MIN = 1
 STOCK_REPLICAS_VERSION = 2
 LOWRANK_VERSION = 3
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
+# the mixture-of-experts bases (docs/moe.md): stacked experts ffn_*_exps, router ffn_gate_inp
+MOE_ARCHS = ("qwen2moe", "qwen3moe")
 ARCH_PREFIX = "lrq-"        # general.architecture = "lrq-" + base: stock llama.cpp refuses it
 
 

@@ -32,14 +32,14 @@ from .gguf_meta import GGUFMetaError, check_tensor_extents, read_metadata
 from .plan import Execution
 from .quant import ReplicaParams
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
 LRQ_FORMAT_KEY = "lrq.format_version"
 LRQ_ARCH_PREFIX = "lrq-"
 
 # llama.cpp's rope layout per architecture: llama's q/k rows are permuted by
 # convert_hf_to_gguf.py so that rotated pairs are adjacent (NORM); qwen2/qwen3 keep HF's
 # half-split layout (NEOX).  See llama_model_rope_type() in src/llama-model.cpp.
-ROPE_TYPE = {"llama": "norm", "qwen2": "neox", "qwen3": "neox"}
+ROPE_TYPE = {"llama": "norm", "qwen2": "neox", "qwen3": "neox", "qwen2moe": "neox", "qwen3moe": "neox"}
 
 # tokenizer.ggml.pre values for which llama.cpp turns add_bos on for a BPE ("gpt2") vocab
 # (src/llama-vocab.cpp, llama_vocab::impl::load); an explicit add_bos_token key overrides.
@@ -81,6 +81,10 @@ class HParams:
     qk_norm: bool                # per-head RMS norms on q and k (qwen3)
     attn_qkv_bias: bool          # q/k/v projection biases (qwen2)
     has_rope_freqs: bool         # a rope_freqs.weight tensor divides the frequencies (llama3)
+    # mixture of experts (qwen2moe, qwen3moe; 0 for a dense model): experts per MoE layer and
+    # experts each token uses (<arch>.expert_count, <arch>.expert_used_count)
+    n_expert: int = 0
+    n_expert_used: int = 0
 
     @classmethod
     def from_mapping(cls, d, has_tensor=None) -> "HParams":
@@ -107,6 +111,7 @@ class HParams:
             attn_qkv_bias=bool(d.get("attn_qkv_bias", d.get("attn_bias", False))),
             has_rope_freqs=bool(d.get("has_rope_freqs",
                                       has_tensor("rope_freqs.weight") if has_tensor else False)),
+            n_expert=int(d.get("n_expert", 0)), n_expert_used=int(d.get("n_expert_used", 0)),
         )
 
     def __getitem__(self, key: str):
@@ -229,6 +234,7 @@ class ModelFile:
             qk_norm="blk.0.attn_q_norm.weight" in self._tensors,
             attn_qkv_bias="blk.0.attn_q.bias" in self._tensors,
             has_rope_freqs="rope_freqs.weight" in self._tensors,
+            n_expert=int(self._key("expert_count", 0)), n_expert_used=int(self._key("expert_used_count", 0)),
         )
 
     def _scalar_per_layer(self, suffix: str, default=None, required: bool = False) -> int:

@@ -126,4 +126,6 @@ class Qwen3Converter(ArchConverter):
         "attn_q_norm.weight", "attn_k_norm.weight")
 
 
+from . import arch_moe  # noqa: E402,F401  (registers qwen2moe, qwen3moe)
+
 assert supported() == SUPPORTED_ARCHS, "lrq.constants.SUPPORTED_ARCHS and the registry disagree"

@@ -24,6 +24,7 @@ import torch
 from ..model_file import HParams, open_model
 from .ops import (Linear, act_clip_quant, apply_rope, attention, combine_group,  # noqa: F401
                   rms_norm, rope_angles)
+from .moe import EXPERT_NORM_W, MoEFFN
 from .perplexity import PerplexityResult, perplexity as _perplexity
 
 _LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -41,6 +42,7 @@ class Block:
     lin: dict[str, Linear]
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
+    moe: MoEFFN | None = None               # the FFN of a mixture-of-experts layer
 
 
 @dataclass
@@ -102,6 +104,7 @@ class Reference:
         self.output = (self.tok_embd if hp.tied_embeddings
                        else self._t(model.tensor("output.weight")))
         self._norms: dict[int, tuple] = {}
+        self._moe: dict[int, MoEFFN] = {}
         self.blocks: dict[tuple[int, int], Block] = {}
         for e in self.schedule:
             if (e.layer, e.replica) not in self.blocks:
@@ -121,7 +124,8 @@ class Reference:
     def _load_block(self, layer: int, replica: int) -> Block:
         p = f"blk.{layer}"
         lin = {}
-        for name in _LINEARS:
+        moe = self._load_moe(layer) if self._has(f"{p}.ffn_gate_inp.weight") else None
+        for name in (_LINEARS[:4] if moe is not None else _LINEARS):
             w, params = self.model.weight(f"{p}.{name}.weight", replica)
             gain, rbias, act_clip, bits, clip = _replica_terms(params)
             lr_u, lr_v = _lowrank_terms(params)
@@ -134,7 +138,28 @@ class Reference:
                                   self._opt(f"{p}.attn_q_norm.weight"),
                                   self._opt(f"{p}.attn_k_norm.weight"))
         attn_norm, ffn_norm, q_norm, k_norm = self._norms[layer]
-        return Block(attn_norm, ffn_norm, lin, q_norm, k_norm)
+        return Block(attn_norm, ffn_norm, lin, q_norm, k_norm, moe)
+
+    def _load_moe(self, layer: int) -> MoEFFN:
+        """Router, stacked experts and shared expert of a MoE layer: not replica tensors, so
+        every replica of the layer shares one copy."""
+        if layer not in self._moe:
+            p, hp = f"blk.{layer}", self.hp
+            if hp.arch not in EXPERT_NORM_W or hp.n_expert_used < 1:
+                raise ReferenceError(f"{getattr(self.model, 'path', 'model')}: {p}.ffn_gate_inp.weight "
+                                     f"in a '{hp.arch}' model with expert_used_count = "
+                                     f"{hp.n_expert_used}: not a mixture of experts the reference runs")
+            shexp_inp = self._opt(f"{p}.ffn_gate_inp_shexp.weight")
+            self._moe[layer] = MoEFFN(
+                self._t(self.model.tensor(f"{p}.ffn_gate_inp.weight")),
+                self._t(self.model.tensor(f"{p}.ffn_gate_exps.weight")),
+                self._t(self.model.tensor(f"{p}.ffn_up_exps.weight")),
+                self._t(self.model.tensor(f"{p}.ffn_down_exps.weight")),
+                hp.n_expert_used, EXPERT_NORM_W[hp.arch],
+                # [1, n_embd] (a reader may drop ggml's trailing ne1 = 1)
+                None if shexp_inp is None else shexp_inp.reshape(1, -1), self._opt(f"{p}.ffn_gate_shexp.weight"),
+                self._opt(f"{p}.ffn_up_shexp.weight"), self._opt(f"{p}.ffn_down_shexp.weight"))
+        return self._moe[layer]
 
     def _plan_steps(self) -> list[_Step]:
         """Group consecutive executions by group id and check the schedule's invariants."""
@@ -185,6 +210,8 @@ class Reference:
         cache.k[slot], cache.v[slot] = k, v
         x = x + blk.lin["attn_output"](attention(q, k, v, pos, hp.attn_scale))
         h = rms_norm(x, blk.ffn_norm, hp.rms_eps)
+        if blk.moe is not None:
+            return x + blk.moe(h)
         ffn = torch.nn.functional.silu(blk.lin["ffn_gate"](h)) * blk.lin["ffn_up"](h)
         return x + blk.lin["ffn_down"](ffn)
 
