@@ -269,3 +269,25 @@ def test_embedded_library_source_compiles_through_the_shim(tmp_path):
     r = subprocess.run(["g++", "-std=c++20", "-fsyntax-only", "-Wno-attributes", "-I",
                         str(ROOT / "tests" / "metal" / "shim"), "-x", "c++", str(src)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+# ---- the device check of the macOS workflow, run here on the CPU backend ----------------------------
+
+def test_backend_check_runs_the_op_on_every_device(tmp_path):
+    """tests/metal/backend_check.cpp (.github/workflows/metal.yml runs it on Metal) on this build:
+    the CPU backend must run every case within the bound; --require-gpu fails without a GPU."""
+    bin_dir = ROOT / "build" / "cmake" / "bin"
+    inc = ["-I", str(ROOT / "build" / "llama.cpp" / "ggml" / "include"), "-I", str(ROOT / "native" / "include")]
+    subprocess.run(["gcc", "-std=c11", "-O2", "-ffp-contract=off", *inc, "-c", str(ROOT / "native" / "lrq" / "ref.c"),
+                    "-o", str(tmp_path / "ref.o")], check=True)
+    exe = tmp_path / "backend_check"
+    subprocess.run(["g++", "-std=c++17", "-O2", *inc, str(ROOT / "tests" / "metal" / "backend_check.cpp"),
+                    str(tmp_path / "ref.o"), f"-L{bin_dir}", "-lggml", "-lggml-base", f"-Wl,-rpath,{bin_dir}",
+                    "-o", str(exe)], check=True)
+    r = subprocess.run([str(exe), str(bin_dir), "--require-gpu"], capture_output=True, text=True, timeout=120)
+    lines = [dict(kv.split("=", 1) for kv in ln.split() if "=" in kv) for ln in r.stdout.splitlines() if ln.startswith("device=")]
+    cpu = [ln for ln in lines if ln["device"] == "CPU"]
+    assert len(cpu) == N_MODES_BITS * N_GROUPS * 4
+    assert all(ln["supported"] == "1" and float(ln["nmse"]) <= 1e-8 for ln in cpu)
+    gpu_ran = int(re.search(r"gpu cases run: (\d+)", r.stdout).group(1))
+    assert r.returncode == (0 if gpu_ran else 1), r.stdout[-2000:] + r.stderr[-2000:]
