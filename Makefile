@@ -42,12 +42,19 @@ toolchain:
 	  || { echo "error: no Python.h for $(PYTHON): install the Python headers (Debian/Ubuntu: apt-get install python3-dev)" >&2; exit 1; }
 	@command -v ccache >/dev/null || echo "note: ccache not found; builds work without it, rebuilds are slower"
 
-# Only the tests need these (tests/test_neon.py: the aarch64 cross compiler and qemu-user).
-testdeps:
+# Only the tests need these (tests/test_neon.py: the aarch64 cross compiler and qemu-user;
+# tests/test_cuda_compile.py: the CUDA compiler from PyPI, pinned, into the venv -- no GPU needed).
+CUDA_PIP := nvidia-cuda-nvcc==13.5.37 nvidia-cuda-crt==13.5.37 nvidia-cuda-runtime==13.5.37 \
+            nvidia-nvvm==13.5.37 nvidia-cuda-cccl==13.3.5.0.6
+testdeps: venv
 	@command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null \
 	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	       && apt-get update -qq && apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user >/dev/null; } \
 	  || { echo "error: tests/test_neon.py needs aarch64-linux-gnu-gcc and qemu-aarch64 (Debian/Ubuntu: apt-get install gcc-aarch64-linux-gnu qemu-user)" >&2; exit 1; }
+	@$(PY) -m pip show nvidia-cuda-nvcc nvidia-cuda-crt nvidia-cuda-runtime nvidia-nvvm nvidia-cuda-cccl 2>/dev/null \
+	     | grep -c '^Version: 13\.' | grep -qx 5 \
+	  || $(PY) -m pip install -q $(CUDA_PIP) \
+	  || { echo "error: tests/test_cuda_compile.py needs the pip CUDA compiler: $(PY) -m pip install $(CUDA_PIP)" >&2; exit 1; }
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -1,6 +1,7 @@
 // lrq: the dequantization arithmetic of the LRQ types (docs/FORMAT.md sections 3, 4 and 6), in one
-// source compiled three ways: as C (native/lrq/ref.c, the reference), as C++ and as Metal Shading
-// Language (metal/lrq.metal; tests/metal compiles the same file with g++ through a shim).  What a
+// source compiled four ways: as C (native/lrq/ref.c, the reference), as C++, as Metal Shading
+// Language (metal/lrq.metal; tests/metal compiles the same file with g++ through a shim) and as CUDA
+// (native/cuda/lrq-cuda.cuh).  What a
 // kernel and the reference must agree on bit for bit lives here, so that they cannot drift:
 //
 //   - where code j of a 32-weight block sits in its 4*b bytes (planar packing, FORMAT.md 4),
@@ -18,6 +19,11 @@
 #if defined(__METAL_VERSION__)
 #define LRQ_DQ_DEVICE device
 #define LRQ_DQ_FN     inline
+#elif defined(__CUDACC__)
+// nvcc (native/cuda/lrq-cuda.cuh): callable from the kernels and from host code
+#include <stdint.h>
+#define LRQ_DQ_DEVICE
+#define LRQ_DQ_FN     static inline __host__ __device__
 #else
 #include <stdint.h>
 #define LRQ_DQ_DEVICE
