@@ -1,4 +1,5 @@
-"""Mixture-of-experts architectures (qwen2moe, qwen3moe; docs/moe.md) on tiny random models.
+"""Mixture-of-experts architectures (qwen2moe, qwen3moe, llama with experts = Mixtral;
+docs/moe.md) on tiny random models.
 
 The float64 reference executor against `transformers` (an independent implementation of the
 routing, the experts and qwen2moe's shared expert); the converter's tensor types (router and
@@ -56,14 +57,15 @@ EXACT_PPL_REL = 1e-5
 EXACT_ROUTE_MARGIN = 1e-4
 # Stock Q4_0 base (llama-quantize; ggml multiplies Q4_0 by Q8_0-rounded activations, the
 # reference by float ones), F32 KV, on sequences with routing margins > STOCK_ROUTE_MARGIN:
-# measured 1.3e-3 (qwen2moe) and 2.9e-4 (qwen3moe) on the chosen sequence with plan all; over
+# measured 1.3e-3 (qwen2moe), 2.9e-4 (qwen3moe) and 8.4e-4 (mixtral) on the chosen sequence
+# with plan all; over
 # twelve 24-token sequences with plan last-1, 2.2e-4 .. 2.2e-3 and 2.3e-4 .. 1.6e-2 (qwen3moe:
 # these random models amplify rounding through very sharp attention, like the dense tiny
 # qwen3's fast-path bounds in tests/test_runtime.py).  The control (the schedule ignored):
-# 1.06 and 1.19.  A wrong expert layout, a
+# 1.06, 1.19 and 0.92.  A wrong expert layout, a
 # dequantization of the stacked Q4_0 experts that mixes experts, or a schedule error moves the
 # NMSE to the control's order (asserted CONTROL_MARGIN times above).
-STOCK_Q4_NMSE = {"qwen2moe": 5e-3, "qwen3moe": 3e-2}
+STOCK_Q4_NMSE = {"qwen2moe": 5e-3, "qwen3moe": 3e-2, "mixtral": 5e-3}
 # Q8_0 activations move router logits by ~1e-3 (|logit| ~ 3)
 STOCK_ROUTE_MARGIN = 5e-3
 # every control (the schedule or the quantization ignored) must be this far above its bound
@@ -250,7 +252,7 @@ def test_converter_keeps_router_and_norms_full_precision(moe_models, moe_arch):
                 if "ffn_gate_inp" in n or n.endswith("norm.weight")}
         # attn_norm, ffn_norm, ffn_gate_inp + qwen2moe's ffn_gate_inp_shexp / qwen3moe's q and k
         # norms, per layer; + output_norm
-        assert len(full) == 3 * (5 if moe_arch == "qwen3moe" else 4) + 1
+        assert len(full) == 3 * {"qwen2moe": 4, "qwen3moe": 5, "mixtral": 3}[moe_arch] + 1
         assert set(full.values()) <= {"F32", "F16"}, full
     # no LRQ parameter tensor of any expert or router: the replicas are attention-only
     assert not any(".lrq_" in n and ("exps" in n or "gate_inp" in n or "shexp" in n) for n in lrq)

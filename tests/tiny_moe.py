@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_models import (BIAS_STD, CONVERT_SCRIPT, LLAMA_CPP, NORM_JITTER, TINY_VOCAB,  # noqa: E402
                          WEIGHT_STD, TinyModelError, train_tokenizer)
 
-MOE_ARCHS = ("qwen2moe", "qwen3moe")
+MOE_ARCHS = ("qwen2moe", "qwen3moe", "mixtral")
+# the GGUF architecture each one converts to: Mixtral is llama with experts
+GGUF_ARCH = {"qwen2moe": "qwen2moe", "qwen3moe": "qwen3moe", "mixtral": "llama"}
 
 N_EXPERT = 8
 N_EXPERT_USED = 2
@@ -49,9 +51,15 @@ _DEFAULTS: dict[str, dict] = {
     "qwen3moe": dict(_COMMON, head_dim=32, norm_topk_prob=True, rms_norm_eps=1e-6,
                      tie_word_embeddings=True,
                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    # llama with experts: top-k weights renormalised (llama.cpp: norm_w true), tied embeddings
+    # like the dense tiny llama; the experts' size is intermediate_size
+    "mixtral": dict(_COMMON, intermediate_size=96, num_local_experts=N_EXPERT, router_jitter_noise=0.0,
+                    rms_norm_eps=1e-5, tie_word_embeddings=True,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 _HF = {"qwen2moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
-       "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM")}
+       "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+       "mixtral": ("MixtralConfig", "MixtralForCausalLM")}
 
 
 def _config(arch: str, overrides: dict):

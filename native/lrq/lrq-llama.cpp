@@ -592,11 +592,11 @@ std::shared_ptr<lrq_model> lrq_load_hparams(llama_model_base & m, llama_model_lo
     if (m.arch != LLM_ARCH_LLAMA && m.arch != LLM_ARCH_QWEN2 && m.arch != LLM_ARCH_QWEN3 && !moe_arch) {
         lrq_fail("architecture %s is not supported by lrq (llama, qwen2, qwen3, qwen2moe, qwen3moe)", ml.arch_name.c_str());
     }
-    // MoE: every layer of qwen2moe / qwen3moe is a router + stacked experts that the aliased
-    // virtual layers share (ggml_mul_mat_id on the base tensors); MoE llama files (mixtral) are
-    // not wired yet
-    if (m.hparams.n_layer_nextn != 0 || (m.hparams.n_expert != 0 && !moe_arch) || m.hparams.n_layer_kv_from_start >= 0) {
-        lrq_fail("MoE (other than qwen2moe, qwen3moe), next-n prediction and shared-KV layers are not supported");
+    // MoE: every layer of qwen2moe / qwen3moe / llama with experts (Mixtral) is a router + stacked
+    // experts that the aliased virtual layers share (ggml_mul_mat_id on the base tensors)
+    const bool moe_ok = moe_arch || m.arch == LLM_ARCH_LLAMA;
+    if (m.hparams.n_layer_nextn != 0 || (m.hparams.n_expert != 0 && !moe_ok) || m.hparams.n_layer_kv_from_start >= 0) {
+        lrq_fail("MoE (other than qwen2moe, qwen3moe, llama), next-n prediction and shared-KV layers are not supported");
     }
     if (params.split_mode == LLAMA_SPLIT_MODE_TENSOR) {
         lrq_fail("tensor split mode is not supported (the LRQ op runs on the CPU)");

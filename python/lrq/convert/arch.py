@@ -105,7 +105,14 @@ class ArchConverter:
 @register
 class LlamaConverter(ArchConverter):
     arch = "llama"
-    hf_architectures = ("LlamaForCausalLM",)
+    hf_architectures = ("LlamaForCausalLM", "MixtralForCausalLM")
+
+    def __new__(cls, kv: dict[str, Any], shapes, where):
+        # llama with experts (Mixtral) has another block layout (arch_moe.MixtralConverter)
+        if cls is LlamaConverter and int(kv.get("llama.expert_count") or 0) > 0:
+            from .arch_moe import MixtralConverter
+            return super().__new__(MixtralConverter)
+        return super().__new__(cls)
 
 
 @register

@@ -1,4 +1,4 @@
-"""Mixture-of-experts architectures (qwen2moe, qwen3moe): the attention linears become LRQ
+"""Mixture-of-experts architectures (qwen2moe, qwen3moe, llama with experts = Mixtral): the attention linears become LRQ
 codes (or stay stock-typed, format v2) like a dense model's; the FFN of every block is a router
 ``ffn_gate_inp`` [n_expert, n_embd] and three stacked expert tensors ``ffn_{gate,up,down}_exps``
 [n_expert, n_out, n_in] (qwen2moe adds a shared expert ``ffn_*_shexp`` and its gate
@@ -14,7 +14,7 @@ decision flipped by a rounding error changes which weights a token sees at all.
 
 from __future__ import annotations
 
-from .arch import ArchConverter, register
+from .arch import ArchConverter, LlamaConverter, register
 
 _ATTENTION = ("attn_q", "attn_k", "attn_v", "attn_output")
 _MOE_BLOCK = ("attn_norm.weight", "ffn_norm.weight", "attn_q.weight", "attn_k.weight",
@@ -44,3 +44,9 @@ class Qwen3MoeConverter(MoEConverter):
     arch = "qwen3moe"
     hf_architectures = ("Qwen3MoeForCausalLM",)
     required_block_tensors = _MOE_BLOCK + ("attn_q_norm.weight", "attn_k_norm.weight")
+
+
+class MixtralConverter(MoEConverter, LlamaConverter):
+    """llama with experts (Mixtral): GGUF architecture ``llama`` with ``llama.expert_count`` > 0.
+    Not in the registry (one converter per architecture name): LlamaConverter hands a source
+    with experts to this class."""

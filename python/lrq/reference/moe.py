@@ -1,5 +1,5 @@
 """The mixture-of-experts FFN of the reference executor, mirroring llama.cpp's build_moe_ffn
-(src/llama-graph.cpp) for qwen2moe and qwen3moe:
+(src/llama-graph.cpp) for qwen2moe, qwen3moe and llama with experts (Mixtral):
 
     p = softmax(h R^T)                         router R [n_expert, n_embd], kept full precision
     (w, e) = top-k of p per token              k = expert_used_count
@@ -19,7 +19,8 @@ import torch
 
 # llama.cpp's norm_w argument of build_moe_ffn in each graph file (src/models/<arch>.cpp): the
 # pinned qwen3moe.cpp passes true and qwen2moe.cpp false, whatever the HF config says.
-EXPERT_NORM_W = {"qwen2moe": False, "qwen3moe": True}
+# llama.cpp's llama.cpp graph (Mixtral: llama with experts) passes true as well.
+EXPERT_NORM_W = {"qwen2moe": False, "qwen3moe": True, "llama": True}
 
 
 @dataclass
