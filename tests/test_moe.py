@@ -329,3 +329,16 @@ def test_replica_tensor_on_expert_or_router_is_refused(moe_models, tmp_path, nam
         open_model(bad)
     with pytest.raises(_native.LoadError, match=f"{bad}: LRQ: tensor {name.replace('.', '[.]')} is for replica"):
         _native.Model(str(bad), n_ctx=32)
+
+
+def test_inspect_shows_experts(moe_models, capsys):
+    """lrq-inspect's summary line and JSON: expert counts from the file's keys, the stacked
+    experts' type (here llama-quantize's Q4_0) and the router's (F32)."""
+    from lrq.cli.inspect import main
+    assert main(["--no-tensors", str(moe_models.stock("qwen2moe"))]) == 0
+    assert ("experts: 8 per layer in 3 MoE layers, 2 used per token; stacked experts Q4_0, router F32, "
+            "shared expert Q4_0") in capsys.readouterr().out
+    assert main(["--json", str(moe_models.lrq("qwen3moe", "none", extras=False))]) == 0
+    x = json.loads(capsys.readouterr().out)["experts"]
+    assert x == {"n_expert": N_EXPERT, "n_used": N_EXPERT_USED, "n_moe_layers": 3, "expert_types": ["F32"],
+                 "router_types": ["F32"], "shared_expert_types": []}

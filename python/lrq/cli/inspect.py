@@ -81,6 +81,7 @@ def collect(path: str, full_metadata: bool = False, adapter: str | None = None,
                "types": sorted({t["type"] for t in lr + lr_u})}
     return {
         "file": str(f.path),
+        "experts": _experts(f, tensors),
         "format_version": f.format_version,
         "architecture": f.kv.get("general.architecture"),
         "base_architecture": f.arch,
@@ -105,6 +106,21 @@ def collect(path: str, full_metadata: bool = False, adapter: str | None = None,
         "adapter": None if adapter is None else str(adapter),
         "layer_map": layers,
     }
+
+
+def _experts(f, tensors: list[dict]) -> dict | None:
+    """Mixture of experts (docs/moe.md): expert counts and the types of the stacked experts,
+    the routers and the shared experts; None for a dense model."""
+    routers = [t for t in tensors if t["name"].endswith(".ffn_gate_inp.weight")]
+    if not routers:
+        return None
+    exps = [t for t in tensors if t["name"].endswith("_exps.weight")]
+    shexp = [t for t in tensors if "_shexp.weight" in t["name"] and "gate_inp" not in t["name"]]
+    gates = [t for t in tensors if t["name"].endswith(".ffn_gate_inp_shexp.weight")]
+    return {"n_expert": f.kv.get(f"{f.arch}.expert_count"), "n_used": f.kv.get(f"{f.arch}.expert_used_count"),
+            "n_moe_layers": len(routers), "expert_types": sorted({t["type"] for t in exps}),
+            "router_types": sorted({t["type"] for t in routers + gates}),
+            "shared_expert_types": sorted({t["type"] for t in shexp})}
 
 
 def _print_adapter(info: dict, show_tensors: bool) -> None:
@@ -137,6 +153,11 @@ def _print(info: dict, show_tensors: bool) -> None:
     h = info["hparams"]
     print(f"  {h['n_layer']} layers, d={h['n_embd']}, ffn={h['n_ff']}, heads {h['n_head']}/{h['n_head_kv']}, "
           f"vocab {h['n_vocab']}")
+    x = info.get("experts")
+    if x:
+        print(f"  experts: {x['n_expert']} per layer in {x['n_moe_layers']} MoE layers, {x['n_used']} used per "
+              f"token; stacked experts {', '.join(x['expert_types'])}, router {', '.join(x['router_types'])}"
+              + (f", shared expert {', '.join(x['shared_expert_types'])}" if x["shared_expert_types"] else ""))
     if q["mode"] is not None:
         print(f"  quant: {q['mode']}, {q['bits']} bits, group {q['group_size']}, scale search "
               f"{q['scale_search']}, rounding {q['rounding']}")
