@@ -5,8 +5,8 @@ nvidia-cuda-nvcc / -crt / -runtime / -cccl / nvidia-nvvm); no GPU or driver is n
 So the kernels cannot rot on machines without a GPU:
 
 - native/cuda/lrq-cuda.cu (the kernels of lrq-cuda.cuh and their launchers) for sm_80 (A100) and
-  sm_90 (H100 / H200), warnings as errors; every kernel instantiation the launchers can pick is
-  compiled for both, none spills registers to local memory;
+  sm_90 (H100 / H200), with ggml-cuda's -use_fast_math, warnings as errors; every kernel
+  instantiation the launchers can pick is compiled for both, none spills registers to local memory;
 - the C glue that ggml-cuda links (lrq-cuda-host.c, lrq-cuda-ggml.c against the pinned, patched
   ggml headers) with gcc, warnings as errors;
 - a control: a copy of the kernels with one type error must not compile (the check can fail).
@@ -55,7 +55,7 @@ def nvcc() -> Path:
 
 def _compile(src: Path, out: Path, archs=ARCHS, extra=()) -> subprocess.CompletedProcess:
     gencode = [a for arch in archs for a in ("-gencode", f"arch=compute_{arch},code=sm_{arch}")]
-    return subprocess.run([str(nvcc()), "-c", "-std=c++17", "-O3", *gencode, "-Xptxas", "-v", "-Werror", "all-warnings",
+    return subprocess.run([str(nvcc()), "-c", "-std=c++17", "-O3", "-use_fast_math", *gencode, "-Xptxas", "-v", "-Werror", "all-warnings",
                            "-Xcompiler", "-Wall", "-I", str(CUDA_DIR), "-I", str(ROOT / "native" / "include"), *extra,
                            str(src), "-o", str(out)], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
 

@@ -4,8 +4,8 @@
 // LRQ_CUDA_SHIM defined, through tests/cuda/shim/lrq-cuda-shim.h, which emulates a thread block
 // with one std::thread per CUDA thread (tests/test_cuda_emulation.py runs these kernel bodies on the
 // CPU against lrq_mul_mat_ref and the CPU fast path).  So: only the CUDA that the shim emulates --
-// threadIdx / blockIdx, __syncthreads, __shfl_xor_sync over full warps, __dp4a, dynamic shared
-// memory through LRQ_CU_SHMEM, lrq_cu_h2f for fp16 loads.  The decoding of codes, the zero point,
+// threadIdx / blockIdx, __syncthreads, __shfl_xor_sync over full warps, __dp4a, __fdiv_rn, dynamic
+// shared memory through LRQ_CU_SHMEM, lrq_cu_h2f for fp16 loads.  The decoding of codes, the zero point,
 // the group of a block and the (ad, off) factors are lrq-dequant.h's, the same functions as
 // native/lrq/ref.c and metal/lrq.metal.
 #pragma once
@@ -118,8 +118,10 @@ __global__ void lrq_cuda_quantize_act_kernel(const float * x, int64_t x_stride, 
             if (k > 0) v = s == 0.0 ? 0.0 : rint(v / s) * s;   // act_bits 9..16
             const float xa = (float) v;
             const float am = lrq_cu_warp_max(fabsf(xa));
-            d              = am / 127.0f;
-            const float id = am > 0.0f ? 127.0f / am : 0.0f;
+            // correctly rounded divisions also under ggml-cuda's -use_fast_math: the int8 values
+            // and scales stay the CPU's
+            d              = __fdiv_rn(am, 127.0f);
+            const float id = am > 0.0f ? __fdiv_rn(127.0f, am) : 0.0f;
             q              = fminf(fmaxf(rintf(xa * id), -127.0f), 127.0f);
         }
         qs[(int64_t) t * n_in + b * LRQ_DQ_QK + lane] = (int8_t) q;

@@ -11,8 +11,8 @@
 //   - a kernel that reads shared memory another thread has not yet written -- a missing
 //     __syncthreads -- reads the NaN bytes the shared memory is filled with before each block
 //     (fiber 0 runs first and alone up to its first barrier), so its result is NaN;
-//   - __dp4a is the signed 4 x int8 dot product of the PTX instruction; lrq_cu_h2f reads fp16 bits
-//     as _Float16 (IEEE binary16, the bits of CUDA's __half).
+//   - __dp4a is the signed 4 x int8 dot product of the PTX instruction, __fdiv_rn IEEE division;
+//     lrq_cu_h2f reads fp16 bits as _Float16 (IEEE binary16, the bits of CUDA's __half).
 #pragma once
 
 #include <ucontext.h>
@@ -176,6 +176,8 @@ inline int __dp4a(int a, int b, int c) {
     for (int j = 0; j < 4; ++j) c += (int) (int8_t) (a >> (8 * j)) * (int) (int8_t) (b >> (8 * j));
     return c;
 }
+
+inline float __fdiv_rn(float a, float b) { return a / b; }   // IEEE division, round to nearest
 
 inline float lrq_cu_h2f(uint16_t h) {
     _Float16 f;
