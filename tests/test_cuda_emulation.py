@@ -23,6 +23,12 @@ cycled over the cases (none, alpha / beta per group, row and tensor, gain, bias,
 
 Controls: broken copies of the kernels (one small change each) must fail every case they touch,
 among them a tiled kernel without its second __syncthreads.
+
+ggml-cuda's glue (native/cuda/lrq-cuda-ggml.c, called by patches/0009) is run the same way on real
+ggml nodes (tests/cuda/glue_check.cpp: padded activation rows, per-row and per-group broadcast of
+scale_mult / grid_offset, a fused run of three nodes) against the CPU fast path, with the runs the
+fusion accepts and refuses and the loader's supports_op probes; a glue with the broadcast strides
+swapped must fail.
 """
 
 from __future__ import annotations
@@ -153,3 +159,34 @@ def test_broken_kernel_fails_every_case_it_touches(name):
     assert hit
     passing = [c for c in hit if c["nmse_q8"] <= BROKEN_NMSE_MIN]
     assert not passing, f"{name}: {len(passing)} of {len(hit)} cases pass with the broken kernel, first: {passing[0]}"
+
+
+# ---- ggml-cuda's glue ----------------------------------------------------------------------------
+
+GLUE_CASES = 9 * 2 * 3 + 3   # every type x mode, g 32 / 128, 1 / 5 / 40 tokens; three fused runs
+GLUE_CHECKS = 3 + 4 + 4 + 2 + 2   # fusable (3 token counts + 4 refusals / caps), supports (4 + 2 + 2)
+# alpha [1, n_out] read with the strides of [n_groups, 1] and the other way round
+GLUE_SWAPPED = [("*rs = t && t->ne[1] > 1 ? (int32_t) t->ne[0] : 0;\n    *gs = t && t->ne[0] > 1 ? 1 : 0;",
+                 "*gs = t && t->ne[1] > 1 ? (int32_t) t->ne[0] : 0;\n    *rs = t && t->ne[0] > 1 ? 1 : 0;")]
+
+
+def _glue(mutations=()) -> tuple[list[dict], list[str]]:
+    r = _run(harness_build.build_glue(CACHE, mutations=mutations))
+    assert r.returncode == 0, r.stderr
+    cases = [dict(kv.split("=", 1) for kv in ln.split()[1:]) for ln in r.stdout.splitlines() if ln.startswith("case ")]
+    checks = [ln for ln in r.stdout.splitlines() if ln.startswith(("fusable ", "supported "))]
+    return cases, checks
+
+
+def test_ggml_glue_matches_the_cpu_fast_path():
+    cases, checks = _glue()
+    assert len(cases) == GLUE_CASES and len(checks) == GLUE_CHECKS
+    bad = [c for c in cases if not (float(c["nmse"]) <= CUDA_Q8_NMSE_TOL)]
+    assert not bad, f"{len(bad)} of {len(cases)} glue cases fail, first: {bad[0]}"
+    assert all(ln.endswith("ok=1") for ln in checks), [ln for ln in checks if not ln.endswith("ok=1")]
+
+
+def test_ggml_glue_with_swapped_strides_fails():
+    cases, _ = _glue(GLUE_SWAPPED)
+    assert len(cases) == GLUE_CASES
+    assert all(float(c["nmse"]) > BROKEN_NMSE_MIN for c in cases)

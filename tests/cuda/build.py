@@ -1,4 +1,5 @@
-"""Build the CPU emulation harness of the CUDA kernels (tests/cuda/harness.cpp).
+"""Build the CPU emulation harness of the CUDA kernels (tests/cuda/harness.cpp) and the check of
+ggml-cuda's glue (tests/cuda/glue_check.cpp).
 
 The kernel source native/cuda/lrq-cuda.cuh is copied unchanged -- or, on request, with textual
 mutations applied (tests/test_cuda_emulation.py's broken-kernel controls) -- and compiled by g++
@@ -68,6 +69,45 @@ def build(out_dir: Path, *, mutations: list[tuple[str, str]] = ()) -> Path:
     subprocess.run(["g++", "-std=c++20", *flags, "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas", *inc,
                     f'-DLRQ_CUDA_SOURCE="{d / "lrq-cuda.cuh"}"', str(ROOT / "tests" / "cuda" / "harness.cpp"), *objs,
                     "-o", str(exe) + ".tmp", "-lm"], check=True)
+    Path(str(exe) + ".tmp").rename(exe)
+    return exe
+
+
+GLUE_SOURCE = ROOT / "native" / "cuda" / "lrq-cuda-ggml.c"
+BIN_DIR = ROOT / "build" / "cmake" / "bin"
+
+
+def build_glue(out_dir: Path, *, mutations: list[tuple[str, str]] = ()) -> Path:
+    """tests/cuda/glue_check.cpp with native/cuda/lrq-cuda-ggml.c (mutated on request), linked
+    against the build's libggml-base (make build)."""
+    text = GLUE_SOURCE.read_text()
+    for old, new in mutations:
+        if text.count(old) != 1:
+            raise ValueError(f"mutation anchor {old!r} occurs {text.count(old)} times in {GLUE_SOURCE}")
+        text = text.replace(old, new)
+    h = hashlib.sha256()
+    for p in [*INPUTS, ROOT / "tests" / "cuda" / "glue_check.cpp", BIN_DIR / "libggml-base.so"]:
+        h.update(p.read_bytes())
+    h.update(text.encode())
+    d = Path(out_dir) / ("glue-" + h.hexdigest()[:16])
+    exe = d / "glue_check"
+    if exe.exists():
+        return exe
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "lrq-cuda-ggml.c").write_text(text)
+    inc = ["-I", str(ROOT / "tests" / "cuda" / "shim"), "-I", str(ROOT / "native" / "cuda"),
+           "-I", str(ROOT / "native" / "include"), "-I", str(ROOT / "native" / "lrq"),
+           "-I", str(ROOT / "build" / "llama.cpp" / "ggml" / "include")]
+    objs = []
+    for src in [*LIB_SOURCES, ROOT / "native" / "cuda" / "lrq-cuda-host.c", d / "lrq-cuda-ggml.c"]:
+        obj = d / (src.stem + ".o")
+        extra = ["-mavx2", "-mfma", "-mf16c"] if src.name == "q8-avx2.c" and _x86() else []
+        subprocess.run(["gcc", "-std=c11", "-O2", "-ffp-contract=off", *extra, *inc, "-c", str(src), "-o", str(obj)],
+                       check=True)
+        objs.append(str(obj))
+    subprocess.run(["g++", "-std=c++20", "-O1", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas", *inc,
+                    str(ROOT / "tests" / "cuda" / "glue_check.cpp"), *objs, f"-L{BIN_DIR}", "-lggml-base",
+                    f"-Wl,-rpath,{BIN_DIR}", "-o", str(exe) + ".tmp", "-lm"], check=True)
     Path(str(exe) + ".tmp").rename(exe)
     return exe
 
