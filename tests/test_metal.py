@@ -261,8 +261,16 @@ def test_embedded_library_source_compiles_through_the_shim(tmp_path):
     out = tmp_path / "lrq-metal-source.inc"
     subprocess.run([_cmake(), f"-DOUT={out}", "-DSOURCES=" + ";".join(map(str, sources)), "-P",
                     str(ROOT / "metal" / "embed.cmake")], check=True, capture_output=True)
-    text = out.read_text()
-    body = text.split('R"lrq_msl(', 1)[1].rsplit(')lrq_msl"', 1)[0]
+    # ggml-metal-device.m is Objective-C (C, no raw strings): the .inc must be a valid C literal;
+    # a C program that includes it gives back the string the Metal compiler gets
+    dump = tmp_path / "dump.c"
+    dump.write_text('#include <stdio.h>\n#include "lrq-metal-source.inc"\n'
+                    "int main(void) { fputs(ggml_metal_lrq_source, stdout); return 0; }\n")
+    subprocess.run(["gcc", "-std=c11", "-Wall", "-Werror", "-I", str(tmp_path), str(dump), "-o", str(tmp_path / "dump")],
+                   check=True)
+    body = subprocess.run([str(tmp_path / "dump")], capture_output=True, text=True, check=True).stdout
+    for s in sources:   # every line of every source is in it
+        assert all(line in body for line in s.read_text().splitlines() if not line.startswith(("#include \"lrq-", "#pragma once")))
     assert '#include "' not in body   # one self-contained string: nothing to find at run time
     src = tmp_path / "embedded.metal"
     src.write_text(harness_build.ATTRIBUTE.sub("", body))
