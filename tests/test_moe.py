@@ -344,3 +344,24 @@ def test_inspect_shows_experts(moe_models, capsys):
     x = json.loads(capsys.readouterr().out)["experts"]
     assert x == {"n_expert": N_EXPERT, "n_used": N_EXPERT_USED, "n_moe_layers": 3, "expert_types": ["F32"],
                  "router_types": ["F32"], "shared_expert_types": []}
+
+
+def test_tools_without_moe_support_refuse_by_name(moe_models, tmp_path, capsys):
+    """lrq-calibrate, lrq-distill and lrq-select fit and score the seven dense block linears;
+    on a MoE file they refuse before any work, naming the file and docs/moe.md (a traceback
+    about a missing ffn_gate tensor was the earlier behaviour)."""
+    from lrq.cli.calibrate import main as calibrate
+    from lrq.cli.distill import main as distill
+    from lrq.cli.select import main as select
+    for arch in ("qwen2moe", "mixtral"):
+        lrq, src = moe_models.lrq(arch, "serial", extras=False), moe_models.gguf(arch)
+        base = {"qwen2moe": "qwen2moe", "mixtral": "llama"}[arch]
+        for run in (lambda: calibrate(["-q", "--source", str(src), str(lrq), str(tmp_path / "c.gguf")]),
+                    lambda: distill(["-q", "--source", str(src), str(lrq), str(tmp_path / "d.gguf")])):
+            assert run() != 0
+            err = capsys.readouterr().err
+            assert f"{lrq}: '{base}' is a mixture-of-experts model" in err and "docs/moe.md" in err, err
+        assert select(["-o", str(tmp_path / "p.json"), "--k", "1", str(src)]) == 1
+        err = capsys.readouterr().err
+        assert f"{src}: '{base}' is a mixture-of-experts model" in err, err
+        assert not any(tmp_path.iterdir())

@@ -86,7 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         if not model.is_file():
             err(f"{model}: no such model file"); return 1
         from ..select.measure import open_plain
-        n_layer = open_plain(model).hparams.n_layer
+        plain = open_plain(model)
+        if plain.hparams.n_expert:
+            # the per-layer scores quantize the seven dense block linears; expert selection
+            # (routing frequency x sensitivity) is the proposed --moe (docs/moe.md)
+            err(f"{model}: '{plain.arch}' is a mixture-of-experts model, which lrq-select does not "
+                f"score yet (docs/moe.md)"); return 1
+        n_layer = plain.hparams.n_layer
         choose([0.0] * n_layer, args.strategy, args.k, args.replicas)   # bad --k fails before work
         spec = QuantSpec(args.bits, args.group_size, args.quant_mode, args.scale_search)
         scores = select_layers(model, spec, args.text, args.tokens, args.ctx, args.measure_tokens,
