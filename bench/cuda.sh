@@ -30,6 +30,7 @@ out=${OUT:-$here/build/cuda-out}
 PPL_REL_TOL=0.005          # CUDA vs CPU perplexity: the op's float summation order only
 PPL_CHUNKS=${PPL_CHUNKS:-10}
 PY=${PYTHON:-python3}
+THREADS=${THREADS:-$(nproc)}   # CPU threads of the tools (the dry run on a shared 2-core machine: THREADS=1)
 [ -x "$here/.venv/bin/python" ] && PY=$here/.venv/bin/python
 
 die() { echo "bench/cuda.sh: $*" >&2; exit 2; }
@@ -40,6 +41,10 @@ log() { echo "== $*" >&2; }
 # every layer as a parallel group of two (replicas at their identity parameters: the CUDA vs CPU
 # comparison needs replicated graphs, not calibrated ones); q2_k, iq2_xs (imatrix on sotu-calib):
 # llama-quantize of SRC; iq2_xs.adapter.gguf: lrq-calibrate --adapter of iq2_xs with plan `all`.
+# LRQ2 codes: Q2_K's mixed precision and the data-free MSE clipping by default (LRQ_CONVERT_ARGS),
+# so that the LRQ rows compare a usable model rather than plain 2-bit rounding (perplexities in the
+# hundreds of thousands on SmolLM2, where CPU vs GPU differences say little).
+LRQ_CONVERT_ARGS=${LRQ_CONVERT_ARGS:---bits 2 --mix q2k --scale-search mse}
 prepare() {
   local src=${1:-} dir=${2:-$here/build/cuda-models} tokens=${CAL_TOKENS:-1024} steps=${CAL_STEPS:-20}
   local bin=$here/build/cmake/bin
@@ -60,15 +65,16 @@ EOF
   cp "$("$PY" -c 'import lrq.assets as a; print(a.path("sotu-eval"))')" "$dir/sotu-eval.txt"   # the GPU machine has no lrq
   for plan in none all parallel; do
     local p=$plan; [ "$plan" = parallel ] && p=$dir/parallel.json
-    [ -f "$dir/lrq2-$plan.gguf" ] || "$here/.venv/bin/lrq-convert" -q "$src" "$dir/lrq2-$plan.gguf" --bits 2 --plan "$p"
+    # shellcheck disable=SC2086
+    [ -f "$dir/lrq2-$plan.gguf" ] || "$here/.venv/bin/lrq-convert" -q "$src" "$dir/lrq2-$plan.gguf" $LRQ_CONVERT_ARGS --plan "$p"
   done
-  [ -f "$dir/imatrix.gguf" ] || "$bin/llama-imatrix" -m "$src" -f "$calib" -c 512 --chunks "${IMATRIX_CHUNKS:-32}" -o "$dir/imatrix.gguf" \
+  [ -f "$dir/imatrix.gguf" ] || "$bin/llama-imatrix" -t "$THREADS" -m "$src" -f "$calib" -c 512 --chunks "${IMATRIX_CHUNKS:-32}" -o "$dir/imatrix.gguf" \
     >"$dir/imatrix.log" 2>&1 || { tail -20 "$dir/imatrix.log"; die "llama-imatrix failed"; }
-  [ -f "$dir/q2_k.gguf" ] || "$bin/llama-quantize" --allow-requantize "$src" "$dir/q2_k.gguf" Q2_K >"$dir/quantize.log" 2>&1
-  [ -f "$dir/iq2_xs.gguf" ] || "$bin/llama-quantize" --allow-requantize --imatrix "$dir/imatrix.gguf" "$src" "$dir/iq2_xs.gguf" IQ2_XS \
+  [ -f "$dir/q2_k.gguf" ] || "$bin/llama-quantize" --allow-requantize "$src" "$dir/q2_k.gguf" Q2_K "$THREADS" >"$dir/quantize.log" 2>&1
+  [ -f "$dir/iq2_xs.gguf" ] || "$bin/llama-quantize" --allow-requantize --imatrix "$dir/imatrix.gguf" "$src" "$dir/iq2_xs.gguf" IQ2_XS "$THREADS" \
     >>"$dir/quantize.log" 2>&1 || { tail -20 "$dir/quantize.log"; die "llama-quantize failed"; }
   [ -f "$dir/iq2_xs.adapter.gguf" ] || "$here/.venv/bin/lrq-calibrate" -q "$dir/iq2_xs.gguf" --adapter "$dir/iq2_xs.adapter.gguf" \
-    --plan all --source "$src" --text sotu-calib --tokens "$tokens" --steps "$steps"
+    --plan all --source "$src" --text sotu-calib --tokens "$tokens" --window "${CAL_WINDOW:-512}" --steps "$steps" --threads "$THREADS"
   ls -la "$dir"
 }
 
@@ -85,7 +91,7 @@ pack() {
   grep -qx '/.cuda-stage/' "$here/.git/info/exclude" 2>/dev/null || echo '/.cuda-stage/' >>"$here/.git/info/exclude"
   rm -rf "$stage"; mkdir -p "$stage/models"
   tar -C "$here/build" --exclude=.git --exclude=llama.cpp/docs --exclude=llama.cpp/models --exclude=llama.cpp/tests \
-    --exclude=llama.cpp/examples --exclude=llama.cpp/tools/ui --exclude=llama.cpp/media --exclude=llama.cpp/benches \
+    --exclude=llama.cpp/examples --exclude=llama.cpp/media --exclude=llama.cpp/benches \
     --exclude=llama.cpp/ggml/src/ggml-vulkan --exclude=llama.cpp/ggml/src/ggml-sycl --exclude=llama.cpp/ggml/src/ggml-opencl \
     --exclude=llama.cpp/ggml/src/ggml-hexagon -cJf "$stage/llama.cpp.tar.xz" llama.cpp
   local used; used=$(( $(git -C "$here" ls-files -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1) + $(stat -c %s "$stage/llama.cpp.tar.xz") ))
@@ -138,7 +144,7 @@ ppl() {   # bin model tag args... -> PPL (and log in $out)
 
 bench_speed() {   # bin model tag args... -> "pp_ts tg_ts"
   local bin=$1 model=$2 tag=$3; shift 3
-  "$bin/llama-bench" -m "$model" -p 512 -n 128 -r 3 -o json "$@" >"$out/bench-$tag.json" 2>"$out/bench-$tag.log" || true
+  "$bin/llama-bench" -m "$model" -p 512 -n 128 -r "${BENCH_REPS:-3}" -o json "$@" >"$out/bench-$tag.json" 2>"$out/bench-$tag.log" || true
   "$PY" - "$out/bench-$tag.json" <<'EOF'
 import json, sys
 try:
@@ -154,7 +160,7 @@ EOF
 # PPL CPU vs GPU and speed for the model files in $1 with the tools in $2; GPU args in $3.
 measure() {
   local dir=$1 bin=$2 gpu_args=$3 fail=0 m c g rel
-  local cpu_args="-ngl 0 -dev none --no-op-offload"
+  local cpu_args="-ngl 0 -dev none --no-op-offload -t $THREADS"
   printf '\n| model | PPL CPU | PPL %s | rel. diff |\n|---|---|---|---|\n' "$GPU_NAME" >>"$out/table.md"
   for m in lrq2-all lrq2-parallel iq2_xs+adapter lrq2-none; do
     local f=$dir/$m.gguf extra=()
@@ -234,7 +240,7 @@ dry_run() {
   GPU_NAME="CPU (dry run)"
   local src; src=$("$PY" -c 'import lrq.assets as a; print(a.path("smollm2-135m"))')
   log "prepare (SmolLM2)"
-  IMATRIX_CHUNKS=4 CAL_TOKENS=${CAL_TOKENS:-256} CAL_STEPS=${CAL_STEPS:-2} prepare "$src" "$dir/models"
+  IMATRIX_CHUNKS=4 CAL_WINDOW=128 CAL_TOKENS=${CAL_TOKENS:-256} CAL_STEPS=${CAL_STEPS:-2} prepare "$src" "$dir/models"
   log "pack"
   pack "$dir/models" 2>&1 | tee -a "$out/table.md"
   log "configure the packed tree"
@@ -258,9 +264,8 @@ dry_run() {
   "$out/cuda_op_check" "$here/build/cmake/bin" --quick >"$out/op-check.txt" 2>"$out/op-check.log" \
     || { tail "$out/op-check.txt"; die "op check failed on the CPU"; }
   tail -1 "$out/op-check.txt" >>"$out/table.md"
-  log "perplexity and speed tables (CPU, the packed model files)"
-  TEXT=$here/.cuda-stage/models/sotu-eval.txt PPL_CHUNKS=2 measure "$here/.cuda-stage/models" "$here/build/cmake/bin" \
-    "-ngl 0 -t $(nproc)" || true
+  log "perplexity and speed tables (CPU)"
+  TEXT=$dir/models/sotu-eval.txt PPL_CHUNKS=2 BENCH_REPS=1 measure "$dir/models" "$here/build/cmake/bin" "-ngl 0 -t $THREADS" || true
   cat "$out/table.md"
 }
 

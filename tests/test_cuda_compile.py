@@ -94,3 +94,23 @@ def test_a_broken_kernel_does_not_compile(tmp_path):
     r = _compile(tmp_path / "lrq-cuda.cu", tmp_path / "broken.o", archs=("80",), extra=("-I", str(tmp_path)))
     assert r.returncode != 0
     assert "lrq_cu_warp_sum_i" in r.stderr
+
+
+def test_patch_and_cmake_wire_the_kernels_into_ggml_cuda():
+    """patches/0009 calls the glue where ggml-cuda decides and computes; CMakeLists.txt builds
+    exactly the sources this test compiles into ggml-cuda (the rest is checked by
+    tests/test_cuda_emulation.py and, on a GPU, bench/cuda.sh)."""
+    patch = sorted((ROOT / "patches").glob("*-cuda-lrq-kernels.patch"))
+    assert len(patch) == 1, patch
+    added = "\n".join(ln[1:] for ln in patch[0].read_text().splitlines() if ln.startswith("+"))
+    for needle in ('#include "lrq-cuda-ggml.h"',
+                   "case GGML_OP_LRQ_MUL_MAT:\n            ggml_cuda_lrq_mul_mat(ctx, &dst, 1);",
+                   "ggml_lrq_mul_mat_cuda_fusable(cgraph->nodes + i, cgraph->n_nodes - i)",
+                   "case GGML_OP_LRQ_MUL_MAT:\n            return ggml_lrq_mul_mat_cuda_supported(op);"):
+        assert needle in added, needle
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    block = cmake[cmake.index("if (GGML_CUDA AND TARGET ggml-cuda)"):]
+    block = block[:block.index("endif()")]
+    srcs = set(re.findall(r"native/cuda/[\w.-]+", block))
+    assert srcs == {"native/cuda/lrq-cuda.cu", "native/cuda/lrq-cuda-host.c", "native/cuda/lrq-cuda-ggml.c"}
+    assert all((ROOT / s).exists() for s in srcs)
