@@ -209,6 +209,9 @@ run() {
     || { tail -60 "$out/build.log"; die "build failed"; }
   echo "build: $((SECONDS - t0)) s" >>"$out/table.md"
   build_op_check "$bdir/bin"
+  # BUILD_ONLY=1: stop here.  build/cuda stays on a warm device machine, so a second call (the
+  # build is then a no-op) can spend a whole command's 10 minutes on the measurements.
+  [ "${BUILD_ONLY:-0}" = 1 ] && { cat "$out/table.md"; return 0; }
   log "op check"
   printf '\n```\n' >>"$out/table.md"
   "$out/cuda_op_check" "$bdir/bin" --require-gpu --bandwidth >"$out/op-check.txt" 2>"$out/op-check.log" || fail=1
