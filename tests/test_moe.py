@@ -365,3 +365,24 @@ def test_tools_without_moe_support_refuse_by_name(moe_models, tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"{src}: '{base}' is a mixture-of-experts model" in err, err
         assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_activation_aware_conversion_of_moe(moe_models, tmp_path, method, monkeypatch):
+    """The converter's calibration capture runs the MoE blocks (router and experts through the
+    reference) and fits the attention linears only; the file then runs exactly as the reference
+    reads it."""
+    from tiny_models import tiny_calib_text
+    src = moe_models.gguf("qwen3moe")
+    text = tiny_calib_text(src, tmp_path / "calib.txt")
+    out = tmp_path / f"{method}.gguf"
+    opts = dict(scale_search="act-mse") if method == "awq" else dict(gptq=True)
+    convert(src, out, ConvertOptions(bits=3, group_size=32, calib_text=str(text), calib_tokens=512,
+                                     progress=False, **opts))
+    types = _types(out)
+    assert types["blk.1.attn_q.weight"] == "LRQ3" and types["blk.1.ffn_up_exps.weight"] == "F32"
+    ref = Reference(open_model(out))
+    toks = tokens_with_margin(ref, EXACT_ROUTE_MARGIN)
+    monkeypatch.setenv("LRQ_CPU_REF", "1")
+    native = _native.Model(str(out), n_ctx=64, n_threads=THREADS, kv_f32=True, flash_attn=0)
+    assert nmse(native.eval(toks), ref.logits(toks)) < EXACT_NMSE

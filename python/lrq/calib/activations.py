@@ -176,7 +176,7 @@ class SourceActivations(_Stream):
         blk = self.block(layer)
         wrapped = {n: (_Recorder(l, sink_for(n)) if SHARED_INPUT[n] == n else l)
                    for n, l in blk.lin.items()}
-        rec = Block(blk.attn_norm, blk.ffn_norm, wrapped, blk.q_norm, blk.k_norm)
+        rec = dataclasses.replace(blk, lin=wrapped)     # keeps a MoE block's router and experts
         with torch.no_grad():
             return run_block(self.ref, rec, self.block_input(layer), self.ctx)
 
@@ -199,7 +199,8 @@ class SourceActivations(_Stream):
             return sink
 
         self._capture(layer, sink_for)
-        self._stats = {n: LinearStats(*acc[SHARED_INPUT[n]]) for n in LINEARS}
+        # a MoE block has no dense ffn_* linears (their inputs were never recorded)
+        self._stats = {n: LinearStats(*acc[SHARED_INPUT[n]]) for n in LINEARS if SHARED_INPUT[n] in acc}
         self._stats_layer = layer
         return self._stats
 
@@ -211,7 +212,7 @@ class SourceActivations(_Stream):
             return lambda x: got.setdefault(name, []).append(x.detach().clone())
 
         self._capture(layer, sink_for)
-        return {n: torch.cat(got[SHARED_INPUT[n]]) for n in LINEARS}
+        return {n: torch.cat(got[SHARED_INPUT[n]]) for n in LINEARS if SHARED_INPUT[n] in got}
 
 
 class _Stop(Exception):
