@@ -386,3 +386,17 @@ def test_activation_aware_conversion_of_moe(moe_models, tmp_path, method, monkey
     monkeypatch.setenv("LRQ_CPU_REF", "1")
     native = _native.Model(str(out), n_ctx=64, n_threads=THREADS, kv_f32=True, flash_attn=0)
     assert nmse(native.eval(toks), ref.logits(toks)) < EXACT_NMSE
+
+
+def test_hf_directory_source_equals_gguf_source(moe_models, tmp_path):
+    """lrq-convert on Mixtral's HF directory (MixtralForCausalLM, converted by the pinned
+    convert_hf_to_gguf.py inside lrq-convert) writes the tensors it writes from the GGUF."""
+    from gguf_edit import read
+    a, b = tmp_path / "from-hf.gguf", tmp_path / "from-gguf.gguf"
+    convert(moe_models.hf("mixtral"), a, ConvertOptions(bits=2, group_size=32, progress=False))
+    convert(moe_models.gguf("mixtral"), b, ConvertOptions(bits=2, group_size=32, progress=False))
+    (_, ta), (_, tb) = read(a), read(b)
+    assert sorted(ta) == sorted(tb) and any(n.endswith("_exps.weight") for n in ta)
+    for name in ta:
+        assert ta[name].tensor_type == tb[name].tensor_type, name
+        assert np.array_equal(np.asarray(ta[name].data), np.asarray(tb[name].data)), name
