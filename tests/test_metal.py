@@ -11,7 +11,8 @@ itself checked against lrq.quant by tests/test_kernels.py):
   short last group for g = 64, 128, 256;
 - the mat-vec kernel (1 token), the few-column kernels (2, 3 -> the 4-column kernel with a masked
   column, 8, 11 -> two column blocks) and the tiled mat-mat kernel (40 tokens; 37 and 100 rows);
-  37 rows is a multiple of neither the rows per simdgroup (4) nor per threadgroup (8, 64);
+  37 rows is a multiple of neither the rows per simdgroup (4) nor per threadgroup (8, 64); and
+  model-sized rows (n_in 1536, 130 rows; 1 and 69 tokens) for every bits x mode;
 - replica parameters cycled over the cases: none, alpha / beta per group, per row and per tensor,
   gain, bias, activation clip, 4- and 8-bit activations;
 - padded code rows and activation rows (NaN padding), absent sources as NULL pointers, output
@@ -41,8 +42,8 @@ import build as harness_build  # noqa: E402
 CACHE = Path(tempfile.gettempdir()) / "lrq-metal-harness"
 
 # Float32 kernels against the float64 reference: products and sums rounded to float32 (relative
-# error ~2^-24 per operation over ~350 terms) and half parameters read exactly; measured NMSE
-# 1.1e-14 .. 1.5e-13 over the 252 cases.  1e-10 leaves three orders of margin, and one wrong code
+# error ~2^-24 per operation over 352 or 1536 terms) and half parameters read exactly; measured
+# NMSE 1.1e-14 .. 5.3e-13 over the 270 cases.  1e-10 leaves three orders of margin, and one wrong code
 # among the 37 x 352 weights of a case (error d * x in one output of ~sqrt(352) * d * x) is an
 # NMSE of ~1e-4: any real decoding, group or parameter error is far outside.
 METAL_NMSE_TOL = 1e-10
@@ -50,6 +51,8 @@ METAL_NMSE_TOL = 1e-10
 BROKEN_NMSE_MIN = 1e-6
 
 N_MODES_BITS, N_GROUPS, N_KCONFS = 9, 4, 7
+N_BIG = 2   # per bits x mode: model-sized rows (n_in 1536, 130 rows), mat-vec and 69-token mat-mat
+N_CASES = N_MODES_BITS * N_GROUPS * N_KCONFS + N_MODES_BITS * N_BIG
 KERNEL_FAMILIES = {"mv_c1", "mv_c2", "mv_c4", "mv_c8", "mm"}
 REPLICA_KINDS = {"none", "group", "row", "tensor_clip", "act4", "act8_group"}
 HARNESS_TIMEOUT_S = 240   # a kernel with unbalanced barriers hangs the emulation: fail, not hang
@@ -97,13 +100,13 @@ def cases(harness) -> list[dict]:
 
 
 def test_harness_covers_every_type_group_kernel_and_replica(cases):
-    assert len(cases) == N_MODES_BITS * N_GROUPS * N_KCONFS
+    assert len(cases) == N_CASES
     combos = {(c["kernel"], c["mode"], c["bits"], c["g"]) for c in cases}
     assert len(combos) == len(KERNEL_FAMILIES) * N_MODES_BITS * N_GROUPS
     assert {c["kernel"] for c in cases} == KERNEL_FAMILIES
     for k in KERNEL_FAMILIES:
         assert {c["rep"] for c in cases if c["kernel"] == k} == REPLICA_KINDS, k
-    assert {c["n_tok"] for c in cases} == {"1", "2", "3", "8", "11", "40"}
+    assert {c["n_tok"] for c in cases} == {"1", "2", "3", "8", "11", "40", "69"}
     assert all(float(c["power"]) > 0 for c in cases)   # a reference that is not all zero
 
 
@@ -115,7 +118,7 @@ def test_kernels_match_reference(cases):
 @pytest.mark.parametrize("name", sorted(MUTANTS))
 def test_broken_kernel_fails_every_case(name):
     exe = harness_build.build(CACHE, mutations=MUTANTS[name])
-    r = _run(exe)
+    r = _run(exe, "--no-big")   # the 252 cases of every type x group x kernel configuration
     assert r.returncode == 0, r.stderr
     cases = _parse(r.stdout)
     assert len(cases) == N_MODES_BITS * N_GROUPS * N_KCONFS

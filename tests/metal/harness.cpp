@@ -7,8 +7,9 @@
 // tests/test_metal.py builds this file (the shader source is LRQ_METAL_SOURCE, so that the test can
 // also build a deliberately broken copy) and checks every nmse against its bound.
 //
-// Usage: harness [--quick] [--concurrent N]
+// Usage: harness [--quick | --no-big] [--concurrent N]
 //   --quick        a few cases per kernel (the ThreadSanitizer build)
+//   --no-big       without the model-sized cases (the broken-kernel controls)
 //   --concurrent   threadgroups in flight at once (default 2)
 #include <metal_stdlib>
 
@@ -215,18 +216,42 @@ void run_kernel(const problem & p, int nc, float * dst, int concurrent) {
     }
 }
 
+// One case: make the problem, run the reference and the kernel, print the comparison.
+void run_case(const kconf & kc, int n_in, int bits, int mode, int g, int rep, uint32_t seed, int concurrent) {
+    const int GUARD = 64;   // floats after the output that no kernel may touch
+    const problem p = make_problem(n_in, kc.n_out, kc.n_tok, bits, mode, g, rep, seed);
+    const std::vector<float> ref = reference(p);
+    std::vector<float>       y((size_t) p.n_tok * p.n_out + GUARD, std::nanf(""));
+    run_kernel(p, kc.nc, y.data(), concurrent);
+    double err = 0.0, pow = 0.0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+        const double e = (double) y[i] - (double) ref[i];
+        err += e * e;
+        pow += (double) ref[i] * ref[i];
+    }
+    bool guard_ok = true;
+    for (int i = 0; i < GUARD; ++i) guard_ok = guard_ok && std::isnan(y[ref.size() + i]);
+    std::printf("case kernel=%s bits=%d mode=%s g=%d n_in=%d n_out=%d n_tok=%d rep=%s nmse=%.3e power=%.3e ok_guard=%d\n",
+                kc.name, p.bits, mode_name(p.mode), g, n_in, p.n_out, p.n_tok, rep_name(rep), pow > 0 ? err / pow : NAN,
+                pow, guard_ok ? 1 : 0);
+    std::fflush(stdout);
+}
+
 }  // namespace
 
 int main(int argc, char ** argv) {
     bool quick      = false;
+    bool big        = true;
     int  concurrent = 2;
     for (int i = 1; i < argc; ++i) {
         if (!std::strcmp(argv[i], "--quick")) {
             quick = true;
+        } else if (!std::strcmp(argv[i], "--no-big")) {
+            big = false;
         } else if (!std::strcmp(argv[i], "--concurrent") && i + 1 < argc) {
             concurrent = std::atoi(argv[++i]);
         } else {
-            std::fprintf(stderr, "usage: %s [--quick] [--concurrent N]\n", argv[0]);
+            std::fprintf(stderr, "usage: %s [--quick | --no-big] [--concurrent N]\n", argv[0]);
             return 2;
         }
     }
@@ -236,7 +261,6 @@ int main(int argc, char ** argv) {
                                   { 1, 3 }, { 1, 4 }, { 2, 2 } };
     const int groups[]        = { 32, 64, 128, 256 };
     const int n_in            = 352;
-    const int GUARD           = 64;   // floats after the output that no kernel may touch
     int       combo           = 0;
     for (const auto & mb : modes_bits) {
         for (int g : groups) {
@@ -244,24 +268,19 @@ int main(int argc, char ** argv) {
             for (int ki = 0; ki < nk; ++ki) {
                 const int rep = (combo + ki) % REP_COUNT;
                 if (quick && (combo % 9 != 0 || (ki != 0 && ki != 2 && ki != 5))) continue;
-                const kconf & kc = KCONFS[ki];
-                const problem p  = make_problem(n_in, kc.n_out, kc.n_tok, mb[1], mb[0], g, rep,
-                                                1000u * (uint32_t) combo + (uint32_t) ki);
-                const std::vector<float> ref = reference(p);
-                std::vector<float>       y((size_t) p.n_tok * p.n_out + GUARD, std::nanf(""));
-                run_kernel(p, kc.nc, y.data(), concurrent);
-                double err = 0.0, pow = 0.0;
-                for (size_t i = 0; i < ref.size(); ++i) {
-                    const double e = (double) y[i] - (double) ref[i];
-                    err += e * e;
-                    pow += (double) ref[i] * ref[i];
-                }
-                bool guard_ok = true;
-                for (int i = 0; i < GUARD; ++i) guard_ok = guard_ok && std::isnan(y[ref.size() + i]);
-                std::printf("case kernel=%s bits=%d mode=%s g=%d n_in=%d n_out=%d n_tok=%d rep=%s nmse=%.3e power=%.3e ok_guard=%d\n",
-                            kc.name, p.bits, mode_name(p.mode), g, n_in, p.n_out, p.n_tok, rep_name(rep),
-                            pow > 0 ? err / pow : NAN, pow, guard_ok ? 1 : 0);
-                std::fflush(stdout);
+                run_case(KCONFS[ki], n_in, mb[1], mb[0], g, rep, 1000u * (uint32_t) combo + (uint32_t) ki, concurrent);
+            }
+            ++combo;
+        }
+    }
+    // model-sized rows: 48 blocks (6 mat-vec steps per lane, 48 tile steps), 12 groups of 128,
+    // 130 rows (3 row tiles, the last partial), 69 tokens (3 token tiles)
+    if (!quick && big) {
+        const kconf bigc[] = { { "mv_c1", 1, 1, 130 }, { "mm", 0, 69, 130 } };
+        for (const auto & mb : modes_bits) {
+            for (int ki = 0; ki < 2; ++ki) {
+                const int rep = (combo + ki) % REP_COUNT;
+                run_case(bigc[ki], 1536, mb[1], mb[0], 128, rep, 1000u * (uint32_t) combo + 7u + (uint32_t) ki, concurrent);
             }
             ++combo;
         }
