@@ -2,8 +2,8 @@
 
     flock /tmp/lrq-heavy.lock .venv/bin/python bench/moe_cost.py [--threads 2] [--reps 3]
 
-A random Qwen3Moe (transformers, seeded; 6 layers, d=512, 32 experts of 256, top-2: about 0.2 B
-parameters of which ~10 % active per token, the proportions of a Qwen3-30B-A3B scaled down),
+A random Qwen3Moe (transformers, seeded; 6 layers, d=512, 32 experts of 256, top-2: 80 M
+parameters of which ~12 % active per token, about the proportions of a Qwen3-30B-A3B),
 converted by the pinned convert_hf_to_gguf.py and quantized by llama-quantize Q4_0
 (lrq-convert --base-type Q4_0, router F32), then llama-bench with load-time layer maps
 (--lrq-layers): none, the last layer twice, the last half twice, every layer twice.  A replicated
