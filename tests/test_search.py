@@ -171,6 +171,29 @@ def test_memory_grows_with_the_executions_of_a_map(tiny, tmp_path):
     assert c >= load_memory(tiny["base"], 256, ["--lrq-layers", "0x2,1x2"], 1)
 
 
+def test_busy_cost_is_measured_again_and_the_fastest_kept(tiny, tmp_path, monkeypatch):
+    """A decode figure taken on a busy CPU (load above the core count) is measured again by the
+    next trial of that cost; the fastest figure is kept; a quiet one is final."""
+    import lrq.eval.speed as speed
+    import lrq.search.measure as measure
+    runs = iter([(10.0, 99.0), (50.0, 0.0), (40.0, 0.0), (1.0, 0.0)])    # (tokens/s, load average)
+
+    def fake_bench(*a, **k):
+        tg, load1 = next(runs)
+        return speed.Speed(pp=float("nan"), tg=tg, tg_std=0.0, threads=2, reps=2, load1=load1)
+
+    monkeypatch.setattr(speed, "bench_speed", fake_bench)
+    monkeypatch.setattr(measure, "load_memory", lambda *a, **k: 7.0)
+    store: dict = {}
+    ev = Evaluator(tiny["ref"], _space(tiny), np.zeros((1, 32), np.int64), tmp_path,
+                   cost_get=store.get, cost_set=store.__setitem__)
+    assert ev.cost(str(tiny["base"]), [], 6, False) == (100.0, 7.0)      # busy: 10 t/s
+    assert ev.cost(str(tiny["base"]), [], 6, False) == (20.0, 7.0)       # again: 50 t/s, quiet
+    assert ev.cost(str(tiny["base"]), [], 6, False) == (20.0, 7.0)       # final: not measured
+    assert ev.cost(str(tiny["base"]), [], 6, False, force=True) == (20.0, 7.0)   # 40 t/s is slower
+    assert next(runs) == (1.0, 0.0)
+
+
 # ---- studies ------------------------------------------------------------------------------------
 
 def _cfg(tiny, budget=6, **kw) -> SearchConfig:

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--study", default=None, help="study name (default: OUT's directory name)")
     st.add_argument("--worker", action="store_true", help="join an existing study (its configuration) and run trials")
     st.add_argument("--report", action="store_true", help="only write OUT's tables and plot from the study")
+    st.add_argument("--remeasure-cost", action="store_true",
+                    help="with --report: measure the decode time of every (base, executions, adapter) "
+                         "again and keep the fastest figure (for a study run on a busy machine)")
     st.add_argument("--timeout", type=float, default=None, help="stop this process's trials after S seconds")
     st.add_argument("--seed", type=int, default=None, help="TPE seed (default random)")
     f = ap.add_argument_group("final stage")
@@ -135,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--worker / --report need --storage (or -o OUT with its search.journal)")
         if args.worker and args.report:
             ap.error("--worker and --report are separate runs")
+        if args.report and args.out is None:
+            ap.error("--report writes its tables to -o OUT")
     elif args.model is None or args.out is None:
         ap.error("give MODEL and -o OUT (or --worker / --report with --storage and --study)")
     if os.fspath(args.text) in EVAL_TEXTS:
@@ -150,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..search import (Evaluator, SearchConfig, SearchError, Space, best, create_or_load,
                           holdout_windows, load_study, make_groups, open_storage, remaining,
                           results, run_worker)
+    from ..search.study import refresh_costs
     from ..search import report
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(args.out) if args.out else None
@@ -202,6 +208,16 @@ def main(argv: list[str] | None = None) -> int:
             log(f"this process ran {n} trials")
         if args.worker:
             return 0
+        if evaluator is None:        # --report: no windows to score, only adapters to write, costs
+            import numpy as np
+            evaluator = Evaluator(cfg.ref, space, np.zeros((1, 32), dtype=np.int64), work, threads=args.threads,
+                                  bench_tg=cfg.bench_tg, bench_ctx=cfg.bench_ctx,
+                                  cost_get=lambda k: study.user_attrs.get(k), cost_set=study.set_user_attr,
+                                  measure_cost=cfg.cost)
+        if args.remeasure_cost:
+            if not args.report or not cfg.cost:
+                raise SearchError("--remeasure-cost goes with --report, on a study that measures the cost")
+            refresh_costs(study, cfg, evaluator, log)
         rows = results(study, cfg)
         if not rows:
             raise SearchError(f"study '{name}' has no complete trial yet")
@@ -209,9 +225,6 @@ def main(argv: list[str] | None = None) -> int:
         front = [r for r in rows if r.front]
         md = report.table(front, f"Front of study '{name}' ({len(rows)} candidates measured)")
         b = best(rows)
-        if evaluator is None:
-            evaluator = Evaluator(cfg.ref, space, __import__("numpy").zeros((1, 32), dtype="int64"), work,
-                                  measure_cost=False)
         info = report.write_best(b, cfg, out, evaluator)
         finals = []
         if args.calibrate_top > 0:

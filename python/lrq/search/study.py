@@ -251,7 +251,7 @@ def run_worker(study, cfg: SearchConfig, evaluator, log: Callable[[str], None] =
     import optuna
     from optuna.trial import TrialState
 
-    from .measure import OverBound
+    from .measure import OverBound, cost_key
     sp = cfg.space_obj()
     me = worker_id()
     ran = [0]
@@ -290,6 +290,7 @@ def run_worker(study, cfg: SearchConfig, evaluator, log: Callable[[str], None] =
             raise
         for k, v in m.as_attrs().items():
             trial.set_user_attr(k, v)
+        trial.set_user_attr("cost_key", cost_key(c.base, m.n_exec, m.adapter_bytes > 0))
         obj = cfg.objective(m.kld, m.bpw, m.ms_per_token)
         trial.set_user_attr("objective", obj)
         log(f"trial {trial.number} (stage {trial.user_attrs['stage']}): {c.describe(sp)}: KLD {m.kld:.5f} "
@@ -337,26 +338,56 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
+def _trial_cost_key(t, c: Candidate) -> str:
+    from .measure import cost_key
+    u = t.user_attrs
+    return u.get("cost_key") or cost_key(c.base, int(u["n_exec"]), int(u.get("adapter_bytes", 0)) > 0)
+
+
 def results(study, cfg: SearchConfig) -> list[Result]:
-    """The complete trials, each candidate once (a repeated proposal is folded into the first)."""
+    """The complete trials, each candidate once (a repeated proposal is folded into the first).
+    Decode time and memory are the study's current figures for the trial's cost key (a later,
+    quieter measurement of that key replaces the one the trial saw)."""
     from optuna.trial import TrialState
     sp = cfg.space_obj()
+    costs = study.user_attrs
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         u = t.user_attrs
         if u.get("same_as") is not None:
             continue
         c = candidate_from_params(t.params, sp)
+        now = costs.get(_trial_cost_key(t, c)) or {}
+        ms = float(now.get("ms_per_token", u.get("ms_per_token", math.nan)))
+        mem = float(now.get("memory_mib", u.get("memory_mib", math.nan)))
         out.append(Result(t.number, int(u.get("stage", 2)), c, u.get("key", c.key(sp)), c.layer_map(sp),
-                          c.describe(sp), float(u["kld"]), float(u["top1"]), float(u["bpw"]),
-                          float(u.get("ms_per_token", math.nan)), float(u.get("memory_mib", math.nan)),
-                          cfg.objective(float(u["kld"]), float(u["bpw"]), float(u.get("ms_per_token", math.nan))),
+                          c.describe(sp), float(u["kld"]), float(u["top1"]), float(u["bpw"]), ms, mem,
+                          cfg.objective(float(u["kld"]), float(u["bpw"]), ms),
                           int(u["n_exec"]), float(u.get("seconds", math.nan))))
     pts = [(r.kld, r.bpw, r.ms_per_token if math.isfinite(r.ms_per_token) else 0.0) for r in out]
     for i, r in enumerate(out):
         r.front = not any(all(b <= a for a, b in zip(pts[i], pts[j])) and pts[j] != pts[i]
                           for j in range(len(out)))
     return out
+
+
+def refresh_costs(study, cfg: SearchConfig, evaluator, log: Callable[[str], None] = lambda s: None) -> int:
+    """Measure the decode time of every cost key of the complete trials again (keeping the
+    fastest figure): for a study whose figures were taken on a busy machine.  Returns the count."""
+    from optuna.trial import TrialState
+    sp = cfg.space_obj()
+    seen: dict[str, Candidate] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.user_attrs.get("same_as") is None and "n_exec" in t.user_attrs:
+            c = candidate_from_params(t.params, sp)
+            seen.setdefault(_trial_cost_key(t, c), c)
+    for key, c in sorted(seen.items()):
+        adapter = evaluator.write_adapter(c, evaluator.work / "cost.adapter.gguf") if c.needs_adapter() else None
+        load = ["--lrq-adapter", str(adapter)] if adapter else (["--lrq-layers", c.layer_map(sp)] if c.layer_map(sp) else [])
+        before = (study.user_attrs.get(key) or {}).get("ms_per_token", math.nan)
+        ms, _ = evaluator.cost(c.base, load, c.n_exec(sp), adapter is not None, force=True)
+        log(f"{key}: {before:.2f} -> {ms:.2f} ms/token")
+    return len(seen)
 
 
 def best(rows: list[Result]) -> Result | None:
@@ -366,4 +397,4 @@ def best(rows: list[Result]) -> Result | None:
 
 __all__ = ["CONFIG_ATTR", "CONFIG_VERSION", "SearchConfig", "open_storage", "create_or_load",
            "load_study", "worker_id", "reclaim_stale", "counted", "total_budget", "remaining",
-           "run_worker", "Result", "results", "best"]
+           "run_worker", "Result", "results", "refresh_costs", "best"]
