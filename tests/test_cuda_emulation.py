@@ -43,7 +43,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "cuda"))
-import build as harness_build  # noqa: E402
+import cuda_build as harness_build  # noqa: E402  (tests/metal has a build.py too)
 
 CACHE = Path(tempfile.gettempdir()) / "lrq-cuda-harness"
 

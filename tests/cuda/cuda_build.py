@@ -7,7 +7,7 @@ through tests/cuda/shim/lrq-cuda-shim.h.  The kernels g++ compiles are the ones 
 The C library (reference and CPU fast path) is compiled from its sources with the flags of
 CMakeLists.txt that matter for its numerics (C11, no fused multiply-adds).
 
-    python tests/cuda/build.py OUT_DIR      # prints the harness path
+    python tests/cuda/cuda_build.py OUT_DIR      # prints the harness path
 
 A build is cached under OUT_DIR by a hash of its inputs and flags.
 """
