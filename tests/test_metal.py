@@ -26,18 +26,20 @@ add to a graph are checked against the pinned ggml-metal's supports_op.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "metal"))
-import build as harness_build  # noqa: E402
+# loaded by path under its own name: `build` is also PyPA's package and other tests' helpers
+_spec = importlib.util.spec_from_file_location("lrq_metal_build", ROOT / "tests" / "metal" / "build.py")
+harness_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(harness_build)
 
 CACHE = Path(tempfile.gettempdir()) / "lrq-metal-harness"
 
