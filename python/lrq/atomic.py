@@ -117,14 +117,34 @@ def temp_path(final: str | os.PathLike, suffix: str | None = None) -> Path:
                            f"{secrets.token_hex(4)}{suffix}")
 
 
+# Every temporary this process has created or handed out.  A writer removes its own in a
+# `finally`, but an interrupt (Ctrl-C, or SIGTERM / SIGHUP raised as an exception by
+# lrq.cli._job) can land between the file's creation and the start of the block that would remove
+# it (e.g. inside a writer's constructor, before its `with`): the job's handler then removes what
+# is left with remove_own_temps().  Committed temporaries no longer exist under their name.
+_OWN_TEMPS: set[Path] = set()
+
+
+def remove_own_temps() -> None:
+    """Remove every temporary this process made that still exists (after an interrupt)."""
+    for tmp in list(_OWN_TEMPS):
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        _OWN_TEMPS.discard(tmp)
+
+
 def create_temp(final: str | os.PathLike, suffix: str | None = None) -> tuple[int, Path]:
     """Create a new, empty temporary file beside ``final``: (an fd open for writing, its path).
     The kernel applies the umask to mode 0666, as for a file made by open()."""
     for _ in range(16):
         tmp = temp_path(final, suffix)
+        _OWN_TEMPS.add(tmp)              # before the file exists: no window without an owner
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         except FileExistsError:          # 32 random bits under one PID: practically never
+            _OWN_TEMPS.discard(tmp)
             continue
         return fd, tmp
     raise FileExistsError(f"no free temporary name beside {final}")
@@ -185,6 +205,7 @@ def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator
     final = Path(final)
     remove_stale_temps(final.parent if str(final.parent) else ".", final.name)
     tmp = temp_path(final, suffix)
+    _OWN_TEMPS.add(tmp)
     try:
         yield tmp
         if not tmp.is_file():

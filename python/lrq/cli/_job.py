@@ -9,6 +9,8 @@ import sys
 import threading
 from typing import Callable, Iterator
 
+from ..atomic import remove_own_temps
+
 # The polite kills (`kill PID`, a closed terminal, a job scheduler's time limit) end the job like
 # Ctrl-C: Python's default for them exits at once, skipping the `finally` blocks that remove a
 # writer's temporary file, which then stays until the next run sweeps it (lrq.atomic).
@@ -59,9 +61,11 @@ def run_job(prog: str, out: str, job: Callable[[], object], errors: tuple[type[B
         print(f"{prog}: error: {e.filename or out}: {e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        remove_own_temps()      # one the interrupt caught before its writer's `finally` began
         print(f"{prog}: interrupted; nothing written", file=sys.stderr)
         return 130
     except Terminated as e:
+        remove_own_temps()
         print(f"{prog}: terminated by {e}; nothing written", file=sys.stderr)
         return 128 + e.signum
     if not quiet:
