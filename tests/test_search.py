@@ -238,7 +238,8 @@ def test_two_workers_share_one_study(tiny, tmp_path, kind):
                                "-t", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    # the whole output of both workers on failure (a list's repr is cut in the middle)
+    assert [p.returncode for p in procs] == [0, 0], "\n---- next worker ----\n".join(outs)
     study, cfg2 = load_study(open_storage(str(journal), None), "two")
     assert cfg2.stored() == cfg.stored()
     done = _check_complete(study, cfg, budget_slack=1)      # two workers: at most one over

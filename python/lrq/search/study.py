@@ -101,6 +101,10 @@ class SearchConfig:
                 raise SearchError(f"--{name} must be a finite value >= 0, got {v}")
 
 
+# seconds a SQLite writer waits for the database lock before failing (sqlite3's default: 5)
+SQLITE_LOCK_TIMEOUT_S = 300.0
+
+
 def open_storage(spec: str | None, out_dir: str | os.PathLike | None):
     """None / a file path -> journal file storage; a URL (scheme://) -> RDB storage with heartbeat."""
     import warnings
@@ -119,7 +123,12 @@ def open_storage(spec: str | None, out_dir: str | os.PathLike | None):
             except ImportError:
                 from optuna.storages import RetryFailedTrialCallback
                 retry = {"failed_trial_callback": RetryFailedTrialCallback(max_retry=3)}
-            return RDBStorage(spec, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **retry)
+            # SQLite serialises writers with a file lock; its driver gives up after 5 s by default,
+            # which two workers on a loaded machine exceed ("database is locked", a worker exiting
+            # 1 mid-study).  A server database (PostgreSQL) has row locks and no such limit.
+            engine = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT_S}} if spec.startswith("sqlite") else {}
+            return RDBStorage(spec, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, engine_kwargs=engine,
+                              **retry)
         except (ImportError, ModuleNotFoundError) as e:
             raise SearchError(f"--storage {spec}: the database driver is not installed ({e}); "
                               f"e.g. pip install psycopg2-binary for postgresql://") from None
