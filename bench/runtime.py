@@ -9,8 +9,10 @@ For one model and thread count it builds (cached under --work): LRQ 2-bit asym g
 schedules none, all, last-8 serial and last-8 parallel, and stock Q2_K, Q4_0 and F32 made by the
 same build's llama-quantize from the F32 reference. Each file runs in its own `llama-bench`
 process (pp512 and tg128, --reps repetitions); the table gives tokens/s, each as a ratio to stock
-Q2_K, file size, whole-file bits per weight and the process's peak RSS. Nothing is asserted:
-targets are reported in docs/RESULTS.md.
+Q2_K, file size, whole-file bits per weight and the process's peak RSS, and decode as achieved GB/s
+of weights read (bench/bandwidth.py's bytes per token x tokens/s) and as a fraction of the
+machine's read bandwidth, probed first with the same threads (bench/bandwidth.py). Nothing is
+asserted: targets are reported in docs/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from lrq.convert import ConvertError, ConvertOptions, convert
 from lrq.eval.bpw import file_bpw
 from lrq.eval.stock import make_stock, reference_f32
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bandwidth import bytes_per_token, probe  # noqa: E402  (bench/bandwidth.py: one probe, one byte count)
+
 STOCK = ("Q2_K", "Q4_0", "F32")
 LRQ_PLANS = {"none": "none", "all": "all", "last-8 serial": "last-8", "last-8 parallel": None}
 
@@ -41,6 +46,7 @@ class Row:
     rss_mib: float | None = None
     size_mib: float | None = None
     bpw: float | None = None
+    gbs: float | None = None          # decode: GB/s of weights read
     error: str = ""
 
 
@@ -98,6 +104,7 @@ def measure(rows: list[Row], args) -> None:
             row.size_mib = row.path.stat().st_size / 2**20
             row.bpw = file_bpw(row.path).bpw
             row.pp, row.tg, row.rss_mib = llama_bench(row.path, args.threads, args.reps, args.pp, args.tg)
+            row.gbs = bytes_per_token(row.path, None) * row.tg / 1e9
         except (RuntimeError, OSError, ValueError) as e:
             row.error = str(e)
 
@@ -109,24 +116,30 @@ def table(rows: list[Row], model: str, args, short: bool) -> str:
         return f"{v / b:5.2f}x" if v and b else "    -"
 
     head = (f"model {model}, {args.threads} threads, llama-bench pp{args.pp} / tg{args.tg}, "
-            f"{args.reps} reps; ratios to stock Q2_K")
+            f"{args.reps} reps; ratios to stock Q2_K; read bandwidth (probe) {args.limit_gbs:.1f} GB/s")
+
+    def frac(r):
+        return f"{100 * r.gbs / args.limit_gbs:5.1f}%" if r.gbs and args.limit_gbs > 0 else "    -"
+
     lines = [head]
     if short:
-        lines.append(f"{'file':25s} {'bpw':>5s} {'tg t/s':>8s} {'tg/Q2_K':>8s}")
+        lines.append(f"{'file':25s} {'bpw':>5s} {'tg t/s':>8s} {'tg/Q2_K':>8s} {'GB/s':>6s} {'of limit':>8s}")
         for r in rows:
             if r.error:
                 lines.append(f"{r.name:25s} error: {r.error[:90]}")
             elif r.tg:
-                lines.append(f"{r.name:25s} {r.bpw:5.2f} {r.tg:8.1f} {ratio(r.tg, base and base.tg):>8s}")
+                lines.append(f"{r.name:25s} {r.bpw:5.2f} {r.tg:8.1f} {ratio(r.tg, base and base.tg):>8s} "
+                             f"{r.gbs:6.2f} {frac(r):>8s}")
         return "\n".join(lines)
     lines.append(f"{'file':25s} {'MiB':>7s} {'bpw':>5s} {'pp t/s':>8s} {'pp/Q2_K':>8s} "
-                 f"{'tg t/s':>8s} {'tg/Q2_K':>8s} {'peak RSS MiB':>13s}")
+                 f"{'tg t/s':>8s} {'tg/Q2_K':>8s} {'GB/s':>6s} {'of limit':>8s} {'peak RSS MiB':>13s}")
     for r in rows:
         if r.error:
             lines.append(f"{r.name:25s} error: {r.error[:100]}")
             continue
         lines.append(f"{r.name:25s} {r.size_mib:7.1f} {r.bpw:5.2f} {r.pp:8.1f} {ratio(r.pp, base and base.pp):>8s} "
-                     f"{r.tg:8.1f} {ratio(r.tg, base and base.tg):>8s} {r.rss_mib:13.0f}")
+                     f"{r.tg:8.1f} {ratio(r.tg, base and base.tg):>8s} {r.gbs:6.2f} {frac(r):>8s} "
+                     f"{r.rss_mib:13.0f}")
     return "\n".join(lines)
 
 
@@ -155,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(Row(f"LRQ2 g64 {name}", None, error=str(e)))
     for qtype in STOCK:
         rows.append(Row(f"stock {qtype}", ref if qtype == "F32" else make_stock(ref, qtype, work=args.work)))
+    # the machine's limit, with the same threads, before the llama-bench runs
+    gbs = probe(1024, args.threads, 5)
+    args.limit_gbs = sorted(gbs)[len(gbs) // 2]
     measure(rows, args)
     print(table(rows, src.name, args, args.short))
     return 0
