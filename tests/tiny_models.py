@@ -131,13 +131,18 @@ def make_tiny_hf(arch: str, out_dir: Path, seed: int = 0, **overrides) -> Path:
 
     ``overrides`` are config keyword arguments (e.g. ``num_hidden_layers=2``).  Returns out_dir.
     """
+    return save_random_model(_config(arch, overrides), out_dir, seed, _randomize)
+
+
+def save_random_model(cfg, out_dir: Path, seed: int, randomize) -> Path:
+    """Build ``cfg``'s model, fill it with ``randomize(model, seed)``, save it with a tokenizer
+    trained here into ``out_dir`` (shared by the dense and the MoE tiny models)."""
     import torch
     from transformers import AutoModelForCausalLM
     out_dir = Path(out_dir)
-    cfg = _config(arch, overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    _randomize(model, seed)
+    randomize(model, seed)
     model.save_pretrained(out_dir)
     train_tokenizer(out_dir, cfg.vocab_size)
     return out_dir

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import (BIAS_STD, CONVERT_SCRIPT, LLAMA_CPP, NORM_JITTER, TINY_VOCAB,  # noqa: E402
-                         WEIGHT_STD, TinyModelError, train_tokenizer)
+                         WEIGHT_STD, TinyModelError, load_tiny_hf, save_random_model)
 
 MOE_ARCHS = ("qwen2moe", "qwen3moe", "mixtral")
 # the GGUF architecture each one converts to: Mixtral is llama with experts
@@ -89,23 +89,11 @@ def _randomize(model, seed: int) -> None:
 
 
 def make_tiny_moe_hf(arch: str, out_dir: Path, seed: int = 0, **overrides) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM
-    out_dir = Path(out_dir)
-    cfg = _config(arch, overrides)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    _randomize(model, seed)
-    model.save_pretrained(out_dir)
-    train_tokenizer(out_dir, cfg.vocab_size)
-    return out_dir
+    return save_random_model(_config(arch, overrides), out_dir, seed, _randomize)
 
 
 def load_tiny_moe_hf(hf_dir: Path):
-    import torch
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
-                                                attn_implementation="eager").eval()
+    return load_tiny_hf(hf_dir)
 
 
 def convert_moe_hf_dir(hf_dir: Path, outfile: Path, outtype: str = "f32") -> Path:

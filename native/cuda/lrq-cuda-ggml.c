@@ -11,20 +11,7 @@
 #include <string.h>
 
 bool ggml_lrq_mul_mat_cuda_supported(const struct ggml_tensor * op) {
-    struct ggml_tensor * const * s = op->src;
-    if (op->op != GGML_OP_LRQ_MUL_MAT || op->type != GGML_TYPE_F32) return false;
-    if (!s[LRQ_SRC_CODES] || !s[LRQ_SRC_X] || !s[LRQ_SRC_SCALE]) return false;
-    if (!GGML_TYPE_IS_LRQ(s[LRQ_SRC_CODES]->type) || s[LRQ_SRC_X]->type != GGML_TYPE_F32 ||
-        s[LRQ_SRC_SCALE]->type != GGML_TYPE_F16) {
-        return false;
-    }
-    for (int i = LRQ_SRC_MIN; i <= LRQ_SRC_BETA; ++i) {
-        if (s[i] && s[i]->type != GGML_TYPE_F16) return false;
-    }
-    for (int i = LRQ_SRC_GAIN; i <= LRQ_SRC_ACT; ++i) {
-        if (s[i] && s[i]->type != GGML_TYPE_F32) return false;
-    }
-    return true;
+    return op->op == GGML_OP_LRQ_MUL_MAT && lrq_op_types_supported(op);
 }
 
 // op_params without ggml-impl.h (private to ggml's own sources)

@@ -64,6 +64,25 @@ GGML_API struct ggml_tensor * lrq_make_supports_test_op(struct ggml_context * ct
 // (patches/0005; llama.cpp prints it in its system_info line).
 const char * ggml_lrq_mul_mat_cpu_kernels(void);
 
+// The source and result types the LRQ op takes (types only: llama's loader probes buffer types
+// with dummy shapes; shapes are asserted when the node is built).  Every backend's supports_op
+// (CPU, CUDA) asks this one function, so they cannot accept different nodes.
+static inline bool lrq_op_types_supported(const struct ggml_tensor * op) {
+    const struct ggml_tensor * const * s = (const struct ggml_tensor * const *) op->src;
+    if (op->type != GGML_TYPE_F32 || !s[LRQ_SRC_CODES] || !s[LRQ_SRC_X] || !s[LRQ_SRC_SCALE]) return false;
+    if (!GGML_TYPE_IS_LRQ(s[LRQ_SRC_CODES]->type) || s[LRQ_SRC_X]->type != GGML_TYPE_F32 ||
+        s[LRQ_SRC_SCALE]->type != GGML_TYPE_F16) {
+        return false;
+    }
+    for (int i = LRQ_SRC_MIN; i <= LRQ_SRC_BETA; ++i) {
+        if (s[i] && s[i]->type != GGML_TYPE_F16) return false;
+    }
+    for (int i = LRQ_SRC_GAIN; i <= LRQ_SRC_ACT; ++i) {
+        if (s[i] && s[i]->type != GGML_TYPE_F32) return false;
+    }
+    return true;
+}
+
 #ifdef __cplusplus
 }
 #endif

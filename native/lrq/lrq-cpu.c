@@ -30,21 +30,7 @@
 #define LRQ_CPU_TOK_CHUNK 32
 
 bool ggml_lrq_mul_mat_cpu_supported(const struct ggml_tensor * op) {
-    // Types only: llama's loader probes buffer types with dummy shapes (lrq_make_supports_test_op);
-    // shapes were asserted when the node was built (ggml_lrq_mul_mat).
-    const struct ggml_tensor * const * s = (const struct ggml_tensor * const *) op->src;
-    if (op->type != GGML_TYPE_F32 || !s[LRQ_SRC_CODES] || !s[LRQ_SRC_X] || !s[LRQ_SRC_SCALE]) return false;
-    if (!GGML_TYPE_IS_LRQ(s[LRQ_SRC_CODES]->type) || s[LRQ_SRC_X]->type != GGML_TYPE_F32 ||
-        s[LRQ_SRC_SCALE]->type != GGML_TYPE_F16) {
-        return false;
-    }
-    for (int i = LRQ_SRC_MIN; i <= LRQ_SRC_BETA; ++i) {
-        if (s[i] && s[i]->type != GGML_TYPE_F16) return false;
-    }
-    for (int i = LRQ_SRC_GAIN; i <= LRQ_SRC_ACT; ++i) {
-        if (s[i] && s[i]->type != GGML_TYPE_F32) return false;
-    }
-    return true;
+    return lrq_op_types_supported(op);
 }
 
 // lrq-ggml.h; the same answer in every ggml-cpu variant, since lrq_kernels dispatch at run time.
