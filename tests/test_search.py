@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from lrq.search import (Candidate, Evaluator, SearchConfig, SearchError, Space, create_or_load, grid,
-                        holdout_windows, load_study, make_groups, memory_report, open_storage, results)
+                        holdout_windows, load_study, make_groups, memory_report, memory_split, open_storage,
+                        results)
 from lrq.search.measure import NGRAM
 from lrq.search.study import MAX_REPEATS_IN_ROW, counted
 
@@ -152,6 +153,10 @@ sched_reserve:        CPU compute buffer size =    98.25 MiB
     # the last load only (the first is a dry run), both mapped buffers (base and adapter: a
     # report keyed by buffer name alone kept the adapter's 0.01 MiB and lost the base's 78 MiB)
     assert memory_report(log) == pytest.approx(78.48 + 0.01 + 43.55 + 0.19 + 12.00 + 98.25)
+    # split by kind (bench/latency.py's weights / KV / compute columns); a split keyed by the
+    # log's prefix would put the output buffer under llama_context and miss the KV line's kind
+    assert memory_split(log) == pytest.approx({"model": 78.48 + 0.01 + 43.55, "KV": 12.00,
+                                               "output": 0.19, "compute": 98.25})
     with pytest.raises(SearchError, match="no buffer sizes"):
         memory_report("nothing here")
 

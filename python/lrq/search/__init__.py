@@ -13,13 +13,13 @@ memory report), study.py the Optuna study (journal file or database, workers, re
 the outputs (CSV, front table, plot, best plan and adapter, calibrated finalists).
 """
 
-from .measure import Evaluator, Measurement, OverBound, holdout_windows, kld_top1, memory_report
+from .measure import Evaluator, Measurement, OverBound, holdout_windows, kld_top1, memory_report, memory_split
 from .space import (PARAM_KINDS, Candidate, SearchError, Space, candidate_from_params, grid,
                     make_groups, suggest)
 from .study import (SearchConfig, best, create_or_load, load_study, open_storage, reclaim_stale,
                     remaining, results, run_worker, total_budget)
 
-__all__ = ["Evaluator", "Measurement", "OverBound", "holdout_windows", "kld_top1", "memory_report",
+__all__ = ["Evaluator", "Measurement", "OverBound", "holdout_windows", "kld_top1", "memory_report", "memory_split",
            "PARAM_KINDS", "Candidate", "SearchError", "Space", "candidate_from_params", "grid",
            "make_groups", "suggest", "SearchConfig", "best", "create_or_load", "load_study",
            "open_storage", "reclaim_stale", "remaining", "results", "run_worker", "total_budget"]

@@ -128,20 +128,29 @@ def kld_top1(lp_ref: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
     return float(kl.mean()), float((lr.argmax(-1) == lp.argmax(-1)).mean())
 
 
-def memory_report(log: str) -> float:
-    """MiB: the sum of the buffers llama.cpp reports in its last load (a tool that first fits
-    its parameters prints a dry run with zero sizes; a load starts with its load_tensors lines,
-    which may name one buffer type twice: the base's mapped tensors and an adapter's)."""
-    cur: list[float] = []
+def memory_split(log: str) -> dict[str, float]:
+    """MiB per kind of buffer (``model``, ``KV``, ``output``, ``compute``) in the last load that
+    llama.cpp reports (a tool that first fits its parameters prints a dry run with zero sizes; a
+    load starts with its load_tensors lines, which may name one buffer type twice: the base's
+    mapped tensors and an adapter's).  The model kind includes repacked copies of the weights."""
+    cur: list[tuple[str, float]] = []
     prev = None
     for m in _BUFFER.finditer(log):
         if m.group(1) == "load_tensors" and prev not in (None, "load_tensors"):
             cur = []
-        cur.append(float(m.group(4)))
+        cur.append((m.group(3), float(m.group(4))))
         prev = m.group(1)
     if not cur:
         raise SearchError("llama.cpp reported no buffer sizes")
-    return sum(cur)
+    split: dict[str, float] = {}
+    for kind, mib in cur:
+        split[kind] = split.get(kind, 0.0) + mib
+    return split
+
+
+def memory_report(log: str) -> float:
+    """MiB: the sum of the buffers of the last load (memory_split)."""
+    return sum(memory_split(log).values())
 
 
 def load_memory(base: str | os.PathLike, ctx: int, load: list[str], threads: int) -> float:
@@ -293,5 +302,5 @@ class OverBound(Exception):
         self.memory_mib = memory_mib
 
 
-__all__ = ["COST_TRIES", "cost_key", "NGRAM", "Measurement", "holdout_windows", "kld_top1", "memory_report", "load_memory",
+__all__ = ["COST_TRIES", "cost_key", "NGRAM", "Measurement", "holdout_windows", "kld_top1", "memory_report", "memory_split", "load_memory",
            "Evaluator", "OverBound"]

@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""lrq-search on SmolLM2-135M, measured against lrq-select's top-K and a hand-made plan at equal
+"""lrq-search on a bundled model, measured against lrq-select's top-K and a hand-made plan at equal
 bits and equal decode work, on the evaluation texts (docs/search.md, "RESULTS").
 
-    flock /tmp/lrq-heavy.lock .venv/bin/python bench/search_smollm2.py --out out/search-smollm2
+    flock /tmp/lrq-heavy.lock .venv/bin/python bench/search_model.py --out out/search-smollm2
+    flock /tmp/lrq-heavy.lock .venv/bin/python bench/search_model.py --model qwen2.5-1.5b \
+        --budget 12 --out out/search-qwen
 
-1. ``lrq-search smollm2-135m --base IQ2_XS --base Q2_K --pareto``: stage 1 grid (8 groups, each
+1. ``lrq-search MODEL --base IQ2_XS --base Q2_K --pareto``: stage 1 grid (8 groups, each
    alone repeated at strength 0.5 and 1) + stage 2 TPE, scored on held-out windows of sotu-calib.
 2. On the base of the lowest-KLD trial, at K extra executions (the same decode work): the searched
    best map with K extra executions, lrq-select's top-K (``--rank-by kl``, as the demo) and the
@@ -14,7 +16,7 @@ bits and equal decode work, on the evaluation texts (docs/search.md, "RESULTS").
 3. Every row: KLD / PPL / top-1 against the F32 reference by llama-perplexity on sotu-eval and
    botchan (--chunks), bpw of base + adapter, decode tokens/s by llama-bench (--lrq-adapter /
    --lrq-layers), and the held-out calibration-text KLD the search saw.
-Writes OUT/search-smollm2.md (tables + the commands) and OUT/rows.json; the search's own outputs
+Writes OUT/search.md (tables + the commands) and OUT/rows.json; the search's own outputs
 (trials.csv, front.md, search.png, best.*) are in OUT/search/.
 """
 
@@ -31,17 +33,23 @@ from pathlib import Path
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="out/search-smollm2")
+    ap.add_argument("--model", default="smollm2-135m", help="bundled model (default smollm2-135m)")
+    ap.add_argument("--out", default=None, help="output directory (default out/search-MODEL)")
     ap.add_argument("--budget", type=int, default=30, help="stage-2 trials (default 30)")
     ap.add_argument("--k", type=int, default=4, help="extra executions of the equal-decode comparison (default 4)")
     ap.add_argument("--chunks", type=int, default=10, help="llama-perplexity chunks per evaluation text")
+    ap.add_argument("--bases", default="IQ2_XS,Q2_K", help="stock bases searched (default IQ2_XS,Q2_K)")
+    ap.add_argument("--windows", type=int, default=4, help="held-out windows per trial (default 4)")
+    ap.add_argument("--calibrate", default="all",
+                    help="rows that also get a calibrated adapter: all, or a comma list of base,searched,"
+                         "select,hand,best (calibrating a 1.5B model takes ~10x SmolLM2's time)")
     ap.add_argument("--calib-tokens", type=int, default=1024)
     ap.add_argument("--calib-steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calib-threads", type=int, default=1,
                     help="torch threads of the calibrations (1 is faster on a busy 2-core machine)")
     args = ap.parse_args()
-    out = Path(args.out)
+    out = Path(args.out or f"out/search-{args.model}")
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.monotonic()
     times: dict[str, float] = {}
@@ -55,16 +63,16 @@ def main() -> int:
     from lrq.search import Evaluator, SearchConfig, holdout_windows, load_study, open_storage, results
     from lrq.select import QuantSpec, choose, select_layers
 
-    src = assets.path("smollm2-135m")
+    src = assets.path(args.model)
     ref = reference_f32(src)
     imat = make_imatrix(ref, "sotu-calib", threads=args.threads)
-    bases = {"IQ2_XS": make_stock(ref, "IQ2_XS", imatrix=imat), "Q2_K": make_stock(ref, "Q2_K", imatrix=imat)}
+    bases = {t: make_stock(ref, t, imatrix=imat) for t in args.bases.split(",")}
 
     # 1. the search
     sdir = out / "search"
-    cmd = ["smollm2-135m", "-o", str(sdir), "--ref", str(ref), "--base", str(bases["IQ2_XS"]),
-           "--base", str(bases["Q2_K"]), "--groups", "8", "--max-copies", "2", "--params", "strength",
-           "--pareto", "--budget", str(args.budget), "--windows", "4", "--ctx", "256",
+    cmd = [args.model, "-o", str(sdir), "--ref", str(ref),
+           *[a for b in bases.values() for a in ("--base", str(b))], "--groups", "8", "--max-copies", "2", "--params", "strength",
+           "--pareto", "--budget", str(args.budget), "--windows", str(args.windows), "--ctx", "256",
            "--calib-tokens", str(args.calib_tokens), "--calib-window", "512", "-t", str(args.threads),
            "--seed", "0"]
     t0 = time.monotonic()
@@ -101,22 +109,25 @@ def main() -> int:
                    bench_ctx=cfg.bench_ctx, cost_get=lambda k: study.user_attrs.get(k),
                    cost_set=lambda k, v: None)
 
-    # rows: (label, map, searched adapter or None, calibrate?)
+    # rows: (label, map, searched adapter or None), each with a key for --calibrate
     sk_adapter = None
     if sk.candidate.needs_adapter():
         sk_adapter = ev.write_adapter(sk.candidate, out / "searched-k.adapter.gguf")
-    plans = [("base alone", "", None), (f"searched, +{args.k} exec", sk.map, sk_adapter),
-             (f"lrq-select top-{args.k}", top_map, None), (f"hand-made last-{args.k}", last_map, None)]
+    plans = [("base", "base alone", "", None), ("searched", f"searched, +{args.k} exec", sk.map, sk_adapter),
+             ("select", f"lrq-select top-{args.k}", top_map, None), ("hand", f"hand-made last-{args.k}", last_map, None)]
     if best.n_exec != n_layer and best is not sk:
-        plans.insert(1, ("searched, lowest KLD", best.map,
+        plans.insert(1, ("best", "searched, lowest KLD", best.map,
                          ev.write_adapter(best.candidate, out / "searched-best.adapter.gguf")
                          if best.candidate.needs_adapter() else None))
 
     import torch
     torch.set_num_threads(args.calib_threads)
     variants = []
-    for label, m, ad in plans:
+    wanted = None if args.calibrate == "all" else set(args.calibrate.split(","))
+    for key, label, m, ad in plans:
         variants.append((label, m, ad, None))
+        if wanted is not None and key not in wanted:
+            continue
         cal = out / f"cal-{len(variants)}.adapter.gguf"
         t0 = time.monotonic()
         calibrate(base, cal, cfg.ref, CalibrateOptions(text=cfg.text, n_tokens=args.calib_tokens, window=512,
@@ -152,7 +163,7 @@ def main() -> int:
                                                "top_k": top_map, "last_k": last_map,
                                                "searched_k": sk.map, "searched_best": best.map}, indent=1))
 
-    md = [f"Base: `{Path(base).name}` (the base of the lowest-KLD trial). Search: {len(rows)} candidates "
+    md = [f"Model: {args.model}. Base: `{Path(base).name}` (the base of the lowest-KLD trial). Search: {len(rows)} candidates "
           f"measured ({len(study.trials)} trials), {times['search'] / 60:.1f} min, "
           f"median {sorted(trial_s)[len(trial_s) // 2]:.1f} s per measured trial; lrq-select "
           f"{times['lrq-select']:.0f} s; whole benchmark {times['total'] / 60:.1f} min.", "",
@@ -167,7 +178,7 @@ def main() -> int:
                   f"{b['kld']:.4f} ± {b['kld_err']:.4f} | {b['ppl']:.2f} | {r['tg']:.1f}"
                   f"{' (busy)' if r['busy'] else ''} | {cs} |")
     text = "\n".join(md) + "\n"
-    (out / "search-smollm2.md").write_text(text)
+    (out / "search.md").write_text(text)
     print(text)
     return 0
 
