@@ -32,7 +32,7 @@ import pytest
 from lrq import _native, assets, tools
 from lrq.cli import calibrate as calibrate_cli
 from lrq.cli import inspect as inspect_cli
-from lrq.constants import KEY_TYPES, MAX_EXECUTIONS, Keys
+from lrq.constants import FORMAT_VERSION, KEY_TYPES, MAX_EXECUTIONS, Keys
 from lrq.convert import ConvertOptions, convert
 from lrq.convert.update import set_replica_params
 from lrq.lrq_file import LRQModelFile
@@ -241,7 +241,8 @@ CASES = [
     ("unused-key-seed-float", "stock", dict(kv={Keys.SEED: (0.0, V.FLOAT32)}), Keys.SEED, "K1"),
     ("base-key-string", "own", dict(kv={"llama.block_count": ("3", V.STRING)}), "llama.block_count", "K1"),
     # V1, A1, Q1
-    ("version-4", "own", dict(kv={Keys.FORMAT_VERSION: (4, V.UINT32)}), "format version 4", "V1"),
+    ("version-newer", "own", dict(kv={Keys.FORMAT_VERSION: (FORMAT_VERSION + 1, V.UINT32)}),
+     f"format version {FORMAT_VERSION + 1}", "V1"),
     ("version-0", "own", dict(kv={Keys.FORMAT_VERSION: (0, V.UINT32)}), "format version 0", "V1"),
     ("version-missing", "own", dict(kv={Keys.FORMAT_VERSION: None}), Keys.FORMAT_VERSION, "V1"),
     ("base-arch-mismatch", "own", dict(kv={Keys.BASE_ARCH: ("qwen2", V.STRING)}), Keys.BASE_ARCH, "A1"),

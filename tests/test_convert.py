@@ -188,9 +188,9 @@ def test_every_key_round_trips(tiny_gguf, tmp_path, capsys):
         assert kv[k] == v, k
     assert kv[Keys.SCHEDULE_WEIGHT] == [1.0, 0.5, 0.5, 1.0]
     assert kv[Keys.CONVERTER].startswith("lrq ")
-    # every key but those of a stock-typed base (tests/test_stock_base.py writes those) and of an
-    # adapter (tests/test_adapter.py)
-    adapter_keys = {v for k, v in Keys.all().items() if k.startswith("ADAPTER_")}
+    # every key but those of a stock-typed base (tests/test_stock_base.py writes those), of an
+    # adapter (tests/test_adapter.py) and of expert replicas (MoE files, tests/test_moe_experts.py)
+    adapter_keys = {v for k, v in Keys.all().items() if k.startswith(("ADAPTER_", "MOE_"))}
     assert set(Keys.all().values()) - {Keys.BASE_TYPE, Keys.BASE_IMATRIX} - adapter_keys == \
         set(k for k in kv if k.startswith("lrq.")), \
         "a key of lrq.constants.Keys is not written (or an unknown lrq.* key is)"

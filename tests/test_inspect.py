@@ -62,8 +62,10 @@ def test_json_reports_every_field(converted, capsys):
     kv = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
     # every lrq.* key, exactly
     assert info["lrq_metadata"] == {k: v for k, v in kv.items() if k.startswith("lrq.")}
-    # (the lrq.adapter.* keys belong to adapter files, FORMAT.md 11, never to a model)
-    assert set(info["lrq_metadata"]) == {k for k in Keys.all().values() if not k.startswith("lrq.adapter.")} \
+    # (the lrq.adapter.* keys belong to adapter files, FORMAT.md 11, never to a model; lrq.moe.*
+    # to MoE files with expert replicas, tests/test_moe_experts.py)
+    assert set(info["lrq_metadata"]) == {k for k in Keys.all().values()
+                                         if not k.startswith(("lrq.adapter.", "lrq.moe."))} \
         - {Keys.KEEP, Keys.BASE_TYPE, Keys.BASE_IMATRIX}
     # every other key (long arrays summarised by their length)
     assert set(info["metadata"]) == {k for k in kv if not k.startswith("lrq.")}

@@ -7,12 +7,15 @@
 //      file is a valid v2 file, so v1 files still load; a v1 file may not carry v2 tensors.
 //   3: adds per-replica low-rank corrections y += U (V x) (lr_u, lr_v; F16 or Q8_0) of any
 //      replicable linear.  A v2 file is a valid v3 file; an older file may not carry them.
+//   4: adds expert-level replication of mixture-of-experts layers (lrq.moe.*, per-expert gain /
+//      bias tensors lrq_x{r}; docs/moe.md).  A v3 file is a valid v4 file.
 #pragma once
 
-#define LRQ_FORMAT_VERSION 3
+#define LRQ_FORMAT_VERSION 4
 #define LRQ_FORMAT_VERSION_MIN 1
 #define LRQ_LOWRANK_VERSION 3
 #define LRQ_LOWRANK_MAX_RANK 64
+#define LRQ_MOE_EXPERTS_VERSION 4
 
 // Adapters (FORMAT.md section 11; lrq.constants.ADAPTER_*): a GGUF of architecture "lrq-adapter"
 // holding a schedule and replica tensors, bound to its base by the shapes, types and sampled

@@ -32,6 +32,17 @@ struct lrq_key_spec {
 #define LRQ_KEY_ADAPTER_TYPES    "lrq.adapter.base.types"
 #define LRQ_KEY_ADAPTER_SHAPES   "lrq.adapter.base.shapes"
 #define LRQ_KEY_ADAPTER_CRC32    "lrq.adapter.base.crc32"
+// expert-level replication of MoE layers (format v4, docs/moe.md): all six arrays or none (X1)
+#define LRQ_KEY_MOE_LAYER        "lrq.moe.layer"
+#define LRQ_KEY_MOE_REPLICA      "lrq.moe.replica"
+#define LRQ_KEY_MOE_EXPERTS      "lrq.moe.experts"
+#define LRQ_KEY_MOE_COUNT        "lrq.moe.count"
+#define LRQ_KEY_MOE_MODE         "lrq.moe.mode"
+#define LRQ_KEY_MOE_WEIGHT       "lrq.moe.weight"
+#define LRQ_MOE_PARALLEL 0
+#define LRQ_MOE_SERIAL   1
+// parallel weights of one layer sum to at most 1 + this (rule X3; lrq.constants.MOE_WEIGHT_SUM_TOL)
+#define LRQ_MOE_WEIGHT_SUM_TOL 1e-6
 // Load options of the patched tools and the binding (--lrq-layers, --lrq-adapter), passed to the
 // loader as string kv-overrides under these names.  They are never file keys.
 #define LRQ_OPT_LAYERS           "lrq.load.layers"
@@ -77,4 +88,10 @@ static const struct lrq_key_spec LRQ_KEY_SPECS[] = {
     { LRQ_KEY_ADAPTER_CRC32,    GGUF_TYPE_ARRAY,   GGUF_TYPE_UINT32 },
     { "lrq.adapter.base.file",  GGUF_TYPE_STRING,  GGUF_TYPE_COUNT },
     { "lrq.adapter.base.type",  GGUF_TYPE_STRING,  GGUF_TYPE_COUNT },
+    { LRQ_KEY_MOE_LAYER,        GGUF_TYPE_ARRAY,   GGUF_TYPE_UINT32 },
+    { LRQ_KEY_MOE_REPLICA,      GGUF_TYPE_ARRAY,   GGUF_TYPE_UINT32 },
+    { LRQ_KEY_MOE_EXPERTS,      GGUF_TYPE_ARRAY,   GGUF_TYPE_UINT32 },
+    { LRQ_KEY_MOE_COUNT,        GGUF_TYPE_ARRAY,   GGUF_TYPE_UINT32 },
+    { LRQ_KEY_MOE_MODE,         GGUF_TYPE_ARRAY,   GGUF_TYPE_UINT32 },
+    { LRQ_KEY_MOE_WEIGHT,       GGUF_TYPE_ARRAY,   GGUF_TYPE_FLOAT32 },
 };

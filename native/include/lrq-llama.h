@@ -75,6 +75,20 @@ struct lrq_exec {
     std::vector<lrq_linear> lin;
 };
 
+// One expert-replication entry (format v4, docs/moe.md): replica `replica` of the MoE FFN of base
+// layer `layer` for the listed experts, run in every execution of that layer after the stock
+// experts, on the same routing.
+struct lrq_moe_entry {
+    uint32_t              layer   = 0;
+    uint32_t              replica = 0;      // the lrq_x{r} of its tensors
+    uint32_t              mode    = 0;      // LRQ_MOE_PARALLEL | LRQ_MOE_SERIAL
+    float                 weight  = 0.0f;   // a_r
+    std::vector<uint32_t> experts;          // sorted, unique
+    std::vector<float>    coef;             // [n_expert]: a_r for a listed expert, else 0 (a graph input)
+    ggml_tensor *         gain[3] = { nullptr, nullptr, nullptr };   // gate, up, down: F32 [n_out, n_expert]
+    ggml_tensor *         bias[3] = { nullptr, nullptr, nullptr };   // (ggml order); nullptr = default
+};
+
 struct lrq_model {
     std::string arch_name;     // "lrq-llama"
     uint32_t    version    = 0;   // lrq.format_version
@@ -86,6 +100,7 @@ struct lrq_model {
     std::string layer_map;     // --lrq-layers ("" none)
     std::string adapter;       // --lrq-adapter file ("" none)
     std::vector<lrq_exec> exec;
+    std::vector<lrq_moe_entry> moe;   // expert-replication entries (lrq.moe.*), in file order
 };
 
 // After load_arch_hparams: parse and validate the LRQ keys and the schedule (nullptr for a plain

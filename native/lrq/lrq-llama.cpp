@@ -575,6 +575,121 @@ void lrq_loader_init(llama_model_loader & ml, const std::string & fname) {
 
 // ---- hparams: keys and schedule -----------------------------------------------------------------
 
+// Rules X1-X3 (docs/moe.md): the lrq.moe.* arrays of expert-level replication, checked in the
+// order of Python's lrq.plan.expert_entries_from_gguf_arrays and check_expert_entries (one table
+// of bad files checks both).  Whether each layer is a MoE layer is checked with the tensors.
+static void lrq_read_moe_entries(lrq_model & l, const gguf_context * meta, uint32_t n_expert) {
+    static const char * const keys[] = { LRQ_KEY_MOE_LAYER, LRQ_KEY_MOE_REPLICA, LRQ_KEY_MOE_EXPERTS,
+                                         LRQ_KEY_MOE_COUNT, LRQ_KEY_MOE_MODE, LRQ_KEY_MOE_WEIGHT };
+    const char * present = nullptr;
+    for (const char * k : keys) {
+        if (!present && lrq_key(meta, k, false) >= 0) {
+            present = k;
+        }
+    }
+    if (!present) {
+        return;
+    }
+    if (l.version < LRQ_MOE_EXPERTS_VERSION) {
+        lrq_fail("key %s: expert replication needs format version %d, the file says %u (rule X1)", present,
+                 LRQ_MOE_EXPERTS_VERSION, l.version);
+    }
+    for (const char * k : keys) {
+        if (lrq_key(meta, k, false) < 0) {
+            lrq_fail("key %s is missing; expert replication needs all of " LRQ_KEY_MOE_LAYER ", " LRQ_KEY_MOE_REPLICA
+                     ", " LRQ_KEY_MOE_EXPERTS ", " LRQ_KEY_MOE_COUNT ", " LRQ_KEY_MOE_MODE ", " LRQ_KEY_MOE_WEIGHT
+                     " (rule X1)", k);
+        }
+    }
+    const auto layer   = lrq_get_array<uint32_t>(meta, LRQ_KEY_MOE_LAYER, (size_t) -1);
+    const auto replica = lrq_get_array<uint32_t>(meta, LRQ_KEY_MOE_REPLICA, (size_t) -1);
+    const auto experts = lrq_get_array<uint32_t>(meta, LRQ_KEY_MOE_EXPERTS, (size_t) -1);
+    const auto count   = lrq_get_array<uint32_t>(meta, LRQ_KEY_MOE_COUNT, (size_t) -1);
+    const auto mode    = lrq_get_array<uint32_t>(meta, LRQ_KEY_MOE_MODE, (size_t) -1);
+    const auto weight  = lrq_get_array<float>(meta, LRQ_KEY_MOE_WEIGHT, (size_t) -1);
+    const size_t m = layer.size();
+    const std::pair<const char *, size_t> lens[] = { { LRQ_KEY_MOE_REPLICA, replica.size() }, { LRQ_KEY_MOE_COUNT, count.size() },
+                                                     { LRQ_KEY_MOE_MODE, mode.size() }, { LRQ_KEY_MOE_WEIGHT, weight.size() } };
+    for (const auto & [k, n] : lens) {
+        if (n != m) {
+            lrq_fail("key %s has %zu entries, " LRQ_KEY_MOE_LAYER " has %zu (rule X1)", k, n, m);
+        }
+    }
+    uint64_t total = 0;
+    for (uint32_t c : count) {
+        total += c;
+    }
+    if (total != experts.size()) {
+        lrq_fail("key " LRQ_KEY_MOE_EXPERTS " has %zu entries, the sum of " LRQ_KEY_MOE_COUNT " is %llu (rule X1)",
+                 experts.size(), (unsigned long long) total);
+    }
+    for (size_t i = 0; i < m; ++i) {
+        if (mode[i] != LRQ_MOE_PARALLEL && mode[i] != LRQ_MOE_SERIAL) {
+            lrq_fail("key " LRQ_KEY_MOE_MODE ": entry %zu has mode %u; 0 = parallel, 1 = serial (rule X1)", i, mode[i]);
+        }
+    }
+    if (m > 0 && n_expert < 1) {
+        lrq_fail("key " LRQ_KEY_MOE_LAYER ": expert replication needs a mixture-of-experts model; this one has no "
+                 "experts (rule X1)");
+    }
+    std::set<std::pair<uint32_t, uint32_t>> seen;
+    std::map<uint32_t, double> par_sum;
+    size_t at = 0;
+    for (size_t i = 0; i < m; ++i) {
+        lrq_moe_entry x;
+        x.layer   = layer[i];
+        x.replica = replica[i];
+        x.mode    = mode[i];
+        x.weight  = weight[i];
+        x.experts.assign(experts.begin() + at, experts.begin() + at + count[i]);
+        at += count[i];
+        if (x.layer >= l.n_base) {
+            lrq_fail("key " LRQ_KEY_MOE_LAYER ": entry %zu names layer %u of a model with %u layers (rule X1)", i,
+                     x.layer, l.n_base);
+        }
+        if (x.replica < 1 || x.replica >= LRQ_MAX_EXECUTIONS) {
+            lrq_fail("key " LRQ_KEY_MOE_REPLICA ": entry %zu has replica %u; expert replicas are 1..%d (rule X1)", i,
+                     x.replica, LRQ_MAX_EXECUTIONS - 1);
+        }
+        if (!seen.insert({ x.layer, x.replica }).second) {
+            lrq_fail("key " LRQ_KEY_MOE_REPLICA ": entry %zu repeats replica %u of layer %u (rule X1)", i, x.replica,
+                     x.layer);
+        }
+        if (x.experts.empty()) {
+            lrq_fail("key " LRQ_KEY_MOE_COUNT ": entry %zu lists no expert (rule X2)", i);
+        }
+        for (size_t j = 1; j < x.experts.size(); ++j) {
+            if (!(x.experts[j - 1] < x.experts[j])) {
+                lrq_fail("key " LRQ_KEY_MOE_EXPERTS ": entry %zu lists experts %u, %u; each entry's list is sorted and "
+                         "names an expert once (rule X2)", i, x.experts[j - 1], x.experts[j]);
+            }
+        }
+        if (x.experts.back() >= n_expert) {
+            lrq_fail("key " LRQ_KEY_MOE_EXPERTS ": entry %zu names expert %u; the model has %u experts per layer "
+                     "(0..%u; rule X2)", i, x.experts.back(), n_expert, n_expert - 1);
+        }
+        if (!std::isfinite(x.weight)) {
+            lrq_fail("key " LRQ_KEY_MOE_WEIGHT ": entry %zu has weight %g (rule X3)", i, x.weight);
+        }
+        if (x.mode == LRQ_MOE_PARALLEL) {
+            if (x.weight < 0.0f) {
+                lrq_fail("key " LRQ_KEY_MOE_WEIGHT ": parallel entry %zu has weight %g < 0 (rule X3)", i, x.weight);
+            }
+            double & sum = par_sum[x.layer];
+            sum += (double) x.weight;
+            if (sum > 1.0 + LRQ_MOE_WEIGHT_SUM_TOL) {
+                lrq_fail("key " LRQ_KEY_MOE_WEIGHT ": the parallel entries of layer %u weigh %.7g together, more than "
+                         "1 (rule X3)", x.layer, sum);
+            }
+        }
+        x.coef.assign(n_expert, 0.0f);
+        for (uint32_t e : x.experts) {
+            x.coef[e] = x.weight;
+        }
+        l.moe.push_back(std::move(x));
+    }
+}
+
 std::shared_ptr<lrq_model> lrq_load_hparams(llama_model_base & m, llama_model_loader & ml,
                                            const llama_model_params & params) {
     const char *         base    = lrq_base_arch_name(ml.arch_name.c_str());
@@ -749,6 +864,9 @@ std::shared_ptr<lrq_model> lrq_load_hparams(llama_model_base & m, llama_model_lo
                        lrq_cur_file.c_str(), n_exec, n_base, (double) n_exec / n_base, per_tok * 1024 / (1 << 20),
                        per_tok_base * 1024 / (1 << 20), per_tok * hp.n_ctx_train / (1 << 20), hp.n_ctx_train);
     }
+    if (base) {
+        lrq_read_moe_entries(*l, meta, m.hparams.n_expert);
+    }
     return l;
 }
 
@@ -863,6 +981,10 @@ ggml_op lrq_tensor_op(const llama_model_loader & ml, const ggml_tensor * t_meta,
     const size_t      pos  = name.find(".lrq_");
     if (pos == std::string::npos) {
         return op;
+    }
+    // per-expert gain / bias of an expert replica (format v4): gathered by the routing ids
+    if (name.compare(pos, 6, ".lrq_x") == 0) {
+        return GGML_OP_GET_ROWS;
     }
     // low-rank factors (format v3) of any weight: two plain mul_mats after the weight's own
     const bool lowrank = (name.size() >= 5 && name.compare(name.size() - 5, 5, ".lr_u") == 0) ||
@@ -1079,9 +1201,70 @@ static std::vector<uint32_t> lrq_load_tensors_impl(llama_model_base & m, llama_m
         }
     }
 
+    // 2b. expert replicas (format v4, rule X4): per-expert gain / bias of each entry's projections
+    for (lrq_moe_entry & x : l.moe) {
+        llama_layer & layer = m.layers[x.layer];
+        ggml_tensor * const projs[3] = { layer.ffn_gate_exps, layer.ffn_up_exps, layer.ffn_down_exps };
+        static const llm_tensor proj_tn[3] = { LLM_TENSOR_FFN_GATE_EXPS, LLM_TENSOR_FFN_UP_EXPS, LLM_TENSOR_FFN_DOWN_EXPS };
+        static const char * const proj_name[3] = { "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps" };
+        if (!layer.ffn_gate_inp || !projs[0] || !projs[1] || !projs[2]) {
+            const char * miss = !layer.ffn_gate_inp ? "ffn_gate_inp" : !projs[0] ? proj_name[0] : !projs[1] ? proj_name[1] : proj_name[2];
+            lrq_fail("key " LRQ_KEY_MOE_LAYER ": an entry names layer %u, which is not a mixture-of-experts layer "
+                     "(blk.%u.%s.weight is missing; rule X1)", x.layer, x.layer, miss);
+        }
+        for (int k = 0; k < 3; ++k) {
+            const int64_t n_out = projs[k]->ne[1], n_expert = projs[k]->ne[2];
+            for (int is_bias = 0; is_bias < 2; ++is_bias) {
+                const char *      p      = is_bias ? "bias" : "gain";
+                const std::string suffix = format("lrq_x%u.%s", x.replica, p);   // alive during create_tensor
+                const auto        tn     = m.tn(proj_tn[k], suffix.c_str(), x.layer);
+                const std::string name   = tn.str();
+                const ggml_tensor * meta = ml.get_tensor_meta(name.c_str());
+                if (!meta) {
+                    continue;
+                }
+                if (meta->type != GGML_TYPE_F32 || ggml_n_dims(meta) > 2 || meta->ne[0] != n_out || meta->ne[1] != n_expert) {
+                    lrq_fail("tensor %s has type %s, shape %s, expected F32 [%lld, %lld] (rule X4)", name.c_str(),
+                             lrq_upper(ggml_type_name(meta->type)).c_str(), lrq_shape_desc(meta).c_str(),
+                             (long long) n_expert, (long long) n_out);
+                }
+                ggml_tensor * t = m.create_tensor(ml, tn, { n_out, n_expert }, flags_opt);
+                created.insert(name);
+                l.n_replica_tensors++;
+                lrq_check_finite(ml, meta, name);
+                // rows of experts the entry does not list hold the defaults: the runtime multiplies
+                // every routed slot and masks by the entry's coefficients, the reference only the listed
+                std::vector<float> v((size_t) (n_out * n_expert));
+                if (lrq_read_f32(ml, name, v.data(), v.size())) {
+                    const float dflt = is_bias ? 0.0f : 1.0f;
+                    for (int64_t e = 0; e < n_expert; ++e) {
+                        if (std::binary_search(x.experts.begin(), x.experts.end(), (uint32_t) e)) {
+                            continue;
+                        }
+                        for (int64_t j = 0; j < n_out; ++j) {
+                            if (v[(size_t) (e * n_out + j)] != dflt) {
+                                lrq_fail("tensor %s: row %lld (an expert the entry does not list) must hold the default "
+                                         "%s %g (rule X4)", name.c_str(), (long long) e, p, dflt);
+                            }
+                        }
+                    }
+                }
+                (is_bias ? x.bias : x.gain)[k] = t;
+            }
+        }
+    }
+
     // 3. every LRQ parameter tensor of the file was made above, every LRQ-typed tensor is a slot
     for (const auto & [name, w] : ml.weights_map) {
         const ggml_tensor * t = w.tensor;
+        if (name.find(".lrq_x") != std::string::npos && !created.count(name)) {
+            unsigned L = 0, r = 0;
+            char     proj[64] = {0};
+            const bool parsed = std::sscanf(name.c_str(), "blk.%u.%63[^.].lrq_x%u.", &L, proj, &r) == 3;
+            lrq_fail("tensor %s belongs to no expert entry (" LRQ_KEY_MOE_LAYER " / " LRQ_KEY_MOE_REPLICA " list no "
+                     "replica %u of layer %u, or the name is not blk.L.ffn_{gate,up,down}_exps.lrq_x<r>.{gain,bias}; "
+                     "rule X4)", name.c_str(), parsed ? r : 0u, parsed ? L : 0u);
+        }
         if (name.find(".lrq_") != std::string::npos && !created.count(name)) {
             unsigned L = 0, r = 0;
             char     slot[64] = {0};
@@ -1204,11 +1387,22 @@ std::string lrq_model_desc(const lrq_model & l, const std::string & stock_desc) 
                   l.exec.size());
 }
 
+// graph nodes of one expert replica in one execution (build_lrq_moe_exps: 3 products with their
+// gathers, reshapes, gains and biases, the activation, the coefficients and the combine)
+static constexpr size_t LRQ_MOE_ENTRY_NODES = 48;
+
 uint32_t lrq_graph_max_nodes(const lrq_model & l, uint32_t stock) {
     const size_t n_exec = l.exec.size();
     const size_t rep    = (n_exec + l.n_base - 1) / l.n_base;
-    // a low-rank correction costs 3 nodes (two mul_mats and an add) per linear of an execution
-    return (uint32_t) (stock * rep + (8 + 3 * LRQ_SLOT_COUNT) * n_exec);
+    // a low-rank correction costs 3 nodes (two mul_mats and an add) per linear of an execution;
+    // an expert replica at most LRQ_MOE_ENTRY_NODES per execution of its layer
+    size_t n_moe = 0;
+    for (const lrq_exec & e : l.exec) {
+        for (const lrq_moe_entry & x : l.moe) {
+            n_moe += x.layer == e.layer;
+        }
+    }
+    return (uint32_t) (stock * rep + (8 + 3 * LRQ_SLOT_COUNT) * n_exec + LRQ_MOE_ENTRY_NODES * n_moe);
 }
 
 // ---- graph ----------------------------------------------------------------------------------------
@@ -1308,4 +1502,84 @@ ggml_tensor * llm_graph_context::build_lrq_mm(ggml_tensor * w, ggml_tensor * cur
         return ggml_mul_mat(ctx0, w, cur);   // a stock weight without replica parameters (or the output head)
     }
     GGML_ABORT("lrq: weight %s is not an LRQ linear of execution %d", w->name, lrq_il);
+}
+
+// ---- expert replicas (format v4, docs/moe.md) ------------------------------------------------------
+
+// The coefficients of one entry, [1, n_expert] (a_r for a listed expert, 0 otherwise): a graph
+// input, since a graph holds no constants; the same data for every ubatch, so it never stops
+// llama.cpp from reusing a graph.
+class lrq_moe_coef_input : public llm_graph_input_i {
+public:
+    lrq_moe_coef_input(ggml_tensor * t, const std::vector<float> * coef) : t(t), coef(coef) {}
+    void set_input(const llama_ubatch * ubatch) override {
+        GGML_UNUSED(ubatch);
+        ggml_backend_tensor_set(t, coef->data(), 0, ggml_nbytes(t));
+    }
+    bool can_reuse(const llm_graph_params & params) override {
+        GGML_UNUSED(params);
+        return true;
+    }
+private:
+    ggml_tensor *              t;
+    const std::vector<float> * coef;
+};
+
+ggml_tensor * llm_graph_context::build_lrq_moe_exps(ggml_tensor * experts, ggml_tensor * inp, ggml_tensor * ids,
+                                                    ggml_tensor * up_exps, ggml_tensor * gate_exps,
+                                                    ggml_tensor * down_exps, llm_ffn_op_type type_op, int il) const {
+    if (!lrq || lrq->moe.empty() || il < 0 || (size_t) il >= lrq->exec.size()) {
+        return experts;
+    }
+    const uint32_t L = lrq->exec[il].layer;
+    ggml_tensor * ids_flat = nullptr;
+    ggml_tensor * acc      = nullptr;
+    const int64_t n_used = ids->ne[0], n_tok = ids->ne[1];
+    for (const lrq_moe_entry & x : lrq->moe) {
+        if (x.layer != L) {
+            continue;
+        }
+        if (type_op != LLM_FFN_SILU || !gate_exps) {
+            GGML_ABORT("lrq: expert replicas need SiLU-gated experts (layer %u)", L);   // refused at load for other archs
+        }
+        if (!ids_flat) {
+            // the routing of this execution, once: [n_used * n_tokens] expert ids for ggml_get_rows
+            ids_flat = ggml_reshape_1d(ctx0, ggml_cont(ctx0, ids), n_used * n_tok);
+        }
+        // per-slot rows of an [n_out, n_expert] parameter: [n_out, n_used, n_tokens]
+        auto rows = [&](ggml_tensor * p) {
+            return ggml_reshape_3d(ctx0, ggml_get_rows(ctx0, p, ids_flat), p->ne[0], n_used, n_tok);
+        };
+        auto product = [&](int k, ggml_tensor * w, ggml_tensor * b) {
+            ggml_tensor * y = ggml_mul_mat_id(ctx0, w, b, ids);
+            if (x.gain[k]) {
+                y = ggml_mul(ctx0, y, rows(x.gain[k]));
+            }
+            if (x.bias[k]) {
+                y = ggml_add(ctx0, y, rows(x.bias[k]));
+            }
+            return y;
+        };
+        ggml_tensor * up   = product(1, up_exps, inp);
+        ggml_tensor * gate = product(0, gate_exps, inp);
+        ggml_tensor * down = product(2, down_exps, ggml_swiglu_split(ctx0, gate, up));   // E_e(h; r) per slot
+        cb(down, "lrq_moe_replica", il);
+
+        ggml_tensor * coef = ggml_new_tensor_2d(ctx0, GGML_TYPE_F32, 1, (int64_t) x.coef.size());
+        ggml_set_input(coef);
+        ggml_format_name(coef, "lrq_moe_coef_%u_x%u", x.layer, x.replica);
+        res->add_input(std::make_unique<lrq_moe_coef_input>(coef, &x.coef));
+        ggml_tensor * c = ggml_reshape_3d(ctx0, ggml_get_rows(ctx0, coef, ids_flat), 1, n_used, n_tok);
+
+        // parallel: E' = E + a (E_r - E); serial: E' = E + a E_r (a = 0 for the experts not listed)
+        ggml_tensor * term = x.mode == LRQ_MOE_PARALLEL ? ggml_sub(ctx0, down, experts) : down;
+        term = ggml_mul(ctx0, term, c);
+        acc  = acc ? ggml_add(ctx0, acc, term) : term;
+    }
+    if (!acc) {
+        return experts;
+    }
+    ggml_tensor * out = ggml_add(ctx0, experts, acc);
+    cb(out, "lrq_moe_experts", il);
+    return out;
 }

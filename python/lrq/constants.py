@@ -1,4 +1,4 @@
-"""Constants of the LRQ GGUF format v3 (docs/FORMAT.md is the specification).
+"""Constants of the LRQ GGUF format v4 (docs/FORMAT.md is the specification).
 
 Everything a reader or writer of an LRQ GGUF needs to agree on lives here: the format version,
 every ``lrq.*`` key, the ggml type ids of the code tensors, the supported base architectures and
@@ -15,12 +15,14 @@ from enum import IntEnum
 # any other value.  v1: LRQ-typed codes and their replicas.  v2: also stock-typed (any ggml type)
 # block linears whose replicas carry gain / bias / clip; every v1 file is a valid v2 file.
 # v3: per-replica low-rank corrections (lr_u, lr_v) of any replicable linear; every v2 file is
-# a valid v3 file.
-FORMAT_VERSION = 3
+# a valid v3 file.  v4: expert-level replication of mixture-of-experts layers (lrq.moe.*,
+# lrq_x tensors; docs/moe.md); every v3 file is a valid v4 file.
+FORMAT_VERSION = 4
 FORMAT_VERSION_MIN = 1
 # the first version that may hold each kind of content (readers refuse it in an older file)
 STOCK_REPLICAS_VERSION = 2
 LOWRANK_VERSION = 3
+MOE_EXPERTS_VERSION = 4
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
 # the mixture-of-experts bases (docs/moe.md): stacked experts ffn_*_exps, router ffn_gate_inp
@@ -89,6 +91,14 @@ class Keys:
     ADAPTER_BASE_FILE = "lrq.adapter.base.file"              # string, base file name (provenance)
     ADAPTER_BASE_TYPE = "lrq.adapter.base.type"              # string, e.g. IQ2_XS (provenance)
 
+    # expert-level replication of MoE layers (format v4, docs/moe.md): m entries, all six or none
+    MOE_LAYER = "lrq.moe.layer"                    # uint32[m], base layer of each entry
+    MOE_REPLICA = "lrq.moe.replica"                # uint32[m], expert-replica index >= 1 (lrq_x{r})
+    MOE_EXPERTS = "lrq.moe.experts"                # uint32[sum count], each entry's sorted experts
+    MOE_COUNT = "lrq.moe.count"                    # uint32[m], experts each entry lists
+    MOE_MODE = "lrq.moe.mode"                      # uint32[m], MOE_PARALLEL | MOE_SERIAL
+    MOE_WEIGHT = "lrq.moe.weight"                  # float32[m], the entry's weight a_r
+
     @classmethod
     def all(cls) -> dict[str, str]:
         """{attribute name: key} of every key."""
@@ -139,7 +149,20 @@ KEY_TYPES: dict[str, str] = {
     Keys.ADAPTER_BASE_CRC32: "array:uint32",
     Keys.ADAPTER_BASE_FILE: "string",
     Keys.ADAPTER_BASE_TYPE: "string",
+    Keys.MOE_LAYER: "array:uint32",
+    Keys.MOE_REPLICA: "array:uint32",
+    Keys.MOE_EXPERTS: "array:uint32",
+    Keys.MOE_COUNT: "array:uint32",
+    Keys.MOE_MODE: "array:uint32",
+    Keys.MOE_WEIGHT: "array:float32",
 }
+# the lrq.moe.* arrays in the order the readers check them (rule X1: all or none)
+MOE_KEYS = (Keys.MOE_LAYER, Keys.MOE_REPLICA, Keys.MOE_EXPERTS, Keys.MOE_COUNT, Keys.MOE_MODE,
+            Keys.MOE_WEIGHT)
+MOE_PARALLEL, MOE_SERIAL = 0, 1
+MOE_MODES = {"parallel": MOE_PARALLEL, "serial": MOE_SERIAL}
+# the parallel weights of one layer sum to at most 1 (rule X3), up to float32 storage of e.g. 1/3
+MOE_WEIGHT_SUM_TOL = 1e-6
 
 # Adapters (docs/FORMAT.md section 11): general.architecture of an adapter file, its container
 # version (LRQ_ADAPTER_VERSION in lrq-format.h) and the sample its content hash covers.
@@ -209,6 +232,27 @@ STOCK_REPLICA_PARAMS = ("gain", "bias", "clip") + LOWRANK_PARAMS   # v2: outside
 # the block linears a replica parameterises (LRQ codes by default; any type in format v2)
 BLOCK_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
+# expert replicas (format v4): blk.L.ffn_{gate,up,down}_exps.lrq_x{r}.{gain,bias}, F32 numpy
+# [n_expert, n_out]; no clip (a per-expert input bound has no single ggml op; docs/moe.md)
+EXPERT_PROJS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+EXPERT_PARAMS = ("gain", "bias")
+_EXPERT_REPLICA_RE = re.compile(r"^blk\.(?P<layer>\d+)\.(?P<proj>[a-z_]+)\.lrq_x(?P<replica>\d+)\.(?P<param>[a-z_]+)$")
+
+
+def expert_param_name(layer: int, proj: str, replica: int, param: str) -> str:
+    """2, ``ffn_up_exps``, 1, ``gain`` -> ``blk.2.ffn_up_exps.lrq_x1.gain``."""
+    return f"blk.{layer}.{proj}.lrq_x{replica}.{param}"
+
+
+def parse_expert_param_name(name: str) -> tuple[int, str, int, str] | None:
+    """(layer, proj, replica, param) of any ``blk.L.<x>.lrq_x{r}.<p>`` name (proj and param
+    unchecked: the readers refuse unknown ones by name), else None."""
+    m = _EXPERT_REPLICA_RE.match(name)
+    if not m:
+        return None
+    return int(m.group("layer")), m.group("proj"), int(m.group("replica")), m.group("param")
+
+
 _REPLICA_RE = re.compile(r"^(?P<stem>.+)\.lrq_r(?P<replica>\d+)\.(?P<param>" + "|".join(REPLICA_PARAMS) + r")$")
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 _BLOCK_LINEAR_RE = re.compile(r"^blk\.\d+\.(" + "|".join(BLOCK_LINEARS) + r")\.weight$")
@@ -251,7 +295,8 @@ def parse_replica_param_name(name: str) -> tuple[str, int, str] | None:
 
 def is_aux_tensor(name: str) -> bool:
     """True for tensors that are parameters of an LRQ weight, not base model parameters."""
-    return name.endswith(SCALE_SUFFIX) or name.endswith(MIN_SUFFIX) or _REPLICA_RE.match(name) is not None
+    return (name.endswith(SCALE_SUFFIX) or name.endswith(MIN_SUFFIX) or _REPLICA_RE.match(name) is not None
+            or _EXPERT_REPLICA_RE.match(name) is not None)
 
 
 def layer_of(name: str) -> int | None:

@@ -22,8 +22,10 @@ from typing import Any
 import gguf
 import numpy as np
 
-from .constants import (ARCH_PREFIX, EXEC_WARN_FACTOR, FORMAT_VERSION, FORMAT_VERSION_MIN,
-                        GROUP_SIZES, KEY_TYPES, LOWRANK_MAX_RANK, LOWRANK_PARAMS, LOWRANK_VERSION,
+from .constants import (ARCH_PREFIX, EXEC_WARN_FACTOR, EXPERT_PARAMS, EXPERT_PROJS, FORMAT_VERSION,
+                        FORMAT_VERSION_MIN, GROUP_SIZES, KEY_TYPES, LOWRANK_MAX_RANK, LOWRANK_PARAMS,
+                        LOWRANK_VERSION, MOE_EXPERTS_VERSION, MOE_KEYS, expert_param_name,
+                        parse_expert_param_name,
                         LRQ_REPLICA_PARAMS, MODES, STOCK_REPLICA_PARAMS, SUPPORTED_ARCHS,
                         TERNARY_BITS, Keys, is_block_linear, layer_of, lrq_bits,
                         min_name, parse_replica_param_name, replica_param_name, scale_name)
@@ -31,7 +33,8 @@ from .gguf_hparams import (GGUFFileError, check_tokens_unique, dequantize_tensor
                            open_reader, read_kv)
 from .bpw_count import count_bpw
 from .gguf_types import type_name
-from .plan import Execution, Plan, PlanError
+from .plan import (Execution, ExpertEntry, Plan, PlanError, check_expert_entries,
+                   expert_entries_from_gguf_arrays)
 from .quant import QuantizedTensor, ReplicaParams, dequantize, n_groups, row_bytes, check_activation_params, QuantError
 
 F16 = gguf.GGMLQuantizationType.F16
@@ -85,6 +88,7 @@ class LRQModelFile:
         self.hparams_dict: dict[str, Any] = hparams(self.kv, self.arch, shapes, str(self.path))
         self.plan = self._read_schedule()
         self.schedule: list[Execution] = list(self.plan.executions)
+        self.expert_entries: tuple[ExpertEntry, ...] = self._read_expert_entries()
         self._check_tensors()
 
     # ---- validation -------------------------------------------------------------------------
@@ -149,6 +153,58 @@ class LRQModelFile:
         except PlanError as e:
             raise LRQFileError(str(e)) from None
 
+    def _read_expert_entries(self) -> tuple[ExpertEntry, ...]:
+        """Rules X1-X3 (docs/moe.md): the lrq.moe.* arrays, in the order of lrq_load_hparams."""
+        arrays = {k: self.kv.get(k) for k in MOE_KEYS}
+        present = next((k for k in MOE_KEYS if arrays[k] is not None), None)
+        if present is None:
+            return ()
+        if self.version < MOE_EXPERTS_VERSION:
+            raise self._err(f"key {present}: expert replication needs format version {MOE_EXPERTS_VERSION}, "
+                            f"the file says {self.version} (rule X1)")
+        n_layer = self.hparams_dict["n_layer"]
+        n_expert = int(self.kv.get(f"{self.arch}.expert_count") or 0)
+        try:
+            entries = expert_entries_from_gguf_arrays(arrays, str(self.path))
+            check_expert_entries(entries, n_layer, n_expert, str(self.path))
+        except PlanError as e:
+            raise LRQFileError(str(e)) from None
+        for i, e in enumerate(entries):
+            missing = [f"blk.{e.layer}.{n}.weight" for n in ("ffn_gate_inp",) + EXPERT_PROJS
+                       if f"blk.{e.layer}.{n}.weight" not in self._t]
+            if missing:
+                raise self._err(f"key {Keys.MOE_LAYER}: entry {i} names layer {e.layer}, which is not a "
+                                f"mixture-of-experts layer ({missing[0]} is missing; rule X1)")
+        return entries
+
+    def _check_expert_tensor(self, name: str, parsed: tuple[int, str, int, str]) -> None:
+        """Rule X4: a per-expert gain / bias of an entry, F32 [n_expert, n_out], finite, and the
+        defaults (gain 1, bias 0) in the rows of experts the entry does not list."""
+        layer, proj, r, param = parsed
+        entry = next((e for e in self.expert_entries if (e.layer, e.replica) == (layer, r)), None)
+        if proj not in EXPERT_PROJS or param not in EXPERT_PARAMS or entry is None:
+            raise self._err(f"tensor {name} belongs to no expert entry ({Keys.MOE_LAYER} / "
+                            f"{Keys.MOE_REPLICA} list no replica {r} of layer {layer}, or the name is not "
+                            f"blk.L.ffn_{{gate,up,down}}_exps.lrq_x<r>.{{gain,bias}}; rule X4)")
+        n_expert, n_out = numpy_shape(self._t[f"blk.{layer}.{proj}.weight"])[:2]
+        self._check_shape(name, F32, [(n_expert, n_out)])
+        self._check_finite(name)
+        rows = np.asarray(self._t[name].data, dtype=np.float32).reshape(n_expert, n_out)
+        default = 1.0 if param == "gain" else 0.0
+        listed = set(entry.experts)
+        for x in range(n_expert):
+            if x not in listed and not np.all(rows[x] == default):
+                raise self._err(f"tensor {name}: row {x} (an expert the entry does not list) must hold the "
+                                f"default {param} {default:g} (rule X4)")
+
+    def expert_params(self, layer: int, proj: str, replica: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(gain, bias) float64 [n_expert, n_out] of expert replica ``replica`` of ``proj`` in
+        ``layer``; None for an absent tensor (the default: gain 1, bias 0)."""
+        def get(param):
+            t = self._t.get(expert_param_name(layer, proj, replica, param))
+            return None if t is None else np.asarray(t.data, dtype=np.float64).reshape(numpy_shape(t))
+        return get("gain"), get("bias")
+
     def _check_shape(self, name: str, want_type, shapes: list[tuple[int, ...]]) -> None:
         t = self._t[name]
         if int(t.tensor_type) != int(want_type):
@@ -190,6 +246,10 @@ class LRQModelFile:
                 w = name.rsplit(".", 1)[0] + ".weight"
                 if w not in self._t or lrq_bits(self._t[w].tensor_type) is None:
                     raise self._err(f"tensor {name} belongs to no LRQ weight ({w} is missing or not LRQ)")
+                continue
+            xparsed = parse_expert_param_name(name)
+            if xparsed is not None:
+                self._check_expert_tensor(name, xparsed)
                 continue
             parsed = parse_replica_param_name(name)
             if parsed is None:

@@ -9,6 +9,11 @@ preset (``none``, ``all``, ``last-N``, ``progressive``), a layer map (FORMAT.md 
 
 (layers not named run once, replica 0), validated against a model's layer count, and stored as
 the four ``lrq.schedule.*`` key arrays.
+
+A plan file of a mixture-of-experts model may also replicate the MoE FFN of a layer for some
+experts only (format v4, docs/moe.md), stored as the ``lrq.moe.*`` arrays::
+
+    {"layers": {...}, "experts": [{"layer": 2, "experts": [0, 5], "mode": "serial", "weight": 1.0}]}
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .constants import MAX_EXECUTIONS, Keys
+from .constants import (MAX_EXECUTIONS, MOE_KEYS, MOE_MODES, MOE_PARALLEL, MOE_WEIGHT_SUM_TOL,
+                        Keys)
 
 PRESETS = ("none", "all", "last-N", "progressive")
 _LAST_N = re.compile(r"^last-(\d+)$")
@@ -42,9 +48,21 @@ class Execution:
 
 
 @dataclass(frozen=True)
+class ExpertEntry:
+    """Replica ``replica`` (>= 1) of the MoE FFN of base ``layer`` for ``experts`` only
+    (docs/moe.md): parallel E' = E + a (E_r - E), serial E' = E + a E_r, for a listed expert."""
+    layer: int
+    replica: int
+    experts: tuple[int, ...]
+    mode: str            # "parallel" | "serial"
+    weight: float
+
+
+@dataclass(frozen=True)
 class Plan:
     executions: tuple[Execution, ...]
     source: str = ""     # what it was made from (preset name or file), for messages and lrq.plan
+    experts: tuple[ExpertEntry, ...] = ()   # expert-level replication entries (format v4)
 
     @property
     def n_exec(self) -> int:
@@ -137,12 +155,137 @@ class Plan:
                    zip(*(arrays[k] for k in keys)))
         return cls(ex, where)
 
+    def expert_gguf_arrays(self) -> dict[str, list]:
+        """The six lrq.moe.* arrays of the expert entries ({} without entries: the keys are
+        written only when there are entries)."""
+        return expert_entries_to_gguf_arrays(self.experts)
+
     def describe(self) -> str:
         """One line: executions, layers, replicated layers."""
         rep = {e.layer for e in self.executions if e.replica > 0}
         par = sum(1 for g in self.groups() if len(g) > 1)
         return (f"{self.n_exec} executions over {self.n_layer} layers; {len(rep)} layers replicated"
                 f"{f', {par} parallel groups' if par else ''}")
+
+
+# ---- expert-level replication entries (format v4, docs/moe.md) ------------------------------
+
+def expert_entries_to_gguf_arrays(entries) -> dict[str, list]:
+    if not entries:
+        return {}
+    return {Keys.MOE_LAYER: [e.layer for e in entries], Keys.MOE_REPLICA: [e.replica for e in entries],
+            Keys.MOE_EXPERTS: [x for e in entries for x in e.experts],
+            Keys.MOE_COUNT: [len(e.experts) for e in entries],
+            Keys.MOE_MODE: [MOE_MODES[e.mode] for e in entries],
+            Keys.MOE_WEIGHT: [float(e.weight) for e in entries]}
+
+
+def expert_entries_from_gguf_arrays(arrays: dict, where: str) -> tuple[ExpertEntry, ...]:
+    """Entries of the lrq.moe.* arrays ({key: list or None}); rule X1's all-or-none and lengths.
+    The same checks, in the same order, as lrq_load_hparams in native/lrq/lrq-llama.cpp."""
+    present = [k for k in MOE_KEYS if arrays.get(k) is not None]
+    if not present:
+        return ()
+    for k in MOE_KEYS:
+        if arrays.get(k) is None:
+            raise PlanError(f"{where}: key {k} is missing; expert replication needs all of "
+                            f"{', '.join(MOE_KEYS)} (rule X1)")
+    m = len(arrays[Keys.MOE_LAYER])
+    for k in (Keys.MOE_REPLICA, Keys.MOE_COUNT, Keys.MOE_MODE, Keys.MOE_WEIGHT):
+        if len(arrays[k]) != m:
+            raise PlanError(f"{where}: key {k} has {len(arrays[k])} entries, {Keys.MOE_LAYER} has {m} "
+                            f"(rule X1)")
+    counts = [int(c) for c in arrays[Keys.MOE_COUNT]]
+    if sum(counts) != len(arrays[Keys.MOE_EXPERTS]):
+        raise PlanError(f"{where}: key {Keys.MOE_EXPERTS} has {len(arrays[Keys.MOE_EXPERTS])} entries, the "
+                        f"sum of {Keys.MOE_COUNT} is {sum(counts)} (rule X1)")
+    inv = {v: k for k, v in MOE_MODES.items()}
+    out, at = [], 0
+    for i in range(m):
+        mode = int(arrays[Keys.MOE_MODE][i])
+        if mode not in inv:
+            raise PlanError(f"{where}: key {Keys.MOE_MODE}: entry {i} has mode {mode}; 0 = parallel, "
+                            f"1 = serial (rule X1)")
+        out.append(ExpertEntry(int(arrays[Keys.MOE_LAYER][i]), int(arrays[Keys.MOE_REPLICA][i]),
+                               tuple(int(x) for x in arrays[Keys.MOE_EXPERTS][at:at + counts[i]]),
+                               inv[mode], float(arrays[Keys.MOE_WEIGHT][i])))
+        at += counts[i]
+    return tuple(out)
+
+
+def check_expert_entries(entries, n_layer: int, n_expert: int | None, where: str) -> None:
+    """Rules X1 (layers, replicas), X2 (experts) and X3 (weights) of docs/moe.md; n_expert None
+    skips the bound of X2 (a plan file, before the model is known)."""
+    if entries and n_expert is not None and n_expert < 1:
+        raise PlanError(f"{where}: key {Keys.MOE_LAYER}: expert replication needs a mixture-of-experts "
+                        f"model; this one has no experts (rule X1)")
+    seen: set[tuple[int, int]] = set()
+    par_sum: dict[int, float] = {}
+    for i, e in enumerate(entries):
+        if not 0 <= e.layer < n_layer:
+            raise PlanError(f"{where}: key {Keys.MOE_LAYER}: entry {i} names layer {e.layer} of a model "
+                            f"with {n_layer} layers (rule X1)")
+        if not 1 <= e.replica < MAX_EXECUTIONS:
+            raise PlanError(f"{where}: key {Keys.MOE_REPLICA}: entry {i} has replica {e.replica}; expert "
+                            f"replicas are 1..{MAX_EXECUTIONS - 1} (rule X1)")
+        if (e.layer, e.replica) in seen:
+            raise PlanError(f"{where}: key {Keys.MOE_REPLICA}: entry {i} repeats replica {e.replica} of "
+                            f"layer {e.layer} (rule X1)")
+        seen.add((e.layer, e.replica))
+        if not e.experts:
+            raise PlanError(f"{where}: key {Keys.MOE_COUNT}: entry {i} lists no expert (rule X2)")
+        for a, b in zip(e.experts, e.experts[1:]):
+            if not a < b:
+                raise PlanError(f"{where}: key {Keys.MOE_EXPERTS}: entry {i} lists experts {a}, {b}; each "
+                                f"entry's list is sorted and names an expert once (rule X2)")
+        if n_expert is not None and e.experts[-1] >= n_expert:
+            raise PlanError(f"{where}: key {Keys.MOE_EXPERTS}: entry {i} names expert {e.experts[-1]}; the "
+                            f"model has {n_expert} experts per layer (0..{n_expert - 1}; rule X2)")
+        if not math.isfinite(e.weight):
+            raise PlanError(f"{where}: key {Keys.MOE_WEIGHT}: entry {i} has weight {e.weight} (rule X3)")
+        if MOE_MODES[e.mode] == MOE_PARALLEL:
+            if e.weight < 0:
+                raise PlanError(f"{where}: key {Keys.MOE_WEIGHT}: parallel entry {i} has weight {e.weight} "
+                                f"< 0 (rule X3)")
+            par_sum[e.layer] = par_sum.get(e.layer, 0.0) + e.weight
+            if par_sum[e.layer] > 1.0 + MOE_WEIGHT_SUM_TOL:
+                raise PlanError(f"{where}: key {Keys.MOE_WEIGHT}: the parallel entries of layer {e.layer} "
+                                f"weigh {par_sum[e.layer]:.7g} together, more than 1 (rule X3)")
+
+
+def _experts_from_spec(spec, where: str) -> tuple[ExpertEntry, ...]:
+    """The plan file's "experts" list -> entries; replica defaults to 1 + earlier entries of
+    the layer."""
+    if not isinstance(spec, list):
+        raise PlanError(f"{where}: \"experts\" must be a list of objects {{\"layer\": L, \"experts\": "
+                        f"[...], \"mode\": \"parallel\"|\"serial\", \"weight\": a}}")
+    out: list[ExpertEntry] = []
+    for i, item in enumerate(spec):
+        if not isinstance(item, dict):
+            raise PlanError(f"{where}: experts entry {i}: expected an object, got {item!r}")
+        unknown = set(item) - {"layer", "experts", "mode", "weight", "replica"}
+        if unknown:
+            raise PlanError(f"{where}: experts entry {i}: unknown field(s) {', '.join(sorted(unknown))} "
+                            f"(known: layer, experts, mode, weight, replica)")
+
+        def integer(v, what):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise PlanError(f"{where}: experts entry {i}: {what} must be an integer >= 0, got {v!r}")
+            return v
+        layer = integer(item.get("layer"), "layer")
+        xs = item.get("experts")
+        if not isinstance(xs, list) or not xs:
+            raise PlanError(f"{where}: experts entry {i}: experts must be a non-empty list of expert indices")
+        xs = tuple(sorted(integer(x, "each expert") for x in xs))
+        mode = item.get("mode", "serial")
+        if mode not in MOE_MODES:
+            raise PlanError(f"{where}: experts entry {i}: mode must be 'parallel' or 'serial', got {mode!r}")
+        weight = item.get("weight", 1.0)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+            raise PlanError(f"{where}: experts entry {i}: weight must be a number, got {weight!r}")
+        replica = item.get("replica", 1 + sum(1 for e in out if e.layer == layer))
+        out.append(ExpertEntry(layer, integer(replica, "replica"), xs, mode, float(weight)))
+    return tuple(out)
 
 
 # ---- building plans ------------------------------------------------------------------------
@@ -286,11 +429,15 @@ def from_file(path: str | os.PathLike, n_layer: int) -> Plan:
     path = Path(path)
     data = _load_file(path)
     where = f"plan file {path}"
-    if not isinstance(data, dict) or set(data) - {"layers"} or not isinstance(data.get("layers"), dict):
+    if (not isinstance(data, dict) or set(data) - {"layers", "experts"}
+            or not isinstance(data.get("layers", {}), dict) or not data):
         raise PlanError(f"{where}: expected an object {{\"layers\": {{\"<layer>\": {{\"replicas\": N, "
-                        f"\"mode\": \"serial\"|\"parallel\"}}}}}}")
+                        f"\"mode\": \"serial\"|\"parallel\"}}}}}} (and, for a mixture-of-experts model, "
+                        f"\"experts\": [...])")
+    experts = _experts_from_spec(data["experts"], where) if "experts" in data else ()
+    check_expert_entries(experts, n_layer, None, where)
     counts: dict[int, tuple[int, str, list[float] | None]] = {}
-    for key, spec in data["layers"].items():
+    for key, spec in data.get("layers", {}).items():
         try:
             layer = int(key)
         except (TypeError, ValueError):
@@ -320,7 +467,8 @@ def from_file(path: str | os.PathLike, n_layer: int) -> Plan:
             if abs(sum(weights) - 1.0) > WEIGHT_SUM_TOL:
                 raise PlanError(f"{where}: layer {layer}: weights sum to {sum(weights)}, not 1")
         counts[layer] = (n, mode, weights)
-    return from_replicas(counts, n_layer, str(path)).validate(n_layer, where)
+    plan = from_replicas(counts, n_layer, str(path)).validate(n_layer, where)
+    return replace(plan, experts=experts) if experts else plan
 
 
 def make_plan(spec: str, n_layer: int) -> Plan:

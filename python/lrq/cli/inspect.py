@@ -93,6 +93,7 @@ def collect(path: str, full_metadata: bool = False, adapter: str | None = None,
         "schedule": [{"layer": e.layer, "replica": e.replica, "group": e.group, "weight": e.weight}
                      for e in f.schedule],
         "schedule_summary": f.plan.describe(),
+        "expert_entries": _expert_entries(f, tensors),
         "lowrank": lowrank,
         "bpw": {"lrq": bpw["lrq"], "linears": bpw["linears"], "file": bpw["file"],
                 "lrq_recorded": f.kv.get(Keys.BPW_LRQ), "linears_recorded": f.kv.get(Keys.BPW_LINEARS)},
@@ -121,6 +122,36 @@ def _experts(f, tensors: list[dict]) -> dict | None:
             "n_moe_layers": len(routers), "expert_types": sorted({t["type"] for t in exps}),
             "router_types": sorted({t["type"] for t in routers + gates}),
             "shared_expert_types": sorted({t["type"] for t in shexp})}
+
+
+def _expert_entries(f, tensors: list[dict]) -> list[dict]:
+    """Expert-level replication entries (format v4, docs/moe.md) with the names of their
+    per-expert tensors ("<proj>.<param>"); [] without entries."""
+    names = {t["name"] for t in tensors}
+    out = []
+    for e in getattr(f, "expert_entries", ()):
+        pre = f"blk.{e.layer}."
+        mid = f".lrq_x{e.replica}."
+        have = sorted(n[len(pre):].replace(mid, ".") for n in names
+                      if n.startswith(pre) and mid in n)
+        out.append({"layer": e.layer, "replica": e.replica, "experts": list(e.experts), "mode": e.mode,
+                    "weight": e.weight, "tensors": have})
+    return out
+
+
+def _print_expert_entries(info: dict) -> None:
+    entries = info.get("expert_entries") or []
+    if not entries:
+        return
+    n_expert = (info.get("experts") or {}).get("n_expert")
+    print(f"expert replicas: {len(entries)} entries (format v{info['format_version']})")
+    for e in entries:
+        params = [p for p in ("gain", "bias") if any(t.endswith("." + p) for t in e["tensors"])]
+        projs = [p for p in ("gate", "up", "down") if any(t.startswith(f"ffn_{p}_exps.") for t in e["tensors"])]
+        what = (f"per-expert {', '.join(params)} on {', '.join(projs)}" if e["tensors"]
+                else "no per-expert tensors (the replica is the base)")
+        print(f"  layer {e['layer']} x{e['replica']}: {e['mode']}, weight {e['weight']:.4g}, experts "
+              f"{', '.join(map(str, e['experts']))} ({len(e['experts'])} of {n_expert}); {what}")
 
 
 def _print_adapter(info: dict, show_tensors: bool) -> None:
@@ -185,6 +216,7 @@ def _print(info: dict, show_tensors: bool) -> None:
     for i, e in enumerate(info["schedule"]):
         print(f"  exec {i:3d}: layer {e['layer']:3d} replica {e['replica']} "
               f"group {e['group']:3d} weight {e['weight']:.4g}")
+    _print_expert_entries(info)
     print("metadata:")
     for k, v in info["metadata"].items():
         print(f"  {k} = {v}")

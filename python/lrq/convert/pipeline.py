@@ -28,7 +28,7 @@ from ..constants import (BITS_CHOICES, FORMAT_VERSION, GROUP_SIZES, MODES, TERNA
 from ..bpw_count import count_bpw
 from ..gguf_hparams import GGUFFileError, dequantize_tensor, numpy_shape, open_reader, read_kv
 from ..gguf_write import GGUFStreamWriter, WriterError, check_output_path, tensor_nbytes
-from ..plan import Plan, PlanError, make_plan
+from ..plan import Plan, PlanError, check_expert_entries, make_plan
 from ..quant import QuantError, n_groups, quantize
 from .arch import ArchConverter, ConvertError, converter_for, converter_for_hf
 from .hf import hf_config, hf_n_layer, run_convert_hf
@@ -245,8 +245,16 @@ class ConvertSummary:
              if self.rotated_source else [])
 
 
-def write_schedule(writer: GGUFStreamWriter, plan: Plan, spec: str) -> None:
-    """The four lrq.schedule.* arrays and lrq.plan (FORMAT.md section 7)."""
+def write_schedule(writer: GGUFStreamWriter, plan: Plan, spec: str, n_expert: int | None = None) -> None:
+    """The four lrq.schedule.* arrays and lrq.plan (FORMAT.md section 7); a plan with expert
+    entries also the lrq.moe.* arrays (format v4, docs/moe.md), checked against n_expert."""
+    if plan.experts:
+        try:
+            check_expert_entries(plan.experts, plan.n_layer, n_expert or 0, f"plan {plan.source or spec}")
+        except PlanError as e:
+            raise ConvertError(str(e)) from None
+        for k, v in plan.expert_gguf_arrays().items():
+            writer.add_array(k, v, F32V if k == Keys.MOE_WEIGHT else U32)
     arrays = plan.to_gguf_arrays()
     for k in (Keys.SCHEDULE_LAYER, Keys.SCHEDULE_REPLICA, Keys.SCHEDULE_GROUP):
         writer.add_array(k, arrays[k], U32)
@@ -417,7 +425,7 @@ def _convert_gguf(src: Path, out: Path, opts: ConvertOptions, t0: float, log,
         writer.add_uint32(Keys.SEED, opts.seed)
         writer.add_float32(Keys.INIT_SCALE_DELTA, opts.scale_delta)
         writer.add_float32(Keys.INIT_GRID_OFFSET, opts.grid_offset)
-        write_schedule(writer, plan, opts.plan)
+        write_schedule(writer, plan, opts.plan, int(kv.get(f"{conv.arch}.expert_count") or 0))
         if opts.keep:
             writer.add_string(Keys.KEEP, opts.keep)
         writer.add_string(Keys.SOURCE, source_name or src.name)

@@ -109,7 +109,7 @@ def _wrap(q: Path, imatrix: Path | None, out: Path, plan_spec: str, base_type: s
         writer.add_string(Keys.BASE_TYPE, base_type.upper())
         if imatrix is not None:
             writer.add_string(Keys.BASE_IMATRIX, imatrix.name)
-        write_schedule(writer, plan, plan_spec)
+        write_schedule(writer, plan, plan_spec, int(kv.get(f"{conv.arch}.expert_count") or 0))
         writer.add_string(Keys.SOURCE, source_name)
         writer.add_string(Keys.CONVERTER, f"lrq {__version__}")
         writer.add_float32(Keys.BPW_LINEARS, bpw["linears"])

@@ -24,7 +24,7 @@ import torch
 from ..model_file import HParams, open_model
 from .ops import (Linear, act_clip_quant, apply_rope, attention, combine_group,  # noqa: F401
                   rms_norm, rope_angles)
-from .moe import EXPERT_NORM_W, MoEFFN
+from .moe import EXPERT_NORM_W, MoEFFN, expert_replicas
 from .perplexity import PerplexityResult, perplexity as _perplexity
 
 _LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -158,7 +158,8 @@ class Reference:
                 hp.n_expert_used, EXPERT_NORM_W[hp.arch],
                 # [1, n_embd] (a reader may drop ggml's trailing ne1 = 1)
                 None if shexp_inp is None else shexp_inp.reshape(1, -1), self._opt(f"{p}.ffn_gate_shexp.weight"),
-                self._opt(f"{p}.ffn_up_shexp.weight"), self._opt(f"{p}.ffn_down_shexp.weight"))
+                self._opt(f"{p}.ffn_up_shexp.weight"), self._opt(f"{p}.ffn_down_shexp.weight"),
+                expert_replicas(self.model, layer, self._t))
         return self._moe[layer]
 
     def _plan_steps(self) -> list[_Step]:

@@ -1,0 +1,351 @@
+"""Expert-level replication of mixture-of-experts layers (format v4, docs/moe.md) on tiny random
+qwen2moe / qwen3moe / Mixtral models.
+
+- The float64 reference's semantics: a parallel entry whose replica equals the base and a
+  serial entry whose down gain is 0 are exact no-ops; an entry on experts that no token selects
+  changes nothing; the controls (the same entries with other parameters, or on a selected
+  expert) change the logits.
+- The patched runtime (ggml_mul_mat_id for the replica products, per-expert gain and bias
+  gathered by the routing ids) against the reference, parallel and serial entries together,
+  on a schedule that also runs an entry's layer twice; the control is the reference with the
+  entries ignored.
+- Rules X1-X4: one table of bad files, each refused by the Python readers (lrq-inspect, the
+  reference) and the C++ loader (the binding, llama-cli) with a message naming the file and the
+  key or tensor; the good file is accepted by all of them.
+- The user path: a plan file's "experts" field, written by lrq-convert; lrq-inspect lists the
+  entries.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from lrq import _native
+from lrq.constants import FORMAT_VERSION, Keys
+from lrq.convert import ConvertOptions, convert
+from lrq.convert.arch import ConvertError
+from lrq.model_file import open_model
+from lrq.plan import PlanError, make_plan
+from lrq.reference import Reference, moe as ref_moe
+from gguf_edit import rewrite
+from numerics import nmse
+from test_bad_files import _binding, _inspect, _llama_cli, _reference
+from test_moe import EXACT_NMSE, EXACT_ROUTE_MARGIN, THREADS, MoEModels, tokens_with_margin
+from tiny_moe import MOE_ARCHS, N_EXPERT
+from tiny_models import TINY_VOCAB
+
+V = gguf.GGUFValueType
+F32 = int(gguf.GGMLQuantizationType.F32)
+PROJS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+
+# Parallel and serial entries together: two parallel entries on layer 0 (one expert in both),
+# a serial entry on layer 2, which the schedule also runs twice (the entry applies in every
+# execution of its layer).
+ENTRIES = [{"layer": 0, "experts": [1, 4, 6], "mode": "parallel", "weight": 0.6},
+           {"layer": 0, "experts": [2, 4], "mode": "parallel", "weight": 0.3},
+           {"layer": 2, "experts": [0, 3, 5, 7], "mode": "serial", "weight": 0.5}]
+LAYERS = {"2": {"replicas": 2, "mode": "serial"}}
+# An exact no-op must be bitwise: replica and base run the same products on the same data, and
+# a zero down gain makes the serial term exactly 0 (any rounding-level difference is a bug, e.g.
+# a replica that does not reuse the routing)
+NOOP_NMSE = 0.0
+# an entry that changes something changes the logits far above float64 rounding (measured
+# 1e-4 .. 1e-2 for the controls below)
+CHANGE_MIN_NMSE = 1e-8
+# the entries ignored (a runtime that drops them) vs the file: far above EXACT_NMSE
+CONTROL_FACTOR = 1e3
+
+
+@pytest.fixture(scope="module")
+def mx(tmp_path_factory) -> MoEModels:
+    return MoEModels(tmp_path_factory.mktemp("tiny-moe-x"))
+
+
+def _shape(path: Path, layer: int, proj: str) -> tuple[int, int]:
+    """(n_expert, n_out) of a stacked expert tensor."""
+    return tuple(open_model(path).tensor_info(f"blk.{layer}.{proj}.weight").shape[:2])
+
+
+def expert_params(path: Path, entries: list[dict], seed: int = 0, gain_std=0.2, bias_std=0.02,
+                  down_gain: float | None = None, replica_of=None) -> dict:
+    """Random per-expert gain / bias tensors of every entry (rewrite's ``add=``): listed rows
+    random, the others the defaults (rule X4); ``down_gain`` sets the listed down gains (and
+    their down biases to 0)."""
+    rng = np.random.default_rng(seed)
+    out, seen = {}, {}
+    for e in entries:
+        r = e.get("replica", 1 + seen.get(e["layer"], 0))
+        seen[e["layer"]] = seen.get(e["layer"], 0) + 1
+        for proj in PROJS:
+            n_expert, n_out = _shape(path, e["layer"], proj)
+            g, b = np.ones((n_expert, n_out), np.float32), np.zeros((n_expert, n_out), np.float32)
+            for x in e["experts"]:
+                g[x] = 1 + gain_std * rng.standard_normal(n_out)
+                b[x] = bias_std * rng.standard_normal(n_out)
+                if proj == "ffn_down_exps" and down_gain is not None:
+                    g[x], b[x] = down_gain, 0.0
+            out[f"blk.{e['layer']}.{proj}.lrq_x{r}.gain"] = (g, F32)
+            out[f"blk.{e['layer']}.{proj}.lrq_x{r}.bias"] = (b, F32)
+    return out
+
+
+def expert_file(mx: MoEModels, arch: str, entries: list[dict], out: Path, layers=None, **params) -> Path:
+    """lrq-convert with a plan file holding ``entries`` (LRQ4 attention), then the per-expert
+    tensors added; ``params`` None: no tensors (every replica equals the base)."""
+    plan = out.with_suffix(".plan.json")
+    plan.write_text(json.dumps({"layers": layers or {}, "experts": entries}))
+    base = out.with_suffix(".base.gguf")
+    convert(mx.gguf(arch), base, ConvertOptions(bits=4, group_size=32, plan=str(plan), progress=False))
+    if params.get("none"):
+        return base
+    return rewrite(base, out, add=expert_params(base, entries, **params))
+
+
+def _base_file(mx: MoEModels, arch: str, out: Path, layers=None) -> Path:
+    plan = out.with_suffix(".plan.json")
+    plan.write_text(json.dumps({"layers": layers or {}}))
+    convert(mx.gguf(arch), out, ConvertOptions(bits=4, group_size=32, plan=str(plan), progress=False))
+    return out
+
+
+def _tokens(n: int, seed: int = 0) -> np.ndarray:
+    t = np.random.default_rng(seed).integers(3, TINY_VOCAB, size=n).astype(np.int32)
+    t[0] = 1
+    return t
+
+
+# ---- the reference's semantics --------------------------------------------------------------------
+
+def test_noop_entries_are_exact_and_controls_change(mx, tmp_path, monkeypatch):
+    """A parallel entry without tensors (its replica is the base) and a serial entry with down
+    gain 0 (other projections random) leave the logits bitwise unchanged, in the reference and
+    in the runtime; with an up gain on the parallel entry, or down gain 1 on the serial one,
+    they change them."""
+    monkeypatch.setenv("LRQ_CPU_REF", "1")
+    arch = "qwen3moe"
+    par = [{"layer": 1, "experts": list(range(N_EXPERT)), "mode": "parallel", "weight": 0.7}]
+    ser = [{"layer": 2, "experts": [0, 2, 5], "mode": "serial", "weight": 0.8}]
+    base = _base_file(mx, arch, tmp_path / "base.gguf")
+    toks = _tokens(16)
+    want = Reference(open_model(base)).logits(toks)
+    native_base = _native.Model(str(base), n_ctx=64, n_threads=THREADS, kv_f32=True, flash_attn=0).eval(toks)
+    noops = {"parallel": expert_file(mx, arch, par, tmp_path / "par.gguf", none=True),
+             "serial": expert_file(mx, arch, ser, tmp_path / "ser.gguf", down_gain=0.0)}
+    for kind, path in noops.items():
+        assert open_model(path).expert_entries, path       # the entries are there, and do nothing
+        assert nmse(Reference(open_model(path)).logits(toks), want) <= NOOP_NMSE, kind
+        got = _native.Model(str(path), n_ctx=64, n_threads=THREADS, kv_f32=True, flash_attn=0).eval(toks)
+        assert nmse(got, native_base) <= NOOP_NMSE, kind
+    controls = {"parallel": expert_file(mx, arch, par, tmp_path / "par-c.gguf"),
+                "serial": expert_file(mx, arch, ser, tmp_path / "ser-c.gguf", down_gain=1.0)}
+    for kind, path in controls.items():
+        assert nmse(Reference(open_model(path)).logits(toks), want) > CHANGE_MIN_NMSE, kind
+
+
+def _selected(ref: Reference, layer: int, toks) -> set[int]:
+    """Experts that some token selects in ``layer`` (every execution of it)."""
+    moe, seen = ref._moe[layer], set()
+    orig = moe.route
+
+    def route(h):
+        w, idx = orig(h)
+        seen.update(idx.flatten().tolist())
+        return w, idx
+    moe.route = route
+    try:
+        ref.logits(toks)
+    finally:
+        del moe.route
+    return seen
+
+
+@pytest.mark.parametrize("arch", ["qwen2moe", "mixtral"])
+def test_entry_on_unselected_experts_changes_nothing(mx, tmp_path, arch, monkeypatch):
+    """Replicating experts that no token of the sequence selects (large gains, serial) changes
+    no logit, in the reference and in the runtime; the control, the same entry on one selected
+    expert, changes them."""
+    # the spec-exact LRQ op: the fast path's int8 activations may route a token of these sharp
+    # random models to another expert than the reference does
+    monkeypatch.setenv("LRQ_CPU_REF", "1")
+    layer, toks = 1, _tokens(3, seed=5)
+    base = _base_file(mx, arch, tmp_path / "base.gguf")
+    used = _selected(Reference(open_model(base)), layer, toks)
+    unused = sorted(set(range(N_EXPERT)) - used)
+    assert unused and len(used) >= 2, used
+    want = Reference(open_model(base)).logits(toks)
+    native_base = _native.Model(str(base), n_ctx=64, n_threads=THREADS, kv_f32=True, flash_attn=0).eval(toks)
+    for experts, changes in ((unused, False), ([min(used)], True)):
+        entry = [{"layer": layer, "experts": experts, "mode": "serial", "weight": 1.0}]
+        path = expert_file(mx, arch, entry, tmp_path / f"x{experts[0]}.gguf", gain_std=2.0, bias_std=0.5)
+        ours = Reference(open_model(path)).logits(toks)
+        got = _native.Model(str(path), n_ctx=64, n_threads=THREADS, kv_f32=True, flash_attn=0).eval(toks)
+        if changes:
+            assert nmse(ours, want) > CHANGE_MIN_NMSE and nmse(got, native_base) > CHANGE_MIN_NMSE
+        else:
+            assert nmse(ours, want) <= NOOP_NMSE and nmse(got, native_base) <= NOOP_NMSE
+
+
+# ---- the runtime against the reference -------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_runtime_expert_replicas_match_reference(mx, tmp_path, arch, monkeypatch):
+    path = expert_file(mx, arch, ENTRIES, tmp_path / "x.gguf", layers=LAYERS)
+    ref = Reference(open_model(path))
+    toks = tokens_with_margin(ref, EXACT_ROUTE_MARGIN)
+    monkeypatch.setenv("LRQ_CPU_REF", "1")
+    native = _native.Model(str(path), n_ctx=64, n_threads=THREADS, kv_f32=True, flash_attn=0)
+    assert native.n_layer == 4
+    got = native.eval(toks)
+    e = nmse(got, ref.logits(toks))
+    assert e < EXACT_NMSE, f"{arch}: NMSE {e:.3g}"
+    # the control: the same file with the entries ignored (a runtime that drops them)
+    plain = Reference(open_model(path))
+    for moe in plain._moe.values():
+        moe.entries = []
+    control = nmse(got, plain.logits(toks))
+    assert control > CONTROL_FACTOR * EXACT_NMSE, control
+    # a batch split in two ubatches (graph inputs set per ubatch) gives the same logits
+    two = _native.Model(str(path), n_ctx=64, n_threads=THREADS, kv_f32=True, flash_attn=0, n_batch=8)
+    assert nmse(two.eval(toks), ref.logits(toks)) < EXACT_NMSE
+
+
+# ---- rules X1-X4: both readers, the same files ------------------------------------------------------
+
+def _arr(values, sub):
+    return (list(values), V.ARRAY, sub)
+
+
+GOOD = [{"layer": 0, "experts": [1, 4], "mode": "parallel", "weight": 0.5},
+        {"layer": 2, "experts": [3], "mode": "serial", "weight": 1.0}]
+GAIN = "blk.0.ffn_up_exps.lrq_x1.gain"
+
+
+def _bad_cases(good: Path) -> list[tuple[str, dict, str, str]]:
+    """(id, rewrite arguments, what the message must name, rule)."""
+    t = {n: a for n, (a, _) in expert_params(good, GOOD).items()}
+    n_expert, n_out = t[GAIN].shape
+    not_default = t[GAIN].copy()
+    not_default[0, 3] = 1.5                       # expert 0 is not listed by entry (0, 1)
+    nan = t[GAIN].copy()
+    nan[1, 3] = np.nan
+    return [
+        ("v3-with-entries", dict(kv={Keys.FORMAT_VERSION: (3, V.UINT32)}), Keys.MOE_LAYER, "X1"),
+        ("mode-missing", dict(kv={Keys.MOE_MODE: None}), Keys.MOE_MODE, "X1"),
+        ("replica-short", dict(kv={Keys.MOE_REPLICA: _arr([1], V.UINT32)}), Keys.MOE_REPLICA, "X1"),
+        ("count-sum", dict(kv={Keys.MOE_COUNT: _arr([2, 2], V.UINT32)}), Keys.MOE_EXPERTS, "X1"),
+        ("mode-2", dict(kv={Keys.MOE_MODE: _arr([0, 2], V.UINT32)}), Keys.MOE_MODE, "X1"),
+        ("layer-3", dict(kv={Keys.MOE_LAYER: _arr([0, 3], V.UINT32)}), Keys.MOE_LAYER, "X1"),
+        ("replica-0", dict(kv={Keys.MOE_REPLICA: _arr([1, 0], V.UINT32)}), Keys.MOE_REPLICA, "X1"),
+        ("replica-twice", dict(kv={Keys.MOE_LAYER: _arr([0, 0], V.UINT32)}), Keys.MOE_REPLICA, "X1"),
+        ("experts-float", dict(kv={Keys.MOE_EXPERTS: _arr([1.0, 4.0, 3.0], V.FLOAT32)}), Keys.MOE_EXPERTS, "K1"),
+        ("expert-8", dict(kv={Keys.MOE_EXPERTS: _arr([1, 4, N_EXPERT], V.UINT32)}), Keys.MOE_EXPERTS, "X2"),
+        ("experts-unsorted", dict(kv={Keys.MOE_EXPERTS: _arr([4, 1, 3], V.UINT32)}), Keys.MOE_EXPERTS, "X2"),
+        ("expert-twice", dict(kv={Keys.MOE_EXPERTS: _arr([4, 4, 3], V.UINT32)}), Keys.MOE_EXPERTS, "X2"),
+        ("count-0", dict(kv={Keys.MOE_COUNT: _arr([0, 3], V.UINT32)}), Keys.MOE_COUNT, "X2"),
+        ("weight-nan", dict(kv={Keys.MOE_WEIGHT: _arr([float("nan"), 1.0], V.FLOAT32)}), Keys.MOE_WEIGHT, "X3"),
+        ("parallel-sum-over-1", dict(kv={Keys.MOE_LAYER: _arr([0, 0], V.UINT32), Keys.MOE_REPLICA: _arr([1, 2], V.UINT32),
+                                         Keys.MOE_MODE: _arr([0, 0], V.UINT32),
+                                         Keys.MOE_WEIGHT: _arr([0.5, 0.6], V.FLOAT32)}), Keys.MOE_WEIGHT, "X3"),
+        ("parallel-negative", dict(kv={Keys.MOE_WEIGHT: _arr([-0.5, 1.0], V.FLOAT32)}), Keys.MOE_WEIGHT, "X3"),
+        ("tensor-no-entry", dict(add={"blk.1.ffn_up_exps.lrq_x1.gain": (t[GAIN], F32)}),
+         "blk.1.ffn_up_exps.lrq_x1.gain", "X4"),
+        ("tensor-unknown-param", dict(add={"blk.0.ffn_up_exps.lrq_x1.clip": (np.ones(n_expert, np.float32), F32)}),
+         "blk.0.ffn_up_exps.lrq_x1.clip", "X4"),
+        ("tensor-of-router", dict(add={"blk.0.ffn_gate_inp.lrq_x1.gain": (np.ones((1, n_expert), np.float32), F32)}),
+         "blk.0.ffn_gate_inp.lrq_x1.gain", "X4"),
+        ("tensor-transposed", dict(replace={GAIN: (np.ascontiguousarray(t[GAIN].T), F32)}), GAIN, "X4"),
+        ("tensor-f16", dict(replace={GAIN: (t[GAIN].astype(np.float16), int(gguf.GGMLQuantizationType.F16))}),
+         GAIN, "X4"),
+        ("tensor-unlisted-row", dict(replace={GAIN: (not_default, F32)}), GAIN, "X4"),
+        ("tensor-nan", dict(replace={GAIN: (nan, F32)}), GAIN, "T5"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def good_file(mx, tmp_path_factory) -> Path:
+    return expert_file(mx, "qwen3moe", GOOD, tmp_path_factory.mktemp("x-good") / "good.gguf")
+
+
+def _verdicts(path: Path) -> dict[str, tuple[bool, str]]:
+    return {"lrq-inspect": _inspect(path), "reference": _reference(path), "binding": _binding(path),
+            "llama-cli": _llama_cli(path)}
+
+
+def test_good_expert_file_is_accepted_everywhere(good_file):
+    got = _verdicts(good_file)
+    assert all(ok for ok, _ in got.values()), {k: m[-1500:] for k, (ok, m) in got.items() if not ok}
+    f = open_model(good_file)
+    assert f.format_version == FORMAT_VERSION >= 4
+    assert [(e.layer, e.replica, e.experts, e.mode) for e in f.expert_entries] == \
+        [(0, 1, (1, 4), "parallel"), (2, 1, (3,), "serial")]
+
+
+def test_bad_expert_files_are_refused_everywhere(good_file, tmp_path):
+    cases = _bad_cases(good_file)
+    assert {c[3] for c in cases} >= {"X1", "X2", "X3", "X4"}
+    for name, spec, must_name, rule in cases:
+        bad = rewrite(good_file, tmp_path / f"{name}.gguf", **spec)
+        got = _verdicts(bad)
+        accepted = [k for k, (ok, _) in got.items() if ok]
+        assert not accepted, f"{name} ({rule}): accepted by {accepted}: " + \
+            "; ".join(f"{k}: {m[-300:]}" for k, (ok, m) in got.items() if not ok)
+        for reader, (_, msg) in got.items():
+            assert str(bad) in msg and must_name in msg, f"{name} ({rule}): {reader}: {msg[-1500:]}"
+
+
+def test_files_without_entries_have_no_moe_keys(mx, tmp_path):
+    """Rule X1's 'none': a plan without "experts" writes no lrq.moe.* key."""
+    from lrq.gguf_hparams import open_reader, read_kv
+    kv = read_kv(open_reader(_base_file(mx, "qwen3moe", tmp_path / "plain.gguf", LAYERS)))
+    assert not any(k.startswith("lrq.moe.") for k in kv)
+
+
+# ---- the user path: plan files and lrq-inspect ---------------------------------------------------
+
+@pytest.mark.parametrize("spec, match", [
+    ({"experts": [{"layer": 0, "experts": [1], "mode": "both"}]}, "mode must be 'parallel' or 'serial'"),
+    ({"experts": [{"layer": 0, "experts": []}]}, "non-empty list"),
+    ({"experts": [{"layer": 0, "experts": [1], "gain": 2}]}, "unknown field"),
+    ({"experts": [{"layer": 5, "experts": [1]}]}, "names layer 5"),
+    ({"experts": [{"layer": 0, "experts": [1, 1]}]}, "names an expert once"),
+    ({"experts": [{"layer": 0, "experts": [1], "mode": "parallel", "weight": 0.7},
+                  {"layer": 0, "experts": [2], "mode": "parallel", "weight": 0.7}]}, "more than 1"),
+])
+def test_plan_file_expert_errors(tmp_path, spec, match):
+    p = tmp_path / "plan.json"
+    p.write_text(json.dumps(spec))
+    with pytest.raises(PlanError, match=match) as e:
+        make_plan(str(p), 3)
+    assert str(p) in str(e.value)
+
+
+def test_converter_checks_entries_against_the_model(mx, tiny_models, tmp_path):
+    """An expert beyond the model's count, or entries on a dense model: refused before writing."""
+    p = tmp_path / "plan.json"
+    p.write_text(json.dumps({"experts": [{"layer": 0, "experts": [N_EXPERT]}]}))
+    with pytest.raises(ConvertError, match=f"names expert {N_EXPERT}; the model has {N_EXPERT} experts"):
+        convert(mx.gguf("qwen3moe"), tmp_path / "a.gguf", ConvertOptions(bits=4, plan=str(p), progress=False))
+    p.write_text(json.dumps({"experts": [{"layer": 0, "experts": [0]}]}))
+    with pytest.raises(ConvertError, match="needs a mixture-of-experts model"):
+        convert(tiny_models.gguf("llama"), tmp_path / "b.gguf", ConvertOptions(bits=4, plan=str(p), progress=False))
+    assert not (tmp_path / "a.gguf").exists() and not (tmp_path / "b.gguf").exists()
+
+
+def test_inspect_lists_expert_entries(good_file, capsys):
+    from lrq.cli.inspect import main
+    assert main(["--no-tensors", str(good_file)]) == 0
+    out = capsys.readouterr().out
+    assert "expert replicas: 2 entries (format v4)" in out, out
+    assert "layer 0 x1: parallel, weight 0.5, experts 1, 4 (2 of 8); per-expert gain, bias on gate, up, down" in out
+    assert "layer 2 x1: serial, weight 1, experts 3 (1 of 8)" in out
+    assert main(["--json", str(good_file)]) == 0
+    x = json.loads(capsys.readouterr().out)["expert_entries"]
+    assert x[0] == {"layer": 0, "replica": 1, "experts": [1, 4], "mode": "parallel", "weight": 0.5,
+                    "tensors": ["ffn_down_exps.bias", "ffn_down_exps.gain", "ffn_gate_exps.bias",
+                                "ffn_gate_exps.gain", "ffn_up_exps.bias", "ffn_up_exps.gain"]}
