@@ -198,6 +198,8 @@ LRQ_OPS = {
                  "return op->src[0]->type != GGML_TYPE_NVFP4 && op->src[0]->type != GGML_TYPE_TQ1_0;"),
     "cont": ("GGML_OP_CONT", None),   # F32 -> F32, before the LRQ op only: the nested type switch below
     "lrq_mul_mat": ("GGML_OP_LRQ_MUL_MAT", None),   # lrq's own op: metal/lrq.metal, patches/0007
+    # the same op with the two-level layout's source (format v4): Metal declines it (patches/0007)
+    "lrq_mul_mat_two_level": ("GGML_OP_LRQ_MUL_MAT", None),
 }
 GRAPH_CALL = re.compile(r"\bggml_([a-z_0-9]+)\(\s*ctx0?\s*,")
 

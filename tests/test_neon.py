@@ -24,7 +24,8 @@ CC = "aarch64-linux-gnu-gcc"
 QEMU = "qemu-aarch64"
 SYSROOT = "/usr/aarch64-linux-gnu"
 SOURCES = [ROOT / "tests/native/neon_check.c"] + [ROOT / "native/lrq" / f for f in ("ref.c", "q8.c", "q8-neon.c")]
-N_CASES = 9 * 4 * 2 * 4 + 4     # (mode, bits) x group x tokens x replica + the heap-scratch cases
+N_CASES = 9 * 4 * 2 * 4 + 4 + 2 * 4 * 2 * 4 + 1   # (mode, bits) x group x tokens x replica + heap scratch,
+                                                 # two-level: sub size x super size x tokens x replica + heap
 
 
 def _tool(name: str) -> str:

@@ -11,7 +11,7 @@
 #include <string.h>
 
 bool ggml_lrq_mul_mat_cuda_supported(const struct ggml_tensor * op) {
-    return op->op == GGML_OP_LRQ_MUL_MAT && lrq_op_types_supported(op);
+    return op->op == GGML_OP_LRQ_MUL_MAT && lrq_op_types_supported(op) && !lrq_op_two_level(op);   // v4 two-level: CPU only
 }
 
 // op_params without ggml-impl.h (private to ggml's own sources)

@@ -21,7 +21,11 @@ enum lrq_op_src {
     LRQ_SRC_GAIN  = 6,   // gamma F32 [n_out] | NULL (1)
     LRQ_SRC_BIAS  = 7,   // bias F32 [n_out] | NULL (0)
     LRQ_SRC_ACT   = 8,   // (clip c, act bits k) F32 [2] | NULL ((1, 0)); read at compute time
-    LRQ_SRC_COUNT = 9,
+    LRQ_SRC_COUNT = 9,   // the sources of the single-level layout (Metal / CUDA bind these)
+    // Format v4, the two-level layout: I8 [n_in / B, n_out] sub-block indices (sc | mn << 4), B 16
+    // or 32; with it SCALE / MIN hold the super-block d / dmin.  Outside LRQ_SRC_COUNT: only the CPU
+    // backend has kernels for it (lrq_op_two_level), every other backend declines such a node.
+    LRQ_SRC_SUB   = 9,
 };
 
 // op_params (int32): [0] group size g, [1] mode (lrq_mode).
@@ -32,6 +36,22 @@ enum lrq_op_src {
 static inline int lrq_type_bits(enum ggml_type t) {
     return GGML_TYPE_IS_LRQ(t) ? (int) t - (int) GGML_TYPE_LRQ1 + 1 : 0;
 }
+
+// ggml_lrq_mul_mat with the two-level layout's sub-block indices `sub` (NULL: ggml_lrq_mul_mat).
+GGML_API struct ggml_tensor * ggml_lrq_mul_mat_two_level(
+        struct ggml_context * ctx,
+        struct ggml_tensor  * w,
+        struct ggml_tensor  * x,
+        struct ggml_tensor  * scale,
+        struct ggml_tensor  * min,
+        struct ggml_tensor  * sub,
+        struct ggml_tensor  * alpha,
+        struct ggml_tensor  * beta,
+        struct ggml_tensor  * gain,
+        struct ggml_tensor  * bias,
+        struct ggml_tensor  * act,
+        int                   group_size,
+        lrq_mode              mode);
 
 // y = act_r(x) . W_r^T + bias: result F32 [n_out, x->ne1, x->ne2, x->ne3] (FORMAT.md section 6).
 // Asserts on shapes and types (the loader validates files before building a graph).
@@ -80,7 +100,14 @@ static inline bool lrq_op_types_supported(const struct ggml_tensor * op) {
     for (int i = LRQ_SRC_GAIN; i <= LRQ_SRC_ACT; ++i) {
         if (s[i] && s[i]->type != GGML_TYPE_F32) return false;
     }
+    if (s[LRQ_SRC_SUB] && s[LRQ_SRC_SUB]->type != GGML_TYPE_I8) return false;
     return true;
+}
+
+// A node of the two-level layout (format v4): only the CPU backend runs it; CUDA and Metal ask
+// this to decline it (their kernels read the single-level sources only).
+static inline bool lrq_op_two_level(const struct ggml_tensor * op) {
+    return op->src[LRQ_SRC_SUB] != NULL;
 }
 
 #ifdef __cplusplus

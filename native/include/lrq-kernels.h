@@ -62,6 +62,7 @@ typedef enum {
     LRQ_ERR_N_IN        = 4,   // n_in <= 0 or not a multiple of 32
     LRQ_ERR_ARG         = 5,   // NULL pointer, bad row range, bad activation parameters
     LRQ_ERR_NOMEM       = 6,
+    LRQ_ERR_TWO_LEVEL   = 7,   // two-level layout: not LRQ2 asym, or sub-block size not 16 / 32
 } lrq_status;
 
 const char * lrq_status_str(int status);
@@ -81,6 +82,14 @@ typedef struct {
     int64_t          d_row_stride;
     const uint16_t * m;              // fp16 min, asym only (NULL otherwise); element (o, G) at m[o * m_row_stride + G]
     int64_t          m_row_stride;
+    // The two-level 2-bit layout (format v4; NULL = the single-level layout above): LRQ2 codes,
+    // mode asym, groups of group_size are super-blocks whose d holds the super-scale and m the
+    // super-min dmin (>= 0 as the quantizer writes it), and byte k of row o, sub[o * sub_row_stride + k],
+    // holds the 4-bit scale index sc (low nibble) and min index mn (high nibble) of sub-block k
+    // (sub_size = 16 or 32 weights): w = d * sc * q - dmin * mn.
+    const uint8_t  * sub;
+    int64_t          sub_row_stride;
+    int              sub_size;
 } lrq_weight;
 
 // The parameters of one replica. [n_out, n_groups], [n_out, 1] and [1, 1] broadcasting of alpha
@@ -131,6 +140,22 @@ void lrq_unpack_row(const uint8_t * packed, int64_t n_in, int bits, uint8_t * q)
 int lrq_quantize_row_ref(const float * w, int64_t n_in, int bits, lrq_mode mode, int group_size,
                          lrq_scale_search search, uint8_t * codes, uint16_t * d, uint16_t * m);
 
+// The two-level layout: quantize one row w[n_in] into LRQ2 codes (lrq_row_bytes(n_in, 2)),
+// d[n_super] and dmin[n_super] (fp16, n_super = ceil(n_in / super_size)) and sub[n_in / sub_size]
+// (sc | mn << 4).  importance[n_in] (E[x^2] per input channel, >= 0) or NULL (uniform).
+// super_size in {32, 64, 128, 256} (the last super-block of a row may be shorter), sub_size 16 or
+// 32.  Byte-exact with lrq.quant_two_level.quantize (its port of ggml's quantize_row_q2_K_impl:
+// float32 steps without fused multiply-adds, float32 sums in index order).
+int lrq_quantize_row_two_level_ref(const float * w, int64_t n_in, int super_size, int sub_size,
+                                   const float * importance, uint8_t * codes, uint16_t * d, uint16_t * dmin,
+                                   uint8_t * sub);
+
+// Groups whose factors the fast path applies: sub-blocks of a two-level weight, else groups.
+int64_t lrq_factor_groups(const lrq_weight * w);
+// The group size the activations of lrq_mul_mat_q8 are summed by (lrq_act_q8.group_size):
+// sub_size for a two-level weight, else group_size.
+int lrq_act_group_size(const lrq_weight * w);
+
 // out[n_in] = W_r[row, :] = gamma[row] * (alpha * d * (level(q) + beta) + m), evaluated in double
 // in lrq.quant.dequantize_codes' order and rounded once to float.  r may be NULL.
 void lrq_dequantize_row_ref(const lrq_weight * w, const lrq_replica * r, int64_t row, float * out);
@@ -147,6 +172,8 @@ int lrq_mul_mat_ref(const lrq_weight * w, const lrq_replica * r,
 //
 // Per group G of row o (z the zero point, Sx_G = sum_{i in G} x~_i):
 //   y[o] = gamma[o] * sum_G [ (alpha d)[o,G] * (sum_{i in G} q_i x~_i + (beta[o,G] - z) Sx_G) + m[o,G] Sx_G ] + bias[o]
+// For a two-level weight the same sum runs over sub-blocks k of super-block G, with d sc_k for d
+// and -dmin mn_k for m (alpha and beta per super-block).
 // where x~ are the activations after act_r, re-quantized to int8 per block of 32 with a float
 // scale (x~ = dx_b * xq, |xq| <= 127, round half even) -- the q8_0 scheme of ggml.  When
 // 2 <= act_bits <= 8 the spec's own k-bit levels are integers in [-127, 127] and are used as the
@@ -158,7 +185,7 @@ int lrq_mul_mat_ref(const lrq_weight * w, const lrq_replica * r,
 typedef struct {
     int64_t  n_tok;
     int64_t  n_in;
-    int      group_size;
+    int      group_size;   // 16 (two-level, 16-weight sub-blocks), 32, 64, 128 or 256
     int8_t * qs;     // [n_tok, n_in]      int8 activations
     float  * dx;     // [n_tok, n_in / 32] scale of each block of 32
     float  * sx;     // [n_tok, n_groups]  Sx_G = sum over the group of dx_b * sum(qs of block b)

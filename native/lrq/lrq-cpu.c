@@ -17,6 +17,8 @@
 #include "lrq-ggml.h"
 #include "lrq-kernels.h"
 
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
 #include "ggml-cpu-impl.h"
 #include "ops.h"
 
@@ -29,8 +31,24 @@
 #define LRQ_CPU_ROW_CHUNK 64
 #define LRQ_CPU_TOK_CHUNK 32
 
+// t lives in one of the CPU backend's extra buffer types (CPU_REPACK, AMX, ...), whose data
+// layout is their own.  ggml-cpu's supports_op asks those about src[0..3] only; the two-level
+// layout's sub-block indices sit in src[LRQ_SRC_SUB], so the LRQ op asks for itself.
+static bool lrq_in_extra_buffer(const struct ggml_tensor * t) {
+    if (!t || !t->buffer) return false;
+    ggml_backend_reg_t reg = ggml_backend_cpu_reg();
+    ggml_backend_dev_get_extra_bufts_t fn =
+        (ggml_backend_dev_get_extra_bufts_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts");
+    if (!fn || ggml_backend_reg_dev_count(reg) == 0) return false;
+    const ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(t->buffer);
+    for (ggml_backend_buffer_type_t * b = fn(ggml_backend_reg_dev_get(reg, 0)); b && *b; ++b) {
+        if (*b == buft) return true;
+    }
+    return false;
+}
+
 bool ggml_lrq_mul_mat_cpu_supported(const struct ggml_tensor * op) {
-    return lrq_op_types_supported(op);
+    return lrq_op_types_supported(op) && !lrq_in_extra_buffer(op->src[LRQ_SRC_SUB]);
 }
 
 // lrq-ggml.h; the same answer in every ggml-cpu variant, since lrq_kernels dispatch at run time.
@@ -47,7 +65,9 @@ size_t ggml_lrq_mul_mat_work_size(const struct ggml_tensor * dst, int n_tasks) {
     const struct ggml_tensor * x = dst->src[LRQ_SRC_X];
     (void) n_tasks;   // the buffer is shared: each token is quantized once, by one thread
     // + 64: room to align the start of the buffer (graph_plan adds a cache line per thread too)
-    return lrq_act_q8_size(lrq_op_tokens(x), w->ne[0], ggml_get_op_params_i32(dst, LRQ_OP_PARAM_GROUP_SIZE)) + 64;
+    const struct ggml_tensor * sub = dst->src[LRQ_SRC_SUB];   // two-level: activations summed per sub-block
+    const int gs = sub ? (int) (w->ne[0] / sub->ne[0]) : ggml_get_op_params_i32(dst, LRQ_OP_PARAM_GROUP_SIZE);
+    return lrq_act_q8_size(lrq_op_tokens(x), w->ne[0], gs) + 64;
 }
 
 // alpha / beta [n_groups | 1, n_out | 1] -> strides of lrq_replica (0 = broadcast)
@@ -58,7 +78,7 @@ static void lrq_grid_strides(const struct ggml_tensor * t, int64_t * row_stride,
 
 // Token sub-range [t0, t1) of activations quantized by lrq_act_q8_init for all tokens.
 static lrq_act_q8 lrq_act_rows(const lrq_act_q8 * all, int64_t t0, int64_t t1) {
-    const int64_t nb = all->n_in / LRQ_QK, ng = lrq_n_groups(all->n_in, all->group_size);
+    const int64_t nb = all->n_in / LRQ_QK, ng = (all->n_in + all->group_size - 1) / all->group_size;
     lrq_act_q8 a = *all;
     a.n_tok = t1 - t0;
     a.qs    = all->qs + t0 * all->n_in;
@@ -77,6 +97,7 @@ void ggml_compute_forward_lrq_mul_mat(const struct ggml_compute_params * params,
     const struct ggml_tensor * tg = dst->src[LRQ_SRC_GAIN];
     const struct ggml_tensor * tc = dst->src[LRQ_SRC_BIAS];
     const struct ggml_tensor * tk = dst->src[LRQ_SRC_ACT];
+    const struct ggml_tensor * ts = dst->src[LRQ_SRC_SUB];   // format v4 two-level layout | NULL
 
     const int     g        = ggml_get_op_params_i32(dst, LRQ_OP_PARAM_GROUP_SIZE);
     const int64_t n_in     = tw->ne[0];
@@ -97,6 +118,9 @@ void ggml_compute_forward_lrq_mul_mat(const struct ggml_compute_params * params,
         .d_row_stride    = n_groups,
         .m               = tm ? (const uint16_t *) tm->data : NULL,
         .m_row_stride    = n_groups,
+        .sub             = ts ? (const uint8_t *) ts->data : NULL,
+        .sub_row_stride  = ts ? ts->ne[0] : 0,
+        .sub_size        = ts ? (int) (n_in / ts->ne[0]) : 0,
     };
     lrq_replica r;
     lrq_replica_init(&r);
@@ -128,7 +152,7 @@ void ggml_compute_forward_lrq_mul_mat(const struct ggml_compute_params * params,
     lrq_act_q8 act;
     char * buf = (char *) params->wdata;
     buf += (64 - ((uintptr_t) buf % 64)) % 64;
-    lrq_act_q8_init(&act, buf, T, n_in, g);
+    lrq_act_q8_init(&act, buf, T, n_in, lrq_act_group_size(&w));
     if (!use_ref) {
         const int64_t t0 = T * ith / nth, t1 = T * (ith + 1) / nth;
         if (t1 > t0) {

@@ -62,6 +62,14 @@ const char * ggml_lrq_mul_mat_check(const struct ggml_tensor * op) {
         if (op->src[s] && !lrq_is_vec_f32(op->src[s], n_out)) return "gain / bias must be F32 [n_out]";
     }
     if (op->src[LRQ_SRC_ACT] && !lrq_is_vec_f32(op->src[LRQ_SRC_ACT], 2)) return "act must be F32 [2]";
+    const struct ggml_tensor * sub = op->src[LRQ_SRC_SUB];
+    if (sub) {   // the two-level layout (format v4): sub-blocks of 16 or 32 weights
+        if (w->type != GGML_TYPE_LRQ2 || mode != LRQ_MODE_ASYM) return "the two-level layout needs LRQ2 codes, mode asym";
+        if (sub->type != GGML_TYPE_I8 || sub->ne[1] != n_out || sub->ne[2] != 1 || sub->ne[3] != 1 ||
+            !ggml_is_contiguous(sub) || (sub->ne[0] * 16 != n_in && sub->ne[0] * 32 != n_in)) {
+            return "sub-block indices must be I8 [n_in / 16 or n_in / 32, n_out]";
+        }
+    }
     if (op->type != GGML_TYPE_F32 || op->ne[0] != n_out || op->ne[1] != x->ne[1] || op->ne[2] != x->ne[2] ||
         op->ne[3] != x->ne[3] || !ggml_is_contiguous(op)) {
         return "result must be F32 [n_out, ...], contiguous";
@@ -73,6 +81,15 @@ struct ggml_tensor * ggml_lrq_mul_mat(struct ggml_context * ctx, struct ggml_ten
                                       struct ggml_tensor * scale, struct ggml_tensor * min, struct ggml_tensor * alpha,
                                       struct ggml_tensor * beta, struct ggml_tensor * gain, struct ggml_tensor * bias,
                                       struct ggml_tensor * act, int group_size, lrq_mode mode) {
+    return ggml_lrq_mul_mat_two_level(ctx, w, x, scale, min, NULL, alpha, beta, gain, bias, act, group_size, mode);
+}
+
+struct ggml_tensor * ggml_lrq_mul_mat_two_level(struct ggml_context * ctx, struct ggml_tensor * w,
+                                                struct ggml_tensor * x, struct ggml_tensor * scale,
+                                                struct ggml_tensor * min, struct ggml_tensor * sub,
+                                                struct ggml_tensor * alpha, struct ggml_tensor * beta,
+                                                struct ggml_tensor * gain, struct ggml_tensor * bias,
+                                                struct ggml_tensor * act, int group_size, lrq_mode mode) {
     GGML_ASSERT(w && x && GGML_TYPE_IS_LRQ(w->type));
     const int64_t ne[4] = { w->ne[1], x->ne[1], x->ne[2], x->ne[3] };
     struct ggml_tensor * result = ggml_new_tensor(ctx, GGML_TYPE_F32, 4, ne);
@@ -90,6 +107,7 @@ struct ggml_tensor * ggml_lrq_mul_mat(struct ggml_context * ctx, struct ggml_ten
     result->src[LRQ_SRC_GAIN]  = gain;
     result->src[LRQ_SRC_BIAS]  = bias;
     result->src[LRQ_SRC_ACT]   = act;
+    result->src[LRQ_SRC_SUB]   = sub;
 
     const char * err = ggml_lrq_mul_mat_check(result);
     if (err) {
@@ -116,5 +134,11 @@ struct ggml_tensor * lrq_make_supports_test_op(struct ggml_context * ctx, struct
         op->src[LRQ_SRC_X] = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, op->src[LRQ_SRC_CODES]->ne[0], 1);
     }
     op->src[LRQ_SRC_SCALE] = t->type == GGML_TYPE_F16 ? t : ggml_new_tensor_2d(ctx, GGML_TYPE_F16, 1, 1);
+    if (t->type == GGML_TYPE_I8) {
+        // the two-level layout's sub-block indices: a two-level node, which only the CPU runs (its
+        // supports_op refuses an extra buffer type such as CPU_REPACK for this slot itself: the
+        // generic check looks at src[0..3] only)
+        op->src[LRQ_SRC_SUB] = t;
+    }
     return op;
 }

@@ -63,6 +63,26 @@ static inline void lrq_group_factors(const lrq_weight * w, const lrq_replica * r
     *off = c;
 }
 
+// Per-sub-block factors of row o of a two-level weight (every kernel uses these, so they agree):
+//   ad_k = (d_G alpha_G) sc_k,   off_k = ad_k beta_G - dmin_G mn_k    (G the super-block of k)
+// ad / off: room for n_in / sub_size floats.
+static inline void lrq_two_level_row_factors(const lrq_weight * w, const lrq_replica * r, int64_t o, float * ad,
+                                             float * off) {
+    const int64_t   nk  = w->n_in / w->sub_size, kps = w->group_size / w->sub_size;
+    const uint8_t * sub = w->sub + o * w->sub_row_stride;
+    for (int64_t G = 0; G * kps < nk; ++G) {
+        float d = lrq_h2f(w->d[o * w->d_row_stride + G]);
+        if (r && r->alpha) d *= lrq_h2f(r->alpha[o * r->alpha_row_stride + G * r->alpha_group_stride]);
+        const float beta = (r && r->beta) ? lrq_h2f(r->beta[o * r->beta_row_stride + G * r->beta_group_stride]) : 0.0f;
+        const float dmin = lrq_h2f(w->m[o * w->m_row_stride + G]);
+        for (int64_t k = G * kps; k < nk && k < (G + 1) * kps; ++k) {
+            const float a = d * (float) (sub[k] & 15);
+            ad[k]         = a;
+            off[k]        = a * beta - dmin * (float) (sub[k] >> 4);
+        }
+    }
+}
+
 // The AVX2 kernel (q8-avx2.c); only compiled for x86-64 with a GCC-compatible compiler
 // (-DLRQ_NO_AVX2 builds the portable code alone, e.g. to test it).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(LRQ_NO_AVX2)
@@ -104,18 +124,42 @@ int lrq_mul_mat_q8_neon(const lrq_weight * w, const lrq_replica * r, const lrq_a
         }                                                                                              \
     }
 
+// Two-level rows: each kernel file also defines row_tokens_tl(w, r, a, y, y_stride, row0, o, t0, ad, off, NT).
+#define LRQ_DEFINE_ROWS_TL()                                                                           \
+    static void rows_tl(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y,   \
+                        int64_t y_stride, int64_t row0, int64_t row1, float * ad, float * off) {       \
+        for (int64_t o0 = row0; o0 < row1; o0 += LRQ_ROW_BLOCK) {                                      \
+            const int64_t o1 = o0 + LRQ_ROW_BLOCK < row1 ? o0 + LRQ_ROW_BLOCK : row1;                  \
+            int64_t       t0 = 0;                                                                      \
+            for (; t0 + LRQ_TOK_BLOCK <= a->n_tok; t0 += LRQ_TOK_BLOCK) {                              \
+                for (int64_t o = o0; o < o1; ++o) {                                                    \
+                    row_tokens_tl(w, r, a, y, y_stride, row0, o, t0, ad, off, LRQ_TOK_BLOCK);          \
+                }                                                                                      \
+            }                                                                                          \
+            for (; t0 < a->n_tok; ++t0) {                                                              \
+                for (int64_t o = o0; o < o1; ++o) row_tokens_tl(w, r, a, y, y_stride, row0, o, t0, ad, off, 1); \
+            }                                                                                          \
+        }                                                                                              \
+    }
+
 #define LRQ_DEFINE_Q8_KERNEL(NAME, PAD)                                                               \
+    LRQ_DEFINE_ROWS_TL()                                                                               \
     LRQ_DEFINE_ROWS(1)                                                                                 \
     LRQ_DEFINE_ROWS(2)                                                                                 \
     LRQ_DEFINE_ROWS(3)                                                                                 \
     LRQ_DEFINE_ROWS(4)                                                                                 \
     int NAME(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y,             \
              int64_t y_stride, int64_t row0, int64_t row1) {                                           \
-        const int64_t ngp = (lrq_n_groups(w->n_in, w->group_size) + (PAD) - 1) / (PAD) * (PAD);         \
+        const int64_t ngp = (lrq_factor_groups(w) + (PAD) - 1) / (PAD) * (PAD);                         \
         float         stack_buf[2 * 1024]; /* up to 1024 groups (n_in 32768 at g = 32) without malloc */ \
         float *       buf = ngp <= 1024 ? stack_buf : (float *) malloc((size_t) (2 * ngp) * sizeof(float)); \
         if (!buf) return LRQ_ERR_NOMEM;                                                                \
         float * ad = buf, * off = buf + ngp;                                                           \
+        if (w->sub) {                                                                                  \
+            rows_tl(w, r, a, y, y_stride, row0, row1, ad, off);                                        \
+            if (buf != stack_buf) free(buf);                                                           \
+            return LRQ_OK;                                                                             \
+        }                                                                                              \
         switch (w->bits) {                                                                             \
             case 1:  rows_b1(w, r, a, y, y_stride, row0, row1, ad, off); break;                        \
             case 2:  rows_b2(w, r, a, y, y_stride, row0, row1, ad, off); break;                        \

@@ -143,6 +143,42 @@ LRQ_INLINE void row_tokens(const lrq_weight * w, const lrq_replica * r, const lr
     }
 }
 
+// The two-level layout (LRQ2 codes; sub-blocks of 16 or 32), one row o, NT tokens from t0:
+//   y = gain * (sum_b (q_b . xq_b) * dx_b * [ad_lo x4 | ad_hi x4] + sum_k off_k Sx_k) + bias
+// The 8 int32 lanes of dot_block are the sums of weights 4l..4l+3, so lanes 0-3 are the first
+// 16 weights of the block and lanes 4-7 the last 16: one multiply applies both sub-block factors
+// (ad_lo == ad_hi for 32-weight sub-blocks).  ad / off: scratch of n_in / B floats.
+LRQ_INLINE void row_tokens_tl(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y,
+                              int64_t y_stride, int64_t row0, int64_t o, int64_t t0, float * ad, float * off,
+                              const int NT) {
+    const int64_t   n_in = w->n_in, nb = n_in / LRQ_QK, nk = n_in / w->sub_size;
+    const int       kpb  = LRQ_QK / w->sub_size;
+    const uint8_t * p    = w->codes + (size_t) o * w->codes_row_bytes;
+    const int8_t *  xq[LRQ_TOK_BLOCK];
+    const float *   dx[LRQ_TOK_BLOCK];
+    __m256          acc[LRQ_TOK_BLOCK];
+    lrq_two_level_row_factors(w, r, o, ad, off);
+    for (int tt = 0; tt < NT; ++tt) {
+        xq[tt]  = a->qs + (t0 + tt) * n_in;
+        dx[tt]  = a->dx + (t0 + tt) * nb;
+        acc[tt] = _mm256_setzero_ps();
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+        const __m256i q  = unpack2(p + b * 8);   // decoded once for NT tokens
+        const __m256  sb = _mm256_set_m128(_mm_set1_ps(ad[b * kpb + kpb - 1]), _mm_set1_ps(ad[b * kpb]));
+        for (int tt = 0; tt < NT; ++tt) {
+            acc[tt] = _mm256_fmadd_ps(dot_block(q, xq[tt] + b * LRQ_QK), _mm256_mul_ps(sb, _mm256_broadcast_ss(dx[tt] + b)),
+                                      acc[tt]);
+        }
+    }
+    const float gain = (r && r->gain) ? r->gain[o] : 1.0f;
+    const float bias = (r && r->bias) ? r->bias[o] : 0.0f;
+    for (int tt = 0; tt < NT; ++tt) {
+        const float offs = offset_dot(off, a->sx + (t0 + tt) * nk, nk);
+        y[(t0 + tt) * y_stride + (o - row0)] = gain * (hsum(acc[tt]) + offs) + bias;
+    }
+}
+
 // shape: y[t, o - row0] = act_r(x)[t, :] . W_r[o, :] + bias[o], t < a->n_tok, row0 <= o < row1
 // (arguments checked by lrq_mul_mat_q8)
 LRQ_DEFINE_Q8_KERNEL(lrq_mul_mat_q8_avx2, 8)

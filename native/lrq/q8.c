@@ -36,7 +36,7 @@ void lrq_act_q8_init(lrq_act_q8 * a, void * buf, int64_t n_tok, int64_t n_in, in
 }
 
 // One token: act_r (in double, as the reference), then int8 per block of 32.
-static void quantize_act_token(const float * x, int64_t n_in, int group_size, float clip, int bits,
+static void quantize_act_token(const float * x, int64_t n_in, int64_t group_size, float clip, int bits,
                                int8_t * qs, float * dx, float * sx) {
     const int64_t nb = n_in / LRQ_QK;
     double        lim = INFINITY, s = 0.0;
@@ -83,13 +83,15 @@ static void quantize_act_token(const float * x, int64_t n_in, int group_size, fl
         }
     }
     // Sx_G of the int8 activations (not of x): the offset terms then see exactly the x~ that the
-    // code dots see, so the fast path is W_r . x~ up to float summation order.
-    const int bpg = group_size / LRQ_QK;
-    for (int64_t G = 0; G * bpg < nb; ++G) {
-        float acc = 0.0f;
-        for (int64_t b = G * bpg; b < nb && b < (G + 1) * bpg; ++b) {
-            int32_t isum = 0;
-            for (int j = 0; j < LRQ_QK; ++j) isum += qs[b * LRQ_QK + j];
+    // code dots see, so the fast path is W_r . x~ up to float summation order.  A group may be
+    // half a block (16: the two-level layout's sub-blocks); larger groups are whole blocks.
+    for (int64_t G = 0, i0 = 0; i0 < n_in; ++G, i0 += group_size) {
+        const int64_t i1  = i0 + group_size < n_in ? i0 + group_size : n_in;
+        float         acc = 0.0f;
+        for (int64_t b = i0 / LRQ_QK; b * LRQ_QK < i1; ++b) {
+            const int64_t j0 = b * LRQ_QK > i0 ? b * LRQ_QK : i0, j1 = (b + 1) * LRQ_QK < i1 ? (b + 1) * LRQ_QK : i1;
+            int32_t       isum = 0;
+            for (int64_t j = j0; j < j1; ++j) isum += qs[j];
             acc += dx[b] * (float) isum;
         }
         sx[G] = acc;
@@ -100,6 +102,7 @@ int lrq_quantize_act_q8(const float * x, int64_t x_stride, float act_clip, int a
     if (!a || (a->n_tok > 0 && !x) || x_stride < a->n_in) return LRQ_ERR_ARG;
     if (!(act_clip > 0.0f && act_clip <= 1.0f) || (act_bits != 0 && (act_bits < 2 || act_bits > 16))) return LRQ_ERR_ARG;
     if (a->n_in <= 0 || a->n_in % LRQ_QK) return LRQ_ERR_N_IN;
+    if (a->group_size != 16 && a->group_size % LRQ_QK) return LRQ_ERR_GROUP_SIZE;
     const int64_t nb = a->n_in / LRQ_QK, ng = lrq_n_groups(a->n_in, a->group_size);
     for (int64_t t = 0; t < a->n_tok; ++t) {
         quantize_act_token(x + t * x_stride, a->n_in, a->group_size, act_clip, act_bits, a->qs + t * a->n_in,
@@ -114,8 +117,43 @@ static int check_q8(const lrq_weight * w, const lrq_replica * r, const lrq_act_q
                     int64_t row0, int64_t row1) {
     const int rc = lrq_check_weight(w, r, row0, row1);
     if (rc) return rc;
-    if (!a || a->n_in != w->n_in || a->group_size != w->group_size || a->n_tok < 0) return LRQ_ERR_ARG;
+    if (!a || a->n_in != w->n_in || a->group_size != lrq_act_group_size(w) || a->n_tok < 0) return LRQ_ERR_ARG;
     if (a->n_tok > 0 && row1 > row0 && (!y || y_stride < row1 - row0)) return LRQ_ERR_ARG;
+    return LRQ_OK;
+}
+
+// The two-level layout, portable: per sub-block k (B = 16 or 32 weights, half or all of a block)
+//   y[t, o] = gamma[o] * sum_k [ ad_k * sum_{b} dx[t,b] * (q . xq)[t, k-part of b] + off_k * Sx[t,k] ] + bias[o]
+static int mul_mat_q8_generic_two_level(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a,
+                                        float * y, int64_t y_stride, int64_t row0, int64_t row1) {
+    const int64_t n_in = w->n_in, nb = n_in / LRQ_QK, nk = lrq_factor_groups(w);
+    const int     B    = w->sub_size, kpb = LRQ_QK / B;   // sub-blocks per block: 2 or 1
+    float *       ad   = (float *) malloc((size_t) (2 * nk) * sizeof(float));
+    if (!ad) return LRQ_ERR_NOMEM;
+    float * off = ad + nk;
+    for (int64_t o = row0; o < row1; ++o) {
+        const uint8_t * p = w->codes + (size_t) o * w->codes_row_bytes;
+        lrq_two_level_row_factors(w, r, o, ad, off);
+        const float gain = (r && r->gain) ? r->gain[o] : 1.0f;
+        const float bias = (r && r->bias) ? r->bias[o] : 0.0f;
+        for (int64_t t = 0; t < a->n_tok; ++t) {
+            const int8_t * xq  = a->qs + t * n_in;
+            float          acc = 0.0f;
+            for (int64_t b = 0; b < nb; ++b) {
+                uint8_t q[LRQ_QK];
+                lrq_unpack_block(p + b * 8, 2, q);
+                for (int h = 0; h < kpb; ++h) {
+                    int32_t isum = 0;
+                    for (int j = h * B; j < (h + 1) * B; ++j) isum += (int32_t) q[j] * xq[b * LRQ_QK + j];
+                    acc += ad[b * kpb + h] * (a->dx[t * nb + b] * (float) isum);
+                }
+            }
+            float offs = 0.0f;
+            for (int64_t k = 0; k < nk; ++k) offs += off[k] * a->sx[t * nk + k];
+            y[t * y_stride + (o - row0)] = gain * (acc + offs) + bias;
+        }
+    }
+    free(ad);
     return LRQ_OK;
 }
 
@@ -124,6 +162,7 @@ int lrq_mul_mat_q8_generic(const lrq_weight * w, const lrq_replica * r, const lr
                            float * y, int64_t y_stride, int64_t row0, int64_t row1) {
     const int rc = check_q8(w, r, a, y, y_stride, row0, row1);
     if (rc) return rc;
+    if (w->sub) return mul_mat_q8_generic_two_level(w, r, a, y, y_stride, row0, row1);
     const int64_t n_in = w->n_in, nb = n_in / LRQ_QK, ng = lrq_n_groups(n_in, w->group_size);
     const int     bpg = w->group_size / LRQ_QK, bb = 4 * w->bits;
     const float   z   = lrq_zero_point(w->bits, w->mode);
@@ -208,10 +247,11 @@ int lrq_mul_mat(const lrq_weight * w, const lrq_replica * r,
     if (rc) return rc;
     if (n_tok < 0 || (n_tok > 0 && (!x || !y || x_stride < w->n_in || y_stride < row1 - row0))) return LRQ_ERR_ARG;
     if (n_tok == 0 || row0 == row1) return LRQ_OK;
-    void * buf = malloc(lrq_act_q8_size(n_tok, w->n_in, w->group_size));
+    const int gs = lrq_act_group_size(w);
+    void * buf = malloc(lrq_act_q8_size(n_tok, w->n_in, gs));
     if (!buf) return LRQ_ERR_NOMEM;
     lrq_act_q8 a;
-    lrq_act_q8_init(&a, buf, n_tok, w->n_in, w->group_size);
+    lrq_act_q8_init(&a, buf, n_tok, w->n_in, gs);
     rc = lrq_quantize_act_q8(x, x_stride, r ? r->act_clip : 1.0f, r ? r->act_bits : 0, &a);
     if (!rc) rc = lrq_mul_mat_q8(w, r, &a, y, y_stride, row0, row1);
     free(buf);

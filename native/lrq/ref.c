@@ -20,6 +20,7 @@ const char * lrq_status_str(int status) {
         case LRQ_ERR_N_IN:       return "n_in must be a positive multiple of 32";
         case LRQ_ERR_ARG:        return "invalid argument";
         case LRQ_ERR_NOMEM:      return "out of memory";
+        case LRQ_ERR_TWO_LEVEL:  return "the two-level layout needs LRQ2 codes in mode asym and sub-blocks of 16 or 32";
         default:                 return "unknown status";
     }
 }
@@ -85,6 +86,12 @@ int lrq_check_params(int64_t n_in, int bits, lrq_mode mode, int group_size) {
     return LRQ_OK;
 }
 
+int64_t lrq_factor_groups(const lrq_weight * w) {
+    return w->sub ? w->n_in / w->sub_size : lrq_n_groups(w->n_in, w->group_size);
+}
+
+int lrq_act_group_size(const lrq_weight * w) { return w->sub ? w->sub_size : w->group_size; }
+
 int lrq_check_weight(const lrq_weight * w, const lrq_replica * r, int64_t row0, int64_t row1) {
     if (!w) return LRQ_ERR_ARG;
     const int rc = lrq_check_params(w->n_in, w->bits, w->mode, w->group_size);
@@ -95,6 +102,10 @@ int lrq_check_weight(const lrq_weight * w, const lrq_replica * r, int64_t row0, 
     if ((w->mode == LRQ_MODE_ASYM) != (w->m != NULL)) return LRQ_ERR_ARG;   // m exactly for asym
     if (w->m && w->m_row_stride < ng) return LRQ_ERR_ARG;
     if (row0 < 0 || row0 > row1 || row1 > w->n_out) return LRQ_ERR_ARG;
+    if (w->sub) {
+        if (w->bits != 2 || w->mode != LRQ_MODE_ASYM || (w->sub_size != 16 && w->sub_size != 32)) return LRQ_ERR_TWO_LEVEL;
+        if (w->sub_row_stride < w->n_in / w->sub_size) return LRQ_ERR_ARG;
+    }
     if (r) {
         if (!(r->act_clip > 0.0f && r->act_clip <= 1.0f)) return LRQ_ERR_ARG;
         if (r->act_bits != 0 && (r->act_bits < 2 || r->act_bits > 16)) return LRQ_ERR_ARG;
@@ -265,10 +276,210 @@ int lrq_quantize_row_ref(const float * w, int64_t n_in, int bits, lrq_mode mode,
     return LRQ_OK;
 }
 
+// ---- the two-level reference quantizer ---------------------------------------------------------
+// A step-by-step port of lrq.quant_two_level (_make_qkx3, _make_qp, _quantize_supers), itself a
+// port of ggml's quantize_row_q2_K_impl: float32 arithmetic, each sum accumulated in index order.
+
+#define TL_CODE_MAX   3.0f
+#define TL_INDEX_MAX  15.0f
+#define TL_QKX3_RMIN  (-0.9f)
+#define TL_QKX3_RDELTA 0.05f
+#define TL_QKX3_NSTEP 36
+#define TL_QP_TRIES   5
+#define TL_MAX_SUBS   (LRQ_MAX_GROUP / 16)
+
+// make_qkx3_quants(n, 3, x, w, L, &the_min, ...): returns the scale, *the_min (>= 0), codes L.
+static float tl_make_qkx3(const float * x, const float * w, int n, float * the_min, float * L) {
+    float mn = x[0], mx = x[0];
+    for (int i = 1; i < n; ++i) {
+        if (x[i] < mn) mn = x[i];
+        if (x[i] > mx) mx = x[i];
+    }
+    if (mn > 0.0f) mn = 0.0f;
+    float sum_w = 0.0f, sum_x = 0.0f;
+    for (int i = 0; i < n; ++i) {
+        sum_w += w[i];
+        sum_x += w[i] * x[i];
+    }
+    if (!(mx > mn)) {                    // flat sub-block: every code 0, scale 0
+        for (int i = 0; i < n; ++i) L[i] = 0.0f;
+        *the_min = -mn;
+        return 0.0f;
+    }
+    float iscale = TL_CODE_MAX / (mx - mn);
+    float scale  = 1.0f / iscale;
+    float best   = 0.0f;
+    for (int i = 0; i < n; ++i) {
+        float l = nearbyintf(iscale * (x[i] - mn));
+        l       = l < 0.0f ? 0.0f : (l > TL_CODE_MAX ? TL_CODE_MAX : l);
+        L[i]    = l;
+        const float diff = scale * l + mn - x[i];
+        best += w[i] * (diff * diff);
+    }
+    float La[LRQ_MAX_GROUP];
+    for (int k = 0; k <= TL_QKX3_NSTEP; ++k) {
+        const float isc = (TL_QKX3_RMIN + TL_QKX3_RDELTA * (float) k + TL_CODE_MAX) / (mx - mn);
+        float sum_l = 0.0f, sum_l2 = 0.0f, sum_xl = 0.0f;
+        for (int i = 0; i < n; ++i) {
+            float l = nearbyintf(isc * (x[i] - mn));
+            l       = l < 0.0f ? 0.0f : (l > TL_CODE_MAX ? TL_CODE_MAX : l);
+            La[i]   = l;
+            const float wl = w[i] * l;
+            sum_l += wl;
+            sum_l2 += wl * l;
+            sum_xl += wl * x[i];
+        }
+        const float D = sum_w * sum_l2 - sum_l * sum_l;
+        if (!(D > 0.0f)) continue;
+        float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+        float this_min   = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+        if (this_min > 0.0f) {
+            this_min   = 0.0f;
+            this_scale = sum_xl / (sum_l2 > 0.0f ? sum_l2 : 1.0f);
+        }
+        float mad = 0.0f;
+        for (int i = 0; i < n; ++i) {
+            const float diff = this_scale * La[i] + this_min - x[i];
+            mad += w[i] * (diff * diff);
+        }
+        if (mad < best) {                // as in ggml, the new min moves every later candidate's range
+            memcpy(L, La, (size_t) n * sizeof(float));
+            best  = mad;
+            scale = this_scale;
+            mn    = this_min;
+        }
+    }
+    *the_min = -mn;
+    return scale;
+}
+
+// make_qp_quants(n, 15, x, L, qw) on x >= 0: returns the scale, indices L.
+static float tl_make_qp(const float * x, const float * qw, int n, float * L) {
+    float mx = 0.0f;
+    for (int i = 0; i < n; ++i) {
+        if (x[i] > mx) mx = x[i];
+    }
+    if (mx < 1e-15f) {
+        for (int i = 0; i < n; ++i) L[i] = 0.0f;
+        return 0.0f;
+    }
+    float iscale = TL_INDEX_MAX / mx;
+    float best   = 0.0f;
+    {
+        const float scale = 1.0f / iscale;
+        for (int i = 0; i < n; ++i) {
+            const float l    = nearbyintf(iscale * x[i]);
+            const float diff = x[i] - scale * l;
+            best += (qw[i] * diff) * diff;
+        }
+    }
+    for (int k = -4; k <= 4; ++k) {
+        if (k == 0) continue;
+        const float isc = (0.1f * (float) k + TL_INDEX_MAX) / mx;
+        const float sc  = 1.0f / isc;
+        float       mse = 0.0f;
+        for (int i = 0; i < n; ++i) {
+            float l = nearbyintf(isc * x[i]);
+            if (l > TL_INDEX_MAX) l = TL_INDEX_MAX;
+            const float diff = x[i] - sc * l;
+            mse += (qw[i] * diff) * diff;
+        }
+        if (mse < best) {
+            best   = mse;
+            iscale = isc;
+        }
+    }
+    float sumlx = 0.0f, suml2 = 0.0f;
+    for (int i = 0; i < n; ++i) {
+        float l = nearbyintf(iscale * x[i]);
+        if (l > TL_INDEX_MAX) l = TL_INDEX_MAX;
+        L[i] = l;
+        sumlx += (qw[i] * x[i]) * l;
+        suml2 += (qw[i] * l) * l;
+    }
+    for (int it = 0; it < TL_QP_TRIES; ++it) {
+        int changed = 0;
+        for (int i = 0; i < n; ++i) {
+            const float w = qw[i], xi = x[i], li = L[i];
+            float slx = sumlx - (w * xi) * li;
+            float sl2 = suml2 - (w * li) * li;
+            if (!(slx > 0.0f && sl2 > 0.0f)) continue;
+            float new_l = nearbyintf((xi * sl2) / slx);
+            if (new_l > TL_INDEX_MAX) new_l = TL_INDEX_MAX;
+            if (new_l == li) continue;
+            slx = slx + (w * xi) * new_l;
+            sl2 = sl2 + (w * new_l) * new_l;
+            if ((slx * slx) * suml2 > (sumlx * sumlx) * sl2) {
+                L[i]    = new_l;
+                sumlx   = slx;
+                suml2   = sl2;
+                changed = 1;
+            }
+        }
+        if (!changed) break;
+    }
+    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
+// One super-block x[n] (n a multiple of sub), importance imp[n] -> codes q[n], d, dmin, sub bytes.
+static void tl_quantize_super(const float * x, const float * imp, int n, int sub, uint8_t * q, uint16_t * d16,
+                              uint16_t * dmin16, uint8_t * subs) {
+    const int ns = n / sub;
+    float     sumx2 = 0.0f;
+    for (int i = 0; i < n; ++i) sumx2 += x[i] * x[i];
+    const float sigma2 = sumx2 / (float) n;
+    float weight[LRQ_MAX_GROUP], L[LRQ_MAX_GROUP];
+    float scales[TL_MAX_SUBS], mins[TL_MAX_SUBS], sw[TL_MAX_SUBS], Ls[TL_MAX_SUBS], Lm[TL_MAX_SUBS];
+    for (int i = 0; i < n; ++i) weight[i] = (imp ? imp[i] : 1.0f) * sqrtf(sigma2 + x[i] * x[i]);
+    for (int k = 0; k < ns; ++k) {
+        float s = 0.0f;
+        for (int i = 0; i < sub; ++i) s += weight[k * sub + i];
+        sw[k]     = s;
+        scales[k] = tl_make_qkx3(x + k * sub, weight + k * sub, sub, &mins[k], L + k * sub);
+        if (!(scales[k] >= 0.0f)) scales[k] = 0.0f;          // never a wrapped index (module doc)
+    }
+    const float dm = tl_make_qp(scales, sw, ns, Ls);
+    const float mm = tl_make_qp(mins, sw, ns, Lm);
+    *d16    = lrq_fp32_to_fp16(dm);
+    *dmin16 = lrq_fp32_to_fp16(mm);
+    const float df = lrq_h2f(*d16), mf = lrq_h2f(*dmin16);
+    for (int k = 0; k < ns; ++k) {
+        const float d_sub = df * Ls[k], m_sub = mf * Lm[k];
+        subs[k] = (uint8_t) ((int) Ls[k] | ((int) Lm[k] << 4));
+        for (int i = 0; i < sub; ++i) {
+            float l = L[k * sub + i];
+            if (d_sub != 0.0f) {                                 // d_sub == 0: ggml keeps the search's codes
+                l = nearbyintf((x[k * sub + i] + m_sub) / d_sub);
+                l = l > 0.0f ? (l > TL_CODE_MAX ? TL_CODE_MAX : l) : 0.0f;
+            }
+            q[k * sub + i] = (uint8_t) l;
+        }
+    }
+}
+
+int lrq_quantize_row_two_level_ref(const float * w, int64_t n_in, int super_size, int sub_size,
+                                   const float * importance, uint8_t * codes, uint16_t * d, uint16_t * dmin,
+                                   uint8_t * sub) {
+    const int rc = lrq_check_params(n_in, 2, LRQ_MODE_ASYM, super_size);
+    if (rc) return rc;
+    if (sub_size != 16 && sub_size != 32) return LRQ_ERR_TWO_LEVEL;
+    if (!w || !codes || !d || !dmin || !sub) return LRQ_ERR_ARG;
+    uint8_t q[LRQ_MAX_GROUP];
+    for (int64_t G = 0, start = 0; start < n_in; ++G, start += super_size) {
+        const int n = (int) (n_in - start < super_size ? n_in - start : super_size);   // shorter last super-block
+        tl_quantize_super(w + start, importance ? importance + start : NULL, n, sub_size, q, d + G, dmin + G,
+                          sub + start / sub_size);
+        for (int b = 0; b < n / LRQ_QK; ++b) pack_block(q + b * LRQ_QK, 2, codes + (start / LRQ_QK + b) * 8);
+    }
+    return LRQ_OK;
+}
+
 // ---- reference dequantization ---------------------------------------------------------------------
 
 // W_r[row, 32 b .. 32 b + 31] in double, in lrq.quant.dequantize_codes' order:
 //   w = d * (level + beta) (or d * level); w = alpha * w; w = w + m; w = gain * w.
+// Two-level layout: d = d_G * sc_k and m = -(dmin_G * mn_k) of the sub-block (both exact in double),
+// in lrq.quant_two_level.dequantize_replica's order.
 static void dequantize_block_f64(const lrq_weight * w, const lrq_replica * r, int64_t row, int64_t b, double * out) {
     const uint8_t *  p     = w->codes + (size_t) row * w->codes_row_bytes + b * 4 * w->bits;
     const double     z     = (double) lrq_zero_point(w->bits, w->mode);
@@ -277,7 +488,15 @@ static void dequantize_block_f64(const lrq_weight * w, const lrq_replica * r, in
     for (int j = 0; j < LRQ_QK; ++j) {
         const int64_t G     = (b * LRQ_QK + j) / w->group_size;
         const double  level = (double) lrq_dq_code(p, w->bits, j) - z;   // the kernels' code layout
-        const double  d     = (double) lrq_h2f(w->d[row * w->d_row_stride + G]);
+        double        d     = (double) lrq_h2f(w->d[row * w->d_row_stride + G]);
+        double        m     = 0.0;
+        if (w->sub) {
+            const uint8_t u = w->sub[row * w->sub_row_stride + (b * LRQ_QK + j) / w->sub_size];
+            d = d * (double) (u & 15);
+            m = -((double) lrq_h2f(w->m[row * w->m_row_stride + G]) * (double) (u >> 4));
+        } else if (w->m) {
+            m = (double) lrq_h2f(w->m[row * w->m_row_stride + G]);
+        }
         double        v;
         if (beta) {
             v = d * (level + (double) lrq_h2f(beta[row * r->beta_row_stride + G * r->beta_group_stride]));
@@ -285,7 +504,7 @@ static void dequantize_block_f64(const lrq_weight * w, const lrq_replica * r, in
             v = d * level;
         }
         if (alpha) v = (double) lrq_h2f(alpha[row * r->alpha_row_stride + G * r->alpha_group_stride]) * v;
-        if (w->m) v = v + (double) lrq_h2f(w->m[row * w->m_row_stride + G]);
+        if (w->m) v = v + m;
         if (r && r->gain) v = (double) r->gain[row] * v;
         out[j] = v;
     }

@@ -77,7 +77,27 @@ struct WeightArgs {
     lrq_weight                w{};
     U8Array                   codes;
     py::array                 d, m;
+    py::array                 sub;
 };
+
+// The two-level layout's sub-block indices (int8 or uint8 [n_out, n_in / B], B 16 or 32) -> wa.w.sub.
+void attach_sub(WeightArgs & wa, const py::object & sub_obj) {
+    if (sub_obj.is_none()) return;
+    py::array a = py::array::ensure(sub_obj, py::array::c_style);
+    if (!a || (a.dtype().kind() != 'i' && a.dtype().kind() != 'u') || a.dtype().itemsize() != 1) {
+        throw py::value_error("sub must be an int8 or uint8 array [n_out, n_in / 16 or n_in / 32]");
+    }
+    if (wa.w.bits != 2 || wa.w.mode != LRQ_MODE_ASYM) throw py::value_error("sub (the two-level layout) needs bits 2 and mode 'asym'");
+    const int64_t n_in = wa.w.n_in, n_out = wa.w.n_out;
+    if (a.ndim() != 2 || a.shape(0) != n_out || (a.shape(1) * 16 != n_in && a.shape(1) * 32 != n_in)) {
+        bad_shape("sub", "[" + std::to_string(n_out) + ", " + std::to_string(n_in / 16) + "] or [" + std::to_string(n_out) +
+                  ", " + std::to_string(n_in / 32) + "]", a);
+    }
+    wa.sub              = a;
+    wa.w.sub            = static_cast<const uint8_t *>(a.data());
+    wa.w.sub_row_stride = a.shape(1);
+    wa.w.sub_size       = (int) (n_in / a.shape(1));
+}
 
 WeightArgs weight_args(const py::object & codes_obj, const py::object & d_obj, const py::object & m_obj, int bits,
                        int group_size, const std::string & mode_s) {
@@ -255,10 +275,46 @@ void lrq_register_kernels(py::module_ & parent) {
        "(codes uint8 [n_out, row_bytes], d float16 [n_out, n_groups], m float16 | None) of w [n_out, n_in];\n"
        "byte-exact with lrq.quant.quantize(rounding='nearest', noise=0).");
 
+    m.def("quantize_two_level", [](const F32Array & w, int super_size, int sub_size, const py::object & imp_obj) {
+        if (w.ndim() != 2) bad_shape("w", "[n_out, n_in]", w);
+        const int64_t n_out = w.shape(0), n_in = w.shape(1);
+        check_params(n_in, 2, LRQ_MODE_ASYM, super_size);
+        if (sub_size != 16 && sub_size != 32) throw py::value_error("sub_size must be 16 or 32, got " + std::to_string(sub_size));
+        F32Array imp;
+        if (!imp_obj.is_none()) {
+            imp = F32Array::ensure(imp_obj);
+            if (!imp || imp.ndim() != 1 || imp.shape(0) != n_in) throw py::value_error("importance must be a float array [n_in]");
+        }
+        const int64_t ns = lrq_n_groups(n_in, super_size), nk = n_in / sub_size;
+        const size_t  rb = lrq_row_bytes(n_in, 2);
+        py::array_t<uint8_t> codes({(py::ssize_t) n_out, (py::ssize_t) rb});
+        py::array d = new_f16({(py::ssize_t) n_out, (py::ssize_t) ns}), dmin = new_f16({(py::ssize_t) n_out, (py::ssize_t) ns});
+        py::array_t<int8_t> sub({(py::ssize_t) n_out, (py::ssize_t) nk});
+        const float * wp = w.data();
+        const float * ip = imp_obj.is_none() ? nullptr : imp.data();
+        uint8_t *     cp = codes.mutable_data();
+        uint16_t *    dp = static_cast<uint16_t *>(d.mutable_data());
+        uint16_t *    mp = static_cast<uint16_t *>(dmin.mutable_data());
+        uint8_t *     sp = reinterpret_cast<uint8_t *>(sub.mutable_data());
+        int           rc = LRQ_OK;
+        {
+            py::gil_scoped_release nogil;
+            for (int64_t o = 0; o < n_out && rc == LRQ_OK; ++o) {
+                rc = lrq_quantize_row_two_level_ref(wp + o * n_in, n_in, super_size, sub_size, ip, cp + o * rb, dp + o * ns,
+                                                    mp + o * ns, sp + o * nk);
+            }
+        }
+        check_status(rc, "quantize_two_level");
+        return py::make_tuple(codes, d, dmin, sub);
+    }, py::arg("w"), py::arg("super_size") = 256, py::arg("sub_size") = 16, py::arg("importance") = py::none(),
+       "(LRQ2 codes uint8 [n_out, n_in / 4], d, dmin float16 [n_out, n_super], sub int8 [n_out, n_in / sub_size]) of w;\n"
+       "byte-exact with lrq.quant_two_level.to_file(quantize(w, importance, super_size=..., sub_size=...)).");
+
     m.def("dequantize", [](const py::object & codes, const py::object & d, const py::object & m_obj, int bits,
                            int group_size, const std::string & mode, const py::object & alpha, const py::object & beta,
-                           const py::object & gain) {
+                           const py::object & gain, const py::object & sub) {
         WeightArgs  wa = weight_args(codes, d, m_obj, bits, group_size, mode);
+        attach_sub(wa, sub);
         ReplicaArgs ra = replica_args(wa.w, alpha, beta, gain, py::none(), 1.0, 0);
         py::array_t<float> out({(py::ssize_t) wa.w.n_out, (py::ssize_t) wa.w.n_in});
         float * op = out.mutable_data();
@@ -269,13 +325,17 @@ void lrq_register_kernels(py::module_ & parent) {
         return out;
     }, py::arg("codes"), py::arg("d"), py::arg("m"), py::arg("bits"), py::arg("group_size"), py::arg("mode"),
        py::arg("alpha") = py::none(), py::arg("beta") = py::none(), py::arg("gain") = py::none(),
-       "float32 W_r [n_out, n_in] = gain * (alpha * d * (level(q) + beta) + m).");
+       py::arg("sub") = py::none(),
+       "float32 W_r [n_out, n_in] = gain * (alpha * d * (level(q) + beta) + m).\n"
+       "sub: the two-level layout's sub-block indices (then d / m are the super-block d / dmin).");
 
     m.def("mul_mat", [](const py::object & codes, const py::object & d, const py::object & m_obj, int bits,
                         int group_size, const std::string & mode, const F32Array & x, const py::object & alpha,
                         const py::object & beta, const py::object & gain, const py::object & bias, double act_clip,
-                        int act_bits, const std::string & impl, int64_t row0, std::optional<int64_t> row1_opt) {
+                        int act_bits, const std::string & impl, int64_t row0, std::optional<int64_t> row1_opt,
+                        const py::object & sub) {
         WeightArgs  wa = weight_args(codes, d, m_obj, bits, group_size, mode);
+        attach_sub(wa, sub);
         ReplicaArgs ra = replica_args(wa.w, alpha, beta, gain, bias, act_clip, act_bits);
         if (x.ndim() != 2 || x.shape(1) != wa.w.n_in) bad_shape("x", "[n_tok, n_in] = [n_tok, " + std::to_string(wa.w.n_in) + "]", x);
         const int64_t row1 = row1_opt ? *row1_opt : wa.w.n_out;
@@ -298,9 +358,10 @@ void lrq_register_kernels(py::module_ & parent) {
             if (fn) {
                 rc = fn(&wa.w, &ra.r, xp, wa.w.n_in, n_tok, yp, row1 - row0, row0, row1);
             } else if (n_tok > 0) {   // the portable q8 kernel, whatever the CPU
-                std::vector<char> buf(lrq_act_q8_size(n_tok, wa.w.n_in, group_size) + 32);
+                const int gs = lrq_act_group_size(&wa.w);
+                std::vector<char> buf(lrq_act_q8_size(n_tok, wa.w.n_in, gs) + 32);
                 lrq_act_q8 a;
-                lrq_act_q8_init(&a, buf.data(), n_tok, wa.w.n_in, group_size);
+                lrq_act_q8_init(&a, buf.data(), n_tok, wa.w.n_in, gs);
                 rc = lrq_quantize_act_q8(xp, wa.w.n_in, ra.r.act_clip, ra.r.act_bits, &a);
                 if (!rc) rc = lrq_mul_mat_q8_generic(&wa.w, &ra.r, &a, yp, row1 - row0, row0, row1);
             }
@@ -310,16 +371,17 @@ void lrq_register_kernels(py::module_ & parent) {
     }, py::arg("codes"), py::arg("d"), py::arg("m"), py::arg("bits"), py::arg("group_size"), py::arg("mode"), py::arg("x"),
        py::arg("alpha") = py::none(), py::arg("beta") = py::none(), py::arg("gain") = py::none(),
        py::arg("bias") = py::none(), py::arg("act_clip") = 1.0, py::arg("act_bits") = 0, py::arg("impl") = "ref",
-       py::arg("row0") = 0, py::arg("row1") = py::none(),
+       py::arg("row0") = 0, py::arg("row1") = py::none(), py::arg("sub") = py::none(),
        "y float32 [n_tok, row1 - row0] = act_r(x) . W_r[row0:row1]^T + bias.\n"
        "impl: 'ref' (double), 'fast' (int8 activations, AVX2 when available), 'generic' (the same, portable C).");
 
     m.def("ggml_op", [](const py::object & codes, const py::object & d, const py::object & m_obj, int bits,
                         int group_size, const std::string & mode, const F32Array & x, const py::object & alpha,
                         const py::object & beta, const py::object & gain, const py::object & bias, double act_clip,
-                        int act_bits, int n_threads, bool use_ref) {
+                        int act_bits, int n_threads, bool use_ref, const py::object & sub) {
         // the same validation as mul_mat, so that the op's own asserts never fire from Python
         WeightArgs  wa = weight_args(codes, d, m_obj, bits, group_size, mode);
+        attach_sub(wa, sub);
         ReplicaArgs ra = replica_args(wa.w, alpha, beta, gain, bias, act_clip, act_bits);
         if (x.ndim() != 2 || x.shape(1) != wa.w.n_in) bad_shape("x", "[n_tok, n_in] = [n_tok, " + std::to_string(wa.w.n_in) + "]", x);
         if (n_threads < 1) throw py::value_error("n_threads must be >= 1");
@@ -327,7 +389,7 @@ void lrq_register_kernels(py::module_ & parent) {
         if (n_tok < 1) throw py::value_error("x needs at least one token");
 
         size_t data = (size_t) n_out * lrq_row_bytes(n_in, bits) + (size_t) n_tok * (n_in + n_out) * 4 +
-                      4 * (size_t) n_out * ng * 2 + 2 * (size_t) n_out * 4 + 64;
+                      4 * (size_t) n_out * ng * 2 + 2 * (size_t) n_out * 4 + (size_t) n_out * n_in / 16 + 64;
         ggml_init_params ip = { data + 16 * ggml_tensor_overhead() + ggml_graph_overhead() + 16 * 64, nullptr, false };
         ggml_context * ctx = ggml_init(ip);
         if (!ctx) throw std::runtime_error("ggml_init failed");
@@ -357,7 +419,12 @@ void lrq_register_kernels(py::module_ & parent) {
             const float ck[2] = { ra.r.act_clip, (float) act_bits };
             tk = f32_tensor(ck, 2);
         }
-        ggml_tensor * y  = ggml_lrq_mul_mat(ctx, tw, tx, td, tm, ta, tb, tg, tc, tk, group_size, wa.w.mode);
+        ggml_tensor * ts = nullptr;
+        if (wa.w.sub) {
+            ts = ggml_new_tensor_2d(ctx, GGML_TYPE_I8, wa.w.sub_row_stride, n_out);
+            std::memcpy(ts->data, wa.w.sub, ggml_nbytes(ts));
+        }
+        ggml_tensor * y  = ggml_lrq_mul_mat_two_level(ctx, tw, tx, td, tm, ts, ta, tb, tg, tc, tk, group_size, wa.w.mode);
         ggml_cgraph * gf = ggml_new_graph(ctx);
         ggml_build_forward_expand(gf, y);
         // The CPU backend is a module (the ggml-cpu variant loaded for this CPU, module.cpp), so
@@ -392,7 +459,7 @@ void lrq_register_kernels(py::module_ & parent) {
     }, py::arg("codes"), py::arg("d"), py::arg("m"), py::arg("bits"), py::arg("group_size"), py::arg("mode"), py::arg("x"),
        py::arg("alpha") = py::none(), py::arg("beta") = py::none(), py::arg("gain") = py::none(),
        py::arg("bias") = py::none(), py::arg("act_clip") = 1.0, py::arg("act_bits") = 0, py::arg("n_threads") = 1,
-       py::arg("use_ref") = false,
+       py::arg("use_ref") = false, py::arg("sub") = py::none(),
        "GGML_OP_LRQ_MUL_MAT on the loaded ggml CPU backend variant (a one-node graph, n_threads threads): y float32 [n_tok, n_out].\n"
        "use_ref: ggml's reference mode (the op then runs lrq_mul_mat_ref per chunk).");
 }

@@ -367,3 +367,75 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, importance: np.ndarray | N
 
 
 __all__ += ["gptq_quantize", "GPTQ_BLOCK"]
+
+
+# ---- the file layout (format v4, docs/two_level.md) ------------------------------------------
+#
+# In an LRQ file a two-level weight is an LRQ2 code tensor (the planar 2-bit blocks of every LRQ2
+# weight), <w>.lrq_scale = d and <w>.lrq_min = dmin (F16 [n_out, n_super], the super-block being
+# the file's group size) and <w>.lrq_sub (I8 [n_out, n_in / B]) whose byte k is sc_k | mn_k << 4.
+# So it is an asym 2-bit weight with groups of B whose (d, m) are (d sc, -dmin mn).
+
+def sub_bytes(t: TwoLevelTensor) -> np.ndarray:
+    """int8 [n_out, n_sub]: low nibble the scale index, high nibble the min index."""
+    return (t.sc.astype(np.uint8) | (t.mn.astype(np.uint8) << 4)).view(np.int8)
+
+
+def split_sub(sub: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sc, mn) uint8 from the int8 (or uint8) bytes of a .lrq_sub tensor."""
+    u = np.asarray(sub).view(np.uint8) if np.asarray(sub).dtype == np.int8 else np.asarray(sub, np.uint8)
+    return u & 15, u >> 4
+
+
+def sub_size_of(n_in: int, n_sub: int) -> int | None:
+    """B from the shapes (n_in / n_sub), None when that is not one of SUB_SIZES."""
+    if n_sub <= 0 or n_in % n_sub or n_in // n_sub not in SUB_SIZES:
+        return None
+    return n_in // n_sub
+
+
+def to_file(t: TwoLevelTensor):
+    """(LRQ2 codes uint8 [n_out, n_in / 4], d, dmin float16 [n_out, n_super], sub int8 [n_out, n_sub])."""
+    from .quant import pack
+    return pack(t.codes, 2), t.d, t.dmin, sub_bytes(t)
+
+
+def from_file(codes: np.ndarray, d: np.ndarray, dmin: np.ndarray, sub: np.ndarray, n_in: int,
+              super_size: int) -> TwoLevelTensor:
+    """The inverse of to_file (packed codes [n_out, n_in / 4])."""
+    from .quant import unpack
+    sub = np.asarray(sub)
+    n_out = sub.shape[0]
+    B = sub_size_of(n_in, sub.shape[1])
+    if B is None:
+        raise TwoLevelError(f"{sub.shape[1]} sub-blocks per row of {n_in}: the sub-block size must be one of {SUB_SIZES}")
+    sc, mn = split_sub(sub)
+    q = unpack(np.asarray(codes, np.uint8).reshape(n_out, -1), 2, n_in)
+    return TwoLevelTensor(q, sc, mn, np.asarray(d, np.float16).reshape(n_out, -1),
+                          np.asarray(dmin, np.float16).reshape(n_out, -1), super_size, B)
+
+
+def dequantize_replica(t: TwoLevelTensor, replica=None) -> np.ndarray:
+    """float64 W_r = gamma * (alpha * (d sc) * (q + beta) + (-(dmin mn))): FORMAT.md section 6 with
+    the sub-block's (d, m); alpha and beta per super-block ([n_out, n_super] | [n_out, 1] |
+    [1, 1]).  Evaluated in lrq.quant.dequantize_codes' order (the C reference's)."""
+    from .quant import ReplicaParams, _expand
+    n_out, n_in = t.codes.shape
+    S = t.super_size
+    sub_of = np.arange(n_in) // t.sub_size
+    d = _expand(t.d, n_out, n_in, S, "scale") * t.sc.astype(np.float64)[:, sub_of]
+    m = -(_expand(t.dmin, n_out, n_in, S, "min") * t.mn.astype(np.float64)[:, sub_of])
+    rp = replica or ReplicaParams()
+    beta = _expand(rp.grid_offset, n_out, n_in, S, "grid_offset")
+    alpha = _expand(rp.scale_mult, n_out, n_in, S, "scale_mult")
+    level = t.codes.astype(np.float64)
+    w = d * (level + beta) if beta is not None else d * level
+    if alpha is not None:
+        w = alpha * w
+    w = w + m
+    if rp.gain is not None:
+        w = np.asarray(rp.gain, dtype=np.float64).reshape(n_out, 1) * w
+    return w
+
+
+__all__ += ["sub_bytes", "split_sub", "sub_size_of", "to_file", "from_file", "dequantize_replica"]

@@ -1,5 +1,6 @@
 // NEON fast path (lrq_mul_mat_q8, which dispatches to q8-neon.c on aarch64) against the portable C
-// path (lrq_mul_mat_q8_generic), for every bits x group size x mode x tokens x replica shape.
+// path (lrq_mul_mat_q8_generic), for every bits x group size x mode x tokens x replica shape, and
+// for the two-level layout (sub-blocks of 16 / 32 x super-block size x tokens x replica shape).
 // Built and run under qemu-user by tests/test_neon.py:
 //   aarch64-linux-gnu-gcc -O2 -march=... -Inative/include tests/native/neon_check.c
 //       native/lrq/{ref,q8,q8-neon}.c -lm
@@ -43,24 +44,30 @@ typedef struct {
 static const act_setting acts[] = {{1.0f, 0}, {0.75f, 0}, {0.875f, 8}, {1.0f, 4}, {1.0f, 12}};
 
 // Runs one case; returns 1 when it passed.
+// sub_size 16 or 32: the two-level layout (format v4; bits 2, asym), 0: the single-level one.
 static int run_case(int64_t n_in, int64_t n_out, int bits, lrq_mode mode, int group, int n_tok, int rep_kind,
-                    act_setting act, const char * tag) {
+                    act_setting act, const char * tag, int sub_size) {
     const int64_t ng = lrq_n_groups(n_in, group);
     const size_t  rb = lrq_row_bytes(n_in, bits);
     float *       w  = malloc(sizeof(float) * (size_t) n_in);
     uint8_t *     codes = malloc(rb * (size_t) n_out);
     uint16_t *    d  = malloc(sizeof(uint16_t) * (size_t) (n_out * ng));
     uint16_t *    m  = malloc(sizeof(uint16_t) * (size_t) (n_out * ng));
+    const int64_t nk = sub_size ? n_in / sub_size : 0;
+    uint8_t *     sub = malloc((size_t) (n_out * (nk ? nk : 1)));
     for (int64_t o = 0; o < n_out; ++o) {
         for (int64_t i = 0; i < n_in; ++i) w[i] = (float) (0.02 * rng_normal() + (mode == LRQ_MODE_ASYM ? 0.003 : 0.0));
-        const int rc = lrq_quantize_row_ref(w, n_in, bits, mode, group, LRQ_SCALE_MINMAX, codes + o * rb, d + o * ng,
-                                            mode == LRQ_MODE_ASYM ? m + o * ng : NULL);
+        const int rc = sub_size ? lrq_quantize_row_two_level_ref(w, n_in, group, sub_size, NULL, codes + o * rb,
+                                                                 d + o * ng, m + o * ng, sub + o * nk)
+                                : lrq_quantize_row_ref(w, n_in, bits, mode, group, LRQ_SCALE_MINMAX, codes + o * rb,
+                                                       d + o * ng, mode == LRQ_MODE_ASYM ? m + o * ng : NULL);
         if (rc) {
             printf("FAIL %s: quantize: %s\n", tag, lrq_status_str(rc));
             return 0;
         }
     }
-    lrq_weight W = {codes, rb, n_in, n_out, bits, mode, group, d, ng, mode == LRQ_MODE_ASYM ? m : NULL, ng};
+    lrq_weight W = {codes, rb, n_in, n_out, bits, mode, group, d, ng, mode == LRQ_MODE_ASYM ? m : NULL, ng,
+                    sub_size ? sub : NULL, nk, sub_size};
 
     // replica parameters: alpha around 1, beta a fraction of a code, gain, bias, activation settings
     uint16_t *  alpha = malloc(sizeof(uint16_t) * (size_t) (n_out * ng));
@@ -99,9 +106,10 @@ static int run_case(int64_t n_in, int64_t n_out, int bits, lrq_mode mode, int gr
     // activations with a few outlier channels (clipping matters), quantized once for both paths
     float * x = malloc(sizeof(float) * (size_t) (n_tok * n_in));
     for (int64_t i = 0; i < n_tok * n_in; ++i) x[i] = (float) (rng_normal() * (i % 17 == 0 ? 6.0 : 1.0));
-    void *     abuf = malloc(lrq_act_q8_size(n_tok, n_in, group));
+    const int  agroup = lrq_act_group_size(&W);
+    void *     abuf = malloc(lrq_act_q8_size(n_tok, n_in, agroup));
     lrq_act_q8 A;
-    lrq_act_q8_init(&A, abuf, n_tok, n_in, group);
+    lrq_act_q8_init(&A, abuf, n_tok, n_in, agroup);
     int rc = lrq_quantize_act_q8(x, n_in, R.act_clip, R.act_bits, &A);
 
     float * yf = calloc((size_t) (n_tok * n_out), sizeof(float));
@@ -135,7 +143,7 @@ static int run_case(int64_t n_in, int64_t n_out, int bits, lrq_mode mode, int gr
         printf("%s %s: max_rel_diff=%.3g nmse=%.3g%s\n", pass ? "PASS" : "FAIL", tag, maxrel, nmse,
                halves_equal ? "" : " (row halves differ from the whole)");
     }
-    free(w); free(codes); free(d); free(m); free(alpha); free(beta); free(gain); free(bias);
+    free(w); free(codes); free(d); free(m); free(sub); free(alpha); free(beta); free(gain); free(bias);
     free(x); free(abuf); free(yf); free(yg); free(yh);
     return pass;
 }
@@ -166,7 +174,7 @@ int main(void) {
                     const act_setting act = acts[k % (int) (sizeof acts / sizeof acts[0])];
                     snprintf(tag, sizeof tag, "bits=%d mode=%s group=%d n_tok=%d replica=%s act=(%g,%d)", mb[i].bits,
                              mb[i].name, groups[g], toks[t], rep_name[rk], act.clip, act.bits);
-                    n_pass += run_case(n_in, n_out, mb[i].bits, mb[i].mode, groups[g], toks[t], rk, act, tag);
+                    n_pass += run_case(n_in, n_out, mb[i].bits, mb[i].mode, groups[g], toks[t], rk, act, tag, 0);
                     ++n_case;
                 }
             }
@@ -175,9 +183,26 @@ int main(void) {
     // more than 1024 groups: the kernel's scratch for the row factors comes from the heap
     for (int b = 1; b <= 4; ++b) {
         snprintf(tag, sizeof tag, "bits=%d mode=sym group=32 n_tok=5 replica=per-group act=(1,0) n_in=33024 (heap scratch)", b);
-        n_pass += run_case(33024, 5, b, LRQ_MODE_SYM, 32, 5, REP_GROUP, acts[0], tag);
+        n_pass += run_case(33024, 5, b, LRQ_MODE_SYM, 32, 5, REP_GROUP, acts[0], tag, 0);
         ++n_case;
     }
+    // the two-level layout (format v4): sub-blocks of 16 and 32 under every super-block size
+    for (int sb = 16; sb <= 32; sb *= 2) {
+        for (size_t g = 0; g < sizeof groups / sizeof groups[0]; ++g) {
+            for (size_t t = 0; t < sizeof toks / sizeof toks[0]; ++t) {
+                for (int rk = 0; rk < N_REP; ++rk, ++k) {
+                    const act_setting act = acts[k % (int) (sizeof acts / sizeof acts[0])];
+                    snprintf(tag, sizeof tag, "two-level sub=%d super=%d n_tok=%d replica=%s act=(%g,%d)", sb,
+                             groups[g], toks[t], rep_name[rk], act.clip, act.bits);
+                    n_pass += run_case(n_in, n_out, 2, LRQ_MODE_ASYM, groups[g], toks[t], rk, act, tag, sb);
+                    ++n_case;
+                }
+            }
+        }
+    }
+    snprintf(tag, sizeof tag, "two-level sub=16 super=256 n_tok=5 replica=per-group act=(1,0) n_in=33024 (heap scratch)");
+    n_pass += run_case(33024, 5, 2, LRQ_MODE_ASYM, 256, 5, REP_GROUP, acts[0], tag, 16);
+    ++n_case;
     printf("%d/%d cases passed\n", n_pass, n_case);
     return n_pass == n_case ? 0 : 1;
 }

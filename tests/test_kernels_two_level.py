@@ -1,0 +1,229 @@
+"""The two-level 2-bit layout (format v4) in the C kernels against independent references:
+
+- the C quantizer (lrq_quantize_row_two_level_ref) against lrq.quant_two_level byte for byte
+  (codes, d, dmin, sub-block bytes), with and without importance, on widths with a shorter last
+  super-block and on awkward rows;
+- C dequantization against lrq.quant_two_level.dequantize_replica with per-super-block,
+  per-channel and per-tensor replica parameters;
+- the reference mat-mul against numpy dequantize-then-matmul in float64, the int8 fast path
+  against the reference, its AVX2 and portable versions against each other, ggml's op (the CPU
+  backend) against the kernels; and controls that a wrong implementation (the min nibble ignored,
+  the wrong sub-block size) falls outside each bound.
+
+The NEON version is checked against the portable one in tests/test_neon.py (qemu-aarch64).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lrq import quant, quant_two_level as tl
+from lrq import _native  # built by `make build`; a missing build must fail, not skip
+from numerics import int8_error_power, nmse
+
+K = _native.kernels
+
+# C dequantization computes W_r in float64 in dequantize_replica's order (d sc and dmin mn are
+# exact products) and rounds once to float32: equal to numpy's float64 result rounded to float32.
+# Equality, not a tolerance: an off-by-one sub-block or a dropped term changes whole sub-blocks.
+# Reference mat-mul: float64 like numpy, float32 output and another summation order (the
+# single-level bound of test_kernels.py, REF_NMSE_TOL).  Ignoring the min nibble gives NMSE ~1e-1.
+REF_NMSE_TOL = 1e-12
+# Fast path, int8 activations (act_bits 0 or > 8): error power within FAST_ERR_FACTOR times the
+# int8 rounding's expected power (test_kernels.py explains the factor; measured here 0.6 .. 1.6).
+# The wrong sub-block size or the min nibble ignored is ~1e4 times that.
+FAST_ERR_FACTOR = 4.0
+# 2..8 activation bits are exact int8 levels: only float32 sums differ (measured <= 1e-13).
+FAST_EXACT_ACT_NMSE_TOL = 1e-10
+# AVX2 (or NEON) vs portable C and ggml's op vs the kernel: the same integer dots, float32 sums in
+# another order (measured <= 1e-14).
+SIMD_NMSE_TOL = 1e-10
+# A control (a wrong implementation) must miss the fast path's bound by at least this factor
+# (smallest measured margins below, in the test).
+CONTROL_MARGIN = 10.0
+# the largest ratio of fast-path error to the int8 rounding's expected power over a test's cases
+# is above this (0.3 .. 3.4 measured); a fast path that silently ran the reference gives ~1e-6
+INT8_SEEN = 0.2
+ACT_SETTINGS = [(1.0, 0), (0.75, 0), (float(np.float32(0.9)), 4), (1.0, 12)]
+# (n_in, super-block = group size, sub-block): 576 = 256 + 256 + 64 and 96 = 64 + 32 leave a
+# shorter last super-block
+SHAPES = [(256, 256, 16), (576, 256, 16), (576, 256, 32), (576, 128, 16), (96, 64, 32), (96, 32, 16)]
+N_OUT = 37          # not a multiple of the 16-row block nor of the SIMD widths
+
+
+def _weights(rng, n_out, n_in):
+    w = (rng.standard_normal((n_out, n_in)) * 0.05).astype(np.float32)
+    w[:, ::13] *= 5.0                       # outlier input channels: sub-blocks of unlike ranges
+    w[1] = 0.0                              # all-zero row: every scale 0
+    w[2] = 0.3                              # constant positive row: min clamped to 0
+    w[3] = -0.2                             # constant negative row
+    w[4] *= 1e-6                            # tiny values
+    w[5] *= 300.0                           # large values, still within fp16
+    w[6, ::3] = 0.0
+    return w
+
+
+def _files(t):
+    codes, d, dmin, sub = tl.to_file(t)
+    return codes, d, dmin, sub
+
+
+@pytest.mark.parametrize("n_in,S,B", SHAPES)
+def test_quantizer_bytes_equal_numpy(n_in, S, B):
+    rng = np.random.default_rng(n_in + S + B)
+    w = _weights(rng, N_OUT, n_in)
+    imp = (rng.random(n_in) ** 2).astype(np.float32)
+    subs = {}
+    for name, im in (("uniform", None), ("importance", imp)):
+        t = tl.quantize(w, im, super_size=S, sub_size=B)
+        want = _files(t)
+        got = K.quantize_two_level(w, S, B, im)
+        for what, a, b in zip(("codes", "d", "dmin", "sub"), want, got):
+            a, b = np.asarray(a), np.asarray(b)
+            assert a.shape == b.shape, (name, what, a.shape, b.shape)
+            bad = np.argwhere(a.view(np.uint8) != b.view(np.uint8))
+            assert bad.size == 0, f"{name}: {what} differs at {bad[:3].tolist()}"
+        subs[name] = want[3]
+    # control: the importance really reaches the search (a quantizer that ignored it would pass
+    # the comparison above only if numpy ignored it too)
+    assert not np.array_equal(subs["uniform"], subs["importance"])
+
+
+def test_quantizer_rejects_bad_arguments():
+    w = np.zeros((2, 64), np.float32)
+    with pytest.raises(ValueError, match="sub_size"):
+        K.quantize_two_level(w, 64, 8)
+    with pytest.raises(ValueError, match="group size"):
+        K.quantize_two_level(w, 48, 16)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        K.quantize_two_level(np.zeros((2, 48), np.float32), 64, 16)
+
+
+def _replica(rng, n_out, n_super, kind):
+    shape = {"super": (n_out, n_super), "channel": (n_out, 1), "tensor": (1, 1)}[kind]
+    alpha = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float16)
+    beta = (0.5 * rng.standard_normal(shape)).astype(np.float16)
+    gain = (1 + 0.2 * rng.standard_normal(n_out)).astype(np.float32)
+    bias = rng.standard_normal(n_out).astype(np.float32)
+    return alpha, beta, gain, bias
+
+
+@pytest.mark.parametrize("kind", ["none", "super", "channel", "tensor"])
+def test_dequantize_equals_numpy(kind):
+    rng = np.random.default_rng(len(kind))
+    for n_in, S, B in SHAPES:
+        w = _weights(rng, N_OUT, n_in)
+        t = tl.quantize(w, super_size=S, sub_size=B)
+        codes, d, dmin, sub = _files(t)
+        alpha = beta = gain = None
+        rp = None
+        if kind != "none":
+            alpha, beta, gain, _ = _replica(rng, N_OUT, d.shape[1], kind)
+            rp = quant.ReplicaParams(scale_mult=alpha, grid_offset=beta, gain=gain)
+        ref = tl.dequantize_replica(t, rp)
+        got = K.dequantize(codes, d, dmin, 2, S, "asym", alpha=alpha, beta=beta, gain=gain, sub=sub)
+        assert got.dtype == np.float32 and got.shape == ref.shape
+        assert np.array_equal(got, ref.astype(np.float32)), f"n_in={n_in} S={S} B={B} {kind}"
+        if rp is None:      # the unpacked numpy dequantizer of the quantizer agrees too
+            assert np.array_equal(got, tl.dequantize(t).astype(np.float32))
+        # controls: the min nibble ignored, the codes read as a single-level asym file
+        no_min = K.dequantize(codes, d, dmin, 2, S, "asym", alpha=alpha, beta=beta, gain=gain, sub=sub & 15)
+        assert not np.array_equal(no_min, got)
+        flat = K.dequantize(codes, d, dmin, 2, S, "asym", alpha=alpha, beta=beta, gain=gain)
+        assert not np.array_equal(flat, got)
+
+
+def _mm(codes, d, dmin, sub, S, x, impl, rep, act, **kw):
+    alpha, beta, gain, bias = rep
+    return K.mul_mat(codes, d, dmin, 2, S, "asym", x, alpha=alpha, beta=beta, gain=gain, bias=bias,
+                     act_clip=act[0], act_bits=act[1], impl=impl, sub=sub, **kw)
+
+
+@pytest.mark.parametrize("n_in,S,B", SHAPES)
+def test_mul_mat_ref_and_fast_against_numpy(n_in, S, B):
+    rng = np.random.default_rng(7 * n_in + B)
+    w = _weights(rng, N_OUT, n_in)
+    t = tl.quantize(w, super_size=S, sub_size=B)
+    codes, d, dmin, sub = _files(t)
+    kinds = ["none", "super", "channel", "tensor"]
+    ratios, margins = [], []
+    for case, n_tok in enumerate((1, 6, 13)):
+        x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+        x[:, ::17] *= 6.0
+        for a, act in enumerate(ACT_SETTINGS):
+            kind = kinds[(case + a) % len(kinds)]
+            if kind == "none":
+                rep, rp = (None,) * 4, None
+            else:
+                rep = _replica(rng, N_OUT, d.shape[1], kind)
+                rp = quant.ReplicaParams(scale_mult=rep[0], grid_offset=rep[1], gain=rep[2], bias=rep[3])
+            xa = quant.quantize_activations(x, *act)
+            w_r = tl.dequantize_replica(t, rp)
+            want = xa @ w_r.T + (0 if rp is None else rep[3].astype(np.float64))
+            where = f"n_in={n_in} S={S} B={B} n_tok={n_tok} act={act} replica={kind}"
+
+            ref = _mm(codes, d, dmin, sub, S, x, "ref", rep, act)
+            assert nmse(ref, want) <= REF_NMSE_TOL, f"ref: {where}: {nmse(ref, want):.3g}"
+            fast = _mm(codes, d, dmin, sub, S, x, "fast", rep, act)
+            e = nmse(fast, ref)
+            expected = int8_error_power(xa, w_r) / float((ref.astype(np.float64) ** 2).sum())
+            if 2 <= act[1] <= 8:
+                assert e <= FAST_EXACT_ACT_NMSE_TOL, f"fast: {where}: {e:.3g}"
+            else:
+                ratios.append(e / expected)
+                assert e <= FAST_ERR_FACTOR * expected, f"fast: {where}: {e:.3g} > {FAST_ERR_FACTOR} x {expected:.3g}"
+            generic = _mm(codes, d, dmin, sub, S, x, "generic", rep, act)
+            assert nmse(generic, fast) <= SIMD_NMSE_TOL, f"generic vs fast: {where}"
+            half = 19       # rows split as ggml splits them over threads
+            parts = [_mm(codes, d, dmin, sub, S, x, "fast", rep, act, row0=0, row1=half),
+                     _mm(codes, d, dmin, sub, S, x, "fast", rep, act, row0=half, row1=N_OUT)]
+            assert np.array_equal(np.concatenate(parts, axis=1), fast), where
+
+            # controls, each outside the bound of its case: the min nibble ignored; the other
+            # sub-block size (a kernel reading sub-block i // 32 of 16-wide indices, or i // 16 of
+            # 32-wide ones, wrapping around the row)
+            bound = FAST_EXACT_ACT_NMSE_TOL if 2 <= act[1] <= 8 else FAST_ERR_FACTOR * expected
+            bad = _mm(codes, d, dmin, sub & 15, S, x, "fast", rep, act)
+            margins.append(nmse(bad, ref) / bound)
+            other = sub[:, :n_in // 32] if B == 16 else np.concatenate([sub, sub], axis=1)
+            bad = _mm(codes, d, dmin, other, S, x, "generic", rep, act)
+            margins.append(nmse(bad, ref) / bound)
+    assert min(margins) > CONTROL_MARGIN, sorted(margins)[:4]
+    # the int8 rounding is really there (a fast path that ran the reference would pass the bounds;
+    # single cases range 0.02 .. 3.4: few tokens, outlier rows)
+    assert max(ratios) > INT8_SEEN, ratios
+
+
+@pytest.mark.parametrize("B", [16, 32])
+def test_ggml_op_runs_the_two_level_kernels(B):
+    """GGML_OP_LRQ_MUL_MAT with the sub-block source on the CPU backend: ggml's reference mode
+    is the reference kernel, its fast mode the int8 kernel (2 threads: row chunks split)."""
+    rng = np.random.default_rng(B)
+    n_in, S = 576, 256
+    w = _weights(rng, 150, n_in)
+    t = tl.quantize(w, super_size=S, sub_size=B)
+    codes, d, dmin, sub = _files(t)
+    rep = _replica(rng, 150, d.shape[1], "super")
+    x = rng.standard_normal((9, n_in)).astype(np.float32)
+    kw = dict(alpha=rep[0], beta=rep[1], gain=rep[2], bias=rep[3], sub=sub)
+    ref = K.mul_mat(codes, d, dmin, 2, S, "asym", x, impl="ref", **kw)
+    fast = K.mul_mat(codes, d, dmin, 2, S, "asym", x, impl="fast", **kw)
+    op_ref = K.ggml_op(codes, d, dmin, 2, S, "asym", x, n_threads=2, use_ref=True, **kw)
+    op = K.ggml_op(codes, d, dmin, 2, S, "asym", x, n_threads=2, **kw)
+    assert nmse(op_ref, ref) <= SIMD_NMSE_TOL
+    assert nmse(op, fast) <= SIMD_NMSE_TOL
+    # control: the same op without the sub-block source is a different (single-level) weight
+    plain = K.ggml_op(codes, d, dmin, 2, S, "asym", x, n_threads=2, alpha=rep[0], beta=rep[1], gain=rep[2],
+                      bias=rep[3])
+    assert nmse(plain, ref) > 1e-2
+
+
+def test_sub_argument_is_checked():
+    rng = np.random.default_rng(0)
+    t = tl.quantize(_weights(rng, 8, 64), super_size=64, sub_size=16)
+    codes, d, dmin, sub = _files(t)
+    with pytest.raises(ValueError, match="sub must have shape"):
+        K.dequantize(codes, d, dmin, 2, 64, "asym", sub=sub[:, :3])
+    with pytest.raises(ValueError, match="bits 2 and mode 'asym'"):
+        K.dequantize(codes, d, None, 2, 64, "sym", sub=sub)
