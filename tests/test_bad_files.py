@@ -43,6 +43,7 @@ from tiny_models import tiny_vocab_text
 REPO = Path(__file__).resolve().parent.parent
 V = gguf.GGUFValueType
 F32, F16 = int(gguf.GGMLQuantizationType.F32), int(gguf.GGMLQuantizationType.F16)
+I8, I16 = int(gguf.GGMLQuantizationType.I8), int(gguf.GGMLQuantizationType.I16)
 LRQ2 = 44
 # the tiny llama: 3 layers, d = 64, ffn 192, 4 heads over 2 KV heads, vocab 320
 N_LAYER, D, FF = 3, 64, 192
@@ -69,6 +70,10 @@ class Files:
             "blk.0.attn_q.lrq_r1.gain": (1 + 0.1 * rng.standard_normal(D)).astype(np.float32),
             "blk.0.attn_q.lrq_r1.bias": (0.01 * rng.standard_normal(D)).astype(np.float32),
             "blk.0.attn_v.lrq_r1.act": np.array([0.9, 8], np.float32)})
+        # the two-level layout (format v4): LRQ2 codes, super-blocks of 64, sub-blocks of 16
+        self.tl = root / "tl.gguf"
+        convert(self.src, self.tl, ConvertOptions(bits=2, group_size=64, two_level=16, plan=str(plan),
+                                                  grid_offset=0.5, scale_delta=0.1, progress=False))
         sbase = root / "stock.base.gguf"
         convert(self.src, sbase, ConvertOptions(base_type="F32", plan=str(plan), work=str(root / "work"),
                                                 progress=False))
@@ -156,6 +161,15 @@ def test_good_files_are_accepted_everywhere(files, which, tmp_path):
     path = getattr(files, which)
     got = verdicts(path, files, tmp_path)
     assert all(ok for ok, _ in got.values()), {k: m[-1500:] for k, (ok, m) in got.items() if not ok}
+
+
+def test_two_level_file_is_accepted_by_every_reader(files, tmp_path):
+    """The two-level layout (format v4) loads in both readers; lrq-calibrate, which fits replicas
+    of single-level weights only, refuses it by name instead of misreading it."""
+    got = verdicts(files.tl, files, tmp_path)
+    cal_ok, cal_msg = got.pop("lrq-calibrate")
+    assert all(ok for ok, _ in got.values()), {k: m[-1500:] for k, (ok, m) in got.items() if not ok}
+    assert not cal_ok and "two-level" in cal_msg and str(files.tl) in cal_msg, cal_msg[-1500:]
 
 
 def test_a_string_that_is_not_utf8_is_accepted_everywhere(files, tmp_path):
@@ -298,6 +312,16 @@ CASES = [
      "blk.0.attn_q.lrq_r1.scale_mult", "T3"),
     ("replica-of-a-norm", "stock", dict(add={"blk.0.attn_norm.lrq_r1.gain": (np.ones(D, np.float32), F32)}),
      "blk.0.attn_norm.lrq_r1.gain", "T3"),
+    # T7: the two-level layout's sub-block indices (format v4)
+    ("two-level-in-v3-file", "tl", dict(kv={Keys.FORMAT_VERSION: (3, V.UINT32)}), "lrq_sub", "T7"),
+    ("two-level-sub-wrong-shape", "tl", dict(replace={"blk.1.attn_k.lrq_sub": (np.zeros((32, 3), np.int8), I8)}),
+     "blk.1.attn_k.lrq_sub", "T7"),
+    ("two-level-sub-int16", "tl", dict(replace={"blk.1.ffn_up.lrq_sub": (np.zeros((FF, D // 16), np.int16), I16)}),
+     "blk.1.ffn_up.lrq_sub", "T7"),
+    ("two-level-sub-32-on-16", "tl", dict(replace={"blk.2.ffn_down.lrq_sub": (np.zeros((D, FF // 48), np.int8), I8)}),
+     "blk.2.ffn_down.lrq_sub", "T7"),
+    ("orphan-sub", "tl", dict(add={"blk.0.attn_norm.lrq_sub": (np.zeros((1, 4), np.int8), I8)}),
+     "blk.0.attn_norm.lrq_sub", "T7"),
     ("gain-wrong-length", "own", dict(replace={"blk.0.attn_q.lrq_r1.gain": (np.ones(D + 1, np.float32), F32)}),
      "blk.0.attn_q.lrq_r1.gain", "T4"),
     ("gain-f16", "own", dict(replace={"blk.0.attn_q.lrq_r1.gain": (np.ones(D, np.float16), F16)}),
@@ -413,7 +437,7 @@ def _check_refused(path: Path, names: list[str], files: Files, tmp: Path) -> Non
 def test_the_table_covers_every_rule():
     rules = {c[4] for c in CASES} | {"F1", "F2"}
     assert rules == {"F1", "F2", "K1", "V1", "A1", "Q1", "S1", "S2", "S3", "S4", "S5", "T1", "T2", "T3", "T4",
-                     "T5", "T6"}
+                     "T5", "T6", "T7"}
     assert len(CASES) + len(TRUNCATIONS) >= 30
     assert len({c[0] for c in CASES}) == len(CASES)
 

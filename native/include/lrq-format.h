@@ -8,12 +8,16 @@
 //   3: adds per-replica low-rank corrections y += U (V x) (lr_u, lr_v; F16 or Q8_0) of any
 //      replicable linear.  A v2 file is a valid v3 file; an older file may not carry them.
 //   4: adds expert-level replication of mixture-of-experts layers (lrq.moe.*, per-expert gain /
-//      bias tensors lrq_x{r}; docs/moe.md).  A v3 file is a valid v4 file.
+//      bias tensors lrq_x{r}; docs/moe.md) and the two-level 2-bit layout (<w>.lrq_sub, I8
+//      [n_out, n_in / B], B 16 or 32: 4-bit sub-block scale and min indices beside LRQ2 codes,
+//      whose lrq_scale / lrq_min then hold the super-block d and dmin; docs/two_level.md).  A v3
+//      file is a valid v4 file; an older file may carry neither.
 #pragma once
 
 #define LRQ_FORMAT_VERSION 4
 #define LRQ_FORMAT_VERSION_MIN 1
 #define LRQ_LOWRANK_VERSION 3
+#define LRQ_TWO_LEVEL_VERSION 4   // the two-level 2-bit layout (<w>.lrq_sub beside LRQ2 codes)
 #define LRQ_LOWRANK_MAX_RANK 64
 #define LRQ_MOE_EXPERTS_VERSION 4
 

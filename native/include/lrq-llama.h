@@ -55,6 +55,7 @@ struct lrq_linear {
     float         clip  = INFINITY;  // stock weights: clamp(x, -clip, clip) before the matmul
     ggml_tensor * scale = nullptr;
     ggml_tensor * min   = nullptr;
+    ggml_tensor * sub   = nullptr;   // format v4: the two-level layout's sub-block indices (I8)
     ggml_tensor * alpha = nullptr;
     ggml_tensor * beta  = nullptr;
     ggml_tensor * gain  = nullptr;

@@ -1033,7 +1033,7 @@ static std::vector<uint32_t> lrq_load_tensors_impl(llama_model_base & m, llama_m
     std::set<std::string> created;   // names of the LRQ parameter tensors made here
 
     // 1. base group parameters of every LRQ weight
-    struct base_lin { ggml_tensor * codes = nullptr, * scale = nullptr, * min = nullptr; bool stock = false; };
+    struct base_lin { ggml_tensor * codes = nullptr, * scale = nullptr, * min = nullptr, * sub = nullptr; bool stock = false; };
     std::vector<std::array<base_lin, LRQ_SLOT_COUNT>> base(n_base);
     for (uint32_t L = 0; L < n_base; ++L) {
         if (m.layers[L].wqkv && GGML_TYPE_IS_LRQ(m.layers[L].wqkv->type)) {
@@ -1065,6 +1065,30 @@ static std::vector<uint32_t> lrq_load_tensors_impl(llama_model_base & m, llama_m
                 lrq_fail("%s.lrq_min must be present exactly in asym files (mode %s)",
                                                 w->name, l.mode == LRQ_MODE_ASYM ? "asym" : "sym/ternary");
             }
+            // rule T7: the two-level layout's sub-block indices (format v4)
+            const auto          sub_tn   = m.tn(LRQ_SLOT_TENSOR[s], "lrq_sub", L);
+            const std::string   sub_name = sub_tn.str();
+            const ggml_tensor * sub_meta = ml.get_tensor_meta(sub_name.c_str());
+            if (sub_meta) {
+                if (l.version < LRQ_TWO_LEVEL_VERSION) {
+                    lrq_fail("tensor %s: the two-level layout needs format version %d, the file says %u (rule T7)",
+                             sub_name.c_str(), LRQ_TWO_LEVEL_VERSION, l.version);
+                }
+                if (w->type != GGML_TYPE_LRQ2 || l.mode != LRQ_MODE_ASYM) {
+                    lrq_fail("tensor %s: the two-level layout needs LRQ2 codes in mode asym, %s is %s in mode %s "
+                             "(rule T7)", sub_name.c_str(), w->name, lrq_upper(ggml_type_name(w->type)).c_str(),
+                             l.mode == LRQ_MODE_ASYM ? "asym" : l.mode == LRQ_MODE_SYM ? "sym" : "ternary");
+                }
+                if (sub_meta->type != GGML_TYPE_I8 || ggml_n_dims(sub_meta) > 2 || sub_meta->ne[1] != n_out ||
+                    (sub_meta->ne[0] * 16 != n_in && sub_meta->ne[0] * 32 != n_in)) {
+                    lrq_fail("tensor %s has type %s shape %s, expected I8 [%lld, %lld] or [%lld, %lld] (rule T7)",
+                             sub_name.c_str(), lrq_upper(ggml_type_name(sub_meta->type)).c_str(),
+                             lrq_shape_desc(sub_meta).c_str(), (long long) n_out, (long long) (n_in / 16),
+                             (long long) n_out, (long long) (n_in / 32));
+                }
+                b.sub = m.create_tensor(ml, sub_tn, {sub_meta->ne[0], n_out}, 0);
+                created.insert(b.sub->name);
+            }
             created.insert(b.scale->name);
             lrq_check_finite(ml, b.scale, b.scale->name);
             if (b.min) {
@@ -1091,6 +1115,7 @@ static std::vector<uint32_t> lrq_load_tensors_impl(llama_model_base & m, llama_m
             lin.codes = b.codes;
             lin.scale = b.scale;
             lin.min   = b.min;
+            lin.sub   = b.sub;
             lin.stock = b.stock;
             const int64_t n_out = b.codes->ne[1], G = b.stock ? 1 : b.scale->ne[0];
             for (const char * p : LRQ_REPLICA_PARAMS) {
@@ -1494,8 +1519,11 @@ ggml_tensor * llm_graph_context::build_lrq_mm(ggml_tensor * w, ggml_tensor * cur
         if (cur->nb[0] != sizeof(float) || cur->nb[2] != cur->nb[1] * cur->ne[1] || cur->nb[3] != cur->nb[2] * cur->ne[2]) {
             cur = ggml_cont(ctx0, cur);
         }
-        ggml_tensor * res = ggml_lrq_mul_mat(ctx0, w, cur, lin.scale, lin.min, lin.alpha, lin.beta, lin.gain, lin.bias,
-                                             lin.act, lrq->group_size, (lrq_mode) lrq->mode);
+        ggml_tensor * res = lin.sub ? ggml_lrq_mul_mat_two_level(ctx0, w, cur, lin.scale, lin.min, lin.sub, lin.alpha,
+                                                                 lin.beta, lin.gain, lin.bias, lin.act, lrq->group_size,
+                                                                 (lrq_mode) lrq->mode)
+                                    : ggml_lrq_mul_mat(ctx0, w, cur, lin.scale, lin.min, lin.alpha, lin.beta, lin.gain,
+                                                       lin.bias, lin.act, lrq->group_size, (lrq_mode) lrq->mode);
         return build_lrq_lowrank(ctx0, lin, cur, res);
     }
     if (!lrq_typed) {

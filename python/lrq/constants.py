@@ -15,14 +15,16 @@ from enum import IntEnum
 # any other value.  v1: LRQ-typed codes and their replicas.  v2: also stock-typed (any ggml type)
 # block linears whose replicas carry gain / bias / clip; every v1 file is a valid v2 file.
 # v3: per-replica low-rank corrections (lr_u, lr_v) of any replicable linear; every v2 file is
-# a valid v3 file.  v4: expert-level replication of mixture-of-experts layers (lrq.moe.*,
-# lrq_x tensors; docs/moe.md); every v3 file is a valid v4 file.
+# a valid v3 file.  v4: the two-level 2-bit layout (a `.lrq_sub` tensor of 4-bit sub-block scale and
+# min indices beside LRQ2 codes; docs/two_level.md) and expert-level replication of
+# mixture-of-experts layers (lrq.moe.*, lrq_x tensors; docs/moe.md); every v3 file is a valid v4 file.
 FORMAT_VERSION = 4
 FORMAT_VERSION_MIN = 1
 # the first version that may hold each kind of content (readers refuse it in an older file)
 STOCK_REPLICAS_VERSION = 2
 LOWRANK_VERSION = 3
 MOE_EXPERTS_VERSION = 4
+TWO_LEVEL_VERSION = 4
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
 # the mixture-of-experts bases (docs/moe.md): stacked experts ffn_*_exps, router ffn_gate_inp
@@ -221,6 +223,10 @@ ACT_BITS_MAX = 16
 # For a weight "blk.5.attn_q.weight" the stem is "blk.5.attn_q".
 SCALE_SUFFIX = ".lrq_scale"          # F16 [n_out, n_groups]: d
 MIN_SUFFIX = ".lrq_min"              # F16 [n_out, n_groups]: m (asym only)
+# format v4, the two-level layout: I8 [n_out, n_in / B], B in TWO_LEVEL_SUB_SIZES, byte = sc | mn << 4
+# (lrq_scale / lrq_min then hold the super-block d and dmin, super-block = the group size)
+SUB_SUFFIX = ".lrq_sub"
+TWO_LEVEL_SUB_SIZES = (16, 32)
 REPLICA_PARAMS = ("scale_mult", "grid_offset", "gain", "bias", "act", "clip", "lr_u", "lr_v")
 # format v3: the low-rank correction y += U (V x) of a replica (docs/FORMAT.md section 6.2):
 # lr_u [n_out, rank], lr_v [rank, n_in], F16 or Q8_0, both or neither
@@ -276,6 +282,10 @@ def min_name(weight_name: str) -> str:
     return weight_stem(weight_name) + MIN_SUFFIX
 
 
+def sub_name(weight_name: str) -> str:
+    return weight_stem(weight_name) + SUB_SUFFIX
+
+
 def replica_param_name(weight_name: str, replica: int, param: str) -> str:
     """``blk.5.attn_q.weight``, 1, ``scale_mult`` -> ``blk.5.attn_q.lrq_r1.scale_mult``."""
     if param not in REPLICA_PARAMS:
@@ -295,8 +305,8 @@ def parse_replica_param_name(name: str) -> tuple[str, int, str] | None:
 
 def is_aux_tensor(name: str) -> bool:
     """True for tensors that are parameters of an LRQ weight, not base model parameters."""
-    return (name.endswith(SCALE_SUFFIX) or name.endswith(MIN_SUFFIX) or _REPLICA_RE.match(name) is not None
-            or _EXPERT_REPLICA_RE.match(name) is not None)
+    return (name.endswith(SCALE_SUFFIX) or name.endswith(MIN_SUFFIX) or name.endswith(SUB_SUFFIX)
+            or _REPLICA_RE.match(name) is not None or _EXPERT_REPLICA_RE.match(name) is not None)
 
 
 def layer_of(name: str) -> int | None:

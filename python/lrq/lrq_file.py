@@ -26,9 +26,10 @@ from .constants import (ARCH_PREFIX, EXEC_WARN_FACTOR, EXPERT_PARAMS, EXPERT_PRO
                         FORMAT_VERSION_MIN, GROUP_SIZES, KEY_TYPES, LOWRANK_MAX_RANK, LOWRANK_PARAMS,
                         LOWRANK_VERSION, MOE_EXPERTS_VERSION, MOE_KEYS, expert_param_name,
                         parse_expert_param_name,
-                        LRQ_REPLICA_PARAMS, MODES, STOCK_REPLICA_PARAMS, SUPPORTED_ARCHS,
-                        TERNARY_BITS, Keys, is_block_linear, layer_of, lrq_bits,
-                        min_name, parse_replica_param_name, replica_param_name, scale_name)
+                        LRQ_REPLICA_PARAMS, MODES, STOCK_REPLICA_PARAMS, SUB_SUFFIX, SUPPORTED_ARCHS,
+                        TERNARY_BITS, TWO_LEVEL_SUB_SIZES, TWO_LEVEL_VERSION, Keys, is_block_linear,
+                        layer_of, lrq_bits, min_name, parse_replica_param_name, replica_param_name,
+                        scale_name, sub_name)
 from .gguf_hparams import (GGUFFileError, check_tokens_unique, dequantize_tensor, hparams, numpy_shape,
                            open_reader, read_kv)
 from .bpw_count import count_bpw
@@ -39,6 +40,7 @@ from .quant import QuantizedTensor, ReplicaParams, dequantize, n_groups, row_byt
 
 F16 = gguf.GGMLQuantizationType.F16
 F32 = gguf.GGMLQuantizationType.F32
+I8 = gguf.GGMLQuantizationType.I8
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 Q8_0_BLOCK = 32          # ggml's Q8_0 rows are whole blocks of 32 elements
 
@@ -237,12 +239,14 @@ class LRQModelFile:
                 if wanted:
                     self._check_shape(aux, F16, [(n_out, ng)])
                     self._check_finite(aux)
+            if sub_name(name) in self._t:
+                self._check_two_level(name, bits, n_out, n_in)
         layers_of_replicas = {}
         for e in self.schedule:
             layers_of_replicas.setdefault(e.layer, set()).add(e.replica)
         lowrank: dict[tuple[str, int], dict[str, str]] = {}     # (weight, replica) -> {param: name}
         for name in self._t:
-            if name.endswith(".lrq_scale") or name.endswith(".lrq_min"):
+            if name.endswith(".lrq_scale") or name.endswith(".lrq_min") or name.endswith(SUB_SUFFIX):
                 w = name.rsplit(".", 1)[0] + ".weight"
                 if w not in self._t or lrq_bits(self._t[w].tensor_type) is None:
                     raise self._err(f"tensor {name} belongs to no LRQ weight ({w} is missing or not LRQ)")
@@ -298,6 +302,38 @@ class LRQModelFile:
 
         for (w, r), names in lowrank.items():
             self._check_lowrank(w, r, names)
+
+    def _check_two_level(self, name: str, bits: int, n_out: int, n_in: int) -> None:
+        """Rule T7: <w>.lrq_sub (format v4, the two-level layout) only beside LRQ2 codes of an asym
+        file of version >= 4, I8 [n_out, n_in / B] with B one of TWO_LEVEL_SUB_SIZES (any byte is
+        a valid pair of 4-bit indices)."""
+        sub = sub_name(name)
+        if self.version < TWO_LEVEL_VERSION:
+            raise self._err(f"tensor {sub}: the two-level layout needs format version {TWO_LEVEL_VERSION}, "
+                            f"the file says {self.version} (rule T7)")
+        if bits != 2 or self.mode != "asym":
+            raise self._err(f"tensor {sub}: the two-level layout needs LRQ2 codes in mode asym, "
+                            f"{name} is LRQ{bits} in mode {self.mode} (rule T7)")
+        t = self._t[sub]
+        shapes = [(n_out, n_in // b) for b in TWO_LEVEL_SUB_SIZES]
+        if int(t.tensor_type) != int(I8) or _as_ggml_2d(numpy_shape(t)) not in shapes:
+            raise self._err(f"tensor {sub} has type {type_name(t.tensor_type)} shape "
+                            f"{list(numpy_shape(t))}, expected I8 "
+                            + " or ".join(str(list(s)) for s in shapes) + " (rule T7)")
+
+    def is_two_level(self, name: str) -> bool:
+        """An LRQ weight in the two-level layout (it has a <w>.lrq_sub tensor; format v4)."""
+        return lrq_bits(self._get(name).tensor_type) is not None and sub_name(name) in self._t
+
+    def two_level(self, name: str):
+        """lrq.quant_two_level.TwoLevelTensor of a two-level weight (super-block = group size)."""
+        from .quant_two_level import from_file
+        t = self._get(name)
+        n_out, n_in = numpy_shape(t)
+        sub = np.asarray(self._t[sub_name(name)].data).reshape(n_out, -1)
+        return from_file(np.asarray(t.data, np.uint8).reshape(n_out, -1),
+                         np.asarray(self._t[scale_name(name)].data, np.float16),
+                         np.asarray(self._t[min_name(name)].data, np.float16), sub, n_in, self.group_size)
 
     def _check_lowrank(self, w: str, r: int, names: dict[str, str]) -> None:
         """Rules T4 / T5 for the low-rank factors of replica r of weight w (FORMAT.md 6.2)."""
@@ -439,6 +475,9 @@ class LRQModelFile:
         bits = lrq_bits(t.tensor_type)
         if bits is None:
             raise LRQFileError(f"{self.path}: tensor {name} is {type_name(t.tensor_type)}, not an LRQ type")
+        if sub_name(name) in self._t:
+            raise LRQFileError(f"{self.path}: tensor {name} is in the two-level layout ({sub_name(name)}); "
+                               f"this tool handles single-level LRQ weights only")
         n_out, n_in = numpy_shape(t)
         codes = np.asarray(t.data, dtype=np.uint8).reshape(n_out, row_bytes(n_in, bits))
         scale = np.asarray(self._t[scale_name(name)].data, dtype=np.float16)
@@ -468,6 +507,9 @@ class LRQModelFile:
         d * level(q) + m (no replica tensors applied); other tensors are dequantized by gguf-py."""
         t = self._get(name)
         if lrq_bits(t.tensor_type) is not None:
+            if self.is_two_level(name):
+                from .quant_two_level import dequantize_replica
+                return dequantize_replica(self.two_level(name))
             return dequantize(self.quantized(name))
         return dequantize_tensor(t)
 
@@ -508,7 +550,11 @@ class LRQModelFile:
             rp.gain_folded = True
             return w, rp
         rp = self.replica_params(name, replica)
-        w = dequantize(self.quantized(name), rp)
+        if self.is_two_level(name):
+            from .quant_two_level import dequantize_replica
+            w = dequantize_replica(self.two_level(name), rp)
+        else:
+            w = dequantize(self.quantized(name), rp)
         rp.gain_folded = True
         return w, rp
 

@@ -165,9 +165,14 @@ def open_lrq(path: str | os.PathLike) -> LRQModelFile:
     if not p.is_file():
         raise CalibError(f"{p}: LRQ file not found")
     try:
-        return LRQModelFile(p)
+        f = LRQModelFile(p)
     except (LRQFileError, ValueError) as e:
         raise CalibError(f"{p}: not a valid LRQ file ({e})") from None
+    two_level = [n for n in f.lrq_weights() if f.is_two_level(n)]
+    if two_level:       # format v4's two-level layout: ReplicaLinear models single-level groups only
+        raise CalibError(f"{p}: {two_level[0]} is in the two-level layout (format v4); lrq-calibrate "
+                         f"fits replicas of single-level LRQ weights and stock-typed weights only")
+    return f
 
 
 def check_pairing(lrq: LRQModelFile, source_ref: Reference, source: Path) -> None:

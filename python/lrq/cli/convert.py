@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ternary", dest="mode", action="store_const", const="ternary",
                    help="codes -1/0/+1 times a per-group scale (2-bit storage)")
     q.add_argument("--group-size", type=int, choices=(32, 64, 128, 256), default=64)
+    q.add_argument("--layout", metavar="single|two-level[:16|:32]", default="single",
+                   help="two-level: 2-bit codes with 4-bit sub-block scales and mins (16 or 32 weights, "
+                        "default 16) under fp16 super-block scales of --group-size weights (use 256), "
+                        "as llama.cpp's Q2_K, for any row width (format v4); needs --bits 2 --asym. "
+                        "Importance from --scale-search act-mse, GPTQ with --gptq (default single)")
     q.add_argument("--mix", metavar="PRESET|RULES", default=None,
                    help="mixed precision: a preset (q2k: llama.cpp's Q2_K file, attn_v 4 bits, "
                         "attn_output and ffn_down 3; v4; v4-down3) or PATTERN=BITS[,...] rules, "
@@ -120,7 +125,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     mode = args.mode or "asym"
     bits = args.bits if args.bits is not None else 2
-    opts = ConvertOptions(bits=bits, mode=mode, group_size=args.group_size,
+    layout = args.layout.strip()
+    if layout == "single":
+        two_level = 0
+    elif layout in ("two-level", "two-level:16", "two-level:32"):
+        two_level = int(layout.split(":")[1]) if ":" in layout else 16
+    else:
+        print(f"lrq-convert: error: --layout: '{args.layout}' is not single, two-level, two-level:16 or "
+              f"two-level:32", file=sys.stderr)
+        return 2
+    opts = ConvertOptions(bits=bits, mode=mode, group_size=args.group_size, two_level=two_level,
                           scale_search=args.scale_search, rounding=args.rounding,
                           noise=args.noise, gptq=args.gptq, calib_text=args.calib_text,
                           calib_tokens=args.calib_tokens, calib_window=args.calib_window,

@@ -24,7 +24,7 @@ import numpy as np
 from .. import __version__
 from ..constants import (BITS_CHOICES, FORMAT_VERSION, GROUP_SIZES, MODES, TERNARY_BITS, Keys,
                          layer_of, lrq_arch, lrq_type, min_name,
-                         replica_param_name, scale_name)
+                         replica_param_name, scale_name, sub_name)
 from ..bpw_count import count_bpw
 from ..gguf_hparams import GGUFFileError, dequantize_tensor, numpy_shape, open_reader, read_kv
 from ..gguf_write import GGUFStreamWriter, WriterError, check_output_path, tensor_nbytes
@@ -40,6 +40,7 @@ CALIB_STREAMS = ("quantized", "float")
 U32 = gguf.GGUFValueType.UINT32
 F32V = gguf.GGUFValueType.FLOAT32
 F16 = gguf.GGMLQuantizationType.F16
+I8 = gguf.GGMLQuantizationType.I8
 
 
 @dataclass
@@ -88,10 +89,14 @@ class ConvertOptions:
     # the rotated F32 source is kept (in work, else beside the output) because lrq-calibrate and
     # lrq-eval need it as the full-precision reference of the file
     rotate: bool = False
+    # the two-level 2-bit layout (format v4, docs/two_level.md): 0 = off, else its sub-block size
+    # (16 or 32); super-blocks of group_size.  Needs 2 bits, asym; importance from --scale-search
+    # act-mse's statistics, GPTQ with --gptq
+    two_level: int = 0
 
     def __post_init__(self):
         if self.scale_search is None:
-            self.scale_search = "mse" if self.gptq else "minmax"
+            self.scale_search = "mse" if self.gptq and not self.two_level else "minmax"
         if self.calib_stream is None:
             self.calib_stream = "quantized" if self.gptq else "float"
 
@@ -129,6 +134,23 @@ class ConvertOptions:
             raise ConvertError(str(e)) from None
         if mix.rules and self.mode == "ternary":
             raise ConvertError(f"--mix {self.mix}: ternary codes have one width; use --asym or --sym")
+        if self.two_level:
+            from ..quant_two_level import SUB_SIZES
+            if self.base_type is not None:
+                raise ConvertError(f"--layout two-level is a layout of LRQ codes; --base-type {self.base_type} "
+                                   f"quantizes with llama-quantize")
+            if self.two_level not in SUB_SIZES:
+                raise ConvertError(f"--layout two-level:{self.two_level}: the sub-block size must be one of "
+                                   f"{', '.join(map(str, SUB_SIZES))}")
+            if self.bits != 2 or self.mode != "asym" or mix.rules:
+                raise ConvertError("--layout two-level holds 2-bit asym codes: it needs --bits 2, --asym "
+                                   "and no --mix")
+            if self.refit or self.rounding != "nearest" or self.noise:
+                raise ConvertError("--layout two-level fits its own sub-block scales and mins: --refit, "
+                                   "--rounding stochastic and --noise cannot be combined with it")
+            if self.scale_search == "mse":
+                raise ConvertError("--layout two-level searches its own scales: --scale-search mse does "
+                                   "not apply (act-mse: importance from the calibration text)")
         if self.group_size not in GROUP_SIZES:
             raise ConvertError(f"--group-size: {self.group_size} is not one of "
                                f"{', '.join(map(str, GROUP_SIZES))}")
@@ -285,6 +307,8 @@ def _layout(conv: ArchConverter, reader, plan: Plan, opts: ConvertOptions,
         sp.outputs.append(OutTensor(scale_name(t.name), (n_out, ng), int(F16)))
         if opts.mode == "asym":
             sp.outputs.append(OutTensor(min_name(t.name), (n_out, ng), int(F16)))
+        if opts.two_level:
+            sp.outputs.append(OutTensor(sub_name(t.name), (n_out, n_in // opts.two_level), int(I8)))
         if rep_params:
             sp.replicas = [r for r in plan.replicas(layer_of(t.name)) if r >= 1]
             for r in sp.replicas:
@@ -515,6 +539,8 @@ class _CalibratedQuantizer:
     def _quantize(self, name: str, w: np.ndarray, st):
         from ..quant import QuantizedTensor, pack
         o = self.opts
+        if o.two_level:
+            return None, _two_level_quantize(w, o, st)
         bits = o.bits_for(name)
         try:
             q, d, m = _quantize_with_stats(w, st, o, bits)
@@ -539,10 +565,28 @@ class _CalibratedQuantizer:
                     return None
                 q, qt = self._quantize(full, _source_weight(self.by_name[full]), st)
                 self.done[full] = qt
+                if q is None:                           # the two-level layout
+                    from ..quant_two_level import dequantize as tl_dequantize
+                    return tl_dequantize(qt)
                 return dequantize_codes(q, qt.scale, qt.min, qt.bits, qt.group_size, qt.mode)
 
             self.stream.quantize_layer(fn)
         return self.done.pop(name)
+
+
+def _two_level_quantize(w: np.ndarray, opts: ConvertOptions, st=None):
+    """The two-level layout (lrq.quant_two_level): round to nearest on the searched grid, with
+    E[x^2] of the input channels as importance when there are statistics, GPTQ with --gptq."""
+    from .. import quant_two_level as tl
+    try:
+        if st is None:
+            return tl.quantize(w, super_size=opts.group_size, sub_size=opts.two_level)
+        if opts.gptq:
+            return tl.gptq_quantize(w, st.xtx, st.sq_mean, damp=opts.gptq_damp, super_size=opts.group_size,
+                                    sub_size=opts.two_level)
+        return tl.quantize(w, st.sq_mean, super_size=opts.group_size, sub_size=opts.two_level)
+    except tl.TwoLevelError as e:
+        raise QuantError(str(e)) from None
 
 
 def _refit_quantize(w: np.ndarray, opts: ConvertOptions, bits: int):
@@ -564,6 +608,8 @@ def _write_lrq(writer: GGUFStreamWriter, sp: SourceTensorPlan, t, opts: ConvertO
     try:
         if acts is not None:
             qt = acts.quantize(t.name, w)
+        elif opts.two_level:
+            qt = _two_level_quantize(w, opts)
         elif opts.refits:
             qt = _refit_quantize(w, opts, opts.bits_for(t.name))
         else:
@@ -572,6 +618,18 @@ def _write_lrq(writer: GGUFStreamWriter, sp: SourceTensorPlan, t, opts: ConvertO
     except QuantError as e:
         raise ConvertError(f"tensor {t.name}: {e}") from None
     del w
+    if opts.two_level:      # LRQ2 codes, d / dmin per super-block, the sub-block bytes
+        from ..quant_two_level import to_file
+        codes, d, dmin, sub = to_file(qt)
+        writer.write_tensor(t.name, codes)
+        writer.write_tensor(scale_name(t.name), d)
+        writer.write_tensor(min_name(t.name), dmin)
+        writer.write_tensor(sub_name(t.name), sub)
+        n_out = qt.n_out
+        for r in sp.replicas:
+            for p, arr in initial_params(n_out, r, opts.scale_delta, opts.grid_offset).items():
+                writer.write_tensor(replica_param_name(t.name, r, p), arr)
+        return
     writer.write_tensor(t.name, qt.codes)
     writer.write_tensor(scale_name(t.name), qt.scale)
     if qt.min is not None:
