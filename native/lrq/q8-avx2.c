@@ -143,33 +143,87 @@ LRQ_INLINE void row_tokens(const lrq_weight * w, const lrq_replica * r, const lr
     }
 }
 
-// The two-level layout (LRQ2 codes; sub-blocks of 16 or 32), one row o, NT tokens from t0:
-//   y = gain * (sum_b (q_b . xq_b) * dx_b * [ad_lo x4 | ad_hi x4] + sum_k off_k Sx_k) + bias
-// The 8 int32 lanes of dot_block are the sums of weights 4l..4l+3, so lanes 0-3 are the first
-// 16 weights of the block and lanes 4-7 the last 16: one multiply applies both sub-block factors
-// (ad_lo == ad_hi for 32-weight sub-blocks).  ad / off: scratch of n_in / B floats.
+// lrq_two_level_row_factors with 8 sub-blocks per step (the scalar version's per-sub-block
+// conversions cost as much as the code dots at one token): the same float operations, so the
+// same factors.  ad / off: room for n_in / sub_size floats rounded up to 8.
+LRQ_INLINE void row_factors_tl(const lrq_weight * w, const lrq_replica * r, int64_t o, float * ad, float * off) {
+    const int64_t   nk  = w->n_in / w->sub_size, kps = w->group_size / w->sub_size;
+    const uint8_t * sub = w->sub + o * w->sub_row_stride;
+    const __m256i   lo4 = _mm256_set1_epi32(15);
+    for (int64_t G = 0; G * kps < nk; ++G) {
+        float d = _cvtsh_ss(w->d[o * w->d_row_stride + G]);
+        if (r && r->alpha) d *= _cvtsh_ss(r->alpha[o * r->alpha_row_stride + G * r->alpha_group_stride]);
+        const float beta = (r && r->beta) ? _cvtsh_ss(r->beta[o * r->beta_row_stride + G * r->beta_group_stride]) : 0.0f;
+        const float dmin = _cvtsh_ss(w->m[o * w->m_row_stride + G]);
+        const int64_t k1 = (G + 1) * kps < nk ? (G + 1) * kps : nk;
+        int64_t       k  = G * kps;
+        for (; k + 8 <= k1; k += 8) {
+            uint64_t u8;
+            memcpy(&u8, sub + k, 8);
+            const __m256i u  = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long) u8));
+            const __m256  sc = _mm256_cvtepi32_ps(_mm256_and_si256(u, lo4));
+            const __m256  mn = _mm256_cvtepi32_ps(_mm256_srli_epi32(u, 4));
+            const __m256  av = _mm256_mul_ps(_mm256_set1_ps(d), sc);
+            _mm256_storeu_ps(ad + k, av);
+            _mm256_storeu_ps(off + k, _mm256_sub_ps(_mm256_mul_ps(av, _mm256_set1_ps(beta)),
+                                                    _mm256_mul_ps(_mm256_set1_ps(dmin), mn)));
+        }
+        for (; k < k1; ++k) {
+            const float av = d * (float) (sub[k] & 15);
+            ad[k]          = av;
+            off[k]         = av * beta - dmin * (float) (sub[k] >> 4);
+        }
+    }
+}
+
+// 8 int32 sums of (q . xq) per 4 weights, weighted by the sub-block scale index: lanes 0-3 (the
+// block's first 16 weights) by sc_lo, lanes 4-7 by sc_hi, as the int16 multipliers of madd
+// (|q xq| pair sums <= 762, times 15 fits easily).  As float.
+LRQ_INLINE __m256 dot_block_sc(__m256i q, const int8_t * xq, __m256i scv) {
+    const __m256i x   = _mm256_loadu_si256((const __m256i *) xq);
+    const __m256i p16 = _mm256_maddubs_epi16(q, x);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, scv));
+}
+
+// The two-level layout (LRQ2 codes; sub-blocks of 16 or 32), one row o, NT tokens from t0, as
+// llama.cpp's Q2_K kernels do it: the 4-bit scale index multiplies the integer dots, so the float
+// work per block is that of LRQ2 and the super-block's d (times alpha) applies once per super-block:
+//   y = gain * (sum_G (alpha d)_G sum_{b in G} dx_b sum_k sc_k (q . xq)_k + sum_k off_k Sx_k) + bias
+// ad / off: scratch of n_in / B floats rounded up to 8 (ad unused here).
 LRQ_INLINE void row_tokens_tl(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y,
                               int64_t y_stride, int64_t row0, int64_t o, int64_t t0, float * ad, float * off,
                               const int NT) {
     const int64_t   n_in = w->n_in, nb = n_in / LRQ_QK, nk = n_in / w->sub_size;
+    const int64_t   bps  = w->group_size / LRQ_QK, ns = (n_in + w->group_size - 1) / w->group_size;
     const int       kpb  = LRQ_QK / w->sub_size;
     const uint8_t * p    = w->codes + (size_t) o * w->codes_row_bytes;
+    const uint8_t * sub  = w->sub + o * w->sub_row_stride;
     const int8_t *  xq[LRQ_TOK_BLOCK];
     const float *   dx[LRQ_TOK_BLOCK];
     __m256          acc[LRQ_TOK_BLOCK];
-    lrq_two_level_row_factors(w, r, o, ad, off);
+    row_factors_tl(w, r, o, ad, off);
     for (int tt = 0; tt < NT; ++tt) {
         xq[tt]  = a->qs + (t0 + tt) * n_in;
         dx[tt]  = a->dx + (t0 + tt) * nb;
         acc[tt] = _mm256_setzero_ps();
     }
-    for (int64_t b = 0; b < nb; ++b) {
-        const __m256i q  = unpack2(p + b * 8);   // decoded once for NT tokens
-        const __m256  sb = _mm256_set_m128(_mm_set1_ps(ad[b * kpb + kpb - 1]), _mm_set1_ps(ad[b * kpb]));
-        for (int tt = 0; tt < NT; ++tt) {
-            acc[tt] = _mm256_fmadd_ps(dot_block(q, xq[tt] + b * LRQ_QK), _mm256_mul_ps(sb, _mm256_broadcast_ss(dx[tt] + b)),
-                                      acc[tt]);
+    for (int64_t G = 0; G < ns; ++G) {
+        __m256        gs[LRQ_TOK_BLOCK];
+        const int64_t b1 = (G + 1) * bps < nb ? (G + 1) * bps : nb;
+        for (int tt = 0; tt < NT; ++tt) gs[tt] = _mm256_setzero_ps();
+        for (int64_t b = G * bps; b < b1; ++b) {
+            const __m256i q   = unpack2(p + b * 8);   // decoded once for NT tokens
+            const __m256i scv = _mm256_set_m128i(_mm_set1_epi16((short) (sub[b * kpb + kpb - 1] & 15)),
+                                                 _mm_set1_epi16((short) (sub[b * kpb] & 15)));
+            for (int tt = 0; tt < NT; ++tt) {
+                gs[tt] = _mm256_fmadd_ps(dot_block_sc(q, xq[tt] + b * LRQ_QK, scv), _mm256_broadcast_ss(dx[tt] + b),
+                                         gs[tt]);
+            }
         }
+        float d = _cvtsh_ss(w->d[o * w->d_row_stride + G]);
+        if (r && r->alpha) d *= _cvtsh_ss(r->alpha[o * r->alpha_row_stride + G * r->alpha_group_stride]);
+        const __m256 vd = _mm256_set1_ps(d);
+        for (int tt = 0; tt < NT; ++tt) acc[tt] = _mm256_fmadd_ps(gs[tt], vd, acc[tt]);
     }
     const float gain = (r && r->gain) ? r->gain[o] : 1.0f;
     const float bias = (r && r->bias) ? r->bias[o] : 0.0f;
