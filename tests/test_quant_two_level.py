@@ -191,3 +191,17 @@ def test_bad_input(kwargs, what):
     w = kwargs.pop("w")
     with pytest.raises(tl.TwoLevelError, match=what):
         tl.quantize(w, **kwargs)
+
+
+def test_worked_example_of_the_file_layout():
+    """The worked example of docs/two_level.md (FORMAT.md's two-level section): one 64-wide row,
+    one super-block of 64, sub-blocks of 32, uniform importance; every byte of the four tensors."""
+    w = (((np.arange(64, dtype=np.float32) * 37) % 64 - 20) / np.float32(64)).reshape(1, 64)
+    codes, d, dmin, sub = tl.to_file(tl.quantize(w, super_size=64, sub_size=32))
+    assert d.view(np.uint16).tolist() == [[0x247B]] and dmin.view(np.uint16).tolist() == [[0x2321]]
+    assert sub.view(np.uint8).tolist() == [[0xFF, 0xCE]]          # (sc, mn) = (15, 15), (14, 12)
+    assert bytes(codes[0]).hex() == "d8721cb62dcb61d861d8b61c8721cb72"
+    t = tl.from_file(codes, d, dmin, sub, 64, 64)
+    # w_0 = d sc q - dmin mn with q = 0: -0.01392364501953125 * 15
+    assert tl.dequantize_replica(t)[0, 0] == -0.20885467529296875
+    assert tl.dequantize_replica(t)[0, 1] == 0.0175018310546875 * 15 * 2 - 0.01392364501953125 * 15
