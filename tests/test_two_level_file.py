@@ -144,3 +144,26 @@ def test_converter_refuses_bad_combinations(files, tmp_path):
             convert(files["src"], tmp_path / "x.gguf", ConvertOptions(**opts))
     assert convert_cli.main([str(files["src"]), str(tmp_path / "y.gguf"), "--layout", "three-level", "-q"]) == 2
     assert not list(tmp_path.iterdir())
+
+
+def test_calibrated_quantizers_write_valid_files(files, tmp_path, monkeypatch):
+    """--scale-search act-mse (importance E[x^2]) and --gptq (GPTQ on the two-level grid, the
+    quantized model's own stream) on the tiny model: valid files, native == reference, and each
+    differs from plain round to nearest (the statistics reach the quantizer)."""
+    from lrq import assets
+    from tiny_models import tiny_vocab_text
+    text = tiny_vocab_text(files["src"], assets.text("sotu-calib")[:6000].replace("\n", " "), tmp_path / "calib.txt")
+    toks = np.arange(1, 30, dtype=np.int32)
+    rtn = LRQModelFile(files[16])
+    for kw in (dict(scale_search="act-mse"), dict(gptq=True)):
+        out = tmp_path / f"{'gptq' if kw.get('gptq') else 'act'}.gguf"
+        convert(files["src"], out, ConvertOptions(bits=2, group_size=256, two_level=16, plan="all", calib_text=str(text),
+                                                  calib_tokens=256, calib_window=64, progress=False, **kw))
+        f = LRQModelFile(out)
+        name = "blk.1.ffn_down.weight"
+        assert f.is_two_level(name) and not np.array_equal(f.two_level(name).codes, rtn.two_level(name).codes)
+        ref = Reference(out).logits(toks)
+        monkeypatch.setenv("LRQ_CPU_REF", "1")
+        got = _native.Model(str(out), n_ctx=64, n_threads=THREADS, kv_f32=True, flash_attn=0).eval(toks)
+        monkeypatch.delenv("LRQ_CPU_REF")
+        assert nmse(got, ref) < NATIVE_REF_NMSE
