@@ -210,9 +210,14 @@ def test_runtime_expert_replicas_match_reference(mx, tmp_path, arch, monkeypatch
         moe.entries = []
     control = nmse(got, plain.logits(toks))
     assert control > CONTROL_FACTOR * EXACT_NMSE, control
-    # a batch split in two ubatches (graph inputs set per ubatch) gives the same logits
+    # a batch split in ubatches of 8 (graph inputs set per ubatch) gives the same logits
     two = _native.Model(str(path), n_ctx=64, n_threads=THREADS, kv_f32=True, flash_attn=0, n_batch=8)
     assert nmse(two.eval(toks), ref.logits(toks)) < EXACT_NMSE
+    # the masked variant (every routed slot multiplied, weighted by 0 where the expert is not
+    # listed) and the skipping one (the default on a CPU-only machine: id -1, patch 0011) agree
+    monkeypatch.setenv("LRQ_MOE_MASKED", "1")
+    masked = _native.Model(str(path), n_ctx=64, n_threads=THREADS, kv_f32=True, flash_attn=0).eval(toks)
+    assert nmse(masked, ref.logits(toks)) < EXACT_NMSE
 
 
 # ---- rules X1-X4: both readers, the same files ------------------------------------------------------

@@ -86,6 +86,8 @@ struct lrq_moe_entry {
     float                 weight  = 0.0f;   // a_r
     std::vector<uint32_t> experts;          // sorted, unique
     std::vector<float>    coef;             // [n_expert]: a_r for a listed expert, else 0 (a graph input)
+    std::vector<float>    map;              // [n_expert]: e for a listed expert, else -1: the replica's ids
+                                            // (a graph input; -1 = no product, patch 0011)
     ggml_tensor *         gain[3] = { nullptr, nullptr, nullptr };   // gate, up, down: F32 [n_out, n_expert]
     ggml_tensor *         bias[3] = { nullptr, nullptr, nullptr };   // (ggml order); nullptr = default
 };

@@ -18,6 +18,7 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <set>
@@ -683,8 +684,10 @@ static void lrq_read_moe_entries(lrq_model & l, const gguf_context * meta, uint3
             }
         }
         x.coef.assign(n_expert, 0.0f);
+        x.map.assign(n_expert, -1.0f);
         for (uint32_t e : x.experts) {
             x.coef[e] = x.weight;
+            x.map[e]  = (float) e;
         }
         l.moe.push_back(std::move(x));
     }
@@ -1534,15 +1537,14 @@ ggml_tensor * llm_graph_context::build_lrq_mm(ggml_tensor * w, ggml_tensor * cur
 
 // ---- expert replicas (format v4, docs/moe.md) ------------------------------------------------------
 
-// The coefficients of one entry, [1, n_expert] (a_r for a listed expert, 0 otherwise): a graph
-// input, since a graph holds no constants; the same data for every ubatch, so it never stops
-// llama.cpp from reusing a graph.
-class lrq_moe_coef_input : public llm_graph_input_i {
+// A constant [1, n] F32 graph input (an entry's coefficients or expert map): a graph holds no
+// constants; the data is the same for every ubatch, so it never stops llama.cpp from reusing a graph.
+class lrq_const_input : public llm_graph_input_i {
 public:
-    lrq_moe_coef_input(ggml_tensor * t, const std::vector<float> * coef) : t(t), coef(coef) {}
+    lrq_const_input(ggml_tensor * t, const std::vector<float> * data) : t(t), data(data) {}
     void set_input(const llama_ubatch * ubatch) override {
         GGML_UNUSED(ubatch);
-        ggml_backend_tensor_set(t, coef->data(), 0, ggml_nbytes(t));
+        ggml_backend_tensor_set(t, data->data(), 0, ggml_nbytes(t));
     }
     bool can_reuse(const llm_graph_params & params) override {
         GGML_UNUSED(params);
@@ -1550,8 +1552,30 @@ public:
     }
 private:
     ggml_tensor *              t;
-    const std::vector<float> * coef;
+    const std::vector<float> * data;
 };
+
+// The skipping variant (an id of -1 = no product, patch 0011) exists in ggml's CPU mul_mat_id and
+// its repacked variant only: it is used when the stacked experts live in one of those buffers and
+// no GPU could take the op over (llama.cpp offloads large batches to a GPU even for CPU weights).
+// LRQ_MOE_MASKED=1 forces the masked variant (every routed slot multiplied, then weighted by 0).
+static bool lrq_moe_can_skip(const ggml_tensor * w) {
+    const char * env = std::getenv("LRQ_MOE_MASKED");
+    if ((env && std::atoi(env) != 0) || !w->buffer) {
+        return false;
+    }
+    const std::string buft = ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer));
+    if (buft != "CPU" && buft != "CPU_Mapped" && buft != "CPU_REPACK") {
+        return false;
+    }
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        const enum ggml_backend_dev_type t = ggml_backend_dev_type(ggml_backend_dev_get(i));
+        if (t == GGML_BACKEND_DEVICE_TYPE_GPU || t == GGML_BACKEND_DEVICE_TYPE_IGPU) {
+            return false;
+        }
+    }
+    return true;
+}
 
 ggml_tensor * llm_graph_context::build_lrq_moe_exps(ggml_tensor * experts, ggml_tensor * inp, ggml_tensor * ids,
                                                     ggml_tensor * up_exps, ggml_tensor * gate_exps,
@@ -1563,6 +1587,13 @@ ggml_tensor * llm_graph_context::build_lrq_moe_exps(ggml_tensor * experts, ggml_
     ggml_tensor * ids_flat = nullptr;
     ggml_tensor * acc      = nullptr;
     const int64_t n_used = ids->ne[0], n_tok = ids->ne[1];
+    auto input = [&](const std::vector<float> & data, const char * what, const lrq_moe_entry & x) {
+        ggml_tensor * t = ggml_new_tensor_2d(ctx0, GGML_TYPE_F32, 1, (int64_t) data.size());
+        ggml_set_input(t);
+        ggml_format_name(t, "lrq_moe_%s_%u_x%u", what, x.layer, x.replica);
+        res->add_input(std::make_unique<lrq_const_input>(t, &data));
+        return t;
+    };
     for (const lrq_moe_entry & x : lrq->moe) {
         if (x.layer != L) {
             continue;
@@ -1574,17 +1605,24 @@ ggml_tensor * llm_graph_context::build_lrq_moe_exps(ggml_tensor * experts, ggml_
             // the routing of this execution, once: [n_used * n_tokens] expert ids for ggml_get_rows
             ids_flat = ggml_reshape_1d(ctx0, ggml_cont(ctx0, ids), n_used * n_tok);
         }
+        // the replica's ids: the routing's, or (skipping) -1 where the slot's expert is not listed,
+        // so that the products cost the routed slots of the listed experts only
+        ggml_tensor * ids_r = ids;
+        if (lrq_moe_can_skip(up_exps) && lrq_moe_can_skip(gate_exps) && lrq_moe_can_skip(down_exps)) {
+            ggml_tensor * m = ggml_get_rows(ctx0, input(x.map, "map", x), ids_flat);
+            ids_r = ggml_reshape_2d(ctx0, ggml_cast(ctx0, m, GGML_TYPE_I32), n_used, n_tok);
+        }
         // per-slot rows of an [n_out, n_expert] parameter: [n_out, n_used, n_tokens]
         auto rows = [&](ggml_tensor * p) {
             return ggml_reshape_3d(ctx0, ggml_get_rows(ctx0, p, ids_flat), p->ne[0], n_used, n_tok);
         };
         auto product = [&](int k, ggml_tensor * w, ggml_tensor * b) {
-            ggml_tensor * y = ggml_mul_mat_id(ctx0, w, b, ids);
+            ggml_tensor * y = ggml_mul_mat_id(ctx0, w, b, ids_r);
             if (x.gain[k]) {
                 y = ggml_mul(ctx0, y, rows(x.gain[k]));
             }
             if (x.bias[k]) {
-                y = ggml_add(ctx0, y, rows(x.bias[k]));
+                y = ggml_add(ctx0, y, rows(x.bias[k]));   // 0 in the rows of unlisted experts (X4)
             }
             return y;
         };
@@ -1593,12 +1631,7 @@ ggml_tensor * llm_graph_context::build_lrq_moe_exps(ggml_tensor * experts, ggml_
         ggml_tensor * down = product(2, down_exps, ggml_swiglu_split(ctx0, gate, up));   // E_e(h; r) per slot
         cb(down, "lrq_moe_replica", il);
 
-        ggml_tensor * coef = ggml_new_tensor_2d(ctx0, GGML_TYPE_F32, 1, (int64_t) x.coef.size());
-        ggml_set_input(coef);
-        ggml_format_name(coef, "lrq_moe_coef_%u_x%u", x.layer, x.replica);
-        res->add_input(std::make_unique<lrq_moe_coef_input>(coef, &x.coef));
-        ggml_tensor * c = ggml_reshape_3d(ctx0, ggml_get_rows(ctx0, coef, ids_flat), 1, n_used, n_tok);
-
+        ggml_tensor * c = ggml_reshape_3d(ctx0, ggml_get_rows(ctx0, input(x.coef, "coef", x), ids_flat), 1, n_used, n_tok);
         // parallel: E' = E + a (E_r - E); serial: E' = E + a E_r (a = 0 for the experts not listed)
         ggml_tensor * term = x.mode == LRQ_MOE_PARALLEL ? ggml_sub(ctx0, down, experts) : down;
         term = ggml_mul(ctx0, term, c);
