@@ -160,28 +160,32 @@ LRQ_INLINE void row_tokens(const lrq_weight * w, const lrq_replica * r, const lr
     }
 }
 
-// 4 int32 partial sums of 16 codes . 16 int8 activations (half a block), as float.
-LRQ_INLINE float32x4_t dot_half(uint8x16_t q, const int8_t * xq) {
+// 4 int32 partial sums of 16 codes . 16 int8 activations (half a block).
+LRQ_INLINE int32x4_t dot_half(uint8x16_t q, const int8_t * xq) {
     const int8x16_t x  = vld1q_s8(xq);
     const int8x16_t qs = vreinterpretq_s8_u8(q);
 #ifdef __ARM_FEATURE_DOTPROD
-    const int32x4_t s = vdotq_s32(vdupq_n_s32(0), qs, x);
+    return vdotq_s32(vdupq_n_s32(0), qs, x);
 #else
-    int32x4_t s = vpaddlq_s16(vmull_s8(vget_low_s8(qs), vget_low_s8(x)));
-    s           = vpadalq_s16(s, vmull_high_s8(qs, x));
+    const int32x4_t s = vpaddlq_s16(vmull_s8(vget_low_s8(qs), vget_low_s8(x)));
+    return vpadalq_s16(s, vmull_high_s8(qs, x));
 #endif
-    return vcvtq_f32_s32(s);
 }
 
-// The two-level layout (LRQ2 codes; sub-blocks of 16 or 32), one row o, NT tokens from t0:
-//   y = gain * (sum_b [ad_lo dx_b (q . xq)_{0..15} + ad_hi dx_b (q . xq)_{16..31}] + sum_k off_k Sx_k) + bias
-// (ad_lo == ad_hi for 32-weight sub-blocks).  ad / off: scratch of n_in / B floats.
+// The two-level layout (LRQ2 codes; sub-blocks of 16 or 32), one row o, NT tokens from t0, as
+// q8-avx2.c does it: the 4-bit scale index multiplies the integer dots of the block's halves,
+// the super-block's d (times alpha) applies once per super-block:
+//   y = gain * (sum_G (alpha d)_G sum_{b in G} dx_b (sc_lo (q . xq)_{0..15} + sc_hi (q . xq)_{16..31})
+//               + sum_k off_k Sx_k) + bias
+// (sc_lo == sc_hi for 32-weight sub-blocks).  ad / off: scratch of n_in / B floats (ad unused).
 LRQ_INLINE void row_tokens_tl(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y,
                               int64_t y_stride, int64_t row0, int64_t o, int64_t t0, float * ad, float * off,
                               const int NT) {
     const int64_t   n_in = w->n_in, nb = n_in / LRQ_QK, nk = n_in / w->sub_size;
+    const int64_t   bps  = w->group_size / LRQ_QK, ns = (n_in + w->group_size - 1) / w->group_size;
     const int       kpb  = LRQ_QK / w->sub_size;
     const uint8_t * p    = w->codes + (size_t) o * w->codes_row_bytes;
+    const uint8_t * sub  = w->sub + o * w->sub_row_stride;
     const int8_t *  xq[LRQ_TOK_BLOCK];
     const float *   dx[LRQ_TOK_BLOCK];
     float32x4_t     acc[LRQ_TOK_BLOCK];
@@ -191,14 +195,22 @@ LRQ_INLINE void row_tokens_tl(const lrq_weight * w, const lrq_replica * r, const
         dx[tt]  = a->dx + (t0 + tt) * nb;
         acc[tt] = vdupq_n_f32(0.0f);
     }
-    for (int64_t b = 0; b < nb; ++b) {
-        const q32   q  = unpack2(p + b * 8);   // decoded once for NT tokens
-        const float lo = ad[b * kpb], hi = ad[b * kpb + kpb - 1];
-        for (int tt = 0; tt < NT; ++tt) {
-            const float s = dx[tt][b];
-            acc[tt]       = vfmaq_n_f32(acc[tt], dot_half(q.lo, xq[tt] + b * LRQ_QK), lo * s);
-            acc[tt]       = vfmaq_n_f32(acc[tt], dot_half(q.hi, xq[tt] + b * LRQ_QK + 16), hi * s);
+    for (int64_t G = 0; G < ns; ++G) {
+        float32x4_t   gs[LRQ_TOK_BLOCK];
+        const int64_t b1 = (G + 1) * bps < nb ? (G + 1) * bps : nb;
+        for (int tt = 0; tt < NT; ++tt) gs[tt] = vdupq_n_f32(0.0f);
+        for (int64_t b = G * bps; b < b1; ++b) {
+            const q32     q  = unpack2(p + b * 8);   // decoded once for NT tokens
+            const int32_t lo = sub[b * kpb] & 15, hi = sub[b * kpb + kpb - 1] & 15;
+            for (int tt = 0; tt < NT; ++tt) {
+                const int32x4_t s = vmlaq_n_s32(vmulq_n_s32(dot_half(q.lo, xq[tt] + b * LRQ_QK), lo),
+                                                dot_half(q.hi, xq[tt] + b * LRQ_QK + 16), hi);
+                gs[tt] = vfmaq_n_f32(gs[tt], vcvtq_f32_s32(s), dx[tt][b]);
+            }
         }
+        float d = lrq_h2f(w->d[o * w->d_row_stride + G]);
+        if (r && r->alpha) d *= lrq_h2f(r->alpha[o * r->alpha_row_stride + G * r->alpha_group_stride]);
+        for (int tt = 0; tt < NT; ++tt) acc[tt] = vfmaq_n_f32(acc[tt], gs[tt], d);
     }
     const float gain = (r && r->gain) ? r->gain[o] : 1.0f;
     const float bias = (r && r->bias) ? r->bias[o] : 0.0f;
