@@ -220,6 +220,21 @@ def test_runtime_expert_replicas_match_reference(mx, tmp_path, arch, monkeypatch
     assert nmse(masked, ref.logits(toks)) < EXACT_NMSE
 
 
+def test_layer_map_keeps_the_files_entries(mx, tmp_path, monkeypatch):
+    """--lrq-layers on a file with entries (both readers: the base's entries apply in every
+    execution of their layer, under the map's schedule)."""
+    path = expert_file(mx, "mixtral", ENTRIES, tmp_path / "x.gguf")
+    ref = Reference(open_model(path, layers="0x2,2x2"))
+    toks = tokens_with_margin(ref, EXACT_ROUTE_MARGIN)
+    monkeypatch.setenv("LRQ_CPU_REF", "1")
+    native = _native.Model(str(path), n_ctx=64, n_threads=THREADS, kv_f32=True, flash_attn=0, layers="0x2,2x2")
+    assert native.n_layer == 5
+    got = native.eval(toks)
+    assert nmse(got, ref.logits(toks)) < EXACT_NMSE
+    control = nmse(got, Reference(open_model(path)).logits(toks))     # the map ignored
+    assert control > CONTROL_FACTOR * EXACT_NMSE, control
+
+
 # ---- rules X1-X4: both readers, the same files ------------------------------------------------------
 
 def _arr(values, sub):

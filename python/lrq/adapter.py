@@ -247,6 +247,7 @@ class BoundModelFile(LRQModelFile):
                                     str(self.path))
         self.plan = self._read_schedule()
         self.schedule = list(self.plan.executions)
+        self.expert_entries = self._read_expert_entries()     # the base's (format v4, docs/moe.md)
         self._check_tensors()
 
     def _err(self, msg: str) -> AdapterError:
