@@ -369,3 +369,55 @@ def test_inspect_lists_expert_entries(good_file, capsys):
     assert x[0] == {"layer": 0, "replica": 1, "experts": [1, 4], "mode": "parallel", "weight": 0.5,
                     "tensors": ["ffn_down_exps.bias", "ffn_down_exps.gain", "ffn_gate_exps.bias",
                                 "ffn_gate_exps.gain", "ffn_up_exps.bias", "ffn_up_exps.gain"]}
+
+
+# ---- lrq-select --moe ---------------------------------------------------------------------------
+
+def test_select_moe_picks_the_most_routed_experts(mx, tiny_models, tmp_path, capsys):
+    """lrq-select --moe: the routing frequency of every expert on the calibration windows, counted
+    here independently (the reference's routing recorded per layer, float32 as lrq-select runs
+    it), the top 20 % of each layer (2 of 8) in the plan, which lrq-convert writes as entries."""
+    from lrq.cli.select import main as select
+    from lrq.select.measure import calib_tokens
+    from tiny_models import tiny_calib_text
+    src = mx.gguf("qwen3moe")
+    text = tiny_calib_text(src, tmp_path / "calib.txt")
+    plan = tmp_path / "plan.json"
+    assert select([str(src), "-o", str(plan), "--moe", "--text", str(text), "--tokens", "256", "--ctx", "64",
+                   "--mode", "serial", "--expert-weight", "0.5", "--scores", str(tmp_path / "s.json")]) == 0
+    got = json.loads(plan.read_text())["experts"]
+    # the independent count: every routed slot of every execution, over the same windows
+    counts = np.zeros((3, N_EXPERT))
+    orig = ref_moe.MoEFFN.route
+    ref = Reference(open_model(src), torch.float32)
+    layer_of = {id(m): L for L, m in ref._moe.items()}
+
+    def route(self, h):
+        w, idx = orig(self, h)
+        np.add.at(counts[layer_of[id(self)]], idx.reshape(-1).numpy(), 1)
+        return w, idx
+    ref_moe.MoEFFN.route = route
+    try:
+        for win in calib_tokens(src, str(text), 256, 64):
+            ref.logits(win)
+    finally:
+        ref_moe.MoEFFN.route = orig
+    assert counts.sum() == 3 * 256 * 2
+    for L, e in enumerate(got):
+        top = sorted(np.argsort(-counts[L], kind="stable")[:2].tolist())
+        assert e == {"layer": L, "experts": top, "mode": "serial", "weight": 0.5}, (e, counts[L])
+        # the chosen pair is used more than a uniform router would use two experts
+        assert counts[L, top].sum() / counts[L].sum() > 2 / N_EXPERT
+    shares = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert abs(sum(r["share"] for r in shares if r["layer"] == 0) - 1) < 1e-9
+    out = tmp_path / "x.gguf"
+    convert(src, out, ConvertOptions(bits=4, plan=str(plan), progress=False))
+    assert [(e.layer, e.experts) for e in open_model(out).expert_entries] == [(g["layer"], tuple(g["experts"]))
+                                                                              for g in got]
+    # bad --top, and a dense model: refused by name before any work
+    assert select([str(src), "-o", str(plan), "--moe", "--top", "0"]) == 2
+    assert "--top must be in (0, 1]" in capsys.readouterr().err
+    dense = tiny_models.gguf("llama")
+    assert select([str(dense), "-o", str(tmp_path / "d.json"), "--moe"]) == 1
+    assert f"{dense}: --moe selects experts, and 'llama' has none" in capsys.readouterr().err
+    assert not (tmp_path / "d.json").exists()

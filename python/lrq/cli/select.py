@@ -16,6 +16,11 @@ layer, the KL divergence and NLL increase on N tokens when only that layer is qu
 (one forward per layer; --rank-by kl|nll ranks by it).
 Strategies: top-k (the K highest get --replicas copies), last-n (the last K layers),
 progressive (the K highest get replicas+1, the next K get replicas; default K = n_layer // 3).
+
+Mixture-of-experts models (--moe; docs/moe.md): the routing frequency of each expert of each
+layer on the calibration text; the --top fraction (default 0.2) most-used experts of every
+layer become one expert-replication entry per layer (--mode, --expert-weight) in the plan:
+    lrq-select moe.gguf -o plan.json --moe --top 0.2
 """
 
 from __future__ import annotations
@@ -55,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--measure-tokens", type=int, default=0,
                    help="tokens for the measured score (0 = off; one forward per layer)")
     c.add_argument("-t", "--threads", type=int, default=None, help="torch threads")
+    x = ap.add_argument_group("mixture of experts")
+    x.add_argument("--moe", action="store_true", help="select experts by routing frequency (MoE models)")
+    x.add_argument("--top", type=float, default=0.2, help="fraction of each layer's experts to replicate (default 0.2)")
+    x.add_argument("--expert-weight", type=float, default=1.0, help="weight a of each entry (default 1)")
     ap.add_argument("--scores", default=None, metavar="FILE.csv|.json", help="also write the per-layer table")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return ap
@@ -62,6 +71,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _fmt(v: float, spec: str) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def _select_experts(args, model: Path, out: Path, err) -> int:
+    """--moe: routing frequencies -> the top experts of every MoE layer -> a plan's "experts"."""
+    from ..plan import ExpertEntry, PlanError, check_expert_entries
+    from ..select import SelectError
+    from ..select.moe import routing_frequency, top_experts
+    if args.mode == "parallel" and not 0 <= args.expert_weight <= 1:
+        err(f"--expert-weight {args.expert_weight}: a parallel entry weighs 0..1"); return 2
+    if not 0 < args.top <= 1:
+        err(f"--top must be in (0, 1], got {args.top}"); return 2
+    try:
+        freq = routing_frequency(model, args.text, args.tokens, args.ctx, args.threads)
+        chosen = {L: top_experts(freq[L], args.top) for L in range(len(freq)) if freq[L].sum() > 0}
+        entries = [ExpertEntry(L, 1, tuple(xs), args.mode, args.expert_weight) for L, xs in chosen.items()]
+        check_expert_entries(entries, len(freq), freq.shape[1], f"{model}")
+        atomic_write_text(out, json.dumps({"experts": [
+            {"layer": e.layer, "experts": list(e.experts), "mode": e.mode, "weight": e.weight} for e in entries]},
+            indent=1) + "\n")
+        if args.scores:
+            p = Path(args.scores)
+            rows = [{"layer": L, "expert": e, "share": float(freq[L, e]), "chosen": e in chosen.get(L, ())}
+                    for L in range(len(freq)) for e in range(freq.shape[1])]
+            if p.suffix.lower() == ".json":
+                atomic_write_text(p, json.dumps({"model": str(model), "text": str(args.text), "rows": rows}, indent=1))
+            else:
+                with atomic_path(p) as tmp, open(tmp, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                    w.writeheader()
+                    w.writerows(rows)
+    except (SelectError, PlanError, OSError) as e:
+        err(e); return 1
+    except KeyboardInterrupt:
+        err("interrupted; nothing written"); return 130
+    n_tok = (args.tokens // args.ctx) * args.ctx
+    print(f"{model.name}: {freq.shape[1]} experts per layer, routing frequency on {n_tok} tokens of "
+          f"{args.text} (ctx {args.ctx}); top {args.top:g} per layer")
+    print(f"{'layer':>5s}  {'experts':24s} {'share':>6s}  (uniform {1 / freq.shape[1]:.3f} each)")
+    for L, xs in chosen.items():
+        print(f"{L:5d}  {', '.join(map(str, xs)):24s} {freq[L, xs].sum():6.3f}")
+    print(f"{len(entries)} {args.mode} entries of weight {args.expert_weight:g} -> wrote {out}"
+          + (f", {args.scores}" if args.scores else ""))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     err = lambda m: print(f"lrq-select: error: {m}", file=sys.stderr)  # noqa: E731
     if args.rank_by != "score" and args.measure_tokens <= 0:
         err(f"--rank-by {args.rank_by} needs --measure-tokens N (N > 0)"); return 2
-    if args.strategy in ("top-k", "last-n") and args.k is None:
+    if args.strategy in ("top-k", "last-n") and args.k is None and not args.moe:
         err(f"--strategy {args.strategy} needs --k"); return 2
     out = Path(args.out)
     if out.suffix.lower() != ".json":
@@ -87,11 +139,14 @@ def main(argv: list[str] | None = None) -> int:
             err(f"{model}: no such model file"); return 1
         from ..select.measure import open_plain
         plain = open_plain(model)
+        if args.moe:
+            if not plain.hparams.n_expert:
+                err(f"{model}: --moe selects experts, and '{plain.arch}' has none"); return 1
+            return _select_experts(args, model, out, err)
         if plain.hparams.n_expert:
-            # the per-layer scores quantize the seven dense block linears; expert selection
-            # (routing frequency x sensitivity) is the proposed --moe (docs/moe.md)
-            err(f"{model}: '{plain.arch}' is a mixture-of-experts model, which lrq-select does not "
-                f"score yet (docs/moe.md)"); return 1
+            # the per-layer scores quantize the seven dense block linears (docs/moe.md)
+            err(f"{model}: '{plain.arch}' is a mixture-of-experts model, whose layers lrq-select does not "
+                f"score; --moe selects its experts (docs/moe.md)"); return 1
         n_layer = plain.hparams.n_layer
         choose([0.0] * n_layer, args.strategy, args.k, args.replicas)   # bad --k fails before work
         spec = QuantSpec(args.bits, args.group_size, args.quant_mode, args.scale_search)
