@@ -164,7 +164,8 @@ def test_broken_kernel_fails_every_case_it_touches(name):
 # ---- ggml-cuda's glue ----------------------------------------------------------------------------
 
 GLUE_CASES = 9 * 2 * 3 + 3   # every type x mode, g 32 / 128, 1 / 5 / 40 tokens; three fused runs
-GLUE_CHECKS = 3 + 4 + 4 + 2 + 2   # fusable (3 token counts + 4 refusals / caps), supports (4 + 2 + 2)
+GLUE_CHECKS = 3 + 4 + 4 + 2 + 2 + 3   # fusable (3 token counts + 4 refusals / caps), supports (4 + 2 + 2 + the
+                                      # two-level node and probes, declined)
 # alpha [1, n_out] read with the strides of [n_groups, 1] and the other way round
 GLUE_SWAPPED = [("*rs = t && t->ne[1] > 1 ? (int32_t) t->ne[0] : 0;\n    *gs = t && t->ne[0] > 1 ? 1 : 0;",
                  "*gs = t && t->ne[1] > 1 ? (int32_t) t->ne[0] : 0;\n    *rs = t && t->ne[0] > 1 ? 1 : 0;")]

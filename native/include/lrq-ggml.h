@@ -73,10 +73,18 @@ GGML_API struct ggml_tensor * ggml_lrq_mul_mat(
 // static message): used by ggml_lrq_mul_mat and by the CPU backend's supports_op.
 GGML_API const char * ggml_lrq_mul_mat_check(const struct ggml_tensor * op);
 
+// The loader marks the meta tensors a two-level weight's op reads (codes, d / dmin, replica
+// parameters) with this value in op_params[LRQ_PROBE_TWO_LEVEL_PARAM] (unused in a meta tensor):
+// lrq_make_supports_test_op then probes a two-level node, so that only a backend that runs the
+// layout (the CPU) holds them.
+#define LRQ_PROBE_TWO_LEVEL_PARAM 15
+#define LRQ_PROBE_TWO_LEVEL_MAGIC 0x4C525132
+
 // A GGML_OP_LRQ_MUL_MAT node for buffer-type probing (llama's loader asks each device whether it
 // supports the op that reads a weight): `t` (an LRQ code tensor or one of its parameter tensors,
 // matched by type and shape) is placed in a matching source slot, the rest are dummy tensors
-// without data.  ctx must be a no_alloc context with room for 4 tensors.
+// without data; a two-level node when t is I8 (sub-block indices) or marked as above.  ctx must be a
+// no_alloc context with room for 5 tensors.
 GGML_API struct ggml_tensor * lrq_make_supports_test_op(struct ggml_context * ctx, struct ggml_tensor * t);
 
 // The kernel GGML_OP_LRQ_MUL_MAT runs on this CPU: lrq_kernels_simd() ("avx2" | "neon" | "generic").

@@ -139,6 +139,8 @@ struct ggml_tensor * lrq_make_supports_test_op(struct ggml_context * ctx, struct
         // supports_op refuses an extra buffer type such as CPU_REPACK for this slot itself: the
         // generic check looks at src[0..3] only)
         op->src[LRQ_SRC_SUB] = t;
+    } else if (((const int32_t *) t->op_params)[LRQ_PROBE_TWO_LEVEL_PARAM] == LRQ_PROBE_TWO_LEVEL_MAGIC) {
+        op->src[LRQ_SRC_SUB] = ggml_new_tensor_2d(ctx, GGML_TYPE_I8, 1, 1);   // the rest of a two-level weight
     }
     return op;
 }

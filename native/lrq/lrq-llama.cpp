@@ -976,9 +976,21 @@ static void lrq_check_finite(llama_model_loader & ml, const ggml_tensor * meta, 
     }
 }
 
+// The LRQ op reads t_meta, a tensor of weight `stem`; for a two-level weight (format v4) the meta
+// tensor is marked so that the buffer-type probe asks for the two-level node (lrq-ggml.h): only a
+// backend that runs the layout may hold its data.
+static ggml_op lrq_op_reading(const llama_model_loader & ml, const ggml_tensor * t_meta, const std::string & stem) {
+    if (ml.get_tensor_meta((stem + ".lrq_sub").c_str())) {
+        ((int32_t *) const_cast<ggml_tensor *>(t_meta)->op_params)[LRQ_PROBE_TWO_LEVEL_PARAM] = LRQ_PROBE_TWO_LEVEL_MAGIC;
+    }
+    return GGML_OP_LRQ_MUL_MAT;
+}
+
 ggml_op lrq_tensor_op(const llama_model_loader & ml, const ggml_tensor * t_meta, ggml_op op) {
     if (GGML_TYPE_IS_LRQ(t_meta->type)) {
-        return GGML_OP_LRQ_MUL_MAT;
+        const std::string wname = t_meta->name;
+        const size_t      dot   = wname.rfind(".weight");
+        return lrq_op_reading(ml, t_meta, dot == std::string::npos ? wname : wname.substr(0, dot));
     }
     const std::string name = t_meta->name;
     const size_t      pos  = name.find(".lrq_");
@@ -998,7 +1010,7 @@ ggml_op lrq_tensor_op(const llama_model_loader & ml, const ggml_tensor * t_meta,
     // group parameters, and replica parameters of LRQ codes, are read only by the LRQ op
     const ggml_tensor * w = ml.get_tensor_meta((name.substr(0, pos) + ".weight").c_str());
     if (name.compare(pos, 6, ".lrq_r") != 0 || !w || GGML_TYPE_IS_LRQ(w->type)) {
-        return GGML_OP_LRQ_MUL_MAT;
+        return lrq_op_reading(ml, t_meta, name.substr(0, pos));
     }
     // replica parameters of a stock-typed weight: gain by ggml_mul, bias by ggml_add; the clip
     // bound is read at load time and becomes a ggml_clamp constant (any buffer will do)

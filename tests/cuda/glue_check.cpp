@@ -250,6 +250,17 @@ int main() {
         ggml_tensor * t = ggml_new_tensor_1d(ctx, ty, 64);
         std::printf("supported kind=probe_param type=%s ok=%d\n", ggml_type_name(ty), ggml_lrq_mul_mat_cuda_supported(lrq_make_supports_test_op(ctx, t)) ? 1 : 0);
     }
+    {   // the two-level layout (format v4) is CPU only: its node, its I8 sub-block tensor and the
+        // loader-marked tensors of a two-level weight are declined
+        ggml_tensor * op = make_node(ctx, w, 1, false);
+        op->src[LRQ_SRC_SUB] = ggml_new_tensor_2d(ctx, GGML_TYPE_I8, 352 / 16, 37);
+        std::printf("supported kind=two_level_node ok=%d\n", ggml_lrq_mul_mat_cuda_supported(op) ? 0 : 1);
+        ggml_tensor * sub = ggml_new_tensor_2d(ctx, GGML_TYPE_I8, 4, 2);
+        std::printf("supported kind=probe_two_level_sub ok=%d\n", ggml_lrq_mul_mat_cuda_supported(lrq_make_supports_test_op(ctx, sub)) ? 0 : 1);
+        ggml_tensor * codes = ggml_new_tensor_2d(ctx, GGML_TYPE_LRQ2, 64, 2);
+        ((int32_t *) codes->op_params)[LRQ_PROBE_TWO_LEVEL_PARAM] = LRQ_PROBE_TWO_LEVEL_MAGIC;
+        std::printf("supported kind=probe_two_level_codes ok=%d\n", ggml_lrq_mul_mat_cuda_supported(lrq_make_supports_test_op(ctx, codes)) ? 0 : 1);
+    }
     {
         ggml_tensor * op = make_node(ctx, w, 1, false);
         op->src[LRQ_SRC_X] = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, 352, 1);
