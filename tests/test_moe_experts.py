@@ -60,6 +60,9 @@ NOOP_NMSE = 0.0
 CHANGE_MIN_NMSE = 1e-8
 # the entries ignored (a runtime that drops them) vs the file: far above EXACT_NMSE
 CONTROL_FACTOR = 1e3
+# skipping vs masked variant on Q4_0 experts: the same products on the listed slots (a kernel
+# that zeroes or skips the wrong rows is at the entries' own order, > 1e-3)
+SKIP_VS_MASKED_NMSE = 1e-10
 
 
 @pytest.fixture(scope="module")
@@ -421,3 +424,39 @@ def test_select_moe_picks_the_most_routed_experts(mx, tiny_models, tmp_path, cap
     assert select([str(dense), "-o", str(tmp_path / "d.json"), "--moe"]) == 1
     assert f"{dense}: --moe selects experts, and 'llama' has none" in capsys.readouterr().err
     assert not (tmp_path / "d.json").exists()
+
+
+def test_stock_q4_experts_skipping_matches_masked(mx, tmp_path, monkeypatch):
+    """llama-quantize's Q4_0 experts (ggml's repacked CPU kernels, patched like the plain one for
+    id -1): the skipping and the masked variant give the same logits, and both follow the
+    reference within the stock-Q4_0 bound of tests/test_moe.py."""
+    import subprocess
+    import sys
+    from test_moe import STOCK_Q4_NMSE, STOCK_ROUTE_MARGIN
+    arch = "qwen2moe"      # a tight stock-Q4_0 bound of tests/test_moe.py (5e-3)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"experts": ENTRIES}))
+    base = tmp_path / "q4.base.gguf"
+    proc = subprocess.run([str(Path(sys.executable).parent / "lrq-convert"), "-q", "--base-type", "Q4_0",
+                           "--work", str(tmp_path), "--plan", str(plan), str(mx.gguf(arch)), str(base)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert open_model(base).tensor_type("blk.0.ffn_up_exps.weight") == "Q4_0"
+    # gains of 1 + 0.5 N: the entries' effect well above the Q4_0 rounding
+    path = rewrite(base, tmp_path / "q4.gguf", add=expert_params(base, ENTRIES, gain_std=0.5, bias_std=0.05))
+    ref = Reference(open_model(path))
+    toks = tokens_with_margin(ref, STOCK_ROUTE_MARGIN, 24)
+    runs = {}
+    for masked in ("0", "1"):
+        monkeypatch.setenv("LRQ_MOE_MASKED", masked)
+        runs[masked] = _native.Model(str(path), n_ctx=64, n_threads=THREADS, kv_f32=True, flash_attn=0).eval(toks)
+    # the listed slots run the same kernels in both: float32 summation order at most
+    want = ref.logits(toks)
+    plain = Reference(open_model(path))
+    for moe in plain._moe.values():
+        moe.entries = []
+    # measured: skipping vs masked 0 (bitwise), vs reference 1.8e-3, entries ignored 4.5e-2
+    e = (nmse(runs["0"], runs["1"]), nmse(runs["0"], want), nmse(runs["0"], plain.logits(toks)))
+    assert e[0] < SKIP_VS_MASKED_NMSE
+    assert e[1] < STOCK_Q4_NMSE[arch]
+    assert e[2] > 5 * STOCK_Q4_NMSE[arch]
