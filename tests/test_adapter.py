@@ -29,7 +29,7 @@ import pytest
 from lrq.adapter import (AdapterError, AdapterFile, _binding, _write, bind, sample_crc32,
                          split_lrq_file, write_adapter)
 from lrq.cli import inspect as inspect_cli
-from lrq.constants import ADAPTER_ARCH, Keys
+from lrq.constants import ADAPTER_ARCH, FORMAT_VERSION, Keys
 from lrq.convert import ConvertOptions, convert
 from lrq.convert.update import set_replica_params
 from lrq.gguf_hparams import open_reader
@@ -162,7 +162,7 @@ def test_write_then_read_round_trip(files):
 def test_bound_view_applies_the_adapter(files):
     m = bind(files.src, files.adapter)
     plain = open_model(files.src)
-    assert m.version == 3 and m.arch == "llama" and m.schedule == list(files.plan.executions)
+    assert m.version == FORMAT_VERSION and m.arch == "llama" and m.schedule == list(files.plan.executions)
     g = files.tensors["blk.1.attn_q.lrq_r1.gain"][0].astype(np.float64)
     w1, p1 = m.weight("blk.1.attn_q.weight", 1)
     assert np.array_equal(w1, plain.tensor("blk.1.attn_q.weight") * g[:, None]) and p1.gain_folded
@@ -178,7 +178,7 @@ def test_bound_view_applies_the_adapter(files):
 def test_layer_map_view_of_a_stock_gguf(files):
     m = open_model(files.src, layers="0..2,1..2")
     assert [(e.layer, e.replica) for e in m.schedule] == [(0, 0), (1, 0), (2, 0), (1, 1), (2, 1)]
-    assert m.version == 3 and m.is_replicable("blk.0.attn_q.weight") and not m.is_lrq("blk.0.attn_q.weight")
+    assert m.version == FORMAT_VERSION and m.is_replicable("blk.0.attn_q.weight") and not m.is_lrq("blk.0.attn_q.weight")
     with pytest.raises(AdapterError, match="layer 3 does not exist"):
         open_model(files.src, layers="0..3")
     # lrq-inspect shows the same view, and refuses the bad map by name
