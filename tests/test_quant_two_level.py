@@ -205,3 +205,20 @@ def test_worked_example_of_the_file_layout():
     # w_0 = d sc q - dmin mn with q = 0: -0.01392364501953125 * 15
     assert tl.dequantize_replica(t)[0, 0] == -0.20885467529296875
     assert tl.dequantize_replica(t)[0, 1] == 0.0175018310546875 * 15 * 2 - 0.01392364501953125 * 15
+
+
+def test_gptq_from_a_given_base_is_the_same():
+    """gptq_quantize(base=quantize(...)) (lrq-convert passes the C port's result) gives the codes
+    of gptq_quantize computing the base itself; a base of another shape is refused."""
+    rng = np.random.default_rng(5)
+    n_in = 96
+    x = rng.standard_normal((256, n_in))
+    h = x.T @ x
+    w = (rng.standard_normal((8, n_in)) * 0.02).astype(np.float32)
+    base = tl.quantize(w, np.diag(h), super_size=64, sub_size=32)
+    a = tl.gptq_quantize(w, h, super_size=64, sub_size=32)
+    b = tl.gptq_quantize(w, h, super_size=64, sub_size=32, base=base)
+    assert np.array_equal(a.codes, b.codes) and np.array_equal(a.sc, b.sc)
+    assert not np.array_equal(b.codes, base.codes)          # the error feedback moved codes
+    with pytest.raises(tl.TwoLevelError, match="base"):
+        tl.gptq_quantize(w, h, super_size=64, sub_size=16, base=base)

@@ -311,16 +311,24 @@ GPTQ_BLOCK = 128    # columns updated lazily as one block (the paper's 128)
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, importance: np.ndarray | None = None, *,
                   damp: float = 0.1, super_size: int = SUPER_SIZE, sub_size: int = 16,
-                  block: int = GPTQ_BLOCK) -> TwoLevelTensor:
+                  block: int = GPTQ_BLOCK, base: TwoLevelTensor | None = None) -> TwoLevelTensor:
     """GPTQ (Frantar et al. 2022) on the two-level grid: every parameter (d, dmin, sc, mn) is
     fixed first by ``quantize`` on the original weights (``importance``: default diag(hessian)),
     then columns are rounded left to right onto their sub-block's grid and each column's error
     is spread over the later columns through the inverse Hessian's Cholesky factor, as
     lrq.calib.gptq does with static groups.  ``hessian``: X^T X of the layer's input (any
-    positive scale); ``damp``: lambda = damp * mean(diag(H)) added to its diagonal."""
+    positive scale); ``damp``: lambda = damp * mean(diag(H)) added to its diagonal.  ``base``: the
+    result of that ``quantize`` call when the caller has it already (e.g. from the C port, which
+    gives the same bytes); its parameters are kept."""
     w = np.asarray(w)
-    t = quantize(w, np.diag(np.asarray(hessian, dtype=np.float64)) if importance is None else importance,
-                 super_size=super_size, sub_size=sub_size)
+    if base is not None:
+        if base.codes.shape != w.shape or (base.super_size, base.sub_size) != (super_size, sub_size):
+            raise TwoLevelError(f"base is {base.codes.shape} S={base.super_size} B={base.sub_size}, the weight "
+                                f"{w.shape} S={super_size} B={sub_size}")
+        t = base
+    else:
+        t = quantize(w, np.diag(np.asarray(hessian, dtype=np.float64)) if importance is None else importance,
+                     super_size=super_size, sub_size=sub_size)
     n_out, n_in = t.codes.shape
     H = np.array(hessian, dtype=np.float64)
     if H.shape != (n_in, n_in):

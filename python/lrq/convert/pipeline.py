@@ -579,17 +579,19 @@ def _two_level_quantize(w: np.ndarray, opts: ConvertOptions, st=None):
     E[x^2] of the input channels as importance when there are statistics, GPTQ with --gptq."""
     from .. import quant_two_level as tl
     try:
-        if opts.gptq and st is not None:
-            return tl.gptq_quantize(w, st.xtx, st.sq_mean, damp=opts.gptq_damp, super_size=opts.group_size,
-                                    sub_size=opts.two_level)
         imp = None if st is None else np.asarray(st.sq_mean, np.float32)
         try:        # the C port: byte-exact with tl.quantize (tests/test_kernels_two_level.py), ~50x faster
             from .._native import kernels
         except ImportError:
-            return tl.quantize(w, imp, super_size=opts.group_size, sub_size=opts.two_level)
-        tl._check_sizes(w.shape[1], opts.group_size, opts.two_level)
-        codes, d, dmin, sub = kernels.quantize_two_level(w, opts.group_size, opts.two_level, imp)
-        return tl.from_file(codes, d, dmin, sub, w.shape[1], opts.group_size)
+            t = tl.quantize(w, imp, super_size=opts.group_size, sub_size=opts.two_level)
+        else:
+            tl._check_sizes(w.shape[1], opts.group_size, opts.two_level)
+            codes, d, dmin, sub = kernels.quantize_two_level(w, opts.group_size, opts.two_level, imp)
+            t = tl.from_file(codes, d, dmin, sub, w.shape[1], opts.group_size)
+        if opts.gptq and st is not None:     # GPTQ's error feedback onto that grid
+            return tl.gptq_quantize(w, st.xtx, imp, damp=opts.gptq_damp, super_size=opts.group_size,
+                                    sub_size=opts.two_level, base=t)
+        return t
     except (tl.TwoLevelError, ValueError) as e:
         raise QuantError(str(e)) from None
 
