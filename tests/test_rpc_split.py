@@ -193,6 +193,17 @@ def test_split_places_executions_with_their_codes(workers, lrq_file, extra):
     assert check_split(lrq_file, workers, layers, log, long) == [], log[-3000:]
     assert not any(st.protocol_errors for st in long), [st.protocol_errors for st in long]
 
+    # llama.cpp's own account (patch 0012): the device order of the executions, and a warning
+    # exactly when the schedule comes back to a worker it has left
+    names = {int(port): name for name, port in re.findall(r"using device (RPC\d+) \(127\.0\.0\.1:(\d+)\)", log)}
+    n_base = LRQModelFile(lrq_file).hparams_dict["n_layer"]
+    dev = [layer_device(L, n_base, SPLIT) for L in layers]
+    runs = [e for e in range(len(dev)) if e == 0 or dev[e] != dev[e - 1]] + [len(dev)]
+    want_order = " -> ".join(f"{names[workers[dev[a]].port]} {a}..{b - 1}" for a, b in zip(runs, runs[1:]))
+    assert re.findall(r"LRQ: executions by device, in schedule order: (.*)", log)[-1] == want_order
+    returns = len(runs) - 1 > len(set(dev))
+    assert bool(re.search(r"LRQ: execution \d+ \(layer \d+\) returns to RPC\d", log)) == returns
+
     # (b) the same greedy text as the CPU alone (the workers run the same CPU kernels)
     text_cpu, _ = _complete(lrq_file, N_LONG, extra)
     assert text == text_cpu and text_cpu.strip().startswith(PROMPT)
@@ -202,7 +213,6 @@ def test_split_places_executions_with_their_codes(workers, lrq_file, extra):
     # worker than its codes adds two hand-overs (2 x 4 x n_embd = 512 bytes here); a weight
     # copied per step adds kilobytes; a missing graph input or hand-over removes bytes.
     f = LRQModelFile(lrq_file)
-    n_base = f.hparams_dict["n_layer"]
     want = predict_decode([layer_device(L, n_base, SPLIT) for L in layers], layer_device(n_base, n_base, SPLIT),
                           f.hparams_dict["n_embd"], f.hparams_dict["n_vocab"])
     steps = N_LONG - N_SHORT
