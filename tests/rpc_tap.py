@@ -31,7 +31,7 @@ import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-# ggml-rpc.cpp's command numbers (enum rpc_cmd; RPC protocol 3.x / server v7)
+# ggml-rpc.cpp's command numbers (enum rpc_cmd; RPC protocol 7.0 of the pinned llama.cpp)
 CMD_NAMES = ("ALLOC_BUFFER", "GET_ALIGNMENT", "GET_MAX_SIZE", "BUFFER_GET_BASE", "FREE_BUFFER",
              "BUFFER_CLEAR", "SET_TENSOR", "SET_TENSOR_HASH", "GET_TENSOR", "COPY_TENSOR",
              "GRAPH_COMPUTE", "GET_DEVICE_MEMORY", "INIT_TENSOR", "GET_ALLOC_SIZE", "HELLO",
@@ -45,7 +45,6 @@ HEADER = 9   # cmd byte + uint64 size
 # use_count i32
 RPC_TENSOR_SIZE = 296
 _NAME_OFF, _NAME_LEN = 228, 64
-_BUFFER_OFF = 12
 # SET_TENSOR payload: rpc_tensor | cache_flag u8 | offset u64 | data
 SET_TENSOR_HEAD = RPC_TENSOR_SIZE + 1 + 8
 # GET_TENSOR payload: rpc_tensor | offset u64 | size u64
