@@ -1,7 +1,7 @@
 #!/bin/sh
 # SmolLM2 end to end with real two-level files (docs/two_level.md, "SmolLM2 end to end"):
 # lrq-convert --layout two-level:16 and :32 (importance from act-mse statistics of sotu-calib),
-# then lrq-eval on 10 chunks of sotu-eval and of botchan against the cached F32 reference.
+# and GPTQ (two-level:16), then lrq-eval on 10 chunks of sotu-eval and of botchan against the cached F32 reference.
 #     flock /tmp/lrq-heavy.lock nice -n 10 bench/two_level_e2e.sh [OUT_DIR]
 set -eu
 OUT=${1:-/tmp/tl-e2e}
@@ -13,9 +13,11 @@ for B in 16 32; do
   .venv/bin/lrq-convert "$REF" "$OUT/smollm2-tl$B.gguf" --bits 2 --group-size 256 \
      --layout two-level:$B --scale-search act-mse --calib-text sotu-calib -q
 done
+.venv/bin/lrq-convert "$REF" "$OUT/smollm2-tl16-gptq.gguf" --bits 2 --group-size 256 \
+   --layout two-level:16 --gptq --calib-text sotu-calib -q
 uptime
 for T in sotu-eval botchan; do
   .venv/bin/lrq-eval --ref smollm2-135m --text $T --chunks 10 --threads 2 -q \
-     "$OUT/smollm2-tl16.gguf" "$OUT/smollm2-tl32.gguf" --csv "$OUT/$T.csv"
+     "$OUT/smollm2-tl16.gguf" "$OUT/smollm2-tl32.gguf" "$OUT/smollm2-tl16-gptq.gguf" --csv "$OUT/$T.csv"
 done
 uptime
