@@ -197,6 +197,18 @@ LRQ_OPS = {
                  # output rows of the saved group input: F32 rows, I32 ids
                  "return op->src[0]->type != GGML_TYPE_NVFP4 && op->src[0]->type != GGML_TYPE_TQ1_0;"),
     "cont": ("GGML_OP_CONT", None),   # F32 -> F32, before the LRQ op only: the nested type switch below
+    # expert replicas of a MoE layer (format v4, docs/moe.md): the replica's products on the
+    # routed slots, its SwiGLU, the per-entry weights as an input tensor, ids reshaped; the
+    # skipping variant's F32 -> I32 id map (ggml_cast) is built for CPU-only machines, and
+    # Metal's CPY case takes F32 -> I32 too
+    "mul_mat_id": ("GGML_OP_MUL_MAT_ID",
+                   "return ggml_metal_supports_mul_mat_op( has_simdgroup_reduction, op, false, ggml_metal_op_mul_mat_id_use_mm(op, has_simdgroup_mm));"),
+    "swiglu_split": ("GGML_OP_GLU", None),     # the GLU switch below: SWIGLU on contiguous F32 rows
+    "cast": ("GGML_OP_CPY", None),
+    "new_tensor_2d": ("GGML_OP_NONE", "return true;"),
+    "reshape_1d": ("GGML_OP_RESHAPE", "return true;"),
+    "reshape_2d": ("GGML_OP_RESHAPE", "return true;"),
+    "reshape_3d": ("GGML_OP_RESHAPE", "return true;"),
     "lrq_mul_mat": ("GGML_OP_LRQ_MUL_MAT", None),   # lrq's own op: metal/lrq.metal, patches/0007
     # the same op with the two-level layout's source (format v4): Metal declines it (patches/0007)
     "lrq_mul_mat_two_level": ("GGML_OP_LRQ_MUL_MAT", None),
@@ -246,6 +258,13 @@ def test_pinned_ggml_metal_supports_the_stock_ops_lrq_adds():
     cont = cases["GGML_OP_CONT"]
     head = "{ switch (op->src[0]->type) { case GGML_TYPE_F32: switch (op->type) { case GGML_TYPE_F32:"
     assert cont.startswith(head), cont[:200]
+    # CPY F32 -> I32 (the expert replicas' id map): in the F32 source's inner switch, before its default
+    cpy = cases["GGML_OP_CPY"]
+    f32 = cpy[cpy.index("case GGML_TYPE_F32: switch (op->type) {"):]
+    assert "case GGML_TYPE_I32: return true;" in f32[:f32.index("default:")], f32[:400]
+    # GLU: SWIGLU on contiguous F32 rows
+    glu = cases["GGML_OP_GLU"]
+    assert "case GGML_GLU_OP_SWIGLU:" in glu and "op->src[0]->type == GGML_TYPE_F32" in glu, glu
     assert cont[len(head):].split("return", 1)[1].startswith(" true;")
 
 
