@@ -39,6 +39,9 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=4, help="extra executions of the equal-decode comparison (default 4)")
     ap.add_argument("--chunks", type=int, default=10, help="llama-perplexity chunks per evaluation text")
     ap.add_argument("--bases", default="IQ2_XS,Q2_K", help="stock bases searched (default IQ2_XS,Q2_K)")
+    ap.add_argument("--no-cost", action="store_true",
+                    help="search on KLD alone (lrq-search --no-cost instead of --pareto: no llama-bench per "
+                         "trial, which on a 1.5B model costs more than the KLD); decode is still measured per row")
     ap.add_argument("--windows", type=int, default=4, help="held-out windows per trial (default 4)")
     ap.add_argument("--calibrate", default="all",
                     help="rows that also get a calibrated adapter: all, or a comma list of base,searched,"
@@ -72,7 +75,7 @@ def main() -> int:
     sdir = out / "search"
     cmd = [args.model, "-o", str(sdir), "--ref", str(ref),
            *[a for b in bases.values() for a in ("--base", str(b))], "--groups", "8", "--max-copies", "2", "--params", "strength",
-           "--pareto", "--budget", str(args.budget), "--windows", str(args.windows), "--ctx", "256",
+           *(["--no-cost"] if args.no_cost else ["--pareto"]), "--budget", str(args.budget), "--windows", str(args.windows), "--ctx", "256",
            "--calib-tokens", str(args.calib_tokens), "--calib-window", "512", "-t", str(args.threads),
            "--seed", "0"]
     t0 = time.monotonic()
