@@ -8,6 +8,7 @@ Examples:
     lrq-convert model.Q4_1.gguf out.gguf --bits 2 --gptq --calib-text sotu-calib --calib-tokens 4096
     lrq-convert model.Q4_1.gguf out.gguf --bits 2 --awq --calib-text my-text.txt
     lrq-convert model.Q4_1.gguf out.gguf --bits 2 --mix q2k --gptq --calib-text sotu-calib
+    lrq-convert model.Q4_1.gguf out.gguf --bits 2 --group-size 256 --layout two-level --mix q2k --gptq --calib-text sotu-calib
     lrq-convert model.Q4_1.gguf out.gguf --base-type IQ2_XS --calib sotu-calib --plan last-4
     lrq-convert model.Q4_1.gguf out.gguf --rotate --scale-search mse    # keeps model.Q4_1.rotated-seed0.F32.gguf
 
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="two-level: 2-bit codes with 4-bit sub-block scales and mins (16 or 32 weights, "
                         "default 16) under fp16 super-block scales of --group-size weights (use 256), "
                         "as llama.cpp's Q2_K, for any row width (format v4); needs --bits 2 --asym. "
-                        "Importance from --scale-search act-mse, GPTQ with --gptq (default single)")
+                        "Importance from --scale-search act-mse, GPTQ with --gptq; with --mix the "
+                        "tensors it widens get single-level groups of --group-size (default single)")
     q.add_argument("--mix", metavar="PRESET|RULES", default=None,
                    help="mixed precision: a preset (q2k: llama.cpp's Q2_K file, attn_v 4 bits, "
                         "attn_output and ffn_down 3; v4; v4-down3) or PATTERN=BITS[,...] rules, "

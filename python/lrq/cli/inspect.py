@@ -59,6 +59,7 @@ def collect(path: str, full_metadata: bool = False, adapter: str | None = None,
     """Everything lrq-inspect reports, as plain JSON-able data (``adapter`` / ``layers``: the
     view of base ``path`` with that adapter or layer map)."""
     from ..constants import Keys
+    from ..eval.bpw import layout_label
     from ..lrq_file import LRQModelFile
 
     if adapter is not None or layers is not None:
@@ -92,6 +93,8 @@ def collect(path: str, full_metadata: bool = False, adapter: str | None = None,
                   "linear_types": sorted({f.tensor_type(n) for n in f.replicable_weights()})},
         "schedule": [{"layer": e.layer, "replica": e.replica, "group": e.group, "weight": e.weight}
                      for e in f.schedule],
+        # the weights' layout(s): "LRQ2 two-level B16/S256 + LRQ3, LRQ4" (lrq.eval.bpw.layout_label)
+        "layout": None if f.mode is None else layout_label(f),
         "schedule_summary": f.plan.describe(),
         "expert_entries": _expert_entries(f, tensors),
         "lowrank": lowrank,
@@ -192,6 +195,8 @@ def _print(info: dict, show_tensors: bool) -> None:
     if q["mode"] is not None:
         print(f"  quant: {q['mode']}, {q['bits']} bits, group {q['group_size']}, scale search "
               f"{q['scale_search']}, rounding {q['rounding']}")
+        if info.get("layout") and q["base_type"] is None:
+            print(f"  layout: {info['layout']}")
     if q["base_type"] is not None:
         print(f"  stock-typed base: llama-quantize {q['base_type']}"
               + (f" with {q['base_imatrix']}" if q["base_imatrix"] else "") + "; block linears "

@@ -91,18 +91,26 @@ class ConvertOptions:
     rotate: bool = False
     # the two-level 2-bit layout (format v4, docs/two_level.md): 0 = off, else its sub-block size
     # (16 or 32); super-blocks of group_size.  Needs 2 bits, asym; importance from --scale-search
-    # act-mse's statistics, GPTQ with --gptq
+    # act-mse's statistics, GPTQ with --gptq.  With --mix the tensors the mix gives 2 bits take
+    # it and the wider ones single-level LRQ3 / LRQ4 groups of the same group_size (the file
+    # has one group size, FORMAT.md section 2)
     two_level: int = 0
 
     def __post_init__(self):
         if self.scale_search is None:
-            self.scale_search = "mse" if self.gptq and not self.two_level else "minmax"
+            # with --mix the wider tensors of a two-level file are single-level groups, for which
+            # GPTQ's default search is mse; the two-level tensors ignore it (their own search)
+            self.scale_search = "mse" if self.gptq and (not self.two_level or self.mix) else "minmax"
         if self.calib_stream is None:
             self.calib_stream = "quantized" if self.gptq else "float"
 
     def bits_for(self, name: str) -> int:
         """Code bits of block linear ``name``: its --mix rule's, else --bits."""
         return self._mix.bits_for(name, self.bits)
+
+    def is_two_level(self, name: str) -> bool:
+        """Block linear ``name`` takes the two-level layout: --layout two-level and 2 bits for it."""
+        return bool(self.two_level) and self.bits_for(name) == 2
 
     @functools.cached_property
     def _mix(self):
@@ -142,13 +150,13 @@ class ConvertOptions:
             if self.two_level not in SUB_SIZES:
                 raise ConvertError(f"--layout two-level:{self.two_level}: the sub-block size must be one of "
                                    f"{', '.join(map(str, SUB_SIZES))}")
-            if self.bits != 2 or self.mode != "asym" or mix.rules:
-                raise ConvertError("--layout two-level holds 2-bit asym codes: it needs --bits 2, --asym "
-                                   "and no --mix")
+            if self.bits != 2 or self.mode != "asym":
+                raise ConvertError("--layout two-level holds 2-bit asym codes: it needs --bits 2 and --asym "
+                                   "(--mix gives wider tensors single-level codes)")
             if self.refit or self.rounding != "nearest" or self.noise:
                 raise ConvertError("--layout two-level fits its own sub-block scales and mins: --refit, "
                                    "--rounding stochastic and --noise cannot be combined with it")
-            if self.scale_search == "mse":
+            if self.scale_search == "mse" and not mix.rules:
                 raise ConvertError("--layout two-level searches its own scales: --scale-search mse does "
                                    "not apply (act-mse: importance from the calibration text)")
         if self.group_size not in GROUP_SIZES:
@@ -307,7 +315,7 @@ def _layout(conv: ArchConverter, reader, plan: Plan, opts: ConvertOptions,
         sp.outputs.append(OutTensor(scale_name(t.name), (n_out, ng), int(F16)))
         if opts.mode == "asym":
             sp.outputs.append(OutTensor(min_name(t.name), (n_out, ng), int(F16)))
-        if opts.two_level:
+        if opts.is_two_level(t.name):
             sp.outputs.append(OutTensor(sub_name(t.name), (n_out, n_in // opts.two_level), int(I8)))
         if rep_params:
             sp.replicas = [r for r in plan.replicas(layer_of(t.name)) if r >= 1]
@@ -539,7 +547,7 @@ class _CalibratedQuantizer:
     def _quantize(self, name: str, w: np.ndarray, st):
         from ..quant import QuantizedTensor, pack
         o = self.opts
-        if o.two_level:
+        if o.is_two_level(name):
             return None, _two_level_quantize(w, o, st)
         bits = o.bits_for(name)
         try:
@@ -615,7 +623,7 @@ def _write_lrq(writer: GGUFStreamWriter, sp: SourceTensorPlan, t, opts: ConvertO
     try:
         if acts is not None:
             qt = acts.quantize(t.name, w)
-        elif opts.two_level:
+        elif opts.is_two_level(t.name):
             qt = _two_level_quantize(w, opts)
         elif opts.refits:
             qt = _refit_quantize(w, opts, opts.bits_for(t.name))
@@ -625,7 +633,7 @@ def _write_lrq(writer: GGUFStreamWriter, sp: SourceTensorPlan, t, opts: ConvertO
     except QuantError as e:
         raise ConvertError(f"tensor {t.name}: {e}") from None
     del w
-    if opts.two_level:      # LRQ2 codes, d / dmin per super-block, the sub-block bytes
+    if opts.is_two_level(t.name):      # LRQ2 codes, d / dmin per super-block, the sub-block bytes
         from ..quant_two_level import to_file
         codes, d, dmin, sub = to_file(qt)
         writer.write_tensor(t.name, codes)

@@ -22,7 +22,7 @@ class FileBpw:
     tensor_bytes: int
     n_params: int
     kind: str                 # "lrq" | "stock"
-    file_type: str            # the most common tensor type of the block linears, or "LRQ<b>"
+    file_type: str            # the most common tensor type of the block linears, or layout_label
     bpw_linears: float = float("nan")   # block linears only (LRQ: codes + every parameter tensor)
 
 
@@ -33,6 +33,34 @@ def _dominant_type(reader) -> str:
         if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2:
             c[t.tensor_type.name if hasattr(t.tensor_type, "name") else str(t.tensor_type)] += int(t.n_elements)
     return c.most_common(1)[0][0] if c else "?"
+
+
+def layout_label(f) -> str:
+    """What an LRQ file's weights are, for lrq-eval's type column and lrq-inspect: "LRQ2 g64",
+    "LRQ2 two-level B16/S256" (sub-blocks of B, super-blocks of S = the group size, FORMAT.md
+    3.3); a mixed file (--mix) names its most common layout by weights, then the other widths
+    ("LRQ2 two-level B16/S256 + LRQ3, LRQ4": those are single-level groups of the same size)."""
+    from collections import Counter
+
+    from ..constants import sub_name
+    names = set(f.tensor_names)
+    c: Counter = Counter()
+    for name in f.lrq_weights():
+        if not name.endswith(".weight"):            # low-rank factors are no base weights
+            continue
+        ti = f.tensor_info(name)
+        n_out, n_in = ti.shape[0], ti.shape[-1]
+        sub = sub_name(name)
+        B = n_in // f.tensor_info(sub).shape[-1] if sub in names else 0
+        c[(ti.lrq_bits, B)] += n_out * n_in
+    if not c:
+        return "LRQ"
+    keys = [k for k, _ in c.most_common()]
+    (bits, B), rest = keys[0], keys[1:]
+    head = f"LRQ{bits} two-level B{B}/S{f.group_size}" if B else f"LRQ{bits} g{f.group_size}"
+    if not rest:
+        return head
+    return head + " + " + ", ".join(f"LRQ{b}" + (f" two-level B{sb}" if sb else "") for b, sb in sorted(rest))
 
 
 def file_bpw(path: str | os.PathLike, adapter: str | os.PathLike | None = None,
@@ -55,11 +83,11 @@ def file_bpw(path: str | os.PathLike, adapter: str | os.PathLike | None = None,
     kv = read_kv(reader)
     if Keys.FORMAT_VERSION in kv:
         from ..lrq_file import LRQModelFile
-        b = LRQModelFile(path).bpw()
+        f = LRQModelFile(path)
+        b = f.bpw()
         # a stock-typed base (format v2) is named by its llama-quantize type, LRQ codes by their
-        # nominal bits and group (--mix files: the default width)
-        label = (f"{kv[Keys.BASE_TYPE]} base" if Keys.BASE_TYPE in kv
-                 else f"LRQ{kv.get(Keys.BITS, '?')} g{kv.get(Keys.GROUP_SIZE, '?')}")
+        # layout, bits and group (layout_label)
+        label = f"{kv[Keys.BASE_TYPE]} base" if Keys.BASE_TYPE in kv else layout_label(f)
         return FileBpw(float(b["file"]), int(b["tensor_bytes"]), int(b["n_base_params"]), "lrq",
                        label, float(b["linears"]))
     nbytes = sum(int(t.n_bytes) for t in reader.tensors)

@@ -33,13 +33,13 @@ def _fmt(v: float, nd: int) -> str:
 def table(rows: Sequence[Row], header: str = "") -> str:
     """A fixed-width table; '*' marks the PPL / KLD Pareto front."""
     lines = [header] if header else []
-    lines.append(f"{'model':34s} {'type':12s} {'bpw':>6s} {'PPL':>18s} {'KLD':>17s} {'top-1 %':>15s}  P")
+    lines.append(f"{'model':34s} {'type':36s} {'bpw':>6s} {'PPL':>18s} {'KLD':>17s} {'top-1 %':>15s}  P")
     for r in rows:
         ppl = f"{_fmt(r.ppl, 3)} ± {_fmt(r.ppl_err, 3)}"
         kld = f"{_fmt(r.kld, 4)} ± {_fmt(r.kld_err, 4)}"
         top = f"{_fmt(100 * r.top1, 2)} ± {_fmt(100 * r.top1_err, 2)}"
         mark = ("p" if r.pareto_ppl else "-") + ("k" if r.pareto_kld else "-")
-        lines.append(f"{r.label[:34]:34s} {r.file_type[:12]:12s} {r.bpw:6.3f} {ppl:>18s} {kld:>17s} "
+        lines.append(f"{r.label[:34]:34s} {r.file_type[:36]:36s} {r.bpw:6.3f} {ppl:>18s} {kld:>17s} "
                      f"{top:>15s}  {mark if r.kind != 'reference' else 'ref'}")
     lines.append("P: p = on the PPL-vs-bpw Pareto front, k = on the KLD-vs-bpw front")
     return "\n".join(lines)
