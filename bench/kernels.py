@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/kernels.py [--bits 2] [--group-size 64] [--mode asym] [--tokens 1 16]
     .venv/bin/python bench/kernels.py --two-level [--tokens 1 16]
+    .venv/bin/python bench/kernels.py --cpu-time [--bits 2] [--group-size 64] [--tokens 1 4]
 
 For each weight shape (SmolLM2-135M's attention-ish 1536x576 -- n_out x n_in -- and
 Qwen2.5-1.5B's ffn_up-sized 8960x1536) it prints the time per call and tokens/s of the fast path
@@ -15,6 +16,16 @@ activations.  The layouts are timed round-robin (each round times every layout o
 round is kept), so that a load change during the run hits all of them; the 1-minute load
 average is printed before and after, and the figures are marked busy when it exceeds the
 machine's core count.
+
+--cpu-time: the q8 mat-mul kernels alone (activations quantized once, outside the timed loop) at
+Qwen2.5-Coder-1.5B's linear shapes (q/o 1536x1536, k/v 256x1536, gate/up 8960x1536, down
+1536x8960), as thread CPU seconds per call (CLOCK_THREAD_CPUTIME_ID inside the binding, no
+Python in the loop): a figure that a busy machine inflates far less than wall time (only through
+cache and SMT sharing).  Every kernel this CPU can run (generic, avx2, avx512) is timed
+round-robin, the best of --rounds kept; the activation quantization's CPU time per call is
+printed beside.  --cold: each call on another copy of the weight (copies spanning more than
+the last-level cache, each called once per round, no warm-up), so that the codes stream from
+memory as in a model's decode, where every linear's weights are read once per token.
 """
 
 from __future__ import annotations
@@ -88,6 +99,67 @@ def two_level(args) -> None:
                                                           "machine; compare only within a row group" if busy else ""))
 
 
+COLD_BYTES = 96 << 20     # more than this machine's 32 MiB L3 (and the L2s)
+QWEN_SHAPES = [(1536, 1536), (256, 1536), (8960, 1536), (1536, 8960)]   # (n_out, n_in)
+
+
+def cpu_time(args) -> None:
+    rng = np.random.default_rng(0)
+    impls = []
+    for impl in ("generic", "avx2", "avx512"):
+        try:                                   # ValueError: not in this build / not on this CPU
+            K.bench_mul_mat_q8(*K.quantize(np.zeros((1, 32), np.float32), args.bits, 32, args.mode, "minmax"),
+                               args.bits, 32, args.mode, np.zeros((1, 32), np.float32), impl=impl, reps=1)
+            impls.append(impl)
+        except ValueError:
+            pass
+    if not args.generic:
+        impls = [i for i in impls if i != "generic"] or impls
+    load0 = os.getloadavg()[0]
+    print(f"LRQ{args.bits} {args.mode} g{args.group_size}: thread CPU time per call, 1 thread, best of "
+          f"{args.rounds} rounds; lrq_mul_mat_q8 picks {K.info()['simd']}-family; load average (1 min) {load0:.2f} "
+          f"on {os.cpu_count()} cores")
+    hdr = (f"{'n_out x n_in':>13} {'tokens':>6} " + " ".join(f"{i + ' us':>11}" for i in impls) +
+           f" {'act us':>8} {'best/avx2':>9}")
+    print(hdr)
+    print("-" * len(hdr))
+    for n_out, n_in in QWEN_SHAPES:
+        w = (rng.standard_normal((n_out, n_in)) * 0.02).astype(np.float32)
+        codes, d, m = K.quantize(w, args.bits, args.group_size, args.mode, "minmax")
+        for n_tok in args.tokens:
+            x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+            # about min_time / rounds seconds per measurement at ~1 ns per weight x token
+            reps = max(3, int(args.min_time / args.rounds / (n_out * n_in * n_tok * 1e-9)))
+            best = {i: float("inf") for i in impls}
+            act = float("inf")
+            if args.cold:
+                copies = [(codes.copy(), d.copy(), m.copy())
+                          for _ in range(max(2, int(COLD_BYTES // (codes.nbytes + d.nbytes + m.nbytes)) + 1))]
+                per = {i: [] for i in impls}
+                for _ in range(args.rounds):
+                    for impl in impls:
+                        tot = 0.0
+                        for c, dd, mm in copies:
+                            tot += K.bench_mul_mat_q8(c, dd, mm, args.bits, args.group_size, args.mode, x, impl=impl,
+                                                      reps=1, warmup=False)["kernel_s"]
+                        per[impl].append(tot / len(copies))
+                best = {i: statistics.median(v) for i, v in per.items()}
+                print(f"{f'{n_out}x{n_in}':>13} {n_tok:>6} " + " ".join(f"{best[i] * 1e6:11.1f}" for i in impls) +
+                      f" {'':>8} {min(best.values()) / best.get('avx2', float('nan')):9.2f}  (cold, median)")
+                continue
+            for _ in range(args.rounds):
+                for impl in impls:
+                    r = K.bench_mul_mat_q8(codes, d, m, args.bits, args.group_size, args.mode, x, impl=impl,
+                                           reps=reps if impl != "generic" else max(1, reps // 8))
+                    best[impl] = min(best[impl], r["kernel_s"])
+                    act = min(act, r["act_s"])
+            ratio = min(best.values()) / best["avx2"] if "avx2" in best else float("nan")
+            print(f"{f'{n_out}x{n_in}':>13} {n_tok:>6} " + " ".join(f"{best[i] * 1e6:11.1f}" for i in impls) +
+                  f" {act * 1e6:8.1f} {ratio:9.2f}")
+    load1 = os.getloadavg()[0]
+    print(f"load average (1 min) after: {load1:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", type=int, default=2)
@@ -98,7 +170,16 @@ def main() -> None:
     ap.add_argument("--two-level", action="store_true",
                     help="compare the two-level layout's fast path with LRQ2 g64 / g32 (module doc)")
     ap.add_argument("--rounds", type=int, default=5, help="--two-level: round-robin rounds (best kept)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="thread CPU time per call of each q8 kernel at Qwen2.5-1.5B's shapes (module doc)")
+    ap.add_argument("--generic", action="store_true", help="--cpu-time: also time the portable C kernel")
+    ap.add_argument("--cold", action="store_true", help="--cpu-time: weights read from memory (module doc)")
     args = ap.parse_args()
+    if args.cpu_time:
+        if args.tokens == [1, 16]:
+            args.tokens = [1, 4]
+        cpu_time(args)
+        return
     if args.two_level:
         two_level(args)
         return

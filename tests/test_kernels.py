@@ -358,3 +358,87 @@ def test_quantize_rejects_bad_arguments():
         K.quantize(w, 2, 48, "asym", "minmax")
     with pytest.raises(ValueError, match="scale_search must be"):
         K.quantize(w, 2, 64, "asym", "best")
+
+
+# ---- the AVX-512 VNNI kernel (single-level LRQ2, q8-avx512.c) --------------------------------------
+
+AVX512_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}   # q8.c's run-time check
+# A control (a wrong kernel: the two 4-byte words of each block's codes swapped, the mistake a
+# transposition or word index would make) must miss SIMD_NMSE_TOL by at least this factor
+# (measured >= 1e10 x the bound over the cases below); the AVX-512 kernel passes it with ~1e-13.
+CONTROL_MARGIN = 1e3
+
+
+def _cpu_flags() -> set:
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.machine() not in ("x86_64", "AMD64") or not cpuinfo.exists():
+        return set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.fixture(scope="module")
+def avx512():
+    """Skip where the CPU lacks AVX-512 VNNI; where it has it, the kernel must be there."""
+    if not AVX512_FLAGS <= _cpu_flags():
+        pytest.skip("the CPU lacks AVX-512 F/BW/VL/DQ/VNNI")
+    w = np.zeros((1, 32), np.float32)
+    codes, d, m = K.quantize(w, 2, 32, "asym", "minmax")
+    K.mul_mat(codes, d, m, 2, 32, "asym", w, impl="avx512")   # ValueError = missing from the build
+
+
+def _swap_block_words(codes: np.ndarray) -> np.ndarray:
+    """LRQ2 codes with bytes 0-3 and 4-7 of every block exchanged."""
+    c = codes.reshape(codes.shape[0], -1, 2, 4)
+    return np.ascontiguousarray(c[:, :, ::-1, :]).reshape(codes.shape)
+
+
+# n_out 37 / 21: row blocks of 16 plus a partial one; n_in 96 / 544 / 576: a last 8-block chunk
+# of 3 / 1 / 2 blocks (odd block counts too); n_tok < 4 takes the rows-in-lanes kernel, >= 4 the
+# block-pair kernel (with a 1-token remainder at 9).
+AVX512_CASES = [(37, 96, 1), (21, 544, 2), (37, 576, 3), (130, 1536, 1), (37, 576, 4), (37, 96, 9)]
+
+
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("mode", ["asym", "sym", "ternary"])
+def test_avx512_kernel_equals_generic(avx512, mode, group_size):
+    rng = np.random.default_rng(7 * group_size + len(mode))
+    kinds = ["none", "group", "channel", "tensor"]
+    for case, (n_out, n_in, n_tok) in enumerate(AVX512_CASES):
+        w = (rng.standard_normal((n_out, n_in)) * 0.05).astype(np.float32)
+        qt = quant.quantize(w, 2, group_size, mode)
+        x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+        x[:, ::17] *= 6.0
+        for a, act in enumerate(ACT_SETTINGS[:3]):
+            kind = kinds[(case + a) % len(kinds)]
+            rep = (None,) * 4 if kind == "none" else _replica(rng, n_out, qt.n_groups, kind)
+            where = f"{n_out}x{n_in} n_tok={n_tok} act={act} replica={kind}"
+            generic = _mul_mat(qt, x, "generic", rep, act)
+            simd = _mul_mat(qt, x, "avx512", rep, act)
+            e = nmse(simd, generic)
+            assert e <= SIMD_NMSE_TOL, f"avx512 vs generic: {where}: {e:.3g}"
+            # lrq_mul_mat_q8 dispatches LRQ2 to this kernel on this CPU
+            assert np.array_equal(_mul_mat(qt, x, "fast", rep, act), simd), where
+            # rows split anywhere (ggml's threads) give the same bits
+            for half in (5, 19):
+                parts = [_mul_mat(qt, x, "avx512", rep, act, row0=0, row1=half),
+                         _mul_mat(qt, x, "avx512", rep, act, row0=half, row1=n_out)]
+                assert np.array_equal(np.concatenate(parts, axis=1), simd), f"row split at {half}: {where}"
+            # control: the bound catches a kernel that reads a block's code words in the wrong order
+            wrong = K.mul_mat(_swap_block_words(qt.codes), qt.scale, qt.min, 2, group_size, mode, x,
+                              alpha=rep[0], beta=rep[1], gain=rep[2], bias=rep[3], act_clip=act[0],
+                              act_bits=act[1], impl="generic")
+            assert nmse(wrong, generic) > CONTROL_MARGIN * SIMD_NMSE_TOL, f"control: {where}"
+
+
+def test_avx512_kernel_refuses_other_layouts(avx512):
+    w = (np.random.default_rng(2).standard_normal((4, 64)) * 0.05).astype(np.float32)
+    x = np.ones((1, 64), np.float32)
+    codes, d, m = K.quantize(w, 4, 64, "asym", "minmax")
+    with pytest.raises(ValueError):
+        K.mul_mat(codes, d, m, 4, 64, "asym", x, impl="avx512")
+    codes, d, dmin, sub = K.quantize_two_level(w, 64, 16)
+    with pytest.raises(ValueError):
+        K.mul_mat(codes, d, dmin, 2, 64, "asym", x, impl="avx512", sub=sub)

@@ -200,7 +200,8 @@ int lrq_quantize_act_q8(const float * x, int64_t x_stride, float act_clip, int a
 
 // y[t, o - row0] for t < a->n_tok, row0 <= o < row1 from pre-quantized activations (ggml
 // quantizes them once, then splits the rows over threads).  Blocked as (16 rows) x (4 tokens)
-// so that each 32-weight block is decoded once per 4 tokens.  Dispatches to AVX2 + FMA when the
+// so that each 32-weight block is decoded once per 4 tokens (the AVX-512 kernel runs fewer than
+// 4 tokens with the 16 rows of a row block in its vector lanes).  Dispatches to AVX2 + FMA when the
 // library was built for x86-64 and the CPU has them, to NEON when built for aarch64 (vdotq_s32
 // if compiled with the dot-product extension), else to portable C with the same numerics
 // (integer block dots are exact; only the float summation order differs).
@@ -210,14 +211,24 @@ int lrq_mul_mat_q8(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8
 int lrq_mul_mat_q8_generic(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a,
                            float * y, int64_t y_stride, int64_t row0, int64_t row1);
 
+// One implementation of lrq_mul_mat_q8 by name, with the same argument checks, for tests and
+// benchmarks that compare them: "generic", "avx2" (x86-64), "avx512" (x86-64 with AVX-512 F / BW /
+// VL / DQ / VNNI; single-level LRQ2 only, other weights give LRQ_ERR_ARG).  lrq_mul_mat_q8 uses
+// "avx512" for single-level LRQ2 where the CPU has it, else "avx2", else "generic" (or NEON).
+// NULL when the library lacks the implementation or this CPU cannot run it.
+typedef int (*lrq_mul_mat_q8_fn)(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a,
+                                 float * y, int64_t y_stride, int64_t row0, int64_t row1);
+lrq_mul_mat_q8_fn lrq_mul_mat_q8_impl(const char * name);
+
 // Same signature as lrq_mul_mat_ref: quantizes the activations into a temporary buffer and
 // calls lrq_mul_mat_q8.
 int lrq_mul_mat(const lrq_weight * w, const lrq_replica * r,
                 const float * x, int64_t x_stride, int64_t n_tok,
                 float * y, int64_t y_stride, int64_t row0, int64_t row1);
 
-// "avx2" when lrq_mul_mat_q8 uses the AVX2 kernel on this CPU, "neon" on an aarch64 build,
-// else "generic".
+// "avx2" when lrq_mul_mat_q8 uses the AVX2 kernel on this CPU (and, for single-level LRQ2,
+// the AVX-512 VNNI one where the CPU also has that: lrq_mul_mat_q8_impl("avx512") != NULL),
+// "neon" on an aarch64 build, else "generic".
 const char * lrq_kernels_simd(void);
 
 #ifdef __cplusplus

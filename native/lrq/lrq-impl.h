@@ -91,6 +91,15 @@ int lrq_mul_mat_q8_avx2(const lrq_weight * w, const lrq_replica * r, const lrq_a
                         float * y, int64_t y_stride, int64_t row0, int64_t row1);
 #endif
 
+// The AVX-512 VNNI kernel for single-level LRQ2 (q8-avx512.c), selected at run time by q8.c.
+// Only where the build compiles that file with its flags and says so (CMake defines
+// LRQ_WITH_AVX512 for lrq_kernels): builds that list the sources themselves keep AVX2.
+#if defined(LRQ_HAVE_AVX2_KERNEL) && defined(LRQ_WITH_AVX512)
+#define LRQ_HAVE_AVX512_KERNEL 1
+int lrq_mul_mat_q8_avx512(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a,
+                          float * y, int64_t y_stride, int64_t row0, int64_t row1);
+#endif
+
 // The NEON kernel (q8-neon.c); aarch64 only, where NEON is baseline (no run-time check).
 // -DLRQ_NO_NEON builds the portable code alone.
 #if defined(__ARM_NEON) && defined(__aarch64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(LRQ_NO_NEON)

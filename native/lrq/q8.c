@@ -214,6 +214,22 @@ static int cpu_has_avx2(void) {
 #endif
 }
 
+#ifdef LRQ_HAVE_AVX512_KERNEL
+static int cpu_has_avx512(void) {
+    static int cached = -1;       // benign race, as above
+    if (cached < 0) {
+        __builtin_cpu_init();     // (the avx512 flags are only set when the OS saves the zmm state)
+        cached = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                 __builtin_cpu_supports("avx512vnni");
+    }
+    return cached;
+}
+
+// The AVX-512 kernel covers single-level LRQ2, the 2-bit layout of the decode-speed target.
+static int use_avx512(const lrq_weight * w) { return w->bits == 2 && !w->sub && cpu_has_avx512(); }
+#endif
+
 const char * lrq_kernels_simd(void) {
 #ifdef LRQ_HAVE_NEON_KERNEL
     return "neon";
@@ -223,6 +239,13 @@ const char * lrq_kernels_simd(void) {
 
 int lrq_mul_mat_q8(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a,
                    float * y, int64_t y_stride, int64_t row0, int64_t row1) {
+#ifdef LRQ_HAVE_AVX512_KERNEL
+    if (w && use_avx512(w)) {
+        const int rc = check_q8(w, r, a, y, y_stride, row0, row1);
+        if (rc) return rc;
+        return lrq_mul_mat_q8_avx512(w, r, a, y, y_stride, row0, row1);
+    }
+#endif
 #ifdef LRQ_HAVE_AVX2_KERNEL
     if (cpu_has_avx2()) {
         const int rc = check_q8(w, r, a, y, y_stride, row0, row1);
@@ -238,6 +261,35 @@ int lrq_mul_mat_q8(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8
     }
 #endif
     return lrq_mul_mat_q8_generic(w, r, a, y, y_stride, row0, row1);
+}
+
+#ifdef LRQ_HAVE_AVX2_KERNEL
+static int mul_mat_q8_avx2_checked(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y,
+                                   int64_t y_stride, int64_t row0, int64_t row1) {
+    const int rc = check_q8(w, r, a, y, y_stride, row0, row1);
+    return rc ? rc : lrq_mul_mat_q8_avx2(w, r, a, y, y_stride, row0, row1);
+}
+#endif
+#ifdef LRQ_HAVE_AVX512_KERNEL
+static int mul_mat_q8_avx512_checked(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y,
+                                     int64_t y_stride, int64_t row0, int64_t row1) {
+    const int rc = check_q8(w, r, a, y, y_stride, row0, row1);
+    if (rc) return rc;
+    if (w->bits != 2 || w->sub) return LRQ_ERR_ARG;
+    return lrq_mul_mat_q8_avx512(w, r, a, y, y_stride, row0, row1);
+}
+#endif
+
+lrq_mul_mat_q8_fn lrq_mul_mat_q8_impl(const char * name) {
+    if (!name) return NULL;
+    if (!strcmp(name, "generic")) return lrq_mul_mat_q8_generic;
+#ifdef LRQ_HAVE_AVX2_KERNEL
+    if (!strcmp(name, "avx2")) return cpu_has_avx2() ? mul_mat_q8_avx2_checked : NULL;
+#endif
+#ifdef LRQ_HAVE_AVX512_KERNEL
+    if (!strcmp(name, "avx512")) return cpu_has_avx512() ? mul_mat_q8_avx512_checked : NULL;
+#endif
+    return NULL;
 }
 
 int lrq_mul_mat(const lrq_weight * w, const lrq_replica * r,

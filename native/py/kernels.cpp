@@ -11,6 +11,7 @@
 #include <pybind11/stl.h>
 
 #include <cstring>
+#include <ctime>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -343,11 +344,14 @@ void lrq_register_kernels(py::module_ & parent) {
             throw py::value_error("row range [" + std::to_string(row0) + ", " + std::to_string(row1) + ") is not within [0, " +
                                   std::to_string(wa.w.n_out) + "]");
         }
-        decltype(&lrq_mul_mat_ref) fn;
+        decltype(&lrq_mul_mat_ref) fn = nullptr;
+        lrq_mul_mat_q8_fn          q8 = nullptr;
         if (impl == "ref") fn = &lrq_mul_mat_ref;
         else if (impl == "fast") fn = &lrq_mul_mat;
-        else if (impl == "generic") fn = nullptr;
-        else throw py::value_error("impl must be 'ref', 'fast' or 'generic', got '" + impl + "'");
+        else if (impl == "generic" || impl == "avx2" || impl == "avx512") {
+            q8 = lrq_mul_mat_q8_impl(impl.c_str());
+            if (!q8) throw py::value_error("impl '" + impl + "' is not available in this build or on this CPU");
+        } else throw py::value_error("impl must be 'ref', 'fast', 'generic', 'avx2' or 'avx512', got '" + impl + "'");
         const int64_t n_tok = x.shape(0);
         py::array_t<float> y({(py::ssize_t) n_tok, (py::ssize_t) (row1 - row0)});
         const float * xp = x.data();
@@ -357,13 +361,13 @@ void lrq_register_kernels(py::module_ & parent) {
             py::gil_scoped_release nogil;
             if (fn) {
                 rc = fn(&wa.w, &ra.r, xp, wa.w.n_in, n_tok, yp, row1 - row0, row0, row1);
-            } else if (n_tok > 0) {   // the portable q8 kernel, whatever the CPU
+            } else if (n_tok > 0) {   // one q8 kernel by name, whatever lrq_mul_mat_q8 would pick
                 const int gs = lrq_act_group_size(&wa.w);
                 std::vector<char> buf(lrq_act_q8_size(n_tok, wa.w.n_in, gs) + 32);
                 lrq_act_q8 a;
                 lrq_act_q8_init(&a, buf.data(), n_tok, wa.w.n_in, gs);
                 rc = lrq_quantize_act_q8(xp, wa.w.n_in, ra.r.act_clip, ra.r.act_bits, &a);
-                if (!rc) rc = lrq_mul_mat_q8_generic(&wa.w, &ra.r, &a, yp, row1 - row0, row0, row1);
+                if (!rc) rc = q8(&wa.w, &ra.r, &a, yp, row1 - row0, row0, row1);
             }
         }
         check_status(rc, "mul_mat");
@@ -373,7 +377,55 @@ void lrq_register_kernels(py::module_ & parent) {
        py::arg("bias") = py::none(), py::arg("act_clip") = 1.0, py::arg("act_bits") = 0, py::arg("impl") = "ref",
        py::arg("row0") = 0, py::arg("row1") = py::none(), py::arg("sub") = py::none(),
        "y float32 [n_tok, row1 - row0] = act_r(x) . W_r[row0:row1]^T + bias.\n"
-       "impl: 'ref' (double), 'fast' (int8 activations, AVX2 when available), 'generic' (the same, portable C).");
+       "impl: 'ref' (double), 'fast' (int8 activations, the best kernel for this CPU), 'generic' (the same, portable C),\n"
+       "'avx2' / 'avx512' (that kernel; ValueError where unavailable; 'avx512': single-level LRQ2 only).");
+
+    m.def("bench_mul_mat_q8", [](const py::object & codes, const py::object & d, const py::object & m_obj, int bits,
+                                 int group_size, const std::string & mode, const F32Array & x, const std::string & impl,
+                                 int reps, bool warmup, const py::object & sub) {
+        WeightArgs wa = weight_args(codes, d, m_obj, bits, group_size, mode);
+        attach_sub(wa, sub);
+        if (x.ndim() != 2 || x.shape(1) != wa.w.n_in) bad_shape("x", "[n_tok, n_in] = [n_tok, " + std::to_string(wa.w.n_in) + "]", x);
+        if (reps < 1) throw py::value_error("reps must be >= 1");
+        lrq_mul_mat_q8_fn q8 = impl == "fast" ? &lrq_mul_mat_q8 : lrq_mul_mat_q8_impl(impl.c_str());
+        if (!q8) throw py::value_error("impl '" + impl + "' is not available in this build or on this CPU");
+        const int64_t n_tok = x.shape(0), n_out = wa.w.n_out;
+        const int     gs    = lrq_act_group_size(&wa.w);
+        std::vector<char>  buf(lrq_act_q8_size(n_tok, wa.w.n_in, gs) + 32);
+        std::vector<float> y((size_t) (n_tok * n_out));
+        lrq_act_q8         a;
+        lrq_act_q8_init(&a, buf.data(), n_tok, wa.w.n_in, gs);
+        // CPU time of this thread: what a loaded machine does not inflate (unlike wall time)
+        auto cpu = []() {
+            timespec ts;
+            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+            return (double) ts.tv_sec + 1e-9 * (double) ts.tv_nsec;
+        };
+        int    rc = LRQ_OK;
+        double t_act = 0.0, t_mm = 0.0;
+        {
+            py::gil_scoped_release nogil;
+            rc = lrq_quantize_act_q8(x.data(), wa.w.n_in, 1.0f, 0, &a);
+            if (!rc && warmup) rc = q8(&wa.w, nullptr, &a, y.data(), n_out, 0, n_out);   // weights into the caches
+            double t0 = cpu();
+            for (int i = 0; i < reps && !rc; ++i) rc = lrq_quantize_act_q8(x.data(), wa.w.n_in, 1.0f, 0, &a);
+            double t1 = cpu();
+            for (int i = 0; i < reps && !rc; ++i) rc = q8(&wa.w, nullptr, &a, y.data(), n_out, 0, n_out);
+            double t2 = cpu();
+            t_act = (t1 - t0) / reps;
+            t_mm  = (t2 - t1) / reps;
+        }
+        check_status(rc, "bench_mul_mat_q8");
+        py::dict out;
+        out["kernel_s"] = t_mm;
+        out["act_s"]    = t_act;
+        return out;
+    }, py::arg("codes"), py::arg("d"), py::arg("m"), py::arg("bits"), py::arg("group_size"), py::arg("mode"), py::arg("x"),
+       py::arg("impl") = "fast", py::arg("reps") = 100, py::arg("warmup") = true, py::arg("sub") = py::none(),
+       "Thread CPU seconds per call of one q8 mat-mul kernel (impl: 'fast' = lrq_mul_mat_q8's choice, 'generic', 'avx2',\n"
+       "'avx512') over all rows, and of the activation quantization, after one warm-up call (warmup=False: none, so\n"
+       "that a weight not in the caches is read from memory as in a model's decode); default replica.\n"
+       "For bench/kernels.py: no Python or allocation inside the timed loops.");
 
     m.def("ggml_op", [](const py::object & codes, const py::object & d, const py::object & m_obj, int bits,
                         int group_size, const std::string & mode, const F32Array & x, const py::object & alpha,

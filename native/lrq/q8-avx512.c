@@ -1,0 +1,374 @@
+// lrq kernels: the AVX-512 VNNI mat-mul of the fast path for single-level LRQ2 (the 2-bit
+// decode case), compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni as a source
+// property and only called after a run-time CPU check (q8.c); other layouts stay on AVX2.
+//
+// Why it is faster than the AVX2 kernel: one 512-bit vector holds two 32-weight blocks, and
+// vpdpbusd replaces maddubs + madd + the multiply by ones, so per two blocks there is one
+// unpack, one integer dot, one int -> float conversion and two float operations instead of twice
+// that.  Numerics as lrq_mul_mat_q8_generic (q8.c): each block's integer dot q . xq is exact
+// (vpdpbusd sums u8 x s8 products in int32 without saturation), dx_b multiplies it in float32,
+// only the float summation order differs.
+#include "lrq-impl.h"
+
+#ifdef LRQ_HAVE_AVX512_KERNEL
+
+#include <immintrin.h>
+#include <stdlib.h>
+
+#define LRQ_INLINE static inline __attribute__((always_inline))
+
+// Two consecutive LRQ2 blocks (16 bytes) -> 64 unsigned bytes, byte 32h + j = weight j of block h.
+// Block layout (FORMAT.md 4): weight 8l + k is bits 2l..2l+1 of byte k, so 64-bit lane l of a
+// block's half takes the block's 8 bytes shifted right by 2l.
+LRQ_INLINE __m512i unpack2x2(const uint8_t * p) {
+    const __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *) p));
+    const __m512i b = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 0, 0, 0, 1, 1, 1, 1), v);
+    const __m512i s = _mm512_srlv_epi64(b, _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6));
+    return _mm512_and_si512(s, _mm512_set1_epi8(3));
+}
+
+// One LRQ2 block -> 32 unsigned bytes (the odd last block of a row).
+LRQ_INLINE __m256i unpack2(const uint8_t * p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    const __m256i s = _mm256_srlv_epi64(_mm256_set1_epi64x((long long) v), _mm256_setr_epi64x(0, 2, 4, 6));
+    return _mm256_and_si256(s, _mm256_set1_epi8(3));
+}
+
+// [f[0] x 8, f[1] x 8]
+LRQ_INLINE __m512 bcast2(const float * f) {
+    const __m512 v = _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *) f)));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), v);
+}
+
+LRQ_INLINE float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s        = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s        = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// Per-group factors of row o: ad = alpha * d, off = ad * (beta - z) + m, 16 groups per step.
+// ad / off: room for ng rounded up to 16.
+LRQ_INLINE __m512 load16_h(const uint16_t * p, int64_t stride, int n) {
+    if (stride == 1 && n == 16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) p));
+    if (stride == 0) return _mm512_set1_ps(_cvtsh_ss(p[0]));
+    float f[16] = {0};
+    for (int k = 0; k < n; ++k) f[k] = _cvtsh_ss(p[k * stride]);
+    return _mm512_loadu_ps(f);
+}
+
+LRQ_INLINE void row_factors(const lrq_weight * w, const lrq_replica * r, int64_t o, int64_t ng, float z,
+                            float * ad, float * off) {
+    for (int64_t G = 0; G < ng; G += 16) {
+        const int n = (int) (ng - G < 16 ? ng - G : 16);
+        __m512    d = load16_h(w->d + o * w->d_row_stride + G, 1, n);
+        if (r && r->alpha) {
+            d = _mm512_mul_ps(d, load16_h(r->alpha + o * r->alpha_row_stride + G * r->alpha_group_stride,
+                                          r->alpha_group_stride, n));
+        }
+        __m512 lv = _mm512_set1_ps(-z);
+        if (r && r->beta) {
+            lv = _mm512_add_ps(lv, load16_h(r->beta + o * r->beta_row_stride + G * r->beta_group_stride,
+                                            r->beta_group_stride, n));
+        }
+        __m512 c = _mm512_mul_ps(d, lv);
+        if (w->m) c = _mm512_add_ps(c, load16_h(w->m + o * w->m_row_stride + G, 1, n));
+        _mm512_storeu_ps(ad + G, d);
+        _mm512_storeu_ps(off + G, c);
+    }
+}
+
+// sum_G off[G] * sx[G]
+LRQ_INLINE float offset_dot(const float * off, const float * sx, int64_t ng) {
+    __m256  acc = _mm256_setzero_ps();
+    int64_t G   = 0;
+    for (; G + 8 <= ng; G += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(off + G), _mm256_loadu_ps(sx + G), acc);
+    float s = hsum8(acc);
+    for (; G < ng; ++G) s += off[G] * sx[G];
+    return s;
+}
+
+// One row o, NT tokens from t0.  dx2[tt]: token tt's block scales as [dx_b x 8, dx_b+1 x 8] per
+// block pair (16 floats per pair, shared by the rows of a row block).
+//   y[t0 + tt, o - row0] = gain[o] * sum_b ad_G(b) dx_b (q_b . xq_b) + sum_G off_G Sx_G) + bias[o]
+// With groups of 64 or more a pair never straddles two groups; with 32 each block of the pair
+// has its own ad.
+LRQ_INLINE void row_tokens2(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y,
+                            int64_t y_stride, int64_t row0, int64_t o, int64_t t0, float * ad, float * off,
+                            float * const * dx2, const int NT) {
+    const int64_t   n_in = w->n_in, nb = n_in / LRQ_QK, ng = lrq_n_groups(n_in, w->group_size);
+    const int       bpg  = w->group_size / LRQ_QK;
+    const uint8_t * p    = w->codes + (size_t) o * w->codes_row_bytes;
+    const int8_t *  xq[LRQ_TOK_BLOCK];
+    __m512          acc0[LRQ_TOK_BLOCK], acc1[LRQ_TOK_BLOCK];   // two chains: the FMA latency at one token
+    row_factors(w, r, o, ng, lrq_zero_point(2, w->mode), ad, off);
+    for (int tt = 0; tt < NT; ++tt) {
+        xq[tt]   = a->qs + (t0 + tt) * n_in;
+        acc0[tt] = _mm512_setzero_ps();
+        acc1[tt] = _mm512_setzero_ps();
+    }
+    int64_t b = 0;
+    for (; b + 4 <= nb; b += 4) {
+        const __m512i q0  = unpack2x2(p + b * 8);   // decoded once for NT tokens
+        const __m512i q1  = unpack2x2(p + b * 8 + 16);
+        const __m512  ad0 = bpg == 1 ? bcast2(ad + b) : _mm512_set1_ps(ad[b / bpg]);
+        const __m512  ad1 = bpg == 1 ? bcast2(ad + b + 2) : _mm512_set1_ps(ad[(b + 2) / bpg]);
+        for (int tt = 0; tt < NT; ++tt) {
+            const __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q0, _mm512_loadu_si512(xq[tt] + b * LRQ_QK));
+            const __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q1,
+                                                   _mm512_loadu_si512(xq[tt] + (b + 2) * LRQ_QK));
+            const __m512 f0 = _mm512_mul_ps(_mm512_cvtepi32_ps(i0), _mm512_loadu_ps(dx2[tt] + b * 8));
+            const __m512 f1 = _mm512_mul_ps(_mm512_cvtepi32_ps(i1), _mm512_loadu_ps(dx2[tt] + (b + 2) * 8));
+            acc0[tt]        = _mm512_fmadd_ps(f0, ad0, acc0[tt]);
+            acc1[tt]        = _mm512_fmadd_ps(f1, ad1, acc1[tt]);
+        }
+    }
+    for (; b + 2 <= nb; b += 2) {
+        const __m512i q0  = unpack2x2(p + b * 8);
+        const __m512  ad0 = bpg == 1 ? bcast2(ad + b) : _mm512_set1_ps(ad[b / bpg]);
+        for (int tt = 0; tt < NT; ++tt) {
+            const __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q0, _mm512_loadu_si512(xq[tt] + b * LRQ_QK));
+            const __m512  f0 = _mm512_mul_ps(_mm512_cvtepi32_ps(i0), _mm512_loadu_ps(dx2[tt] + b * 8));
+            acc0[tt]         = _mm512_fmadd_ps(f0, ad0, acc0[tt]);
+        }
+    }
+    if (b < nb) {   // an odd last block: the lower half of a pair
+        const __m256i q0  = unpack2(p + b * 8);
+        const __m256  ad0 = _mm256_set1_ps(ad[b / bpg]);
+        for (int tt = 0; tt < NT; ++tt) {
+            const __m256i i0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q0,
+                                                   _mm256_loadu_si256((const __m256i *) (xq[tt] + b * LRQ_QK)));
+            const __m256  f0 = _mm256_mul_ps(_mm256_cvtepi32_ps(i0), _mm256_loadu_ps(dx2[tt] + b * 8));
+            acc1[tt]         = _mm512_add_ps(acc1[tt], _mm512_zextps256_ps512(_mm256_mul_ps(f0, ad0)));
+        }
+    }
+    const float gain = (r && r->gain) ? r->gain[o] : 1.0f;
+    const float bias = (r && r->bias) ? r->bias[o] : 0.0f;
+    for (int tt = 0; tt < NT; ++tt) {
+        const float offs = offset_dot(off, a->sx + (t0 + tt) * ng, ng);
+        y[(t0 + tt) * y_stride + (o - row0)] = gain * (_mm512_reduce_add_ps(_mm512_add_ps(acc0[tt], acc1[tt])) + offs) + bias;
+    }
+}
+
+// ---- one token, 16 rows at a time: rows in the vector lanes ------------------------------------------
+//
+// At one token the pair kernel above is bound by vector operations (unpack, dot, conversion and two
+// float operations per 64 weights of one row): nothing is shared between rows.  With the 16 rows of
+// a row block in the 16 int32 lanes instead, vpdpbusd multiplies 4 codes of every row by the same 4
+// activations (a broadcast), each block's integer dot ends in its row's lane without a horizontal
+// sum, and the conversion and float work per block is one operation for 16 rows.  The codes are
+// brought into that layout in registers: 64 bytes (8 blocks) of each of the 16 rows, a 16 x 16
+// transpose of 32-bit words, so that word j of every row sits in one vector.
+
+// T[j] lane r = 32-bit word j of T[r] (in place).
+LRQ_INLINE void transpose16(__m512i * T) {
+    __m512i t[16], u[16];
+    for (int q = 0; q < 4; ++q) {
+        const __m512i r0 = T[4 * q], r1 = T[4 * q + 1], r2 = T[4 * q + 2], r3 = T[4 * q + 3];
+        t[0] = _mm512_unpacklo_epi32(r0, r1);
+        t[1] = _mm512_unpackhi_epi32(r0, r1);
+        t[2] = _mm512_unpacklo_epi32(r2, r3);
+        t[3] = _mm512_unpackhi_epi32(r2, r3);
+        u[4 * q]     = _mm512_unpacklo_epi64(t[0], t[2]);   // 128-bit lane L: word 4L + 0 of rows 4q..4q+3
+        u[4 * q + 1] = _mm512_unpackhi_epi64(t[0], t[2]);
+        u[4 * q + 2] = _mm512_unpacklo_epi64(t[1], t[3]);
+        u[4 * q + 3] = _mm512_unpackhi_epi64(t[1], t[3]);
+    }
+    for (int k = 0; k < 4; ++k) {   // 4 x 4 transpose of 128-bit lanes among u[k], u[4+k], u[8+k], u[12+k]
+        const __m512i v0 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x44), v1 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xEE);
+        const __m512i v2 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x44);
+        const __m512i v3 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xEE);
+        T[k]      = _mm512_shuffle_i32x4(v0, v2, 0x88);   // word 0 * 4 + k of rows 0..15
+        T[4 + k]  = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+        T[8 + k]  = _mm512_shuffle_i32x4(v1, v3, 0x88);
+        T[12 + k] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+    }
+}
+
+LRQ_INLINE __m512i bcast4(const int8_t * p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+// The factors of rows o0..o0+15 in the lane layout: adT[G * 16 + rr], offT[G * 16 + rr] (ad, off
+// of row o0 + rr, group G; room for 16 * ng rounded up to 16).  Without alpha / beta (replica 0)
+// straight from the fp16 d and m, 16 groups at a time: row rr's 16 d and 16 m as one vector of
+// 32-bit words (d pairs, then m pairs), transposed, converted.  With them: row_factors per row
+// into rows (room for 16 rows of ng rounded up to 16), then the same transpose of the floats.
+static void factors16(const lrq_weight * w, const lrq_replica * r, int64_t o0, int nr, int64_t ng, float z,
+                      float * rows, float * adT, float * offT) {
+    const int64_t ngp = (ng + 15) / 16 * 16;
+    __m512i       T[16];
+    if (r && (r->alpha || r->beta)) {
+        for (int rr = 0; rr < 16; ++rr) {
+            if (rr < nr) {
+                row_factors(w, r, o0 + rr, ng, z, rows + rr * 2 * ngp, rows + rr * 2 * ngp + ngp);
+            } else {
+                memset(rows + rr * 2 * ngp, 0, (size_t) (2 * ngp) * sizeof(float));
+            }
+        }
+        for (int64_t G0 = 0; G0 < ng; G0 += 16) {
+            for (int k = 0; k < 2; ++k) {
+                float * dst = k ? offT : adT;
+                for (int rr = 0; rr < 16; ++rr) T[rr] = _mm512_loadu_si512(rows + rr * 2 * ngp + k * ngp + G0);
+                transpose16(T);
+                for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + (G0 + j) * 16, T[j]);
+            }
+        }
+        return;
+    }
+    const __m512 mz = _mm512_set1_ps(-z);
+    for (int64_t G0 = 0; G0 < ng; G0 += 16) {
+        const int       n  = (int) (ng - G0 < 16 ? ng - G0 : 16);
+        const __mmask16 mk = (__mmask16) ((1u << n) - 1u);
+        for (int rr = 0; rr < 16; ++rr) {
+            const __mmask16 mr = rr < nr ? mk : 0;
+            const __m256i   dv = _mm256_maskz_loadu_epi16(mr, w->d + (o0 + rr) * w->d_row_stride + G0);
+            const __m256i   mv = w->m ? _mm256_maskz_loadu_epi16(mr, w->m + (o0 + rr) * w->m_row_stride + G0)
+                                      : _mm256_setzero_si256();
+            T[rr] = _mm512_inserti64x4(_mm512_castsi256_si512(dv), mv, 1);
+        }
+        transpose16(T);   // T[j] lane rr: (d, d) of groups G0 + 2j, 2j + 1 (j < 8), (m, m) of 2(j - 8), +1
+        for (int j = 0; 2 * j < n; ++j) {
+            for (int h = 0; h < 2; ++h) {
+                const __m512i dw = h ? _mm512_srli_epi32(T[j], 16) : T[j];
+                const __m512i mw = h ? _mm512_srli_epi32(T[8 + j], 16) : T[8 + j];
+                const __m512  d  = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dw));
+                const __m512  m  = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(mw));
+                _mm512_storeu_ps(adT + (G0 + 2 * j + h) * 16, d);
+                // as row_factors: ad * (beta - z) + m with beta = 0 (and m = 0 without m)
+                _mm512_storeu_ps(offT + (G0 + 2 * j + h) * 16, _mm512_add_ps(_mm512_mul_ps(d, mz), m));
+            }
+        }
+    }
+}
+
+// Rows o0..o0+nr-1 (nr <= 16), token t.  adT / offT / rows: factors16's scratch.  Lanes past nr
+// compute zeros and are not stored; every row takes the same lane arithmetic wherever the row
+// range starts or ends, so a split of the rows (ggml's threads) gives the same bits.
+// nr_next: rows of the next row block of the call (0: none).  In a model's decode the codes come
+// from memory, and the 16 row streams read 64 bytes at a time are more than the hardware
+// prefetchers follow, so the loop fetches the next row block's codes, d and m (each contiguous)
+// a part per 8-block step ahead of use; the first row block of a call fetches its own codes two
+// steps ahead.
+//   y[t, o - row0] = gain[o] * (sum_G ad_G sum_{b in G} dx_b (q_b . xq_b) + sum_G off_G Sx_G) + bias[o]
+LRQ_STATIC_ASSERT(LRQ_ROW_BLOCK == 16, "rows16_tok takes a whole row block in the 16 lanes");
+
+// Part c of n of the cache lines of [p, p + bytes): software prefetch into L2 (hint T1).
+LRQ_INLINE void prefetch_part(const void * p, size_t bytes, int64_t c, int64_t n) {
+    const char * s = (const char *) p;
+    for (size_t off = (size_t) c * bytes / (size_t) n / 64 * 64; off < (size_t) (c + 1) * bytes / (size_t) n; off += 64) {
+        _mm_prefetch(s + off, _MM_HINT_T1);
+    }
+}
+
+static void rows16_tok(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y, int64_t y_stride,
+                       int64_t row0, int64_t o0, int nr, int nr_next, int64_t t, float * rows, float * adT,
+                       float * offT) {
+    const int64_t   n_in = w->n_in, nb = n_in / LRQ_QK, ng = lrq_n_groups(n_in, w->group_size);
+    const int64_t   bpg  = w->group_size / LRQ_QK;
+    const size_t    rb   = w->codes_row_bytes;
+    const uint8_t * base = w->codes + (size_t) o0 * rb;
+    const int8_t *  xq   = a->qs + t * n_in;
+    const float *   dx   = a->dx + t * nb;
+    const float *   sx   = a->sx + t * ng;
+    const float     z    = lrq_zero_point(2, w->mode);
+    if (t == 0) factors16(w, r, o0, nr, ng, z, rows, adT, offT);   // the same for every token
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (int64_t G = 0; G < ng; ++G) acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(offT + G * 16), _mm512_set1_ps(sx[G]), acc1);
+    const __m512i m3 = _mm512_set1_epi8(3);
+    __m512        gs = _mm512_setzero_ps();
+    const int64_t nchunk = (nb + 7) / 8;
+    for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+        const int64_t c = b0 / 8;
+        if (nr_next) {
+            prefetch_part(base + 16 * rb, (size_t) nr_next * rb, c, nchunk);
+            prefetch_part(w->d + (o0 + 16) * w->d_row_stride, (size_t) nr_next * (size_t) w->d_row_stride * 2, c, nchunk);
+            if (w->m) {
+                prefetch_part(w->m + (o0 + 16) * w->m_row_stride, (size_t) nr_next * (size_t) w->m_row_stride * 2, c,
+                              nchunk);
+            }
+        }
+        if (o0 == row0 && b0 + 16 < nb) {
+            for (int rr = 0; rr < nr; ++rr) _mm_prefetch((const char *) (base + rr * rb + (b0 + 16) * 8), _MM_HINT_T0);
+        }
+        const int       nblk = (int) (nb - b0 < 8 ? nb - b0 : 8);
+        const __mmask16 mask = (__mmask16) ((1u << (2 * nblk)) - 1u);   // 2 words per block
+        __m512i         T[16];
+        for (int rr = 0; rr < 16; ++rr) T[rr] = _mm512_maskz_loadu_epi32(rr < nr ? mask : 0, base + rr * rb + b0 * 8);
+        transpose16(T);
+        for (int bb = 0; bb < nblk; ++bb) {
+            const int64_t  b  = b0 + bb;
+            const int8_t * xb = xq + b * LRQ_QK;
+            // word h of a block row holds bytes 4h..4h+3; bits 2l..2l+1 of byte k are weight 8l + k
+            __m512i i0 = _mm512_setzero_si512(), i1 = _mm512_setzero_si512();
+            const __m512i z0 = T[2 * bb], z1 = T[2 * bb + 1];
+            i0 = _mm512_dpbusd_epi32(i0, _mm512_and_si512(z0, m3), bcast4(xb + 0));
+            i1 = _mm512_dpbusd_epi32(i1, _mm512_and_si512(z1, m3), bcast4(xb + 4));
+            i0 = _mm512_dpbusd_epi32(i0, _mm512_and_si512(_mm512_srli_epi32(z0, 2), m3), bcast4(xb + 8));
+            i1 = _mm512_dpbusd_epi32(i1, _mm512_and_si512(_mm512_srli_epi32(z1, 2), m3), bcast4(xb + 12));
+            i0 = _mm512_dpbusd_epi32(i0, _mm512_and_si512(_mm512_srli_epi32(z0, 4), m3), bcast4(xb + 16));
+            i1 = _mm512_dpbusd_epi32(i1, _mm512_and_si512(_mm512_srli_epi32(z1, 4), m3), bcast4(xb + 20));
+            i0 = _mm512_dpbusd_epi32(i0, _mm512_and_si512(_mm512_srli_epi32(z0, 6), m3), bcast4(xb + 24));
+            i1 = _mm512_dpbusd_epi32(i1, _mm512_and_si512(_mm512_srli_epi32(z1, 6), m3), bcast4(xb + 28));
+            gs = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), _mm512_set1_ps(dx[b]), gs);
+            if ((b + 1) % bpg == 0 || b + 1 == nb) {
+                acc0 = _mm512_fmadd_ps(gs, _mm512_loadu_ps(adT + (b / bpg) * 16), acc0);
+                gs   = _mm512_setzero_ps();
+            }
+        }
+    }
+    const __mmask16 mr   = (__mmask16) ((1u << nr) - 1u);
+    const __m512    gain = (r && r->gain) ? _mm512_maskz_loadu_ps(mr, r->gain + o0) : _mm512_set1_ps(1.0f);
+    const __m512    bias = (r && r->bias) ? _mm512_maskz_loadu_ps(mr, r->bias + o0) : _mm512_setzero_ps();
+    _mm512_mask_storeu_ps(y + t * y_stride + (o0 - row0), mr, _mm512_fmadd_ps(gain, _mm512_add_ps(acc0, acc1), bias));
+}
+
+// Token tt's block scales expanded to 8 floats per block (dx2 + 8 b = dx_b x 8).
+LRQ_INLINE void expand_dx(const float * dx, int64_t nb, float * dx2) {
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) _mm512_storeu_ps(dx2 + b * 8, bcast2(dx + b));
+    if (b < nb) _mm256_storeu_ps(dx2 + b * 8, _mm256_set1_ps(dx[b]));
+}
+
+// shape: y[t, o - row0] = act_r(x)[t, :] . W_r[o, :] + bias[o], t < a->n_tok, row0 <= o < row1
+// for a single-level LRQ2 weight (arguments checked by the caller, q8.c).
+int lrq_mul_mat_q8_avx512(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y,
+                          int64_t y_stride, int64_t row0, int64_t row1) {
+    const int64_t nb  = w->n_in / LRQ_QK;
+    const int64_t ngp = (lrq_n_groups(w->n_in, w->group_size) + 15) / 16 * 16;
+    const int64_t ndx = nb * 8;                          // floats of one token's expanded scales
+    const size_t  need = (size_t) (2 * ngp + LRQ_TOK_BLOCK * ndx + 4 * 16 * ngp);
+    float         stack_buf[4096];
+    float *       buf = need <= 4096 ? stack_buf : (float *) malloc(need * sizeof(float));
+    if (!buf) return LRQ_ERR_NOMEM;
+    float * ad = buf, * off = buf + ngp;
+    float * dx2[LRQ_TOK_BLOCK];
+    for (int tt = 0; tt < LRQ_TOK_BLOCK; ++tt) dx2[tt] = buf + 2 * ngp + tt * ndx;
+    float * adT = buf + 2 * ngp + LRQ_TOK_BLOCK * ndx, * offT = adT + 16 * ngp, * rows = offT + 16 * ngp;
+    for (int64_t o0 = row0; o0 < row1; o0 += LRQ_ROW_BLOCK) {
+        const int64_t o1 = o0 + LRQ_ROW_BLOCK < row1 ? o0 + LRQ_ROW_BLOCK : row1;
+        int64_t       t0 = 0;
+        if (a->n_tok < LRQ_TOK_BLOCK) {   // decode: rows in lanes
+            const int nr_next = (int) (row1 - o1 < LRQ_ROW_BLOCK ? row1 - o1 : LRQ_ROW_BLOCK);
+            for (; t0 < a->n_tok; ++t0) {
+                rows16_tok(w, r, a, y, y_stride, row0, o0, (int) (o1 - o0), t0 ? 0 : nr_next, t0, rows, adT, offT);
+            }
+            continue;
+        }
+        for (; t0 + LRQ_TOK_BLOCK <= a->n_tok; t0 += LRQ_TOK_BLOCK) {
+            for (int tt = 0; tt < LRQ_TOK_BLOCK; ++tt) expand_dx(a->dx + (t0 + tt) * nb, nb, dx2[tt]);
+            for (int64_t o = o0; o < o1; ++o) row_tokens2(w, r, a, y, y_stride, row0, o, t0, ad, off, dx2, LRQ_TOK_BLOCK);
+        }
+        for (; t0 < a->n_tok; ++t0) {
+            expand_dx(a->dx + t0 * nb, nb, dx2[0]);
+            for (int64_t o = o0; o < o1; ++o) row_tokens2(w, r, a, y, y_stride, row0, o, t0, ad, off, dx2, 1);
+        }
+    }
+    if (buf != stack_buf) free(buf);
+    return LRQ_OK;
+}
+
+#endif  // LRQ_HAVE_AVX512_KERNEL
