@@ -1,13 +1,21 @@
 // lrq kernels: the AVX-512 VNNI mat-mul of the fast path for single-level LRQ2 (the 2-bit
-// decode case), compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni as a source
-// property and only called after a run-time CPU check (q8.c); other layouts stay on AVX2.
+// layout of the decode-speed target), compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq
+// -mavx512vnni as a source property and only called after a run-time CPU check (q8.c); other
+// layouts stay on AVX2.
 //
-// Why it is faster than the AVX2 kernel: one 512-bit vector holds two 32-weight blocks, and
-// vpdpbusd replaces maddubs + madd + the multiply by ones, so per two blocks there is one
-// unpack, one integer dot, one int -> float conversion and two float operations instead of twice
-// that.  Numerics as lrq_mul_mat_q8_generic (q8.c): each block's integer dot q . xq is exact
-// (vpdpbusd sums u8 x s8 products in int32 without saturation), dx_b multiplies it in float32,
-// only the float summation order differs.
+// The AVX2 kernel works row by row: per 32 weights of one row it unpacks, dots, sums the 8 int32
+// partials' floats and applies dx, and none of that is shared between rows, so at one token it is
+// bound by vector operations (measured: bench/kernels.py --cpu-time, docs/kernel_speed.md).  Here
+// the 16 rows of a row block sit in the 16 int32 lanes: vpdpbusd multiplies 4 codes of every row
+// by the same 4 activations (a broadcast), each block's integer dot ends in its row's lane without
+// a horizontal sum, and the conversion and float work per block is one operation for 16 rows.  The
+// codes are brought into that layout in registers: 64 bytes (8 blocks) of each of the 16 rows, a
+// 16 x 16 transpose of 32-bit words, so that word j of every row sits in one vector; the
+// transposed codes serve up to 4 tokens.
+//
+// Numerics as lrq_mul_mat_q8_generic (q8.c): each block's integer dot q . xq is exact (vpdpbusd
+// sums u8 x s8 products in int32 without saturation: |dot| <= 32 * 3 * 127), dx_b multiplies it in
+// float32, only the float summation order differs.
 #include "lrq-impl.h"
 
 #ifdef LRQ_HAVE_AVX512_KERNEL
@@ -16,37 +24,6 @@
 #include <stdlib.h>
 
 #define LRQ_INLINE static inline __attribute__((always_inline))
-
-// Two consecutive LRQ2 blocks (16 bytes) -> 64 unsigned bytes, byte 32h + j = weight j of block h.
-// Block layout (FORMAT.md 4): weight 8l + k is bits 2l..2l+1 of byte k, so 64-bit lane l of a
-// block's half takes the block's 8 bytes shifted right by 2l.
-LRQ_INLINE __m512i unpack2x2(const uint8_t * p) {
-    const __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *) p));
-    const __m512i b = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 0, 0, 0, 1, 1, 1, 1), v);
-    const __m512i s = _mm512_srlv_epi64(b, _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6));
-    return _mm512_and_si512(s, _mm512_set1_epi8(3));
-}
-
-// One LRQ2 block -> 32 unsigned bytes (the odd last block of a row).
-LRQ_INLINE __m256i unpack2(const uint8_t * p) {
-    uint64_t v;
-    memcpy(&v, p, 8);
-    const __m256i s = _mm256_srlv_epi64(_mm256_set1_epi64x((long long) v), _mm256_setr_epi64x(0, 2, 4, 6));
-    return _mm256_and_si256(s, _mm256_set1_epi8(3));
-}
-
-// [f[0] x 8, f[1] x 8]
-LRQ_INLINE __m512 bcast2(const float * f) {
-    const __m512 v = _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *) f)));
-    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), v);
-}
-
-LRQ_INLINE float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s        = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s        = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 // Per-group factors of row o: ad = alpha * d, off = ad * (beta - z) + m, 16 groups per step.
 // ad / off: room for ng rounded up to 16.
@@ -78,88 +55,6 @@ LRQ_INLINE void row_factors(const lrq_weight * w, const lrq_replica * r, int64_t
         _mm512_storeu_ps(off + G, c);
     }
 }
-
-// sum_G off[G] * sx[G]
-LRQ_INLINE float offset_dot(const float * off, const float * sx, int64_t ng) {
-    __m256  acc = _mm256_setzero_ps();
-    int64_t G   = 0;
-    for (; G + 8 <= ng; G += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(off + G), _mm256_loadu_ps(sx + G), acc);
-    float s = hsum8(acc);
-    for (; G < ng; ++G) s += off[G] * sx[G];
-    return s;
-}
-
-// One row o, NT tokens from t0.  dx2[tt]: token tt's block scales as [dx_b x 8, dx_b+1 x 8] per
-// block pair (16 floats per pair, shared by the rows of a row block).
-//   y[t0 + tt, o - row0] = gain[o] * sum_b ad_G(b) dx_b (q_b . xq_b) + sum_G off_G Sx_G) + bias[o]
-// With groups of 64 or more a pair never straddles two groups; with 32 each block of the pair
-// has its own ad.
-LRQ_INLINE void row_tokens2(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y,
-                            int64_t y_stride, int64_t row0, int64_t o, int64_t t0, float * ad, float * off,
-                            float * const * dx2, const int NT) {
-    const int64_t   n_in = w->n_in, nb = n_in / LRQ_QK, ng = lrq_n_groups(n_in, w->group_size);
-    const int       bpg  = w->group_size / LRQ_QK;
-    const uint8_t * p    = w->codes + (size_t) o * w->codes_row_bytes;
-    const int8_t *  xq[LRQ_TOK_BLOCK];
-    __m512          acc0[LRQ_TOK_BLOCK], acc1[LRQ_TOK_BLOCK];   // two chains: the FMA latency at one token
-    row_factors(w, r, o, ng, lrq_zero_point(2, w->mode), ad, off);
-    for (int tt = 0; tt < NT; ++tt) {
-        xq[tt]   = a->qs + (t0 + tt) * n_in;
-        acc0[tt] = _mm512_setzero_ps();
-        acc1[tt] = _mm512_setzero_ps();
-    }
-    int64_t b = 0;
-    for (; b + 4 <= nb; b += 4) {
-        const __m512i q0  = unpack2x2(p + b * 8);   // decoded once for NT tokens
-        const __m512i q1  = unpack2x2(p + b * 8 + 16);
-        const __m512  ad0 = bpg == 1 ? bcast2(ad + b) : _mm512_set1_ps(ad[b / bpg]);
-        const __m512  ad1 = bpg == 1 ? bcast2(ad + b + 2) : _mm512_set1_ps(ad[(b + 2) / bpg]);
-        for (int tt = 0; tt < NT; ++tt) {
-            const __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q0, _mm512_loadu_si512(xq[tt] + b * LRQ_QK));
-            const __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q1,
-                                                   _mm512_loadu_si512(xq[tt] + (b + 2) * LRQ_QK));
-            const __m512 f0 = _mm512_mul_ps(_mm512_cvtepi32_ps(i0), _mm512_loadu_ps(dx2[tt] + b * 8));
-            const __m512 f1 = _mm512_mul_ps(_mm512_cvtepi32_ps(i1), _mm512_loadu_ps(dx2[tt] + (b + 2) * 8));
-            acc0[tt]        = _mm512_fmadd_ps(f0, ad0, acc0[tt]);
-            acc1[tt]        = _mm512_fmadd_ps(f1, ad1, acc1[tt]);
-        }
-    }
-    for (; b + 2 <= nb; b += 2) {
-        const __m512i q0  = unpack2x2(p + b * 8);
-        const __m512  ad0 = bpg == 1 ? bcast2(ad + b) : _mm512_set1_ps(ad[b / bpg]);
-        for (int tt = 0; tt < NT; ++tt) {
-            const __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q0, _mm512_loadu_si512(xq[tt] + b * LRQ_QK));
-            const __m512  f0 = _mm512_mul_ps(_mm512_cvtepi32_ps(i0), _mm512_loadu_ps(dx2[tt] + b * 8));
-            acc0[tt]         = _mm512_fmadd_ps(f0, ad0, acc0[tt]);
-        }
-    }
-    if (b < nb) {   // an odd last block: the lower half of a pair
-        const __m256i q0  = unpack2(p + b * 8);
-        const __m256  ad0 = _mm256_set1_ps(ad[b / bpg]);
-        for (int tt = 0; tt < NT; ++tt) {
-            const __m256i i0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q0,
-                                                   _mm256_loadu_si256((const __m256i *) (xq[tt] + b * LRQ_QK)));
-            const __m256  f0 = _mm256_mul_ps(_mm256_cvtepi32_ps(i0), _mm256_loadu_ps(dx2[tt] + b * 8));
-            acc1[tt]         = _mm512_add_ps(acc1[tt], _mm512_zextps256_ps512(_mm256_mul_ps(f0, ad0)));
-        }
-    }
-    const float gain = (r && r->gain) ? r->gain[o] : 1.0f;
-    const float bias = (r && r->bias) ? r->bias[o] : 0.0f;
-    for (int tt = 0; tt < NT; ++tt) {
-        const float offs = offset_dot(off, a->sx + (t0 + tt) * ng, ng);
-        y[(t0 + tt) * y_stride + (o - row0)] = gain * (_mm512_reduce_add_ps(_mm512_add_ps(acc0[tt], acc1[tt])) + offs) + bias;
-    }
-}
-
-// ---- one token, 16 rows at a time: rows in the vector lanes ------------------------------------------
-//
-// At one token the pair kernel above is bound by vector operations (unpack, dot, conversion and two
-// float operations per 64 weights of one row): nothing is shared between rows.  With the 16 rows of
-// a row block in the 16 int32 lanes instead, vpdpbusd multiplies 4 codes of every row by the same 4
-// activations (a broadcast), each block's integer dot ends in its row's lane without a horizontal
-// sum, and the conversion and float work per block is one operation for 16 rows.  The codes are
-// brought into that layout in registers: 64 bytes (8 blocks) of each of the 16 rows, a 16 x 16
-// transpose of 32-bit words, so that word j of every row sits in one vector.
 
 // T[j] lane r = 32-bit word j of T[r] (in place).
 LRQ_INLINE void transpose16(__m512i * T) {
@@ -245,7 +140,7 @@ static void factors16(const lrq_weight * w, const lrq_replica * r, int64_t o0, i
     }
 }
 
-// Rows o0..o0+nr-1 (nr <= 16), token t.  adT / offT / rows: factors16's scratch.  Lanes past nr
+// Rows o0..o0+nr-1 (nr <= 16), NT tokens from t0; adT / offT from factors16.  Lanes past nr
 // compute zeros and are not stored; every row takes the same lane arithmetic wherever the row
 // range starts or ends, so a split of the rows (ggml's threads) gives the same bits.
 // nr_next: rows of the next row block of the call (0: none).  In a model's decode the codes come
@@ -254,7 +149,9 @@ static void factors16(const lrq_weight * w, const lrq_replica * r, int64_t o0, i
 // a part per 8-block step ahead of use; the first row block of a call fetches its own codes two
 // steps ahead.
 //   y[t, o - row0] = gain[o] * (sum_G ad_G sum_{b in G} dx_b (q_b . xq_b) + sum_G off_G Sx_G) + bias[o]
-LRQ_STATIC_ASSERT(LRQ_ROW_BLOCK == 16, "rows16_tok takes a whole row block in the 16 lanes");
+LRQ_STATIC_ASSERT(LRQ_ROW_BLOCK == 16, "rows16 takes a whole row block in the 16 lanes");
+
+#define LRQ_MAX_NT 4   // tokens per pass of rows16 over a row block's codes
 
 // Part c of n of the cache lines of [p, p + bytes): software prefetch into L2 (hint T1).
 LRQ_INLINE void prefetch_part(const void * p, size_t bytes, int64_t c, int64_t n) {
@@ -264,22 +161,29 @@ LRQ_INLINE void prefetch_part(const void * p, size_t bytes, int64_t c, int64_t n
     }
 }
 
-static void rows16_tok(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y, int64_t y_stride,
-                       int64_t row0, int64_t o0, int nr, int nr_next, int64_t t, float * rows, float * adT,
-                       float * offT) {
+// NT tokens from t0 share each transpose and unpack of the codes (NT a constant after inlining).
+LRQ_INLINE void rows16(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y, int64_t y_stride,
+                       int64_t row0, int64_t o0, int nr, int nr_next, int64_t t0, const float * adT,
+                       const float * offT, const int NT) {
     const int64_t   n_in = w->n_in, nb = n_in / LRQ_QK, ng = lrq_n_groups(n_in, w->group_size);
     const int64_t   bpg  = w->group_size / LRQ_QK;
     const size_t    rb   = w->codes_row_bytes;
     const uint8_t * base = w->codes + (size_t) o0 * rb;
-    const int8_t *  xq   = a->qs + t * n_in;
-    const float *   dx   = a->dx + t * nb;
-    const float *   sx   = a->sx + t * ng;
-    const float     z    = lrq_zero_point(2, w->mode);
-    if (t == 0) factors16(w, r, o0, nr, ng, z, rows, adT, offT);   // the same for every token
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    for (int64_t G = 0; G < ng; ++G) acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(offT + G * 16), _mm512_set1_ps(sx[G]), acc1);
-    const __m512i m3 = _mm512_set1_epi8(3);
-    __m512        gs = _mm512_setzero_ps();
+    const int8_t *  xq[LRQ_MAX_NT];
+    const float *   dx[LRQ_MAX_NT];
+    __m512          acc0[LRQ_MAX_NT], acc1[LRQ_MAX_NT], gs[LRQ_MAX_NT];
+    for (int tt = 0; tt < NT; ++tt) {
+        xq[tt]          = a->qs + (t0 + tt) * n_in;
+        dx[tt]          = a->dx + (t0 + tt) * nb;
+        const float * sx = a->sx + (t0 + tt) * ng;
+        acc0[tt] = _mm512_setzero_ps();
+        acc1[tt] = _mm512_setzero_ps();
+        gs[tt]   = _mm512_setzero_ps();
+        for (int64_t G = 0; G < ng; ++G) {
+            acc1[tt] = _mm512_fmadd_ps(_mm512_loadu_ps(offT + G * 16), _mm512_set1_ps(sx[G]), acc1[tt]);
+        }
+    }
+    const __m512i m3     = _mm512_set1_epi8(3);
     const int64_t nchunk = (nb + 7) / 8;
     for (int64_t b0 = 0; b0 < nb; b0 += 8) {
         const int64_t c = b0 / 8;
@@ -300,72 +204,72 @@ static void rows16_tok(const lrq_weight * w, const lrq_replica * r, const lrq_ac
         for (int rr = 0; rr < 16; ++rr) T[rr] = _mm512_maskz_loadu_epi32(rr < nr ? mask : 0, base + rr * rb + b0 * 8);
         transpose16(T);
         for (int bb = 0; bb < nblk; ++bb) {
-            const int64_t  b  = b0 + bb;
-            const int8_t * xb = xq + b * LRQ_QK;
+            const int64_t b = b0 + bb;
             // word h of a block row holds bytes 4h..4h+3; bits 2l..2l+1 of byte k are weight 8l + k
-            __m512i i0 = _mm512_setzero_si512(), i1 = _mm512_setzero_si512();
             const __m512i z0 = T[2 * bb], z1 = T[2 * bb + 1];
-            i0 = _mm512_dpbusd_epi32(i0, _mm512_and_si512(z0, m3), bcast4(xb + 0));
-            i1 = _mm512_dpbusd_epi32(i1, _mm512_and_si512(z1, m3), bcast4(xb + 4));
-            i0 = _mm512_dpbusd_epi32(i0, _mm512_and_si512(_mm512_srli_epi32(z0, 2), m3), bcast4(xb + 8));
-            i1 = _mm512_dpbusd_epi32(i1, _mm512_and_si512(_mm512_srli_epi32(z1, 2), m3), bcast4(xb + 12));
-            i0 = _mm512_dpbusd_epi32(i0, _mm512_and_si512(_mm512_srli_epi32(z0, 4), m3), bcast4(xb + 16));
-            i1 = _mm512_dpbusd_epi32(i1, _mm512_and_si512(_mm512_srli_epi32(z1, 4), m3), bcast4(xb + 20));
-            i0 = _mm512_dpbusd_epi32(i0, _mm512_and_si512(_mm512_srli_epi32(z0, 6), m3), bcast4(xb + 24));
-            i1 = _mm512_dpbusd_epi32(i1, _mm512_and_si512(_mm512_srli_epi32(z1, 6), m3), bcast4(xb + 28));
-            gs = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), _mm512_set1_ps(dx[b]), gs);
-            if ((b + 1) % bpg == 0 || b + 1 == nb) {
-                acc0 = _mm512_fmadd_ps(gs, _mm512_loadu_ps(adT + (b / bpg) * 16), acc0);
-                gs   = _mm512_setzero_ps();
+            const __m512i q[8] = {
+                _mm512_and_si512(z0, m3), _mm512_and_si512(z1, m3),
+                _mm512_and_si512(_mm512_srli_epi32(z0, 2), m3), _mm512_and_si512(_mm512_srli_epi32(z1, 2), m3),
+                _mm512_and_si512(_mm512_srli_epi32(z0, 4), m3), _mm512_and_si512(_mm512_srli_epi32(z1, 4), m3),
+                _mm512_and_si512(_mm512_srli_epi32(z0, 6), m3), _mm512_and_si512(_mm512_srli_epi32(z1, 6), m3)};
+            const int last = (b + 1) % bpg == 0 || b + 1 == nb;
+            for (int tt = 0; tt < NT; ++tt) {
+                const int8_t * xb = xq[tt] + b * LRQ_QK;   // q[k] holds weights 4k..4k+3 of each lane's row
+                __m512i        i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[0], bcast4(xb + 0));
+                __m512i        i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[1], bcast4(xb + 4));
+                i0 = _mm512_dpbusd_epi32(i0, q[2], bcast4(xb + 8));
+                i1 = _mm512_dpbusd_epi32(i1, q[3], bcast4(xb + 12));
+                i0 = _mm512_dpbusd_epi32(i0, q[4], bcast4(xb + 16));
+                i1 = _mm512_dpbusd_epi32(i1, q[5], bcast4(xb + 20));
+                i0 = _mm512_dpbusd_epi32(i0, q[6], bcast4(xb + 24));
+                i1 = _mm512_dpbusd_epi32(i1, q[7], bcast4(xb + 28));
+                gs[tt] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), _mm512_set1_ps(dx[tt][b]), gs[tt]);
+                if (last) {
+                    acc0[tt] = _mm512_fmadd_ps(gs[tt], _mm512_loadu_ps(adT + (b / bpg) * 16), acc0[tt]);
+                    gs[tt]   = _mm512_setzero_ps();
+                }
             }
         }
     }
     const __mmask16 mr   = (__mmask16) ((1u << nr) - 1u);
     const __m512    gain = (r && r->gain) ? _mm512_maskz_loadu_ps(mr, r->gain + o0) : _mm512_set1_ps(1.0f);
     const __m512    bias = (r && r->bias) ? _mm512_maskz_loadu_ps(mr, r->bias + o0) : _mm512_setzero_ps();
-    _mm512_mask_storeu_ps(y + t * y_stride + (o0 - row0), mr, _mm512_fmadd_ps(gain, _mm512_add_ps(acc0, acc1), bias));
+    for (int tt = 0; tt < NT; ++tt) {
+        _mm512_mask_storeu_ps(y + (t0 + tt) * y_stride + (o0 - row0), mr,
+                              _mm512_fmadd_ps(gain, _mm512_add_ps(acc0[tt], acc1[tt]), bias));
+    }
 }
 
-// Token tt's block scales expanded to 8 floats per block (dx2 + 8 b = dx_b x 8).
-LRQ_INLINE void expand_dx(const float * dx, int64_t nb, float * dx2) {
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) _mm512_storeu_ps(dx2 + b * 8, bcast2(dx + b));
-    if (b < nb) _mm256_storeu_ps(dx2 + b * 8, _mm256_set1_ps(dx[b]));
+static void rows16_nt1(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y, int64_t y_stride,
+                       int64_t row0, int64_t o0, int nr, int nr_next, int64_t t0, const float * adT, const float * offT) {
+    rows16(w, r, a, y, y_stride, row0, o0, nr, nr_next, t0, adT, offT, 1);
+}
+
+static void rows16_ntb(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y, int64_t y_stride,
+                       int64_t row0, int64_t o0, int nr, int nr_next, int64_t t0, const float * adT, const float * offT) {
+    rows16(w, r, a, y, y_stride, row0, o0, nr, nr_next, t0, adT, offT, LRQ_MAX_NT);
 }
 
 // shape: y[t, o - row0] = act_r(x)[t, :] . W_r[o, :] + bias[o], t < a->n_tok, row0 <= o < row1
 // for a single-level LRQ2 weight (arguments checked by the caller, q8.c).
 int lrq_mul_mat_q8_avx512(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y,
                           int64_t y_stride, int64_t row0, int64_t row1) {
-    const int64_t nb  = w->n_in / LRQ_QK;
-    const int64_t ngp = (lrq_n_groups(w->n_in, w->group_size) + 15) / 16 * 16;
-    const int64_t ndx = nb * 8;                          // floats of one token's expanded scales
-    const size_t  need = (size_t) (2 * ngp + LRQ_TOK_BLOCK * ndx + 4 * 16 * ngp);
-    float         stack_buf[4096];
+    const int64_t ng   = lrq_n_groups(w->n_in, w->group_size);
+    const int64_t ngp  = (ng + 15) / 16 * 16;
+    const size_t  need = (size_t) (4 * 16 * ngp);   // adT, offT, and factors16's rows
+    float         stack_buf[4096];                  // n_in up to 4096 at g = 64 without malloc
     float *       buf = need <= 4096 ? stack_buf : (float *) malloc(need * sizeof(float));
     if (!buf) return LRQ_ERR_NOMEM;
-    float * ad = buf, * off = buf + ngp;
-    float * dx2[LRQ_TOK_BLOCK];
-    for (int tt = 0; tt < LRQ_TOK_BLOCK; ++tt) dx2[tt] = buf + 2 * ngp + tt * ndx;
-    float * adT = buf + 2 * ngp + LRQ_TOK_BLOCK * ndx, * offT = adT + 16 * ngp, * rows = offT + 16 * ngp;
+    float * adT = buf, * offT = adT + 16 * ngp, * rows = offT + 16 * ngp;
     for (int64_t o0 = row0; o0 < row1; o0 += LRQ_ROW_BLOCK) {
         const int64_t o1 = o0 + LRQ_ROW_BLOCK < row1 ? o0 + LRQ_ROW_BLOCK : row1;
-        int64_t       t0 = 0;
-        if (a->n_tok < LRQ_TOK_BLOCK) {   // decode: rows in lanes
-            const int nr_next = (int) (row1 - o1 < LRQ_ROW_BLOCK ? row1 - o1 : LRQ_ROW_BLOCK);
-            for (; t0 < a->n_tok; ++t0) {
-                rows16_tok(w, r, a, y, y_stride, row0, o0, (int) (o1 - o0), t0 ? 0 : nr_next, t0, rows, adT, offT);
-            }
-            continue;
+        const int     nr = (int) (o1 - o0), nr_next = (int) (row1 - o1 < LRQ_ROW_BLOCK ? row1 - o1 : LRQ_ROW_BLOCK);
+        factors16(w, r, o0, nr, ng, lrq_zero_point(2, w->mode), rows, adT, offT);
+        int64_t t0 = 0;   // the next row block is fetched during the first pass only
+        for (; t0 + LRQ_MAX_NT <= a->n_tok; t0 += LRQ_MAX_NT) {
+            rows16_ntb(w, r, a, y, y_stride, row0, o0, nr, t0 ? 0 : nr_next, t0, adT, offT);
         }
-        for (; t0 + LRQ_TOK_BLOCK <= a->n_tok; t0 += LRQ_TOK_BLOCK) {
-            for (int tt = 0; tt < LRQ_TOK_BLOCK; ++tt) expand_dx(a->dx + (t0 + tt) * nb, nb, dx2[tt]);
-            for (int64_t o = o0; o < o1; ++o) row_tokens2(w, r, a, y, y_stride, row0, o, t0, ad, off, dx2, LRQ_TOK_BLOCK);
-        }
-        for (; t0 < a->n_tok; ++t0) {
-            expand_dx(a->dx + t0 * nb, nb, dx2[0]);
-            for (int64_t o = o0; o < o1; ++o) row_tokens2(w, r, a, y, y_stride, row0, o, t0, ad, off, dx2, 1);
-        }
+        for (; t0 < a->n_tok; ++t0) rows16_nt1(w, r, a, y, y_stride, row0, o0, nr, t0 ? 0 : nr_next, t0, adT, offT);
     }
     if (buf != stack_buf) free(buf);
     return LRQ_OK;
