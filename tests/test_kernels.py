@@ -441,3 +441,51 @@ def test_avx512_kernel_refuses_other_layouts(avx512):
     codes, d, dmin, sub = K.quantize_two_level(w, 64, 16)
     with pytest.raises(ValueError):
         K.mul_mat(codes, d, dmin, 2, 64, "asym", x, impl="avx512", sub=sub)
+
+
+# ---- int8 activations (lrq_quantize_act_q8; AVX2 code without clip / act_bits) -----------------------
+
+def _act_q8_numpy(x: np.ndarray, group_size: int, half_away: bool = False):
+    """The q8 scheme of lrq-kernels.h in float32 numpy: per block of 32 amax, dx = amax / 127,
+    xq = round_half_even(x * (127 / amax)) clamped to +-127; Sx per group summed block by block
+    in index order (float32, as the C code)."""
+    xb = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+    amax = np.abs(xb).max(axis=-1)
+    with np.errstate(divide="ignore"):
+        idv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    v = xb * idv[..., None]
+    v = np.sign(v) * np.floor(np.abs(v) + np.float32(0.5)) if half_away else np.rint(v)
+    qs = np.clip(v, -127, 127).astype(np.int8).reshape(x.shape)
+    dx = (amax / np.float32(127)).astype(np.float32)
+    n_in = x.shape[1]
+    ng = -(-n_in // group_size)
+    sx = np.zeros((x.shape[0], ng), np.float32)
+    for t in range(x.shape[0]):
+        for G in range(ng):
+            i0, i1 = G * group_size, min((G + 1) * group_size, n_in)
+            acc = np.float32(0)
+            for b in range(i0 // 32, -(-i1 // 32)):
+                j0, j1 = max(b * 32, i0), min((b + 1) * 32, i1)
+                acc = np.float32(acc + dx[t, b] * np.float32(int(qs[t, j0:j1].astype(np.int64).sum())))
+            sx[t, G] = acc
+    return qs, dx, sx
+
+
+@pytest.mark.parametrize("group_size", [16, 32, 64, 256])
+def test_quantize_act_q8_equals_numpy(group_size):
+    rng = np.random.default_rng(group_size)
+    x = rng.standard_normal((5, 544)).astype(np.float32)
+    x[:, ::17] *= 6.0
+    x[1, 32:64] = 0.0                                         # an all-zero block: dx = 0, codes 0
+    # exact ties: amax 127, so x * (127 / amax) = x and k + 0.5 rounds to the even neighbour
+    x[2, 64:96] = np.arange(32, dtype=np.float32) - 15.5
+    x[2, 64] = 127.0
+    qs, dx, sx = K.quantize_act_q8(x, group_size)
+    want_qs, want_dx, want_sx = _act_q8_numpy(x, group_size)
+    assert np.array_equal(qs, want_qs)
+    assert np.array_equal(dx, want_dx)
+    assert np.array_equal(sx, want_sx)
+    # control: rounding half away from zero differs on the ties (the comparison is byte-exact)
+    assert not np.array_equal(qs, _act_q8_numpy(x, group_size, half_away=True)[0])
+    # act_clip < 1 takes the other (scalar) code, and the clip reaches it
+    assert not np.array_equal(K.quantize_act_q8(x, group_size, 0.75, 0)[0], qs)

@@ -89,6 +89,8 @@ static inline void lrq_two_level_row_factors(const lrq_weight * w, const lrq_rep
 #define LRQ_HAVE_AVX2_KERNEL 1
 int lrq_mul_mat_q8_avx2(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a,
                         float * y, int64_t y_stride, int64_t row0, int64_t row1);
+// int8 activations (no clip, no act_bits) of nb blocks: qs, dx and half-block sums isum[2 nb].
+void lrq_quantize_blocks_avx2(const float * x, int64_t nb, int8_t * qs, float * dx, int32_t * isum);
 #endif
 
 // The AVX-512 VNNI kernel for single-level LRQ2 (q8-avx512.c), selected at run time by q8.c.

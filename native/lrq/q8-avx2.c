@@ -7,6 +7,7 @@
 #ifdef LRQ_HAVE_AVX2_KERNEL
 
 #include <immintrin.h>
+#include <math.h>
 #include <stdlib.h>
 
 #define LRQ_INLINE static inline __attribute__((always_inline))
@@ -230,6 +231,71 @@ LRQ_INLINE void row_tokens_tl(const lrq_weight * w, const lrq_replica * r, const
     for (int tt = 0; tt < NT; ++tt) {
         const float offs = offset_dot(off, a->sx + (t0 + tt) * nk, nk);
         y[(t0 + tt) * y_stride + (o - row0)] = gain * (hsum(acc[tt]) + offs) + bias;
+    }
+}
+
+// int8 activations of nb blocks of 32 without clipping or act_bits: qs, dx and the integer sums of
+// each half block (isum[2b], isum[2b + 1]), the same bytes and scales as quantize_act_token in
+// q8.c (the same float operations: amax, amax / 127, 127 / amax, x * id rounded half to even by
+// vroundps in the default rounding mode, clamped to +-127).  A block with a NaN or an infinity
+// takes that scalar code itself (vcvtps2dq and a C cast disagree on NaN).
+void lrq_quantize_blocks_avx2(const float * x, int64_t nb, int8_t * qs, float * dx, int32_t * isum) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t b = 0; b < nb; ++b) {
+        const float * xb = x + b * LRQ_QK;
+        __m256        v[4];
+        __m256        mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+        for (int k = 0; k < 4; ++k) {
+            v[k]          = _mm256_loadu_ps(xb + 8 * k);
+            const __m256 a = _mm256_andnot_ps(sign, v[k]);
+            mx            = _mm256_max_ps(mx, a);
+            bad           = _mm256_or_ps(bad, _mm256_cmp_ps(a, _mm256_set1_ps(3.4028234663852886e38f), _CMP_NLE_UQ));
+        }
+        int8_t * q = qs + b * LRQ_QK;
+        if (!_mm256_testz_ps(bad, bad)) {   // inf or NaN: the scalar code of q8.c, verbatim
+            float amax = 0.0f;
+            for (int j = 0; j < LRQ_QK; ++j) {
+                if (fabsf(xb[j]) > amax) amax = fabsf(xb[j]);
+            }
+            const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int32_t     s0 = 0, s1 = 0;
+            for (int j = 0; j < LRQ_QK; ++j) {
+                float r = nearbyintf(xb[j] * id);
+                if (r > 127.0f) r = 127.0f;
+                if (r < -127.0f) r = -127.0f;
+                q[j] = (int8_t) r;
+                *(j < 16 ? &s0 : &s1) += q[j];
+            }
+            dx[b]           = amax / 127.0f;
+            isum[2 * b]     = s0;
+            isum[2 * b + 1] = s1;
+            continue;
+        }
+        __m128      m4   = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4               = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4               = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        const float id   = amax > 0.0f ? 127.0f / amax : 0.0f;
+        const __m256 vid = _mm256_set1_ps(id), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+        __m256i      i[4];
+        for (int k = 0; k < 4; ++k) {
+            __m256 r = _mm256_round_ps(_mm256_mul_ps(v[k], vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            r        = _mm256_max_ps(_mm256_min_ps(r, hi), lo);
+            i[k]     = _mm256_cvtps_epi32(r);
+        }
+        // packs interleave the 128-bit lanes: 0..3 8..11 4..7 12..15 (16-bit), then per 32 bits
+        const __m256i p16 = _mm256_packs_epi32(i[0], i[1]), p16b = _mm256_packs_epi32(i[2], i[3]);
+        __m256i       p8  = _mm256_packs_epi16(p16, p16b);
+        p8                = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *) q, p8);
+        // sums of the signed bytes per 4, then per half block
+        const __m256i s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), p8), _mm256_set1_epi16(1));
+        __m128i       h0  = _mm256_castsi256_si128(s32), h1 = _mm256_extracti128_si256(s32, 1);
+        h0                = _mm_hadd_epi32(h0, h1);
+        h0                = _mm_hadd_epi32(h0, h0);
+        dx[b]             = amax / 127.0f;
+        isum[2 * b]       = _mm_cvtsi128_si32(h0);
+        isum[2 * b + 1]   = _mm_extract_epi32(h0, 1);
     }
 }
 

@@ -380,6 +380,25 @@ void lrq_register_kernels(py::module_ & parent) {
        "impl: 'ref' (double), 'fast' (int8 activations, the best kernel for this CPU), 'generic' (the same, portable C),\n"
        "'avx2' / 'avx512' (that kernel; ValueError where unavailable; 'avx512': single-level LRQ2 only).");
 
+    m.def("quantize_act_q8", [](const F32Array & x, int group_size, double act_clip, int act_bits) {
+        if (x.ndim() != 2) bad_shape("x", "[n_tok, n_in]", x);
+        const int64_t n_tok = x.shape(0), n_in = x.shape(1);
+        if (n_in <= 0 || n_in % 32) throw py::value_error("n_in = " + std::to_string(n_in) + " is not a positive multiple of 32");
+        if (group_size != 16 && (group_size <= 0 || group_size % 32)) throw py::value_error("bad group_size");
+        const int64_t      nb = n_in / 32, ng = lrq_n_groups(n_in, group_size);
+        std::vector<char>  buf(lrq_act_q8_size(n_tok, n_in, group_size) + 32);
+        lrq_act_q8         a;
+        lrq_act_q8_init(&a, buf.data(), n_tok, n_in, group_size);
+        check_status(lrq_quantize_act_q8(x.data(), n_in, (float) act_clip, act_bits, &a), "quantize_act_q8");
+        py::array_t<int8_t> qs({(py::ssize_t) n_tok, (py::ssize_t) n_in});
+        py::array_t<float>  dx({(py::ssize_t) n_tok, (py::ssize_t) nb}), sx({(py::ssize_t) n_tok, (py::ssize_t) ng});
+        std::memcpy(qs.mutable_data(), a.qs, (size_t) (n_tok * n_in));
+        std::memcpy(dx.mutable_data(), a.dx, (size_t) (n_tok * nb) * sizeof(float));
+        std::memcpy(sx.mutable_data(), a.sx, (size_t) (n_tok * ng) * sizeof(float));
+        return py::make_tuple(qs, dx, sx);
+    }, py::arg("x"), py::arg("group_size"), py::arg("act_clip") = 1.0, py::arg("act_bits") = 0,
+       "lrq_quantize_act_q8: (qs int8 [n_tok, n_in], dx float32 [n_tok, n_in / 32], sx float32 [n_tok, n_groups]).");
+
     m.def("bench_mul_mat_q8", [](const py::object & codes, const py::object & d, const py::object & m_obj, int bits,
                                  int group_size, const std::string & mode, const F32Array & x, const std::string & impl,
                                  int reps, bool warmup, const py::object & sub) {
