@@ -236,6 +236,8 @@ static int cpu_has_avx2(void) {
 }
 
 #ifdef LRQ_HAVE_AVX512_KERNEL
+// LRQ_NO_AVX512=1 in the environment keeps lrq_mul_mat_q8 on the AVX2 kernel: the A/B of the two
+// in a model (bench/kernels.py compares them per call through lrq_mul_mat_q8_impl).
 static int cpu_has_avx512(void) {
     static int cached = -1;       // benign race, as above
     if (cached < 0) {
@@ -247,8 +249,17 @@ static int cpu_has_avx512(void) {
     return cached;
 }
 
+static int use_avx512_env(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        const char * e = getenv("LRQ_NO_AVX512");
+        cached         = !(e && e[0] == '1');
+    }
+    return cached;
+}
+
 // The AVX-512 kernel covers single-level LRQ2, the 2-bit layout of the decode-speed target.
-static int use_avx512(const lrq_weight * w) { return w->bits == 2 && !w->sub && cpu_has_avx512(); }
+static int use_avx512(const lrq_weight * w) { return w->bits == 2 && !w->sub && cpu_has_avx512() && use_avx512_env(); }
 #endif
 
 const char * lrq_kernels_simd(void) {
