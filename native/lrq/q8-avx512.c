@@ -25,8 +25,7 @@
 
 #define LRQ_INLINE static inline __attribute__((always_inline))
 
-// Per-group factors of row o: ad = alpha * d, off = ad * (beta - z) + m, 16 groups per step.
-// ad / off: room for ng rounded up to 16.
+// 16 consecutive fp16 parameters (n <= 16 of them) with an element stride (0 = broadcast) as floats.
 LRQ_INLINE __m512 load16_h(const uint16_t * p, int64_t stride, int n) {
     if (stride == 1 && n == 16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) p));
     if (stride == 0) return _mm512_set1_ps(_cvtsh_ss(p[0]));
@@ -35,6 +34,8 @@ LRQ_INLINE __m512 load16_h(const uint16_t * p, int64_t stride, int n) {
     return _mm512_loadu_ps(f);
 }
 
+// Per-group factors of row o: ad = alpha * d, off = ad * (beta - z) + m, 16 groups per step.
+// ad / off: room for ng rounded up to 16.
 LRQ_INLINE void row_factors(const lrq_weight * w, const lrq_replica * r, int64_t o, int64_t ng, float z,
                             float * ad, float * off) {
     for (int64_t G = 0; G < ng; G += 16) {
@@ -140,15 +141,6 @@ static void factors16(const lrq_weight * w, const lrq_replica * r, int64_t o0, i
     }
 }
 
-// Rows o0..o0+nr-1 (nr <= 16), NT tokens from t0; adT / offT from factors16.  Lanes past nr
-// compute zeros and are not stored; every row takes the same lane arithmetic wherever the row
-// range starts or ends, so a split of the rows (ggml's threads) gives the same bits.
-// nr_next: rows of the next row block of the call (0: none).  In a model's decode the codes come
-// from memory, and the 16 row streams read 64 bytes at a time are more than the hardware
-// prefetchers follow, so the loop fetches the next row block's codes, d and m (each contiguous)
-// a part per 8-block step ahead of use; the first row block of a call fetches its own codes two
-// steps ahead.
-//   y[t, o - row0] = gain[o] * (sum_G ad_G sum_{b in G} dx_b (q_b . xq_b) + sum_G off_G Sx_G) + bias[o]
 LRQ_STATIC_ASSERT(LRQ_ROW_BLOCK == 16, "rows16 takes a whole row block in the 16 lanes");
 
 #define LRQ_MAX_NT 4   // tokens per pass of rows16 over a row block's codes
@@ -161,7 +153,16 @@ LRQ_INLINE void prefetch_part(const void * p, size_t bytes, int64_t c, int64_t n
     }
 }
 
-// NT tokens from t0 share each transpose and unpack of the codes (NT a constant after inlining).
+// Rows o0..o0+nr-1 (nr <= 16), NT tokens from t0; adT / offT from factors16.  Lanes past nr
+// compute zeros and are not stored; every row takes the same lane arithmetic wherever the row
+// range starts or ends, so a split of the rows (ggml's threads) gives the same bits.
+// nr_next: rows of the next row block of the call (0: none).  In a model's decode the codes come
+// from memory, and the 16 row streams read 64 bytes at a time are more than the hardware
+// prefetchers follow, so the loop fetches the next row block's codes, d and m (each contiguous)
+// a part per 8-block step ahead of use; the first row block of a call fetches its own codes two
+// steps ahead.
+//   y[t, o - row0] = gain[o] * (sum_G ad_G sum_{b in G} dx_b (q_b . xq_b) + sum_G off_G Sx_G) + bias[o]
+// The NT tokens share each transpose and unpack of the codes (NT a constant after inlining).
 LRQ_INLINE void rows16(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y, int64_t y_stride,
                        int64_t row0, int64_t o0, int nr, int nr_next, int64_t t0, const float * adT,
                        const float * offT, const int NT) {
