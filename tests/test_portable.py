@@ -11,7 +11,7 @@ Westmere with SIGILL at `llama backend init`.  Checked, each against an independ
   reports (llama.cpp's system_info line) are the ones of the CPU: the emulated model's (table
   below) or the host's /proc/cpuinfo;
 - the LRQ kernel that ran (system_info's LRQ_KERNELS, patches/0005): "generic" without AVX2,
-  "avx2" with AVX2 + FMA + F16C;
+  "avx2" with AVX2 + FMA + F16C, "avx512+avx2" where the CPU also has AVX-512 VNNI (single-level LRQ2);
 - with the op's reference arithmetic (LRQ_CPU_REF=1) the perplexity under Westmere is the host's
   up to float rounding.
 The binding loads the same modules (module.cpp): its system_info names the host's variant too.
@@ -57,6 +57,7 @@ CPUINFO_FLAG = {"AVX": "avx", "AVX2": "avx2", "F16C": "f16c", "FMA": "fma", "BMI
                 "AVX_VNNI": "avx_vnni", "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi",
                 "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16", "AMX_INT8": "amx_int8"}
 LRQ_AVX2_FLAGS = {"avx2", "fma", "f16c"}   # lrq_kernels_simd()'s run-time check (q8.c)
+LRQ_AVX512_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}   # its AVX-512 check
 
 # Perplexity with LRQ_CPU_REF=1 (float activations, double sums in the op), host vs Westmere:
 # measured 568.9540 vs 568.9539 (2e-7), float summation order in ggml's SSE vs AVX-512 code.
@@ -144,7 +145,10 @@ def test_host_loads_the_best_variant_it_supports(host_run):
     if {"avx2", "fma", "f16c", "bmi2"} <= flags:
         assert {"AVX", "AVX2", "F16C", "FMA", "BMI2"} <= simd, feats
         assert _loaded_variant(host_run.stderr) not in ("x64", "sse42", "sandybridge", "ivybridge", "piledriver")
-    assert feats.get("LRQ_KERNELS") == ("avx2" if LRQ_AVX2_FLAGS <= flags else "generic"), feats
+    want = "avx2" if LRQ_AVX2_FLAGS <= flags else "generic"
+    if want == "avx2" and LRQ_AVX512_FLAGS <= flags and os.environ.get("LRQ_NO_AVX512") != "1":
+        want = "avx512+avx2"      # single-level LRQ2 on the AVX-512 VNNI kernel, the rest on AVX2
+    assert feats.get("LRQ_KERNELS") == want, feats
 
 
 @pytest.mark.parametrize("cpu", list(EMULATED))

@@ -227,9 +227,10 @@ int lrq_mul_mat(const lrq_weight * w, const lrq_replica * r,
                 const float * x, int64_t x_stride, int64_t n_tok,
                 float * y, int64_t y_stride, int64_t row0, int64_t row1);
 
-// "avx2" when lrq_mul_mat_q8 uses the AVX2 kernel on this CPU (and, for single-level LRQ2,
-// the AVX-512 VNNI one where the CPU also has that: lrq_mul_mat_q8_impl("avx512") != NULL),
-// "neon" on an aarch64 build, else "generic".
+// "avx512+avx2" when lrq_mul_mat_q8 runs single-level LRQ2 on the AVX-512 VNNI kernel and every
+// other layout on the AVX2 one (the CPU has both and LRQ_NO_AVX512 is not 1), "avx2" when it
+// uses the AVX2 kernel for everything, "neon" on an aarch64 build, else "generic".  llama.cpp's
+// system_info line shows it as LRQ_KERNELS (patches/0005), so a log names the kernel that ran.
 const char * lrq_kernels_simd(void);
 
 #ifdef __cplusplus

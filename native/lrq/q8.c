@@ -266,6 +266,9 @@ const char * lrq_kernels_simd(void) {
 #ifdef LRQ_HAVE_NEON_KERNEL
     return "neon";
 #endif
+#ifdef LRQ_HAVE_AVX512_KERNEL
+    if (cpu_has_avx512() && use_avx512_env()) return "avx512+avx2";
+#endif
     return cpu_has_avx2() ? "avx2" : "generic";
 }
 
