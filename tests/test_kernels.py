@@ -285,9 +285,6 @@ def test_mul_mat_ref_and_fast_against_numpy(mode, bits, group_size):
     assert min(ratios) > 0.1, ratios
 
 
-AVX512_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}   # /proc/cpuinfo names
-
-
 def test_fast_path_uses_avx2_when_the_cpu_has_it():
     flags = set()
     cpuinfo = Path("/proc/cpuinfo")
@@ -297,7 +294,7 @@ def test_fast_path_uses_avx2_when_the_cpu_has_it():
                 flags = set(line.split(":", 1)[1].split())
                 break
     want = "avx2" if {"avx2", "fma", "f16c"} <= flags else "generic"
-    # single-level LRQ2 on the AVX-512 VNNI kernel (q8.c's cpu_has_avx512 checks these flags)
+    # single-level LRQ2 on the AVX-512 VNNI kernel (AVX512_FLAGS below: q8.c's cpu_has_avx512)
     if want == "avx2" and AVX512_FLAGS <= flags and os.environ.get("LRQ_NO_AVX512") != "1":
         want = "avx512+avx2"
     if platform.machine() in ("aarch64", "arm64"):
