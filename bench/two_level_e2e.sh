@@ -24,7 +24,7 @@ if [ "$PART" = all ]; then
 fi
 # q2k: llama.cpp's Q2_K file mix; qk2: only q and k at 2 bits (two-level), v 4, the rest 3
 QK2='attn_v\.=4,attn_output\.=3,ffn_down\.=3,ffn_up\.=3,ffn_gate\.=3'
-for V in q2k:256 qk2:256 qk2:128; do
+for V in q2k:256 q2k:128 qk2:256 qk2:128; do
   MIX=${V%%:*}; G=${V##*:}
   if [ "$MIX" = qk2 ]; then RULES=$QK2; else RULES=$MIX; fi
   .venv/bin/lrq-convert "$REF" "$OUT/smollm2-tl16-$MIX-g$G-gptq.gguf" --bits 2 --group-size "$G" \
