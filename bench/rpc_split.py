@@ -37,10 +37,8 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from lrq import assets, tools
@@ -49,38 +47,22 @@ from lrq.lrq_file import LRQModelFile
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from rpc_tap import (GET_TENSOR_REQ, HEADER, SET_TENSOR_HEAD, RpcTap, data_bytes,  # noqa: E402
-                     exec_ids, layer_device, predict_decode)
+from rpc_tap import (GET_TENSOR_REQ, HEADER, SET_TENSOR_HEAD, RpcServerError, RpcTap, data_bytes,  # noqa: E402
+                     exec_ids, layer_device, predict_decode, start_rpc_server)
 
 PROMPT = "The history of the city begins"
 SPLIT = [1.0, 1.0]
-SERVER_START_S = 30
 _EVAL = re.compile(r"common_perf_print:\s+eval time =\s*([0-9.]+) ms /\s*(\d+) runs")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_workers(threads: int):
     procs, taps = [], []
     for _ in range(2):
-        port = _free_port()
-        p = subprocess.Popen([str(tools.tool("rpc-server")), "-H", "127.0.0.1", "-p", str(port), "-t", str(threads)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            p, port = start_rpc_server(threads, capture=False)
+        except RpcServerError as e:
+            raise SystemExit(str(e)) from None
         procs.append(p)
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            if p.poll() is not None:
-                raise SystemExit(f"rpc-server exited with {p.returncode}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if time.monotonic() > deadline:
-                raise SystemExit(f"rpc-server did not listen on 127.0.0.1:{port}")
-            time.sleep(0.2)
         taps.append(RpcTap(port))
     return procs, taps
 

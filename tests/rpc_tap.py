@@ -31,6 +31,47 @@ import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+SERVER_START_S = 30      # an rpc-server that does not listen within this is reported as failed
+
+
+class RpcServerError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_rpc_server(threads: int | None = None, capture: bool = True):
+    """Start ``ggml-rpc-server`` on a free loopback port and wait until it listens: (process,
+    port).  RpcServerError (with the server's output when captured) if it exits or stays silent."""
+    import subprocess
+    import time
+
+    from lrq import tools
+    port = free_port()
+    cmd = [str(tools.tool("rpc-server")), "-H", "127.0.0.1", "-p", str(port)]
+    if threads is not None:
+        cmd += ["-t", str(threads)]
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if capture else subprocess.DEVNULL,
+                            text=True)
+    deadline = time.monotonic() + SERVER_START_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RpcServerError(f"rpc-server exited with {proc.returncode}: "
+                                 f"{proc.stdout.read() if capture else ''}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, port
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    raise RpcServerError(f"rpc-server did not listen on 127.0.0.1:{port} within {SERVER_START_S} s")
+
+
 # ggml-rpc.cpp's command numbers (enum rpc_cmd; RPC protocol 7.0 of the pinned llama.cpp)
 CMD_NAMES = ("ALLOC_BUFFER", "GET_ALIGNMENT", "GET_MAX_SIZE", "BUFFER_GET_BASE", "FREE_BUFFER",
              "BUFFER_CLEAR", "SET_TENSOR", "SET_TENSOR_HASH", "GET_TENSOR", "COPY_TENSOR",

@@ -4,35 +4,12 @@ model (llama-completion --rpc -ngl 99) and produces the same greedy text as the 
 from __future__ import annotations
 
 import re
-import socket
-import subprocess
-import time
-
-import pytest
 
 from lrq import tools
 from lrq.convert import ConvertOptions, convert
+from rpc_tap import start_rpc_server
 
-SERVER_START_S = 30
 PROMPT = "the old man said"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_listening(port: int, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + SERVER_START_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"rpc-server exited with {proc.returncode}: {proc.stdout.read()}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    pytest.fail(f"rpc-server did not listen on 127.0.0.1:{port} within {SERVER_START_S} s")
 
 
 def _complete(model, extra):
@@ -44,11 +21,8 @@ def _complete(model, extra):
 def test_rpc_server_runs_lrq_layers(tiny_models, tmp_path):
     lrq = tmp_path / "tiny-lrq2.gguf"
     convert(tiny_models.gguf("llama"), lrq, ConvertOptions(bits=2, group_size=32, plan="all", progress=False))
-    port = _free_port()
-    server = subprocess.Popen([str(tools.tool("rpc-server")), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server, port = start_rpc_server()
     try:
-        _wait_listening(port, server)
         text_rpc, log_rpc = _complete(lrq, ["--rpc", f"127.0.0.1:{port}", "-ngl", "99"])
     finally:
         server.terminate()

@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
-import time
 
 import pytest
 
 from lrq import tools
 from lrq.convert import ConvertOptions, convert
 from lrq.lrq_file import LRQModelFile
-from rpc_tap import RpcTap, data_bytes, exec_ids, layer_device, predict_decode
+from rpc_tap import RpcTap, data_bytes, start_rpc_server, exec_ids, layer_device, predict_decode
 
-SERVER_START_S = 30
 RUN_TIMEOUT_S = 120
 PROMPT = "the old man said"
 CTX = 2048
@@ -51,35 +48,14 @@ ALIGN = 64
 KV_BYTES_PER_EXEC = CTX * (32 + 32) * 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_listening(port: int, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + SERVER_START_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"rpc-server exited with {proc.returncode}: {proc.stdout.read()}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    pytest.fail(f"rpc-server did not listen on 127.0.0.1:{port} within {SERVER_START_S} s")
-
-
 @pytest.fixture(scope="module")
 def workers():
     """Two rpc-servers, each behind a counting relay; yields the relays (in --rpc order)."""
     procs, taps = [], []
     try:
         for _ in range(2):
-            port = _free_port()
-            p = subprocess.Popen([str(tools.tool("rpc-server")), "-H", "127.0.0.1", "-p", str(port)],
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            p, port = start_rpc_server()
             procs.append(p)
-            _wait_listening(port, p)
             taps.append(RpcTap(port))
         yield taps
     finally:
