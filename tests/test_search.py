@@ -24,7 +24,7 @@ from lrq.search import (Candidate, Evaluator, SearchConfig, SearchError, Space, 
                         holdout_windows, load_study, make_groups, memory_report, memory_split, open_storage,
                         results)
 from lrq.search.measure import NGRAM
-from lrq.search.study import MAX_REPEATS_IN_ROW, counted
+from lrq.search.study import MAX_REPEATS_IN_ROW, counted, total_budget
 
 N_LAYER = 6
 PY = sys.executable
@@ -228,8 +228,33 @@ def _check_complete(study, cfg, budget_slack: int):
     # a worker stops early only when TPE has converged: its last MAX_REPEATS_IN_ROW proposals
     # were candidates measured before (on this small space it happens within a dozen trials)
     converged = sum(1 for t in done if "same_as" in t.user_attrs) >= MAX_REPEATS_IN_ROW
+    if c < n:       # stopped short of the budget: only a converged sampler, recorded in the study
+        assert converged and "converged" in study.user_attrs
     assert (n <= c or converged) and c <= n + budget_slack
     return done
+
+
+class _ConstantEvaluator:
+    """Every candidate measures the same: TPE soon proposes only measured candidates."""
+
+    def measure(self, c, adapter_out=None, memory_bound=None):
+        from lrq.search.measure import Measurement
+        return Measurement(kld=1.0, top1=0.5, bpw=2.0, ms_per_token=1.0, memory_mib=1.0,
+                           n_exec=N_LAYER, adapter_bytes=0, seconds=0.0, kld_windows=[1.0])
+
+
+def test_converged_study_is_finished_for_later_workers(tiny, tmp_path):
+    """A worker that stops because the sampler converged records it in the study: a rerun (or a
+    second worker) runs nothing more.  Before, a rerun of such a study ran further trials (the
+    intermittent extra trial in test_kill_then_resume's last step)."""
+    from lrq.search.study import run_worker
+    cfg = _cfg(tiny, budget=400)       # far more than the small space has candidates
+    study = create_or_load(open_storage(str(tmp_path / "c.journal"), None), "c", cfg, seed=0)
+    ran = run_worker(study, cfg, _ConstantEvaluator())
+    n = len(study.trials)
+    assert ran == n < total_budget(cfg) and study.user_attrs["converged"] == n - 1
+    assert sum(1 for t in study.trials if "same_as" in t.user_attrs) >= MAX_REPEATS_IN_ROW
+    assert run_worker(study, cfg, _ConstantEvaluator()) == 0 and len(study.trials) == n
 
 
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])

@@ -20,7 +20,10 @@ them in its "good" density).  The budget is len(grid) + budget stage-2 trials fo
 study: each worker stops when the study holds that many counted trials (complete, pruned,
 running, waiting or failed by the objective; a trial failed because its worker died is re-run and
 does not count, nor does a proposal of a measured candidate; a worker also stops after
-MAX_REPEATS_IN_ROW such proposals in a row: the sampler has converged).  With several workers the study may end up to workers - 1 trials over it.
+MAX_REPEATS_IN_ROW such proposals in a row: the sampler has converged, and the study records it
+(user attribute ``converged``) so that no later worker or rerun spends the rest of the budget on
+more proposals of measured candidates).  With several workers the study may end up to
+workers - 1 trials over it.
 
 **Resume.**  A killed run leaves its trial RUNNING.  On the journal storage the next lrq-search
 on this machine fails the RUNNING trials whose worker process (host:pid, a user attribute) is
@@ -250,6 +253,8 @@ def remaining(study, cfg: SearchConfig) -> int:
     from optuna.trial import TrialState
     trials = study.get_trials(deepcopy=False)
     waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
+    if "converged" in study.user_attrs:
+        return waiting
     return max(total_budget(cfg) - sum(1 for t in trials if counted(t)), 0) + waiting
 
 
@@ -312,7 +317,9 @@ def run_worker(study, cfg: SearchConfig, evaluator, log: Callable[[str], None] =
         if remaining(study, cfg) <= 0:
             study.stop()
         elif repeats[0] >= MAX_REPEATS_IN_ROW:
-            log(f"the sampler proposed {repeats[0]} measured candidates in a row: stopping this worker")
+            log(f"the sampler proposed {repeats[0]} measured candidates in a row: it has converged, "
+                f"the study is finished")
+            study.set_user_attr("converged", trial.number)
             study.stop()
 
     if reclaimed := reclaim_stale(study):
