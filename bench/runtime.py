@@ -11,15 +11,20 @@ same build's llama-quantize from the F32 reference. Each file runs in its own `l
 process (pp512 and tg128, --reps repetitions); the table gives tokens/s, each as a ratio to stock
 Q2_K, file size, whole-file bits per weight and the process's peak RSS, and decode as achieved GB/s
 of weights read (bench/bandwidth.py's bytes per token x tokens/s) and as a fraction of the
-machine's read bandwidth, probed first with the same threads (bench/bandwidth.py). Nothing is
-asserted: targets are reported in docs/RESULTS.md.
+machine's read bandwidth, probed first with the same threads (bench/bandwidth.py). Each speed is
+given as median (min-max) over the repetitions, and the 1-minute load average is read before and
+after every llama-bench process: when it exceeds the machine's core count the run is marked BUSY
+and no ratio is printed for it (a figure from a busy machine is not a speed of the machine).
+Nothing is asserted: targets are reported in docs/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -47,6 +52,9 @@ class Row:
     size_mib: float | None = None
     bpw: float | None = None
     gbs: float | None = None          # decode: GB/s of weights read
+    pp_range: tuple[float, float] = (0.0, 0.0)   # min, max over the repetitions
+    tg_range: tuple[float, float] = (0.0, 0.0)
+    load: float = 0.0                 # highest 1-minute load average seen around the run
     error: str = ""
 
 
@@ -76,8 +84,14 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def llama_bench(model: Path, threads: int, reps: int, pp: int, tg: int) -> tuple[float, float, float]:
-    """(pp t/s, tg t/s, peak RSS MiB) from one llama-bench process."""
+def _stats(rec: dict) -> tuple[float, float, float]:
+    """(median, min, max) tokens/s of one llama-bench test over its repetitions."""
+    xs = rec.get("samples_ts") or [rec["avg_ts"]]
+    return statistics.median(xs), min(xs), max(xs)
+
+
+def llama_bench(model: Path, threads: int, reps: int, pp: int, tg: int):
+    """((pp median, min, max), (tg median, min, max), peak RSS MiB) from one llama-bench process."""
     cmd = [str(tools.tool("llama-bench")), "-m", str(model), "-p", str(pp), "-n", str(tg),
            "-r", str(reps), "-t", str(threads), "-o", "json"]
     proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True)
@@ -86,8 +100,8 @@ def llama_bench(model: Path, threads: int, reps: int, pp: int, tg: int) -> tuple
         raise RuntimeError(f"llama-bench exited with {proc.returncode}: {tail}")
     rss_kb = int(re.search(r"LRQ_PEAK_RSS_KB=(\d+)", proc.stderr).group(1))
     res = json.loads(proc.stdout)
-    pp_ts = next(r["avg_ts"] for r in res if r["n_prompt"] == pp and r["n_gen"] == 0)
-    tg_ts = next(r["avg_ts"] for r in res if r["n_gen"] == tg and r["n_prompt"] == 0)
+    pp_ts = _stats(next(r for r in res if r["n_prompt"] == pp and r["n_gen"] == 0))
+    tg_ts = _stats(next(r for r in res if r["n_gen"] == tg and r["n_prompt"] == 0))
     return pp_ts, tg_ts, rss_kb / 1024.0
 
 
@@ -103,17 +117,30 @@ def measure(rows: list[Row], args) -> None:
         try:
             row.size_mib = row.path.stat().st_size / 2**20
             row.bpw = file_bpw(row.path).bpw
-            row.pp, row.tg, row.rss_mib = llama_bench(row.path, args.threads, args.reps, args.pp, args.tg)
+            load0 = os.getloadavg()[0]
+            (row.pp, *pr), (row.tg, *tr), row.rss_mib = llama_bench(row.path, args.threads, args.reps,
+                                                                     args.pp, args.tg)
+            row.pp_range, row.tg_range = tuple(pr), tuple(tr)
+            row.load = max(load0, os.getloadavg()[0])
             row.gbs = bytes_per_token(row.path, None) * row.tg / 1e9
         except (RuntimeError, OSError, ValueError) as e:
             row.error = str(e)
 
 
+def busy(row: Row) -> bool:
+    return row.load > (os.cpu_count() or 1)
+
+
 def table(rows: list[Row], model: str, args, short: bool) -> str:
     base = next((r for r in rows if r.name == "stock Q2_K" and r.tg), None)
+    any_busy = any(busy(r) for r in rows if r.tg)
 
     def ratio(v, b):
-        return f"{v / b:5.2f}x" if v and b else "    -"
+        # no ratio at all when any run of the table was busy: both sides must be quiet
+        return f"{v / b:5.2f}x" if v and b and not any_busy else "    -"
+
+    def rng(v, r):
+        return f"{v:.1f} ({r[0]:.1f}-{r[1]:.1f})"
 
     head = (f"model {model}, {args.threads} threads, llama-bench pp{args.pp} / tg{args.tg}, "
             f"{args.reps} reps; ratios to stock Q2_K; read bandwidth (probe) {args.limit_gbs:.1f} GB/s")
@@ -121,6 +148,11 @@ def table(rows: list[Row], model: str, args, short: bool) -> str:
     def frac(r):
         return f"{100 * r.gbs / args.limit_gbs:5.1f}%" if r.gbs and args.limit_gbs > 0 else "    -"
 
+    loads = [r.load for r in rows if r.tg]
+    head += (f"\n1-minute load average during the runs: {min(loads, default=0):.2f}-{max(loads, default=0):.2f} "
+             f"on {os.cpu_count()} cores")
+    if any_busy:
+        head += " -- BUSY: these figures are not speeds of this machine, no ratio is given"
     lines = [head]
     if short:
         lines.append(f"{'file':25s} {'bpw':>5s} {'tg t/s':>8s} {'tg/Q2_K':>8s} {'GB/s':>6s} {'of limit':>8s}")
@@ -131,15 +163,17 @@ def table(rows: list[Row], model: str, args, short: bool) -> str:
                 lines.append(f"{r.name:25s} {r.bpw:5.2f} {r.tg:8.1f} {ratio(r.tg, base and base.tg):>8s} "
                              f"{r.gbs:6.2f} {frac(r):>8s}")
         return "\n".join(lines)
-    lines.append(f"{'file':25s} {'MiB':>7s} {'bpw':>5s} {'pp t/s':>8s} {'pp/Q2_K':>8s} "
-                 f"{'tg t/s':>8s} {'tg/Q2_K':>8s} {'GB/s':>6s} {'of limit':>8s} {'peak RSS MiB':>13s}")
+    lines.append(f"{'file':25s} {'MiB':>7s} {'bpw':>5s} {'pp t/s median (min-max)':>24s} {'pp/Q2_K':>8s} "
+                 f"{'tg t/s median (min-max)':>24s} {'tg/Q2_K':>8s} {'GB/s':>6s} {'of limit':>8s} "
+                 f"{'peak RSS MiB':>13s} {'load':>5s}")
     for r in rows:
         if r.error:
             lines.append(f"{r.name:25s} error: {r.error[:100]}")
             continue
-        lines.append(f"{r.name:25s} {r.size_mib:7.1f} {r.bpw:5.2f} {r.pp:8.1f} {ratio(r.pp, base and base.pp):>8s} "
-                     f"{r.tg:8.1f} {ratio(r.tg, base and base.tg):>8s} {r.gbs:6.2f} {frac(r):>8s} "
-                     f"{r.rss_mib:13.0f}")
+        lines.append(f"{r.name:25s} {r.size_mib:7.1f} {r.bpw:5.2f} {rng(r.pp, r.pp_range):>24s} "
+                     f"{ratio(r.pp, base and base.pp):>8s} {rng(r.tg, r.tg_range):>24s} "
+                     f"{ratio(r.tg, base and base.tg):>8s} {r.gbs:6.2f} {frac(r):>8s} "
+                     f"{r.rss_mib:13.0f} {r.load:5.2f}")
     return "\n".join(lines)
 
 
