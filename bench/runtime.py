@@ -8,11 +8,12 @@
 For one model and thread count it builds (cached under --work): LRQ 2-bit asym g64 with the
 schedules none, all, last-8 serial and last-8 parallel, and stock Q2_K, Q4_0 and F32 made by the
 same build's llama-quantize from the F32 reference. Each file runs in its own `llama-bench`
-process (pp512 and tg128, --reps repetitions); the table gives tokens/s, each as a ratio to stock
+process (pp512 and tg128), in --reps rounds that run every file once; the table gives tokens/s, each as a ratio to stock
 Q2_K, file size, whole-file bits per weight and the process's peak RSS, and decode as achieved GB/s
 of weights read (bench/bandwidth.py's bytes per token x tokens/s) and as a fraction of the
-machine's read bandwidth, probed first with the same threads (bench/bandwidth.py). Each speed is
-given as median (min-max) over the repetitions, and the 1-minute load average is read before and
+machine's read bandwidth, probed with the same threads right before each run (bench/bandwidth.py;
+on this virtual machine it moves between ~30 and ~55 GB/s within minutes). Each speed is given as
+median (min-max) over the rounds, and the 1-minute load average is read before and
 after every llama-bench process: when it exceeds the machine's core count the run is marked BUSY
 and no ratio is printed for it (a figure from a busy machine is not a speed of the machine).
 Nothing is asserted: targets are reported in docs/RESULTS.md.
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bandwidth import bytes_per_token, probe  # noqa: E402  (bench/bandwidth.py: one probe, one byte count)
 
 STOCK = ("Q2_K", "Q4_0", "F32")
+PROBE_MIB, PROBE_REPS = 1024, 3       # one probe: the best of 3 reads of 1 GiB (~0.1 s)
 LRQ_PLANS = {"none": "none", "all": "all", "last-8 serial": "last-8", "last-8 parallel": None}
 
 
@@ -55,6 +57,8 @@ class Row:
     pp_range: tuple[float, float] = (0.0, 0.0)   # min, max over the repetitions
     tg_range: tuple[float, float] = (0.0, 0.0)
     load: float = 0.0                 # highest 1-minute load average seen around the run
+    bytes: int = 0                    # weight bytes a decode step reads (bench/bandwidth.py)
+    limit: float = 0.0                # median read bandwidth probed beside this row's runs, GB/s
     error: str = ""
 
 
@@ -106,25 +110,53 @@ def llama_bench(model: Path, threads: int, reps: int, pp: int, tg: int):
 
 
 def measure(rows: list[Row], args) -> None:
+    """--reps rounds; in each round every file runs once (its own llama-bench process, one
+    repetition), right after a read-bandwidth probe with the same threads.  Interleaving the files
+    makes drift of the machine (a virtual machine's memory bandwidth moves by tens of per cent
+    over minutes) hit every row alike, and each row's fraction of the limit uses the probes taken
+    beside its own runs."""
     try:
         from tqdm import tqdm
-        it = tqdm(rows, desc="llama-bench", leave=False)
+        bar = tqdm(total=args.reps * sum(r.path is not None for r in rows), desc="llama-bench", leave=False)
     except ImportError:
-        it = rows
-    for row in it:
+        bar = None
+    samples: dict[str, dict[str, list[float]]] = {r.name: {"pp": [], "tg": [], "lim": []} for r in rows}
+    for row in rows:
         if row.path is None:
             continue
         try:
             row.size_mib = row.path.stat().st_size / 2**20
             row.bpw = file_bpw(row.path).bpw
-            load0 = os.getloadavg()[0]
-            (row.pp, *pr), (row.tg, *tr), row.rss_mib = llama_bench(row.path, args.threads, args.reps,
-                                                                     args.pp, args.tg)
-            row.pp_range, row.tg_range = tuple(pr), tuple(tr)
-            row.load = max(load0, os.getloadavg()[0])
-            row.gbs = bytes_per_token(row.path, None) * row.tg / 1e9
-        except (RuntimeError, OSError, ValueError) as e:
+            row.bytes = bytes_per_token(row.path, None)
+        except (OSError, ValueError) as e:
             row.error = str(e)
+    for _ in range(args.reps):
+        for row in rows:
+            if row.path is None or row.error:
+                continue
+            s = samples[row.name]
+            try:
+                load0 = os.getloadavg()[0]
+                s["lim"].append(max(probe(PROBE_MIB, args.threads, PROBE_REPS)))
+                (pp, *_), (tg, *_), rss = llama_bench(row.path, args.threads, 1, args.pp, args.tg)
+                s["pp"].append(pp)
+                s["tg"].append(tg)
+                row.rss_mib = max(row.rss_mib or 0.0, rss)
+                row.load = max(row.load, load0, os.getloadavg()[0])
+            except (RuntimeError, OSError, ValueError) as e:
+                row.error = str(e)
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    for row in rows:
+        s = samples[row.name]
+        if row.error or not s["tg"]:
+            continue
+        row.pp, row.pp_range = statistics.median(s["pp"]), (min(s["pp"]), max(s["pp"]))
+        row.tg, row.tg_range = statistics.median(s["tg"]), (min(s["tg"]), max(s["tg"]))
+        row.limit = statistics.median(s["lim"])
+        row.gbs = row.bytes * row.tg / 1e9
 
 
 def busy(row: Row) -> bool:
@@ -142,11 +174,14 @@ def table(rows: list[Row], model: str, args, short: bool) -> str:
     def rng(v, r):
         return f"{v:.1f} ({r[0]:.1f}-{r[1]:.1f})"
 
+    lims = [r.limit for r in rows if r.limit]
     head = (f"model {model}, {args.threads} threads, llama-bench pp{args.pp} / tg{args.tg}, "
-            f"{args.reps} reps; ratios to stock Q2_K; read bandwidth (probe) {args.limit_gbs:.1f} GB/s")
+            f"{args.reps} rounds (every file once per round); ratios to stock Q2_K; read bandwidth "
+            f"probed before every run: {min(lims, default=0):.1f}-{max(lims, default=0):.1f} GB/s "
+            f"(row medians); 'of limit' = a row's GB/s over its own probes' median")
 
     def frac(r):
-        return f"{100 * r.gbs / args.limit_gbs:5.1f}%" if r.gbs and args.limit_gbs > 0 else "    -"
+        return f"{100 * r.gbs / r.limit:5.1f}%" if r.gbs and r.limit > 0 else "    -"
 
     loads = [r.load for r in rows if r.tg]
     head += (f"\n1-minute load average during the runs: {min(loads, default=0):.2f}-{max(loads, default=0):.2f} "
@@ -202,9 +237,6 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(Row(f"LRQ2 g64 {name}", None, error=str(e)))
     for qtype in STOCK:
         rows.append(Row(f"stock {qtype}", ref if qtype == "F32" else make_stock(ref, qtype, work=args.work)))
-    # the machine's limit, with the same threads, before the llama-bench runs
-    gbs = probe(1024, args.threads, 5)
-    args.limit_gbs = sorted(gbs)[len(gbs) // 2]
     measure(rows, args)
     print(table(rows, src.name, args, args.short))
     return 0
