@@ -433,6 +433,80 @@ def test_select_moe_picks_the_most_routed_experts(mx, tiny_models, tmp_path, cap
     assert not (tmp_path / "d.json").exists()
 
 
+# impact / sensitivity against numpy in float64 on the same routed tokens: the sums differ only by
+# summation order (measured ~1e-15 relative); ignoring the routing weights moves them by > 1e-2
+IMPACT_RTOL = 1e-9
+
+
+def test_select_moe_impact_ranks_by_quantization_error(mx, tmp_path):
+    """lrq-select --moe --moe-rank impact: each expert's share of its layer's routing-weighted
+    output error under lrq's 2-bit quantizer, recomputed here in numpy from the reference's routed
+    inputs; the plan takes each layer's top 2 by it."""
+    from lrq.cli.select import main as select
+    from lrq.select.measure import calib_tokens
+    from lrq.select.score import QuantSpec, quantize_dequantize
+    from tiny_models import tiny_calib_text
+    src = mx.gguf("qwen2moe")
+    text = tiny_calib_text(src, tmp_path / "calib.txt")
+    plan, scores = tmp_path / "plan.json", tmp_path / "s.json"
+    assert select([str(src), "-o", str(plan), "--moe", "--moe-rank", "impact", "--bits", "2", "--group-size", "32",
+                   "--text", str(text), "--tokens", "256", "--ctx", "64", "--scores", str(scores)]) == 0
+    got = json.loads(plan.read_text())["experts"]
+    rows = json.loads(scores.read_text())["rows"]
+    ref = Reference(open_model(src), torch.float32)
+    seen = {L: [] for L in ref._moe}
+    orig = ref_moe.MoEFFN.route
+    layer_of = {id(m): L for L, m in ref._moe.items()}
+
+    def route(self, h):
+        w, idx = orig(self, h)
+        seen[layer_of[id(self)]].append((h.numpy().astype(np.float64), w.numpy().astype(np.float64), idx.numpy()))
+        return w, idx
+    ref_moe.MoEFFN.route = route
+    try:
+        for win in calib_tokens(src, str(text), 256, 64):
+            ref.logits(win)
+    finally:
+        ref_moe.MoEFFN.route = orig
+    spec = QuantSpec(2, 32)
+    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+    for L, moe in ref._moe.items():
+        h = np.concatenate([x[0] for x in seen[L]])
+        w = np.concatenate([x[1] for x in seen[L]])
+        idx = np.concatenate([x[2] for x in seen[L]])
+        err, energy = np.zeros(N_EXPERT), np.zeros(N_EXPERT)
+        for e in range(N_EXPERT):
+            tok, slot = np.nonzero(idx == e)
+            x, wt = h[tok], w[tok, slot][:, None]
+            g, u, d = (getattr(moe, n)[e].numpy().astype(np.float64) for n in ("gate", "up", "down"))
+            gq, uq, dq = (quantize_dequantize(m.astype(np.float32), spec) for m in (g, u, d))
+            y = (silu(x @ g.T) * (x @ u.T)) @ d.T
+            yq = (silu(x @ gq.T) * (x @ uq.T)) @ dq.T
+            err[e], energy[e] = ((wt * (yq - y)) ** 2).sum(), ((wt * y) ** 2).sum()
+        impact = err / err.sum()
+        mine = {r["expert"]: r for r in rows if r["layer"] == L}
+        for e in range(N_EXPERT):
+            assert mine[e]["impact"] == pytest.approx(impact[e], rel=IMPACT_RTOL, abs=1e-15)
+            assert mine[e]["sensitivity"] == pytest.approx(err[e] / energy[e] if energy[e] else 0.0,
+                                                           rel=IMPACT_RTOL, abs=1e-15)
+        top = sorted(np.argsort(-impact, kind="stable")[:2].tolist())
+        assert got[L]["experts"] == top
+        # the control: without the routing weights the shares move far outside the tolerance
+        assert not np.allclose(impact, _unweighted_impact(h, idx, moe, spec, silu), rtol=1e-2)
+
+
+def _unweighted_impact(h, idx, moe, spec, silu):
+    from lrq.select.score import quantize_dequantize
+    err = np.zeros(N_EXPERT)
+    for e in range(N_EXPERT):
+        tok, _ = np.nonzero(idx == e)
+        x = h[tok]
+        g, u, d = (getattr(moe, n)[e].numpy().astype(np.float64) for n in ("gate", "up", "down"))
+        gq, uq, dq = (quantize_dequantize(m.astype(np.float32), spec) for m in (g, u, d))
+        err[e] = (((silu(x @ gq.T) * (x @ uq.T)) @ dq.T - (silu(x @ g.T) * (x @ u.T)) @ d.T) ** 2).sum()
+    return err / err.sum()
+
+
 def test_stock_q4_experts_skipping_matches_masked(mx, tmp_path, monkeypatch):
     """llama-quantize's Q4_0 experts (ggml's repacked CPU kernels, patched like the plain one for
     id -1): the skipping and the masked variant give the same logits, and both follow the

@@ -19,8 +19,11 @@ progressive (the K highest get replicas+1, the next K get replicas; default K = 
 
 Mixture-of-experts models (--moe; docs/moe.md): the routing frequency of each expert of each
 layer on the calibration text; the --top fraction (default 0.2) most-used experts of every
-layer become one expert-replication entry per layer (--mode, --expert-weight) in the plan:
+layer become one expert-replication entry per layer (--mode, --expert-weight) in the plan;
+--moe-rank impact ranks by each expert's share of its layer's quantization error instead
+(routing frequency x the expert's output error under the quantizer options):
     lrq-select moe.gguf -o plan.json --moe --top 0.2
+    lrq-select moe.gguf -o plan.json --moe --moe-rank impact --bits 2 --scores experts.csv
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-t", "--threads", type=int, default=None, help="torch threads")
     x = ap.add_argument_group("mixture of experts")
     x.add_argument("--moe", action="store_true", help="select experts by routing frequency (MoE models)")
+    x.add_argument("--moe-rank", default="frequency", choices=("frequency", "impact"),
+                   help="rank experts by routing frequency (the method's top-20 %% by usage; default) "
+                        "or by impact: each expert's share of its layer's output error when its "
+                        "matrices are quantized with the quantizer options (frequency x sensitivity)")
     x.add_argument("--top", type=float, default=0.2, help="fraction of each layer's experts to replicate (default 0.2)")
     x.add_argument("--expert-weight", type=float, default=1.0, help="weight a of each entry (default 1)")
     ap.add_argument("--scores", default=None, metavar="FILE.csv|.json", help="also write the per-layer table")
@@ -77,14 +84,17 @@ def _select_experts(args, model: Path, out: Path, err) -> int:
     """--moe: routing frequencies -> the top experts of every MoE layer -> a plan's "experts"."""
     from ..plan import ExpertEntry, PlanError, check_expert_entries
     from ..select import SelectError
-    from ..select.moe import routing_frequency, top_experts
+    from ..select import QuantSpec
+    from ..select.moe import expert_statistics, top_experts
     if args.mode == "parallel" and not 0 <= args.expert_weight <= 1:
         err(f"--expert-weight {args.expert_weight}: a parallel entry weighs 0..1"); return 2
     if not 0 < args.top <= 1:
         err(f"--top must be in (0, 1], got {args.top}"); return 2
     try:
-        freq = routing_frequency(model, args.text, args.tokens, args.ctx, args.threads)
-        chosen = {L: top_experts(freq[L], args.top) for L in range(len(freq)) if freq[L].sum() > 0}
+        spec = QuantSpec(args.bits, args.group_size, args.quant_mode, args.scale_search)
+        stats = expert_statistics(model, args.text, args.tokens, args.ctx, spec, args.threads)
+        freq, rank = stats["frequency"], stats[args.moe_rank]
+        chosen = {L: top_experts(rank[L], args.top) for L in range(len(freq)) if freq[L].sum() > 0}
         entries = [ExpertEntry(L, 1, tuple(xs), args.mode, args.expert_weight) for L, xs in chosen.items()]
         check_expert_entries(entries, len(freq), freq.shape[1], f"{model}")
         atomic_write_text(out, json.dumps({"experts": [
@@ -92,7 +102,9 @@ def _select_experts(args, model: Path, out: Path, err) -> int:
             indent=1) + "\n")
         if args.scores:
             p = Path(args.scores)
-            rows = [{"layer": L, "expert": e, "share": float(freq[L, e]), "chosen": e in chosen.get(L, ())}
+            rows = [{"layer": L, "expert": e, "share": float(freq[L, e]),
+                     "sensitivity": float(stats["sensitivity"][L, e]), "impact": float(stats["impact"][L, e]),
+                     "chosen": e in chosen.get(L, ())}
                     for L in range(len(freq)) for e in range(freq.shape[1])]
             if p.suffix.lower() == ".json":
                 atomic_write_text(p, json.dumps({"model": str(model), "text": str(args.text), "rows": rows}, indent=1))
@@ -106,11 +118,12 @@ def _select_experts(args, model: Path, out: Path, err) -> int:
     except KeyboardInterrupt:
         err("interrupted; nothing written"); return 130
     n_tok = (args.tokens // args.ctx) * args.ctx
-    print(f"{model.name}: {freq.shape[1]} experts per layer, routing frequency on {n_tok} tokens of "
-          f"{args.text} (ctx {args.ctx}); top {args.top:g} per layer")
-    print(f"{'layer':>5s}  {'experts':24s} {'share':>6s}  (uniform {1 / freq.shape[1]:.3f} each)")
+    print(f"{model.name}: {freq.shape[1]} experts per layer, routing frequency and {spec.describe()} "
+          f"sensitivity on {n_tok} tokens of {args.text} (ctx {args.ctx}); top {args.top:g} per layer "
+          f"by {args.moe_rank}")
+    print(f"{'layer':>5s}  {'experts':24s} {'share':>6s} {'impact':>6s}  (uniform {1 / freq.shape[1]:.3f} each)")
     for L, xs in chosen.items():
-        print(f"{L:5d}  {', '.join(map(str, xs)):24s} {freq[L, xs].sum():6.3f}")
+        print(f"{L:5d}  {', '.join(map(str, xs)):24s} {freq[L, xs].sum():6.3f} {stats['impact'][L, xs].sum():6.3f}")
     print(f"{len(entries)} {args.mode} entries of weight {args.expert_weight:g} -> wrote {out}"
           + (f", {args.scores}" if args.scores else ""))
     return 0
