@@ -128,3 +128,29 @@ std::string lrq_model_desc(const lrq_model & l, const std::string & stock_desc);
 
 // Graph node budget: each execution costs a base layer's nodes again, plus the group combine.
 uint32_t lrq_graph_max_nodes(const lrq_model & l, uint32_t stock);
+
+// ---- lockstep order of parallel groups (native/lrq/lrq-graph.cpp) --------------------------------
+
+struct ggml_cgraph;
+
+// Where a graph builder stands in execution il (build_lrq_layer_inp, the start and the end of
+// build_lrq_layer_out): records ggml_used_mem(ctx), so that each tensor of the graph can be told
+// the execution that created it (a context lays its objects out in creation order).  Marks of
+// execution 0's input start a new graph.
+enum lrq_graph_mark_where { LRQ_MARK_INP = 0, LRQ_MARK_OUT_BEGIN = 1, LRQ_MARK_OUT_END = 2 };
+void lrq_graph_mark(const ggml_context * ctx, int il, int where, size_t n_exec);
+
+// Once the graph of a model with a schedule is built (llama_model::build_graph, patch 0013), before
+// the scheduler splits and allocates it: reorders the nodes of each parallel group so that the
+// members run each linear back to back (the k-th LRQ_MUL_MATs of all members adjacent), keeping
+// every node after its sources and every access to in-place-written storage (KV cache) in order.
+// Results are unchanged (the same ops on the same inputs).  Leaves the graph as built, with one
+// warning in the log, when anything is unexpected; LRQ_NO_LOCKSTEP=1 in the environment turns it
+// off (A/B).  Logs (INFO, when it changes) the number of adjacent same-codes LRQ pairs.
+void lrq_graph_lockstep(const lrq_model & l, const ggml_context * ctx, ggml_cgraph * gf);
+
+// Two GGML_OP_LRQ_MUL_MAT nodes that one pass over the codes can compute together: same codes,
+// base grid (d, m, sub-block indices) and op parameters, inputs of one shape, b not reading a.
+bool lrq_op_shares_codes(const ggml_tensor * a, const ggml_tensor * b);
+// Adjacent node pairs of gf for which lrq_op_shares_codes holds.
+int lrq_graph_shared_code_pairs(ggml_cgraph * gf);

@@ -1452,6 +1452,7 @@ ggml_tensor * llm_graph_context::build_lrq_layer_inp(ggml_tensor * inpL, int il)
         return inpL;
     }
     lrq_il = il;
+    lrq_graph_mark(ctx0, il, LRQ_MARK_INP, lrq->exec.size());   // the lockstep order's member ranges
     const lrq_exec & e = lrq->exec.at(il);
     if (e.first) {
         lrq_x   = inpL;
@@ -1466,6 +1467,11 @@ ggml_tensor * llm_graph_context::build_lrq_layer_out(ggml_tensor * cur, int il, 
         return cur;
     }
     const lrq_exec & e = lrq->exec.at(il);
+    lrq_graph_mark(ctx0, il, LRQ_MARK_OUT_BEGIN, lrq->exec.size());
+    struct mark_end {   // after the combine's tensors, on every return
+        const llm_graph_context * g; int il;
+        ~mark_end() { lrq_graph_mark(g->ctx0, il, LRQ_MARK_OUT_END, g->lrq->exec.size()); }
+    } end_mark{this, il};
     if (e.n_group == 1 && e.weight == 1.0f) {
         return cur;   // x -> B(x): exactly the stock graph
     }
