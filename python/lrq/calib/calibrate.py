@@ -26,15 +26,25 @@ model's inputs to that linear) after its closed-form gain / bias, and are traine
 parameters; the other replicas start from replica 0's as they do for every parameter (an extra
 serial replica embedded as a no-op gets U = 0).
 
+With ``resume`` (a directory, lrq.resume) every finished layer's fitted parameters (the state
+of every replica module of the layer), its report and the random generators' state after it are
+written there; a rerun with the same inputs and options loads those layers, runs them with their
+parameters to rebuild the quantized stream, and fits on from the first unfinished layer.  The
+window order of every Adam step comes from one generator carried across layers, so restoring its
+state makes the resumed run draw exactly what the uninterrupted run drew: the output is the same
+file, byte for byte.
+
     >>> s = calibrate("in.lrq.gguf", "out.lrq.gguf", "src.gguf",
     ...               CalibrateOptions(n_tokens=4096))         # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -88,6 +98,7 @@ class CalibrateOptions:
     loss: str = "mse"                  # mse | token (LOSSES)
     lowrank: int = 0                   # rank of a low-rank correction per linear and replica (0: none new)
     lr_lowrank: float = 1e-3           # lr_u / lr_v (FORMAT.md 6.2)
+    resume: str | None = None          # directory of finished layers (lrq.resume), created if missing
 
     def validate(self) -> None:
         if self.start_layer < 0:
@@ -140,6 +151,7 @@ class CalibrateSummary:
     window: int = 0
     bpw: dict = field(default_factory=dict)
     seconds: float = 0.0
+    resumed_layers: int = 0    # layers loaded from the resume directory (fitted by an earlier run)
 
     @property
     def final_loss(self) -> float:
@@ -147,8 +159,10 @@ class CalibrateSummary:
         return self.layers[-1].loss if self.layers else float("nan")
 
     def lines(self) -> list[str]:
+        res = (f"; layers 0..{self.resumed_layers - 1} fitted by an earlier run"
+               if self.resumed_layers else "")
         out = [f"wrote {self.output} in {self.seconds:.1f} s ({self.n_tokens} calibration tokens, "
-               f"windows of {self.window})"]
+               f"windows of {self.window}{res})"]
         for r in self.layers:
             out.append(f"  layer {r.layer:3d} replicas {r.replicas}: loss {r.loss_start:.4g} -> "
                        f"{r.loss:.4g} ({r.choice}; replica 0 alone {r.loss_norep:.4g}) {r.seconds:.1f} s")
@@ -534,6 +548,8 @@ def calibrate(src: str | os.PathLike, out: str | os.PathLike, source: str | os.P
                          "LRQ file is calibrated with its own schedule")
     out, f, source, windows = open_job(src, out, source, opts.text, opts.n_tokens, opts.window, windows,
                                        plan=plan, adapter=adapter, in_layer_order=True)
+    store = _resume_dir(opts, f, src, source, windows, adapter, log) if opts.resume else None
+    n_done = store.finished() if store is not None else 0
     try:
         acts = SourceActivations(source, windows, progress=opts.progress)
     except ValueError as e:       # ModelFileError / ReferenceError: the source cannot be run
@@ -546,7 +562,10 @@ def calibrate(src: str | os.PathLike, out: str | os.PathLike, source: str | os.P
     for g in f.plan.groups():
         groups_by_layer.setdefault(g[0].layer, []).append(g)
 
-    summary = CalibrateSummary(output=out, n_tokens=int(windows.size), window=int(windows.shape[1]))
+    summary = CalibrateSummary(output=out, n_tokens=int(windows.size), window=int(windows.shape[1]),
+                               resumed_layers=min(n_done, acts.n_layer))
+    if n_done:
+        log(f"resuming: layers 0..{min(n_done, acts.n_layer) - 1} were fitted by an earlier run ({store.dir})")
     params: dict[str, np.ndarray] = {}
     # the quantized model's own input: a stock-typed base (llama-quantize) quantizes the token
     # embeddings too, so the first block must see the file's embeddings, not the source's
@@ -557,19 +576,26 @@ def calibrate(src: str | os.PathLike, out: str | os.PathLike, source: str | os.P
         bar = tqdm(total=acts.n_layer, desc="lrq-calibrate", unit="layer", leave=False)
     try:
         for layer in range(acts.n_layer):
-            y_fp = acts.block_output(layer)
             ql = QuantLayer(f, layer, groups_by_layer[layer], opts,
                             opts.lowrank if layer >= opts.start_layer else 0)
-            sq = ({n: s.sq_mean for n, s in acts.linear_stats(layer).items()}
-                  if opts.lowrank and layer >= opts.start_layer else None)
-            fit = _Fitter(ref, acts.ctx, x_q, y_fp, opts, rng, acts.block(layer), sq)
-            if layer < opts.start_layer:       # kept as it is: only its output is needed
-                l = fit.loss(ql)
-                rep = LayerReport(layer, ql.replicas, l, l, l, "kept", 0.0)
+            if layer < n_done:                 # fitted by an earlier run: its parameters, as left
+                rep = _load_layer(store, layer, ql, rng)
+                log(f"layer {layer}: fitted by an earlier run ({store.layer_path(layer).name}), "
+                    f"loss {rep.loss:.4g}")
             else:
-                rep = calibrate_layer(fit, ql, opts)
+                y_fp = acts.block_output(layer)
+                sq = ({n: s.sq_mean for n, s in acts.linear_stats(layer).items()}
+                      if opts.lowrank and layer >= opts.start_layer else None)
+                fit = _Fitter(ref, acts.ctx, x_q, y_fp, opts, rng, acts.block(layer), sq)
+                if layer < opts.start_layer:       # kept as it is: only its output is needed
+                    l = fit.loss(ql)
+                    rep = LayerReport(layer, ql.replicas, l, l, l, "kept", 0.0)
+                else:
+                    rep = calibrate_layer(fit, ql, opts)
+                if store is not None:
+                    _save_layer(store, layer, ql, rep, rng)
+                log(f"layer {layer}: loss {rep.loss_start:.4g} -> {rep.loss:.4g} ({rep.choice})")
             summary.layers.append(rep)
-            log(f"layer {layer}: loss {rep.loss_start:.4g} -> {rep.loss:.4g} ({rep.choice})")
             with torch.no_grad():
                 x_q = torch.cat([ql.forward(ref, x_q[i:i + 1], None, acts.ctx)
                                  for i in range(x_q.shape[0])])
@@ -604,6 +630,69 @@ def calibrate(src: str | os.PathLike, out: str | os.PathLike, source: str | os.P
     summary.bpw = LRQModelFile(out).bpw()
     summary.seconds = time.monotonic() - t0
     return summary
+
+
+# ---- resume directory (lrq.resume) ------------------------------------------------------------
+
+# option keys whose command-line flag is not --<key with dashes>
+_FLAGS = {"n_tokens": "--tokens", "windows": "the calibration windows (--text, its content, --tokens, "
+          "--window)", "adapter": "--adapter (an adapter instead of a whole file)",
+          "schedule": "the schedule (--plan)"}
+
+
+def _resume_dir(opts: CalibrateOptions, f: LRQModelFile, src, source: Path, windows: np.ndarray,
+                adapter: bool, log):
+    """The resume directory of this calibration: inputs IN and --source, every option that changes
+    what a layer's fit gives (progress and the directory itself do not)."""
+    from ..resume import ResumeDir, ResumeError
+    o = asdict(opts)
+    # the text is known by its windows (a path to the same text given otherwise is the same run)
+    for k in ("progress", "resume", "text"):
+        o.pop(k)
+    o.update(adapter=adapter,
+             windows=hashlib.sha256(np.ascontiguousarray(windows, dtype=np.int64).tobytes()).hexdigest(),
+             # the schedule itself, not the --plan spelling (a plan file may change under its name)
+             schedule=[[e.layer, e.replica, e.group, e.weight] for e in f.plan.executions])
+    try:
+        return ResumeDir(opts.resume, "lrq-calibrate", {"IN": src, "--source": source}, o,
+                         soft={"threads": torch.get_num_threads()}, flags=_FLAGS, log=log)
+    except ResumeError as e:
+        raise CalibError(str(e)) from None
+
+
+def _save_layer(store, layer: int, ql: QuantLayer, rep: LayerReport, rng: np.random.Generator) -> None:
+    """Everything the layer's fit changed (each replica module's state), its report, and the state
+    of the random generators after it (the next layer's Adam steps draw from them)."""
+    state: dict[int, dict[str, dict]] = {}
+    for (r, n), st in ql.state().items():
+        state.setdefault(r, {})[n] = st
+    store.save(layer, {"state": state, "report": asdict(rep),
+                       "rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state()})
+
+
+def _load_layer(store, layer: int, ql: QuantLayer, rng: np.random.Generator) -> LayerReport:
+    """A finished layer's parameters into ``ql`` and the generators' state after it into ``rng``
+    and torch's; CalibError naming the file when it does not fit this layer."""
+    from ..resume import ResumeError
+    try:
+        d = store.load(layer)
+        try:
+            state = d["state"]
+            have = {(r, n) for r in ql.replicas for n in ql.mods[r]}
+            got = {(r, n) for r, mods in state.items() for n in mods}
+            if got != have:
+                raise store.damaged(layer, f"holds parameters of {sorted(got)}, this layer has {sorted(have)}")
+            ql.load({(r, n): st for r, mods in state.items() for n, st in mods.items()})
+            rep = LayerReport(**d["report"])
+            rng.bit_generator.state = json.loads(d["rng"])
+            torch.set_rng_state(d["torch_rng"])
+        except ResumeError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise store.damaged(layer, f"its content does not fit ({type(e).__name__}: {e})") from None
+    except ResumeError as e:
+        raise CalibError(str(e)) from None
+    return rep
 
 
 def _write_adapter(f: LRQModelFile, src, out: Path, params: dict[str, np.ndarray], source: Path,

@@ -7,6 +7,8 @@ Examples:
     lrq-calibrate in.gguf out.gguf --source src.gguf --lowrank 8      # + rank-8 corrections (format v3)
     lrq-calibrate smol.IQ2_XS.gguf --adapter smol.adapter.gguf --source smol.f32.gguf --plan last-8
         # an unchanged stock GGUF + an adapter (schedule and fitted parameters, docs/FORMAT.md 11)
+    lrq-calibrate in.gguf out.gguf --source src.gguf --resume cal-state/
+        # killed? the same command again goes on at the first unfinished layer
 
 Codes stay frozen.  Block by block, every replica the schedule runs (replica 0 included) gets
 scale multipliers, grid offsets, gains and biases fitted with Adam so that the quantized layer,
@@ -24,6 +26,11 @@ without replica tensors — runs it with --plan (a preset, plan file or layer ma
 0..15,11..29; default none: each layer once, gain / bias / clip per linear) and writes only the
 schedule and the fitted parameters, bound to IN by name, type, shape and CRC-32: load it with
 --lrq-adapter OUT in the patched llama.cpp tools, Model(IN, adapter=OUT) or lrq-eval --adapter.
+--resume DIR keeps every finished layer's fitted parameters in DIR (written atomically, with a
+manifest of the inputs and options); the same command again, after a kill at any point, loads
+them, reruns those layers with them to rebuild the stream and fits on from the first unfinished
+layer.  The output is byte-identical to an uninterrupted run's.  Other options or other input
+files are refused, naming what differs.  DIR is kept after success (remove it when done).
 """
 
 from __future__ import annotations
@@ -88,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr-lowrank", type=float, default=1e-3,
                     help="Adam lr of the low-rank factors (default 1e-3)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", metavar="DIR", default=None,
+                    help="keep finished layers in DIR and go on from there when rerun (created if "
+                         "missing; see above)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (default: torch's choice; 1 is faster on a busy machine)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
@@ -115,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                             lr=args.lr, lr_offset=args.lr_offset, lr_bias=args.lr_bias,
                             serial_init=args.serial_init, act_clip_grid=args.act_clip_grid,
                             seed=args.seed, progress=not args.quiet, start_layer=args.start_layer,
-                            loss=args.loss, lowrank=args.lowrank, lr_lowrank=args.lr_lowrank)
+                            loss=args.loss, lowrank=args.lowrank, lr_lowrank=args.lr_lowrank,
+                            resume=args.resume)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     return run_job("lrq-calibrate", out,
                    lambda: calibrate(args.src, out, args.source, opts, log=log, plan=args.plan,

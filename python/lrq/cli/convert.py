@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-window", type=int, default=512, help="tokens per window (default 512)")
     c.add_argument("--gptq-damp", type=float, default=0.1,
                    help="GPTQ dampening, a fraction of mean(diag(H)) (default 0.1)")
+    c.add_argument("--resume", metavar="DIR", default=None,
+                   help="keep each finished layer's quantized tensors in DIR; the same command again "
+                        "after a kill goes on at the first unfinished layer, with the same output "
+                        "byte for byte (other inputs or options are refused by name)")
     c.add_argument("--calib-stream", "--gptq-stream", choices=("quantized", "float"), default=None,
                    help="inputs the statistics come from: quantized = the model being quantized, "
                         "layer by layer and sub-layer by sub-layer (sequential GPTQ); float = the "
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                           mix=args.mix,
                           plan=args.plan, seed=args.seed, progress=not args.quiet,
                           base_type=args.base_type, imatrix=args.imatrix, work=args.work,
-                          rotate=args.rotate)
+                          rotate=args.rotate, resume=args.resume)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     return run_job("lrq-convert", args.out, lambda: convert(args.src, args.out, opts, log=log),
                    (ConvertError, WriterError), args.quiet)

@@ -95,6 +95,10 @@ class ConvertOptions:
     # it and the wider ones single-level LRQ3 / LRQ4 groups of the same group_size (the file
     # has one group size, FORMAT.md section 2)
     two_level: int = 0
+    # a directory keeping each finished layer's quantized tensors of a calibrated conversion
+    # (--gptq, act-mse), so that a killed conversion restarts at its first unfinished layer
+    # (lrq.resume); the output is byte-identical to an uninterrupted run's
+    resume: str | None = None
 
     def __post_init__(self):
         if self.scale_search is None:
@@ -176,6 +180,10 @@ class ConvertOptions:
                                    f"--calib-window ({self.calib_window}, >= 4)")
             if not (np.isfinite(self.gptq_damp) and self.gptq_damp > 0):
                 raise ConvertError(f"--gptq-damp must be > 0, got {self.gptq_damp}")
+        if self.resume is not None and not self.needs_calibration:
+            raise ConvertError("--resume keeps the finished layers of a conversion with calibration "
+                               "statistics (--gptq, --scale-search act-mse); this one quantizes every "
+                               "tensor on its own in one pass and has nothing to resume")
         if self.refit and (self.rounding != "nearest" or self.noise):   # explicit --refit
             raise ConvertError("--refit re-rounds to the nearest codes of the refitted parameters: "
                                "--rounding stochastic and --noise cannot be combined with it")
@@ -526,7 +534,12 @@ class _CalibratedQuantizer:
     Float stream: every tensor from the source's statistics, in any order.  Quantized stream: the
     first tensor asked of a layer quantizes the whole layer (and any layer before it not done
     yet) in sub-layer order on the quantized model's stream; its other linears wait in
-    ``done`` until the writer asks for them (packed codes: a fraction of the float weights)."""
+    ``done`` until the writer asks for them (packed codes: a fraction of the float weights).
+
+    With ``opts.resume`` every layer's quantized tensors go to the resume directory once the layer
+    is complete; a rerun takes the finished layers from there (on the quantized stream it runs
+    them with their dequantized weights, as the uninterrupted run did, to rebuild the stream
+    entering the first unfinished layer)."""
 
     def __init__(self, src: Path, opts: ConvertOptions, log, lrq_names: set[str], by_name: dict):
         from ..calib import CalibError, calibration_windows
@@ -539,10 +552,40 @@ class _CalibratedQuantizer:
             f"{windows.shape[1]}, statistics of the {opts.calib_stream} model's stream")
         self.opts, self.lrq_names, self.by_name = opts, lrq_names, by_name
         self.done: dict = {}
+        self.store, self.n_done = None, 0
+        self.pending: dict[int, dict] = {}         # float stream: a layer's tensors until it is complete
+        self.loaded: dict[int, dict] = {}          # float stream: finished layers read back
+        if opts.resume is not None:
+            self.store = _resume_dir(src, opts, windows, log)
+            self.n_done = self.store.finished()
+            if self.n_done:
+                log(f"resuming: layers 0..{self.n_done - 1} were quantized by an earlier run "
+                    f"({self.store.dir})")
         if opts.calib_stream == "float":
             self.acts, self.stream = SourceActivations(src, windows, progress=opts.progress), None
         else:
             self.acts, self.stream = None, QuantizedStream(src, windows)
+
+    def _layer_names(self, layer: int) -> list[str]:
+        return sorted(n for n in self.lrq_names if layer_of(n) == layer)
+
+    def _save(self, layer: int, qts: dict) -> None:
+        self.store.save(layer, {n: _pack_qt(qt) for n, qt in qts.items()})
+
+    def _load(self, layer: int) -> dict:
+        """{tensor name: quantized tensor} of a finished layer; ConvertError naming the file."""
+        from ..resume import ResumeError
+        try:
+            d = self.store.load(layer)
+            want = self._layer_names(layer)
+            if sorted(d) != want:
+                raise self.store.damaged(layer, f"holds {sorted(d)}, this conversion quantizes {want}")
+            try:
+                return {n: _unpack_qt(v) for n, v in d.items()}
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise self.store.damaged(layer, f"its content does not fit ({type(e).__name__}: {e})") from None
+        except ResumeError as e:
+            raise ConvertError(str(e)) from None
 
     def _quantize(self, name: str, w: np.ndarray, st):
         from ..quant import QuantizedTensor, pack
@@ -559,13 +602,18 @@ class _CalibratedQuantizer:
     def quantize(self, name: str, w: np.ndarray):
         layer, linear = layer_of(name), name.split(".")[2]
         if self.stream is None:
-            return self._quantize(name, w, self.acts.linear_stats(layer)[linear])[1]
+            return self._quantize_float(name, w, layer, linear)
         from ..quant import dequantize_codes
         while name not in self.done:
             if self.stream.layer > layer or self.stream.layer >= self.stream.n_layer:
                 raise ConvertError(f"tensor {name}: layer {layer} was quantized already "
                                    f"(the tensor is listed twice?)")
             L = self.stream.layer
+            if L < self.n_done:            # quantized by an earlier run: replayed, not redone
+                qts = self._load(L)
+                self.done.update(qts)
+                _replay_layer(self.stream, {n.split(".")[2]: _w_hat(qt) for n, qt in qts.items()})
+                continue
 
             def fn(lin: str, st, L=L):
                 full = f"blk.{L}.{lin}.weight"
@@ -579,7 +627,108 @@ class _CalibratedQuantizer:
                 return dequantize_codes(q, qt.scale, qt.min, qt.bits, qt.group_size, qt.mode)
 
             self.stream.quantize_layer(fn)
+            if self.store is not None:
+                self._save(L, {n: self.done[n] for n in self._layer_names(L)})
         return self.done.pop(name)
+
+    def _quantize_float(self, name: str, w: np.ndarray, layer: int, linear: str):
+        """Float stream: each tensor from the source's statistics; with a resume directory a
+        finished layer's tensors come from there, and a layer is saved once all its tensors are
+        quantized."""
+        if self.store is None:
+            return self._quantize(name, w, self.acts.linear_stats(layer)[linear])[1]
+        if layer < self.n_done:
+            if layer not in self.loaded:
+                self.loaded = {layer: self._load(layer)}      # tensors come layer after layer
+            return self.loaded[layer][name]
+        qt = self._quantize(name, w, self.acts.linear_stats(layer)[linear])[1]
+        got = self.pending.setdefault(layer, {})
+        got[name] = qt
+        if sorted(got) == self._layer_names(layer):
+            self._save(layer, self.pending.pop(layer))
+        return qt
+
+
+# ---- resume directory (lrq.resume) -------------------------------------------------------------
+
+# options that do not change a layer's quantized tensors: free to differ on a resume (the plan
+# and the replicas' initial parameters only add replica tensors around the codes)
+_RESUME_FREE = ("progress", "resume", "work", "plan", "grid_offset", "scale_delta", "calib_text")
+_RESUME_FLAGS = {"windows": "the calibration windows (--calib-text, its content, --calib-tokens, "
+                 "--calib-window)", "two_level": "--layout", "mode": "--asym/--sym/--ternary",
+                 "gptq_damp": "--gptq-damp"}
+
+
+def _resume_dir(src: Path, opts: ConvertOptions, windows: np.ndarray, log):
+    import hashlib
+
+    from ..resume import ResumeDir, ResumeError
+    o = {k: v for k, v in dataclasses.asdict(opts).items() if k not in _RESUME_FREE}
+    o["windows"] = hashlib.sha256(np.ascontiguousarray(windows, dtype=np.int64).tobytes()).hexdigest()
+    try:
+        return ResumeDir(opts.resume, "lrq-convert", {"SRC": src}, o, flags=_RESUME_FLAGS, log=log)
+    except ResumeError as e:
+        raise ConvertError(str(e)) from None
+
+
+def _pack_qt(qt) -> dict:
+    """A quantized tensor as torch tensors and plain values (a layer file, lrq.resume)."""
+    import torch
+    from ..quant import QuantizedTensor
+    if isinstance(qt, QuantizedTensor):
+        return {"kind": "single", "codes": torch.from_numpy(np.ascontiguousarray(qt.codes)),
+                "scale": torch.from_numpy(np.ascontiguousarray(qt.scale)),
+                "min": None if qt.min is None else torch.from_numpy(np.ascontiguousarray(qt.min)),
+                "bits": qt.bits, "group_size": qt.group_size, "mode": qt.mode, "n_in": qt.n_in}
+    from ..quant_two_level import to_file
+    codes, d, dmin, sub = to_file(qt)
+    return {"kind": "two-level", "codes": torch.from_numpy(np.ascontiguousarray(codes)),
+            "d": torch.from_numpy(np.ascontiguousarray(d)), "dmin": torch.from_numpy(np.ascontiguousarray(dmin)),
+            "sub": torch.from_numpy(np.ascontiguousarray(sub)), "n_in": qt.n_in, "super_size": qt.super_size}
+
+
+def _unpack_qt(d: dict):
+    from ..quant import QuantizedTensor
+    if d["kind"] == "single":
+        return QuantizedTensor(d["codes"].numpy(), d["scale"].numpy(),
+                               None if d["min"] is None else d["min"].numpy(),
+                               int(d["bits"]), int(d["group_size"]), str(d["mode"]), int(d["n_in"]))
+    if d["kind"] == "two-level":
+        from ..quant_two_level import from_file
+        return from_file(d["codes"].numpy(), d["d"].numpy(), d["dmin"].numpy(), d["sub"].numpy(),
+                         int(d["n_in"]), int(d["super_size"]))
+    raise ValueError(f"unknown tensor kind {d['kind']!r}")
+
+
+def _w_hat(qt) -> np.ndarray:
+    """The dequantized weight the quantized stream ran with (what _CalibratedQuantizer's quantize
+    function handed QuantizedStream for this tensor)."""
+    from ..quant import QuantizedTensor, dequantize_codes, unpack
+    if isinstance(qt, QuantizedTensor):
+        return dequantize_codes(unpack(qt.codes, qt.bits, qt.n_in), qt.scale, qt.min, qt.bits,
+                                qt.group_size, qt.mode)
+    from ..quant_two_level import dequantize as tl_dequantize
+    return tl_dequantize(qt)
+
+
+def _replay_layer(stream, w_hats: dict[str, np.ndarray]) -> None:
+    """Advance ``stream`` (lrq.calib.activations.QuantizedStream) through its next block with the
+    given dequantized weights, as its quantize_layer does once a layer's weights are chosen (the
+    same block pass on the same weights: the same stream, bit for bit)."""
+    import torch
+
+    from ..calib.activations import run_block
+    blk = stream.ref.blocks[(stream.layer, 0)]
+    lin = dict(blk.lin)
+    for name, w_hat in w_hats.items():
+        want = tuple(lin[name].weight.shape)
+        if tuple(np.shape(w_hat)) != want:
+            raise ConvertError(f"blk.{stream.layer}.{name}: the resumed weight has shape "
+                               f"{np.shape(w_hat)}, the source {want}")
+        lin[name] = dataclasses.replace(lin[name], weight=torch.as_tensor(np.asarray(w_hat)).to(stream.ref.dtype))
+    with torch.no_grad():
+        stream.x = run_block(stream.ref, dataclasses.replace(blk, lin=lin), stream.x, stream.ctx)
+    stream.layer += 1
 
 
 def _two_level_quantize(w: np.ndarray, opts: ConvertOptions, st=None):
