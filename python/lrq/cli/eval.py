@@ -1,12 +1,17 @@
-"""lrq-eval: perplexity, KL-divergence and top-1 agreement of GGUF files against the F32 reference.
+"""lrq-eval: perplexity, KL-divergence and top-1 agreement of GGUF files against a reference (default F32).
 
 Examples:
     lrq-eval --ref smollm2-135m --stock Q4_0,Q2_K,IQ2_XS model.lrq.gguf
     lrq-eval --ref smollm2-135m --stock default --chunks 40 --threads 2 -o results/smollm2
     lrq-eval --ref qwen2.5-1.5b --chunks 20 --text my.txt a.gguf b.gguf --csv r.csv --plot r.png
+    lrq-eval --ref Qwen2.5-32B-BF16.gguf --ref-type source model.lrq.gguf   # no reference copy
 
 The reference is SRC dequantized to F32 (`llama-quantize --allow-requantize SRC ref F32`, cached
-in --work-dir); its logits are stored once with --kl-divergence-base, then every model runs
+in --work-dir); --ref-type F16 / BF16 / Q8_0 makes that copy in another type (half the F32 size,
+or ~1/4 with Q8_0), --ref-type source takes SRC itself as it is (no copy at all: a download in
+F16, BF16 or Q8_0 is its own reference).  The header, the reference row and the CSV's ref_type
+column say which reference was used, and the cached reference logits are kept per reference
+(and so are stock files quantized from it).  Its logits are stored once with --kl-divergence-base, then every model runs
 llama-perplexity --kl-divergence on the same windows (DATA.md's protocol: -c 512, the second half
 of each window scored).  bpw = 8 x all tensor bytes / base parameters (embeddings included).
 Stock types that need an importance matrix (IQ2_XS, IQ2_XXS, ...) get one from llama-imatrix on
@@ -28,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("models", nargs="*", metavar="MODEL.gguf", help="GGUF files to evaluate (LRQ or stock)")
     ap.add_argument("--ref", required=True, metavar="SRC",
                     help="source model (a bundled model name or a GGUF); its F32 dequantization is the reference")
+    ap.add_argument("--ref-type", default="F32", metavar="F32|F16|BF16|Q8_0|source",
+                    help="the reference: SRC copied into this type by llama-quantize (cached), or "
+                         "'source': SRC itself, no copy (default F32)")
     ap.add_argument("--stock", default="", metavar="T1,T2|default",
                     help="also make and evaluate these llama-quantize types from the reference "
                          "(default = Q4_0,Q3_K_S,Q2_K,IQ2_XS,IQ2_XXS)")
@@ -77,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         err(f"--ctx must be an even number >= 4, got {args.ctx}"); return 2
     if args.chunks < 1:
         err(f"--chunks must be >= 1, got {args.chunks}"); return 2
+    ref_type = args.ref_type.upper() if args.ref_type.lower() != "source" else "source"
+    if ref_type not in ev.REF_TYPES:
+        err(f"--ref-type: '{args.ref_type}' is not one of {', '.join(ev.REF_TYPES)}"); return 2
     for m in args.models:
         if not Path(m).is_file():
             err(f"{m}: no such model file"); return 1
@@ -100,8 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         src = _ref_source(args.ref)
         work = ev.work_dir(args.work_dir)
-        log(f"reference: {src} -> F32 ...")
-        ref = ev.reference_f32(src, work)
+        log(f"reference: {src} itself" if ref_type == "source" else f"reference: {src} -> {ref_type} ...")
+        ref = ev.reference_model(src, ref_type, work)
+        ref_label = ev.ref_type_label(ref_type, ref)
+        # stock files quantized from a reference other than the F32 copy: their own names, and
+        # llama-quantize may have to requantize (a Q8_0 reference, a quantized source)
+        stock_kw = {} if ref_type == "F32" else {"requantize": True,
+                                                 "tag": "ref-source" if ref_type == "source" else ""}
         jobs: list[tuple[Path, str, str]] = []
         imat = None
         for t in stock:
@@ -112,12 +128,13 @@ def main(argv: list[str] | None = None) -> int:
                 imat = ev.make_imatrix(ref, args.imatrix_text, ctx=args.ctx, threads=args.threads,
                                        work=work, **kw)
             log(f"stock {t}{' + imatrix' if use else ''} ...")
-            jobs.append((ev.make_stock(ref, t, imat if use else None, work), f"{t}{'+imat' if use else ''}", "stock"))
+            jobs.append((ev.make_stock(ref, t, imat if use else None, work, **stock_kw),
+                         f"{t}{'+imat' if use else ''}", "stock"))
         suffix = (f" + {Path(args.adapter).name}" if args.adapter is not None
                   else f" layers {args.layers}" if args.layers is not None else "")
         jobs += [(Path(m), Path(m).name + suffix, None) for m in args.models]
         log(f"reference logits on {args.text} (-c {args.ctx}, {args.chunks} chunks) ...")
-        base = ev.base_logits(ref, args.text, args.ctx, args.chunks, args.threads, work)
+        base = ev.base_logits(ref, args.text, args.ctx, args.chunks, args.threads, work, ref_type=ref_label)
         rows = [ev.reference_row(base)]
         from tqdm import tqdm
         for path, label, kind in tqdm(jobs, desc="lrq-eval", unit="model", disable=args.quiet):
@@ -129,8 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         err("interrupted"); return 130
     ev.mark_pareto(rows)
     n_ch = base.result.n_chunks if base.result.n_chunks > 0 else args.chunks
-    header = (f"model {src.name} (reference: F32 dequantization), text {args.text}, -c {args.ctx}, "
-              f"{n_ch} chunks, threads {args.threads or 'default'}")
+    what = ("F32 dequantization" if ref_type == "F32" else
+            f"the source file itself, {ref_label.split(':', 1)[-1]}" if ref_type == "source" else
+            f"{ref_type} copy by llama-quantize")
+    header = (f"model {src.name} (reference: {what}; ref_type {ref_label}), text {args.text}, "
+              f"-c {args.ctx}, {n_ch} chunks, threads {args.threads or 'default'}")
     print(ev.table(rows, header))
     if csv_path:
         ev.write_csv(rows, csv_path); print(f"wrote {csv_path}")

@@ -10,12 +10,13 @@ from .bpw import FileBpw, file_bpw
 from .pareto import pareto_front
 from .parse import BaseResult, KLDResult, ParseError, parse_base, parse_kld
 from .report import mark_pareto, plot, table, write_csv
-from .run import Base, EvalError, Row, base_logits, evaluate_model, reference_row, text_file
-from .stock import (IMATRIX_REQUIRED, STOCK_DEFAULT, StockError, make_imatrix, make_stock,
-                    reference_f32, work_dir)
+from .run import (Base, EvalError, Row, base_logits, evaluate_model, ref_type_label, reference_row,
+                  text_file)
+from .stock import (IMATRIX_REQUIRED, REF_TYPES, STOCK_DEFAULT, StockError, make_imatrix, make_stock,
+                    reference_f32, reference_model, work_dir)
 
 __all__ = ["FileBpw", "file_bpw", "pareto_front", "BaseResult", "KLDResult", "ParseError",
            "parse_base", "parse_kld", "mark_pareto", "plot", "table", "write_csv", "Base",
-           "EvalError", "Row", "base_logits", "evaluate_model", "reference_row", "text_file",
-           "IMATRIX_REQUIRED", "STOCK_DEFAULT", "StockError", "make_imatrix", "make_stock",
-           "reference_f32", "work_dir"]
+           "EvalError", "Row", "base_logits", "evaluate_model", "ref_type_label", "reference_row",
+           "text_file", "IMATRIX_REQUIRED", "REF_TYPES", "STOCK_DEFAULT", "StockError", "make_imatrix",
+           "make_stock", "reference_f32", "reference_model", "work_dir"]

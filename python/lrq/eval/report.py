@@ -12,8 +12,10 @@ from ..atomic import atomic_path
 from .pareto import pareto_front
 from .run import Row
 
+# ref_type: what every row's KLD / top-1 is against (lrq-eval --ref-type), last so that readers of
+# the older columns by position are unaffected
 CSV_FIELDS = ("label", "kind", "file_type", "bpw", "ppl", "ppl_err", "kld", "kld_err", "top1",
-              "top1_err", "pareto_ppl", "pareto_kld", "seconds", "path")
+              "top1_err", "pareto_ppl", "pareto_kld", "seconds", "path", "ref_type")
 
 
 def mark_pareto(rows: Sequence[Row]) -> None:

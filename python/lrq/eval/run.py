@@ -6,7 +6,7 @@ through the patched llama-perplexity (DATA.md's protocol).
 
 The base run (``--kl-divergence-base``) stores the reference's log-probabilities of every scored
 token (~25 MB per 512-token chunk for a 49k vocabulary); it is cached under the work dir, keyed by
-reference, text, context and chunks, as an lrq.atomic cache entry (unique temporary name,
+reference (file and type: lrq-eval --ref-type), text, context and chunks, as an lrq.atomic cache entry (unique temporary name,
 fsync, rename, sidecar last: an interrupted run is a miss, never a partial hit).  Every later
 run reads the tokens from that file, so every model is scored on exactly the same windows.
 """
@@ -48,6 +48,16 @@ class Base:
     chunks: int
     threads: int | None
     result: BaseResult
+    ref_type: str = "F32"      # what the reference is (ref_type_label: "F16", "source:Q4_1", ...)
+
+
+def ref_type_label(ref_type: str, ref: str | os.PathLike) -> str:
+    """How rows and headers name a reference of type ``ref_type`` (lrq.eval.stock.REF_TYPES):
+    the type of a copy, or ``source:<type>`` for the source file itself (its block linears'
+    most common type)."""
+    if ref_type != "source":
+        return ref_type
+    return f"source:{file_bpw(ref).file_type}"
 
 
 @dataclass
@@ -67,6 +77,7 @@ class Row:
     pareto_ppl: bool = False
     pareto_kld: bool = False
     extra: dict = field(default_factory=dict)
+    ref_type: str = "F32"      # the reference its PPL base / KLD / top-1 are measured against
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -100,8 +111,10 @@ def _ppl_args(model: Path, tfile: Path, ctx: int, chunks: int, threads: int | No
 
 
 def base_logits(ref_f32: str | os.PathLike, text: str | os.PathLike, ctx: int = 512, chunks: int = 40,
-                threads: int | None = None, work: str | os.PathLike | None = None) -> Base:
-    """Run the reference once with ``--kl-divergence-base`` (cached) and parse its PPL."""
+                threads: int | None = None, work: str | os.PathLike | None = None,
+                ref_type: str = "F32") -> Base:
+    """Run the reference once with ``--kl-divergence-base`` (cached) and parse its PPL.
+    ``ref_type``: the label of what the reference is (ref_type_label), part of the cache key."""
     ref = Path(ref_f32)
     if not ref.is_file():
         raise EvalError(f"{ref}: no such reference file")
@@ -110,11 +123,16 @@ def base_logits(ref_f32: str | os.PathLike, text: str | os.PathLike, ctx: int = 
     stem = ref.name[:-5] if ref.name.endswith(".gguf") else ref.name
     out = work_dir(work) / f"{stem}.{tag}.c{ctx}.n{chunks}.kld"
     recipe = {"ref": _stamp(ref), "text": _stamp(tfile), "ctx": ctx, "chunks": chunks}
+    if ref_type != "F32":
+        # entries of the F32 reference were written before the key had this field and stay valid;
+        # a reference of another type is another file too (its own name and stamp), so this
+        # only makes the key say what the logits are of
+        recipe["ref_type"] = ref_type
     saved = atomic.load_entry(out, recipe)
     if saved is not None:
         try:
             return Base(ref, out, os.fspath(text), tfile, ctx, chunks, threads,
-                        BaseResult(**saved["result"]))
+                        BaseResult(**saved["result"]), ref_type)
         except (TypeError, KeyError):
             pass                                      # a sidecar without a usable result: remake
     # the temporary name of an earlier version (one fixed name; never a final file)
@@ -129,13 +147,16 @@ def base_logits(ref_f32: str | os.PathLike, text: str | os.PathLike, ctx: int = 
         saved = atomic.store_entry(out, recipe, produce)
     except Exception as e:
         raise EvalError(f"reference run on {ref}: {e}") from None
-    return Base(ref, out, os.fspath(text), tfile, ctx, chunks, threads, BaseResult(**saved["result"]))
+    return Base(ref, out, os.fspath(text), tfile, ctx, chunks, threads, BaseResult(**saved["result"]),
+                ref_type)
 
 
-def reference_row(base: Base, label: str = "F32 reference") -> Row:
+def reference_row(base: Base, label: str | None = None) -> Row:
+    """The reference's own row, labelled "<type> reference" ("F32 reference" by default)."""
     b = file_bpw(base.ref)
-    return Row(label, str(base.ref), "reference", b.file_type, b.bpw, base.result.ppl,
-               base.result.ppl_err, 0.0, 0.0, 1.0, 0.0)
+    kind = base.ref_type.split(":", 1)[0]
+    return Row(label or f"{kind} reference", str(base.ref), "reference", b.file_type, b.bpw,
+               base.result.ppl, base.result.ppl_err, 0.0, 0.0, 1.0, 0.0, ref_type=base.ref_type)
 
 
 def evaluate_model(model: str | os.PathLike, base: Base, label: str | None = None,
@@ -162,4 +183,5 @@ def evaluate_model(model: str | os.PathLike, base: Base, label: str | None = Non
         raise EvalError(f"{model}: {e}") from None
     return Row(label or model.name, str(model), kind or b.kind, b.file_type, b.bpw, r.ppl, r.ppl_err,
                r.kld, r.kld_err, r.same_top_p, r.same_top_p_err, time.monotonic() - t0,
-               extra={"ppl_base": r.ppl_base, "rms_dp": r.rms_dp, "n_chunks": r.n_chunks})
+               extra={"ppl_base": r.ppl_base, "rms_dp": r.rms_dp, "n_chunks": r.n_chunks},
+               ref_type=base.ref_type)

@@ -1,6 +1,7 @@
 """The F32 reference and stock llama.cpp quantizations of it, made once and cached by name.
 
     ref = reference_f32(assets.path("smollm2-135m"))             # <work>/SmolLM2-...F32.gguf
+    ref = reference_model(src, "F16")                              # <work>/<stem>.ref-F16.gguf
     imat = make_imatrix(ref, "sotu-calib")                         # llama-imatrix on calibration text
     q = make_stock(ref, "IQ2_XS", imatrix=imat)                    # llama-quantize ref q IQ2_XS
 
@@ -30,6 +31,10 @@ _TYPE = re.compile(r"^[A-Z0-9_]+$")
 # imatrix chunks of 512 tokens on the calibration text; llama.cpp's own examples use ~100;
 # 64 keeps the one-off cost ~2 min for SmolLM2 on 2 cores (see lrq-eval --imatrix-chunks)
 IMATRIX_CHUNKS = 64
+# What lrq-eval --ref-type takes as the reference: a llama-quantize copy of SRC in one of these
+# types (F32 is 4 bytes a weight: 128 GB for a 32B model; F16 / BF16 half that, Q8_0 ~1.06 bytes)
+# or "source": SRC itself, as downloaded, no copy at all.
+REF_TYPES = ("F32", "F16", "BF16", "Q8_0", "source")
 
 
 class StockError(RuntimeError):
@@ -91,6 +96,28 @@ def reference_f32(src: str | os.PathLike, work: str | os.PathLike | None = None)
                  ["--allow-requantize", src, "{out}", "F32"])
 
 
+def reference_model(src: str | os.PathLike, ref_type: str = "F32",
+                    work: str | os.PathLike | None = None) -> Path:
+    """The reference of lrq-eval --ref-type (REF_TYPES): ``source`` is ``src`` itself; F32 is
+    reference_f32; the others ``llama-quantize --allow-requantize SRC <work>/<stem>.ref-<TYPE>.gguf
+    TYPE`` (cached like the F32 copy; the name keeps them apart from make_stock's files of the
+    same type, which are quantized from a reference, not from SRC)."""
+    src = Path(src)
+    if ref_type not in REF_TYPES:
+        raise StockError(f"reference type '{ref_type}' is not one of {', '.join(REF_TYPES)}")
+    if not src.is_file():
+        raise StockError(f"{src}: no such model file")
+    if ref_type == "source":
+        return src
+    if ref_type == "F32":
+        return reference_f32(src, work)
+    out = work_dir(work) / f"{_stem(src)}.ref-{ref_type}.gguf"
+    if out.resolve() == src.resolve():
+        return out
+    return _make(out, {"src": _stamp(src), "type": ref_type}, "llama-quantize",
+                 ["--allow-requantize", src, "{out}", ref_type])
+
+
 def make_imatrix(ref_f32: str | os.PathLike, text: str | os.PathLike, *, chunks: int = IMATRIX_CHUNKS,
                  ctx: int = 512, threads: int | None = None,
                  work: str | os.PathLike | None = None) -> Path:
@@ -111,8 +138,12 @@ def make_imatrix(ref_f32: str | os.PathLike, text: str | os.PathLike, *, chunks:
 
 
 def make_stock(ref_f32: str | os.PathLike, qtype: str, imatrix: str | os.PathLike | None = None,
-               work: str | os.PathLike | None = None, threads: int | None = None) -> Path:
-    """``llama-quantize [--imatrix I] REF <work>/<stem>.<TYPE>[.imat].gguf TYPE`` (cached by name).
+               work: str | os.PathLike | None = None, threads: int | None = None,
+               requantize: bool = False, tag: str = "") -> Path:
+    """``llama-quantize [--imatrix I] REF <work>/<stem>[.<tag>].<TYPE>[.imat].gguf TYPE`` (cached
+    by name).  ``requantize``: REF may hold quantized tensors (a Q8_0 reference, a reference that
+    is the source file itself): llama-quantize's --allow-requantize.  ``tag`` keeps the files of
+    such a reference apart from those quantized from the F32 copy of the same source.
 
     Types in IMATRIX_REQUIRED need ``imatrix``; StockError otherwise."""
     ref = Path(ref_f32)
@@ -125,7 +156,7 @@ def make_stock(ref_f32: str | os.PathLike, qtype: str, imatrix: str | os.PathLik
         raise StockError(f"{qtype} needs an importance matrix (make_imatrix / lrq-eval --imatrix-text)")
     base = _stem(ref)
     base = base[:-4] if base.endswith(".F32") else base
-    name = f"{base}.{qtype}" + (".imat" if imatrix is not None else "") + ".gguf"
+    name = f"{base}{'.' + tag if tag else ''}.{qtype}" + (".imat" if imatrix is not None else "") + ".gguf"
     out = work_dir(work) / name
     recipe = {"ref": _stamp(ref), "type": qtype}
     args: list = []
@@ -135,6 +166,8 @@ def make_stock(ref_f32: str | os.PathLike, qtype: str, imatrix: str | os.PathLik
             raise StockError(f"{im}: no such imatrix file")
         recipe["imatrix"] = _stamp(im)
         args += ["--imatrix", im]
+    if requantize:
+        args += ["--allow-requantize"]
     args += [ref, "{out}", qtype]
     if threads:
         args += [threads]
