@@ -94,11 +94,17 @@ def _stats(rec: dict) -> tuple[float, float, float]:
     return statistics.median(xs), min(xs), max(xs)
 
 
+# --env KEY=VALUE: set for every llama-bench process (an A/B of a run-time switch such as
+# LRQ_NO_LOCKSTEP=1 or LRQ_NO_AVX512=1, one run with it, one without)
+BENCH_ENV: dict[str, str] = {}
+
+
 def llama_bench(model: Path, threads: int, reps: int, pp: int, tg: int):
     """((pp median, min, max), (tg median, min, max), peak RSS MiB) from one llama-bench process."""
     cmd = [str(tools.tool("llama-bench")), "-m", str(model), "-p", str(pp), "-n", str(tg),
            "-r", str(reps), "-t", str(threads), "-o", "json"]
-    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True,
+                          env={**os.environ, **BENCH_ENV})
     if proc.returncode != 0:
         tail = " / ".join(proc.stderr.strip().splitlines()[-3:])
         raise RuntimeError(f"llama-bench exited with {proc.returncode}: {tail}")
@@ -188,6 +194,8 @@ def table(rows: list[Row], model: str, args, short: bool) -> str:
              f"on {os.cpu_count()} cores")
     if any_busy:
         head += " -- BUSY: these figures are not speeds of this machine, no ratio is given"
+    if BENCH_ENV:
+        head += "; environment " + " ".join(f"{k}={v}" for k, v in BENCH_ENV.items())
     lines = [head]
     if short:
         lines.append(f"{'file':25s} {'bpw':>5s} {'tg t/s':>8s} {'tg/Q2_K':>8s} {'GB/s':>6s} {'of limit':>8s}")
@@ -221,7 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tg", type=int, default=128)
     ap.add_argument("--work", type=Path, default=Path("out/bench"))
     ap.add_argument("--short", action="store_true", help="compact table (decode only)")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment variable for every llama-bench process (repeatable)")
     args = ap.parse_args(argv)
+    for kv in args.env:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            ap.error(f"--env {kv!r}: expected KEY=VALUE")
+        BENCH_ENV[key] = value
 
     src = assets.path(args.model) if args.model in assets.ASSETS else Path(args.model)
     args.work.mkdir(parents=True, exist_ok=True)
