@@ -444,7 +444,7 @@ def test_select_moe_impact_ranks_by_quantization_error(mx, tmp_path):
     inputs; the plan takes each layer's top 2 by it."""
     from lrq.cli.select import main as select
     from lrq.select.measure import calib_tokens
-    from lrq.select.score import QuantSpec, quantize_dequantize
+    from lrq.select.score import QuantSpec
     from tiny_models import tiny_calib_text
     src = mx.gguf("qwen2moe")
     text = tiny_calib_text(src, tmp_path / "calib.txt")
@@ -469,7 +469,6 @@ def test_select_moe_impact_ranks_by_quantization_error(mx, tmp_path):
     finally:
         ref_moe.MoEFFN.route = orig
     spec = QuantSpec(2, 32)
-    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
     for L, moe in ref._moe.items():
         h = np.concatenate([x[0] for x in seen[L]])
         w = np.concatenate([x[1] for x in seen[L]])
@@ -477,11 +476,8 @@ def test_select_moe_impact_ranks_by_quantization_error(mx, tmp_path):
         err, energy = np.zeros(N_EXPERT), np.zeros(N_EXPERT)
         for e in range(N_EXPERT):
             tok, slot = np.nonzero(idx == e)
-            x, wt = h[tok], w[tok, slot][:, None]
-            g, u, d = (getattr(moe, n)[e].numpy().astype(np.float64) for n in ("gate", "up", "down"))
-            gq, uq, dq = (quantize_dequantize(m.astype(np.float32), spec) for m in (g, u, d))
-            y = (silu(x @ g.T) * (x @ u.T)) @ d.T
-            yq = (silu(x @ gq.T) * (x @ uq.T)) @ dq.T
+            wt = w[tok, slot][:, None]
+            y, yq = _expert_outputs(h[tok], moe, e, spec)
             err[e], energy[e] = ((wt * (yq - y)) ** 2).sum(), ((wt * y) ** 2).sum()
         impact = err / err.sum()
         mine = {r["expert"]: r for r in rows if r["layer"] == L}
@@ -492,19 +488,21 @@ def test_select_moe_impact_ranks_by_quantization_error(mx, tmp_path):
         top = sorted(np.argsort(-impact, kind="stable")[:2].tolist())
         assert got[L]["experts"] == top
         # the control: without the routing weights the shares move far outside the tolerance
-        assert not np.allclose(impact, _unweighted_impact(h, idx, moe, spec, silu), rtol=1e-2)
+        unweighted = np.array([((np.subtract(*_expert_outputs(h[np.nonzero(idx == e)[0]], moe, e, spec))) ** 2).sum()
+                               for e in range(N_EXPERT)])
+        assert not np.allclose(impact, unweighted / unweighted.sum(), rtol=1e-2)
 
 
-def _unweighted_impact(h, idx, moe, spec, silu):
+def _expert_outputs(x, moe, e, spec):
+    """(float, quantized) outputs of expert e on rows x, numpy float64."""
     from lrq.select.score import quantize_dequantize
-    err = np.zeros(N_EXPERT)
-    for e in range(N_EXPERT):
-        tok, _ = np.nonzero(idx == e)
-        x = h[tok]
-        g, u, d = (getattr(moe, n)[e].numpy().astype(np.float64) for n in ("gate", "up", "down"))
-        gq, uq, dq = (quantize_dequantize(m.astype(np.float32), spec) for m in (g, u, d))
-        err[e] = (((silu(x @ gq.T) * (x @ uq.T)) @ dq.T - (silu(x @ g.T) * (x @ u.T)) @ d.T) ** 2).sum()
-    return err / err.sum()
+    g, u, d = (getattr(moe, n)[e].numpy().astype(np.float64) for n in ("gate", "up", "down"))
+    gq, uq, dq = (quantize_dequantize(m.astype(np.float32), spec) for m in (g, u, d))
+
+    def ffn(a, b, c):
+        v = x @ a.T
+        return (v / (1 + np.exp(-v)) * (x @ b.T)) @ c.T
+    return ffn(g, u, d), ffn(gq, uq, dq)
 
 
 def test_stock_q4_experts_skipping_matches_masked(mx, tmp_path, monkeypatch):
