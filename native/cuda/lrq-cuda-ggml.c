@@ -29,13 +29,8 @@ int ggml_lrq_mul_mat_cuda_fusable(struct ggml_tensor * const * nodes, int n) {
     int                        k = 1;
     for (; k < n && k < LRQ_CUDA_MAX_REP; ++k) {
         const struct ggml_tensor * b = nodes[k];
-        if (b->op != GGML_OP_LRQ_MUL_MAT || !(b->flags & GGML_TENSOR_FLAG_COMPUTE)) break;
-        if (b->src[LRQ_SRC_CODES] != a->src[LRQ_SRC_CODES] || b->src[LRQ_SRC_SCALE] != a->src[LRQ_SRC_SCALE] ||
-            b->src[LRQ_SRC_MIN] != a->src[LRQ_SRC_MIN] || memcmp(b->op_params, a->op_params, 2 * sizeof(int32_t)) != 0) {
-            break;
-        }
-        if (!ggml_are_same_shape(b->src[LRQ_SRC_X], a->src[LRQ_SRC_X])) break;
-        bool reads_run = false;
+        if (!(b->flags & GGML_TENSOR_FLAG_COMPUTE) || !ggml_lrq_mul_mat_shares_codes(a, b)) break;
+        bool reads_run = false;   // b must not read any earlier member of the run, not only the first
         for (int j = 0; j < k; ++j) {
             for (int s = 0; s < LRQ_SRC_COUNT; ++s) reads_run = reads_run || b->src[s] == nodes[j];
         }

@@ -73,6 +73,13 @@ GGML_API struct ggml_tensor * ggml_lrq_mul_mat(
 // static message): used by ggml_lrq_mul_mat and by the CPU backend's supports_op.
 GGML_API const char * ggml_lrq_mul_mat_check(const struct ggml_tensor * op);
 
+// Two GGML_OP_LRQ_MUL_MAT nodes that one pass over the codes can compute together (the members of
+// a parallel group): same codes, base grid (d, m, two-level sub-block indices) and op parameters,
+// inputs of one shape, b not reading a.  The one definition of "shares codes": the lockstep order
+// (native/lrq/lrq-graph.cpp) puts such nodes side by side, and the CUDA backend fuses them
+// (native/cuda/lrq-cuda-ggml.c).
+GGML_API bool ggml_lrq_mul_mat_shares_codes(const struct ggml_tensor * a, const struct ggml_tensor * b);
+
 // The loader marks the meta tensors a two-level weight's op reads (codes, d / dmin, replica
 // parameters) with this value in op_params[LRQ_PROBE_TWO_LEVEL_PARAM] (unused in a meta tensor):
 // lrq_make_supports_test_op then probes a two-level node, so that only a backend that runs the

@@ -149,8 +149,5 @@ void lrq_graph_mark(const ggml_context * ctx, int il, int where, size_t n_exec);
 // off (A/B).  Logs (INFO, when it changes) the number of adjacent same-codes LRQ pairs.
 void lrq_graph_lockstep(const lrq_model & l, const ggml_context * ctx, ggml_cgraph * gf);
 
-// Two GGML_OP_LRQ_MUL_MAT nodes that one pass over the codes can compute together: same codes,
-// base grid (d, m, sub-block indices) and op parameters, inputs of one shape, b not reading a.
-bool lrq_op_shares_codes(const ggml_tensor * a, const ggml_tensor * b);
-// Adjacent node pairs of gf for which lrq_op_shares_codes holds.
+// Adjacent node pairs of gf for which ggml_lrq_mul_mat_shares_codes (lrq-ggml.h) holds.
 int lrq_graph_shared_code_pairs(ggml_cgraph * gf);

@@ -9,6 +9,7 @@
 
 #include <math.h>
 #include <stddef.h>
+#include <string.h>
 
 static int lrq_is_vec_f32(const struct ggml_tensor * t, int64_t n) {
     return t->type == GGML_TYPE_F32 && t->ne[0] == n && ggml_nelements(t) == n && ggml_is_contiguous(t);
@@ -19,6 +20,26 @@ static int lrq_is_vec_f32(const struct ggml_tensor * t, int64_t n) {
 static int lrq_is_grid_param(const struct ggml_tensor * t, int64_t n_groups, int64_t n_out) {
     return t->type == GGML_TYPE_F16 && ggml_is_contiguous(t) && t->ne[2] == 1 && t->ne[3] == 1 &&
            (t->ne[0] == n_groups || t->ne[0] == 1) && (t->ne[1] == n_out || t->ne[1] == 1);
+}
+
+bool ggml_lrq_mul_mat_shares_codes(const struct ggml_tensor * a, const struct ggml_tensor * b) {
+    if (a->op != GGML_OP_LRQ_MUL_MAT || b->op != GGML_OP_LRQ_MUL_MAT) {
+        return false;
+    }
+    if (b->src[LRQ_SRC_CODES] != a->src[LRQ_SRC_CODES] || b->src[LRQ_SRC_SCALE] != a->src[LRQ_SRC_SCALE] ||
+        b->src[LRQ_SRC_MIN] != a->src[LRQ_SRC_MIN] || b->src[LRQ_SRC_SUB] != a->src[LRQ_SRC_SUB] ||
+        memcmp(b->op_params, a->op_params, 2 * sizeof(int32_t)) != 0) {
+        return false;
+    }
+    if (!ggml_are_same_shape(b->src[LRQ_SRC_X], a->src[LRQ_SRC_X])) {
+        return false;
+    }
+    for (int s = 0; s < GGML_MAX_SRC; ++s) {
+        if (b->src[s] == a) {
+            return false;
+        }
+    }
+    return true;
 }
 
 const char * ggml_lrq_mul_mat_check(const struct ggml_tensor * op) {

@@ -83,31 +83,11 @@ bool lrq_is_linear(const ggml_tensor * t) {
 
 }  // namespace
 
-bool lrq_op_shares_codes(const ggml_tensor * a, const ggml_tensor * b) {
-    if (a->op != GGML_OP_LRQ_MUL_MAT || b->op != GGML_OP_LRQ_MUL_MAT) {
-        return false;
-    }
-    if (b->src[LRQ_SRC_CODES] != a->src[LRQ_SRC_CODES] || b->src[LRQ_SRC_SCALE] != a->src[LRQ_SRC_SCALE] ||
-        b->src[LRQ_SRC_MIN] != a->src[LRQ_SRC_MIN] || b->src[LRQ_SRC_SUB] != a->src[LRQ_SRC_SUB] ||
-        memcmp(b->op_params, a->op_params, 2 * sizeof(int32_t)) != 0) {
-        return false;
-    }
-    if (!ggml_are_same_shape(b->src[LRQ_SRC_X], a->src[LRQ_SRC_X])) {
-        return false;
-    }
-    for (int s = 0; s < GGML_MAX_SRC; ++s) {
-        if (b->src[s] == a) {
-            return false;
-        }
-    }
-    return true;
-}
-
 int lrq_graph_shared_code_pairs(ggml_cgraph * gf) {
     const int n = ggml_graph_n_nodes(gf);
     int       pairs = 0;
     for (int i = 0; i + 1 < n; ++i) {
-        pairs += lrq_op_shares_codes(ggml_graph_node(gf, i), ggml_graph_node(gf, i + 1));
+        pairs += ggml_lrq_mul_mat_shares_codes(ggml_graph_node(gf, i), ggml_graph_node(gf, i + 1));
     }
     return pairs;
 }
