@@ -176,11 +176,14 @@ measure() {
   done
   printf '\n| model | file MB | pp512 t/s | tg128 t/s | decode GB/s | tg vs Q2_K |\n|---|---|---|---|---|---|\n' >>"$out/table.md"
   local tg_q2k=""
-  for m in q2_k iq2_xs lrq2-none lrq2-all lrq2-parallel; do
-    local f=$dir/$m.gguf
+  # lrq2-parallel twice: in the lockstep order (patch 0013: each group's members adjacent, so the
+  # CUDA backend fuses them into one read of the codes) and in the built order (LRQ_NO_LOCKSTEP=1)
+  for m in q2_k iq2_xs lrq2-none lrq2-all lrq2-parallel lrq2-parallel-unfused; do
+    local f=$dir/${m%-unfused}.gguf lockstep=
+    [ "$m" = lrq2-parallel-unfused ] && lockstep=1
     [ -f "$f" ] || { echo "| $m | missing | | | | |" >>"$out/table.md"; continue; }
     # shellcheck disable=SC2086
-    read -r pp tg < <(bench_speed "$bin" "$f" "$m" $gpu_args)
+    read -r pp tg < <(LRQ_NO_LOCKSTEP=$lockstep bench_speed "$bin" "$f" "$m" $gpu_args)
     [ "$m" = q2_k ] && tg_q2k=$tg
     "$PY" - "$m" "$f" "$pp" "$tg" "${tg_q2k:-nan}" >>"$out/table.md" <<'EOF'
 import os, sys
