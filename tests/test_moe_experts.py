@@ -388,7 +388,6 @@ def test_select_moe_picks_the_most_routed_experts(mx, tiny_models, tmp_path, cap
     here independently (the reference's routing recorded per layer, float32 as lrq-select runs
     it), the top 20 % of each layer (2 of 8) in the plan, which lrq-convert writes as entries."""
     from lrq.cli.select import main as select
-    from lrq.select.measure import calib_tokens
     from tiny_models import tiny_calib_text
     src = mx.gguf("qwen3moe")
     text = tiny_calib_text(src, tmp_path / "calib.txt")
@@ -398,20 +397,7 @@ def test_select_moe_picks_the_most_routed_experts(mx, tiny_models, tmp_path, cap
     got = json.loads(plan.read_text())["experts"]
     # the independent count: every routed slot of every execution, over the same windows
     counts = np.zeros((3, N_EXPERT))
-    orig = ref_moe.MoEFFN.route
-    ref = Reference(open_model(src), torch.float32)
-    layer_of = {id(m): L for L, m in ref._moe.items()}
-
-    def route(self, h):
-        w, idx = orig(self, h)
-        np.add.at(counts[layer_of[id(self)]], idx.reshape(-1).numpy(), 1)
-        return w, idx
-    ref_moe.MoEFFN.route = route
-    try:
-        for win in calib_tokens(src, str(text), 256, 64):
-            ref.logits(win)
-    finally:
-        ref_moe.MoEFFN.route = orig
+    _run_recording_routes(src, text, lambda L, h, w, idx: np.add.at(counts[L], idx.reshape(-1).numpy(), 1))
     assert counts.sum() == 3 * 256 * 2
     for L, e in enumerate(got):
         top = sorted(np.argsort(-counts[L], kind="stable")[:2].tolist())
@@ -443,7 +429,6 @@ def test_select_moe_impact_ranks_by_quantization_error(mx, tmp_path):
     output error under lrq's 2-bit quantizer, recomputed here in numpy from the reference's routed
     inputs; the plan takes each layer's top 2 by it."""
     from lrq.cli.select import main as select
-    from lrq.select.measure import calib_tokens
     from lrq.select.score import QuantSpec
     from tiny_models import tiny_calib_text
     src = mx.gguf("qwen2moe")
@@ -453,21 +438,9 @@ def test_select_moe_impact_ranks_by_quantization_error(mx, tmp_path):
                    "--text", str(text), "--tokens", "256", "--ctx", "64", "--scores", str(scores)]) == 0
     got = json.loads(plan.read_text())["experts"]
     rows = json.loads(scores.read_text())["rows"]
-    ref = Reference(open_model(src), torch.float32)
-    seen = {L: [] for L in ref._moe}
-    orig = ref_moe.MoEFFN.route
-    layer_of = {id(m): L for L, m in ref._moe.items()}
-
-    def route(self, h):
-        w, idx = orig(self, h)
-        seen[layer_of[id(self)]].append((h.numpy().astype(np.float64), w.numpy().astype(np.float64), idx.numpy()))
-        return w, idx
-    ref_moe.MoEFFN.route = route
-    try:
-        for win in calib_tokens(src, str(text), 256, 64):
-            ref.logits(win)
-    finally:
-        ref_moe.MoEFFN.route = orig
+    seen = {L: [] for L in range(3)}
+    ref = _run_recording_routes(src, text, lambda L, h, w, idx: seen[L].append(
+        (h.numpy().astype(np.float64), w.numpy().astype(np.float64), idx.numpy())))
     spec = QuantSpec(2, 32)
     for L, moe in ref._moe.items():
         h = np.concatenate([x[0] for x in seen[L]])
@@ -491,6 +464,27 @@ def test_select_moe_impact_ranks_by_quantization_error(mx, tmp_path):
         unweighted = np.array([((np.subtract(*_expert_outputs(h[np.nonzero(idx == e)[0]], moe, e, spec))) ** 2).sum()
                                for e in range(N_EXPERT)])
         assert not np.allclose(impact, unweighted / unweighted.sum(), rtol=1e-2)
+
+
+def _run_recording_routes(src, text, record):
+    """The float32 reference over lrq-select's windows (256 tokens of ``text``, ctx 64), calling
+    record(layer, h, weights, ids) at every routing; returns the reference."""
+    from lrq.select.measure import calib_tokens
+    ref = Reference(open_model(src), torch.float32)
+    orig = ref_moe.MoEFFN.route
+    layer_of = {id(m): L for L, m in ref._moe.items()}
+
+    def route(self, h):
+        w, idx = orig(self, h)
+        record(layer_of[id(self)], h, w, idx)
+        return w, idx
+    ref_moe.MoEFFN.route = route
+    try:
+        for win in calib_tokens(src, str(text), 256, 64):
+            ref.logits(win)
+    finally:
+        ref_moe.MoEFFN.route = orig
+    return ref
 
 
 def _expert_outputs(x, moe, e, spec):
