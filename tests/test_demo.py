@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,11 @@ def test_winner_and_adapter_lines_hand_cases(tmp_path):
     (line,) = adapter_lines([ref, s, a, q2], {a.label: (f, s.label)})
     assert line == ("IQ2_XS + adapter: KLD 0.2830 vs 0.3720 (-24 %), PPL 43.60 vs 46.70, 1.50 MB adapter "
                     "(+0.080 bpw), decode 0.94x against stock IQ2_XS + imatrix alone")
+    # a decode figure taken while other jobs used the cores gives no ratio (issue 15 item 5)
+    s.extra["load1"] = (os.cpu_count() or 1) + 2.0
+    (line,) = adapter_lines([ref, s, a, q2], {a.label: (f, s.label)})
+    assert line.endswith("(+0.080 bpw), decode not compared (busy machine) against stock IQ2_XS + imatrix alone")
+    assert "x against" not in line
 
 
 def test_refuses_to_calibrate_on_the_evaluation_text(tiny_models, texts, tmp_path):

@@ -172,6 +172,7 @@ def torch_threads(n: int) -> int:
 
 def adapter_lines(rows, adapters: dict) -> list[str]:
     """One line per adapter row: its KLD, PPL, bits and decode speed against its stock file's."""
+    from ..eval.speed import busy_cpu
     by = {r.label: r for r in rows}
     out = []
     for label, (path, stock_label) in adapters.items():
@@ -180,7 +181,11 @@ def adapter_lines(rows, adapters: dict) -> list[str]:
             continue
         size = Path(path).stat().st_size if Path(path).exists() else 0
         tg_a, tg_s = a.extra.get("tg", math.nan), s.extra.get("tg", math.nan)
-        speed = f", decode {tg_a / tg_s:.2f}x" if tg_a > 0 and tg_s > 0 else ""
+        # a figure from a busy machine is no speed: no ratio from it (the decode of one side may
+        # have shared the cores with another job, e.g. 1.4 against 59.8 t/s)
+        busy = any(busy_cpu(r.extra.get("load1", math.nan)) for r in (a, s))
+        speed = ("" if not (tg_a > 0 and tg_s > 0) else
+                 ", decode not compared (busy machine)" if busy else f", decode {tg_a / tg_s:.2f}x")
         out.append(f"{label}: KLD {a.kld:.4f} vs {s.kld:.4f} ({100 * (a.kld / s.kld - 1):+.0f} %), PPL {a.ppl:.2f} "
                    f"vs {s.ppl:.2f}, {size / 1e6:.2f} MB adapter (+{a.bpw - s.bpw:.3f} bpw){speed} against "
                    f"{stock_label} alone")
