@@ -89,6 +89,9 @@ def build_glue(out_dir: Path, *, mutations: list[tuple[str, str]] = ()) -> Path:
     for p in [*INPUTS, ROOT / "tests" / "cuda" / "glue_check.cpp", BIN_DIR / "libggml-base.so"]:
         h.update(p.read_bytes())
     h.update(text.encode())
+    # the executable finds libggml-base through its rpath: a checkout elsewhere (another clone
+    # with a byte-identical library) needs its own build, or it runs against a removed directory
+    h.update(str(BIN_DIR.resolve()).encode())
     d = Path(out_dir) / ("glue-" + h.hexdigest()[:16])
     exe = d / "glue_check"
     if exe.exists():
