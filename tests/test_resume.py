@@ -25,7 +25,6 @@ from lrq.cli import calibrate as calibrate_cli
 from lrq.cli import convert as convert_cli
 from lrq.convert import ConvertOptions, convert
 from lrq.resume import LAYER_FILE, MANIFEST
-from tiny_models import tiny_calib_text
 
 N_WIN, WINDOW = 4, 128           # 512 calibration tokens, as in tests/test_calib.py
 # enough Adam steps that each window is drawn several times in an order the carried generator
@@ -36,15 +35,8 @@ POLL_S = 0.002
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-
-@pytest.fixture(scope="module")
-def src(tiny_models):
-    return tiny_models.gguf("llama")
-
-
-@pytest.fixture(scope="module")
-def text_file(src, tmp_path_factory):
-    return tiny_calib_text(src, tmp_path_factory.mktemp("resume-text") / "calib.txt")
+# the tiny llama and its calibration text: tests/test_calib.py's fixtures
+from test_calib import src, text_file  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")
