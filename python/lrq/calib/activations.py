@@ -11,7 +11,9 @@ windows and gives, per block L:
 - ``linear_inputs(L)``: the raw inputs ``[n_tokens, n_in]`` (memory heavy; for small models,
   tests and diagnostics).
 
-Nothing is kept for every layer at once except the residual stream at the block inputs
+The source's weights are loaded block by block as the stream reaches them (``STREAM_BLOCKS``
+held at once, Reference's ``max_blocks``).  Nothing is kept for every layer at once except the
+residual stream at the block inputs
 (checkpoints, ``n_tokens * n_embd * 4`` bytes a layer, capped by ``max_checkpoint_bytes``: beyond
 the cap only every k-th layer is kept and the rest recomputed).  The block math is the
 reference's own (``Reference._block``): a block whose linears are wrapped to record their input.
@@ -56,6 +58,10 @@ SHARED_INPUT = {"attn_q": "attn_q", "attn_k": "attn_q", "attn_v": "attn_q",
                 "attn_output": "attn_output", "ffn_gate": "ffn_gate", "ffn_up": "ffn_gate",
                 "ffn_down": "ffn_down"}
 DEFAULT_MAX_CHECKPOINT_BYTES = 2 << 30
+# source blocks a stream holds in memory at once: the block being fitted and the one a pass
+# recomputes through (a stream reaches its blocks in order, so more would only be dropped later);
+# the model's own weights are never all in memory (Qwen2.5-1.5B's F32 source: 7.1 GB, a block 0.19)
+STREAM_BLOCKS = 2
 # a block's linears grouped by the input they read, in the order the block computes them
 STAGES = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
 
@@ -114,7 +120,8 @@ class _Stream:
 
     def __init__(self, source: str | os.PathLike, windows: np.ndarray, dtype: torch.dtype,
                  progress: bool, reference=None):
-        self.ref = reference if reference is not None else Reference(open_model(source), dtype)
+        self.ref = (reference if reference is not None
+                    else Reference(open_model(source), dtype, max_blocks=STREAM_BLOCKS))
         self.hp = self.ref.hp
         self.n_layer = self.hp.n_layer
         self.windows = np.asarray(windows, dtype=np.int64)

@@ -15,6 +15,8 @@ its low-rank correction U (V x) (format v3) is added to the output, read from th
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,10 +82,63 @@ def _lowrank_terms(params) -> tuple[np.ndarray | None, np.ndarray | None]:
     return getattr(params, "lr_u", None), getattr(params, "lr_v", None)
 
 
+class BlockCache(Mapping):
+    """The blocks of a Reference, loaded on first use, at most ``max_blocks`` kept (the least
+    recently used is dropped, with its layer's norms and MoE tensors once no block of that layer
+    is left).  ``loads`` counts the loads and ``peak`` the most blocks held at once."""
+
+    def __init__(self, ref: "Reference", keys: list[tuple[int, int]], max_blocks: int):
+        if max_blocks < 1:
+            raise ReferenceError(f"max_blocks must be >= 1, got {max_blocks}")
+        self._ref, self._keys, self.max_blocks = ref, tuple(keys), int(max_blocks)
+        self._held: OrderedDict[tuple[int, int], Block] = OrderedDict()
+        self.loads = 0
+        self.peak = 0
+
+    def __getitem__(self, key: tuple[int, int]) -> Block:
+        if key in self._held:
+            self._held.move_to_end(key)
+            return self._held[key]
+        if key not in self._keys:
+            raise KeyError(key)
+        while len(self._held) >= self.max_blocks:
+            self._drop(next(iter(self._held)))
+        blk = self._held[key] = self._ref._load_block(*key)
+        self.loads += 1
+        self.peak = max(self.peak, len(self._held))
+        return blk
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        del self._held[key]
+        if all(k[0] != key[0] for k in self._held):
+            self._ref._norms.pop(key[0], None)
+            self._ref._moe.pop(key[0], None)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key) -> bool:
+        return key in self._keys
+
+    def held(self) -> list[tuple[int, int]]:
+        return list(self._held)
+
+    def clear(self) -> None:
+        for k in list(self._held):
+            self._drop(k)
+
+
 class Reference:
     """Run a model file's schedule in torch (float64: the oracle; float32: a faster check)."""
 
-    def __init__(self, model, dtype: torch.dtype = torch.float64):
+    def __init__(self, model, dtype: torch.dtype = torch.float64, max_blocks: int | None = None):
+        """``max_blocks``: None loads every block now and keeps it (the oracle's default); k >= 1
+        loads a block when a pass reaches it and keeps only the k most recently used (a pass
+        through the model then holds k blocks' weights, not the model's: lrq-calibrate and
+        lrq-convert --gptq on models larger than memory).  The tensors are the same either way."""
         if isinstance(model, (str, os.PathLike)):
             model = open_model(Path(model))
         if dtype not in (torch.float64, torch.float32):
@@ -105,10 +160,11 @@ class Reference:
                        else self._t(model.tensor("output.weight")))
         self._norms: dict[int, tuple] = {}
         self._moe: dict[int, MoEFFN] = {}
-        self.blocks: dict[tuple[int, int], Block] = {}
-        for e in self.schedule:
-            if (e.layer, e.replica) not in self.blocks:
-                self.blocks[(e.layer, e.replica)] = self._load_block(e.layer, e.replica)
+        keys = list(dict.fromkeys((e.layer, e.replica) for e in self.schedule))
+        if max_blocks is None:
+            self.blocks: dict[tuple[int, int], Block] | BlockCache = {k: self._load_block(*k) for k in keys}
+        else:
+            self.blocks = BlockCache(self, keys, max_blocks)
 
     # ---- loading ---------------------------------------------------------------------------
     def _t(self, a: np.ndarray | None) -> torch.Tensor | None:
