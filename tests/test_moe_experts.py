@@ -545,14 +545,14 @@ CAL_RATIO_MAX = 0.97
 WRONG_SOURCE_MIN_RATIO = 10.0
 
 
-def test_per_expert_calibration_reduces_expert_error(mx, tmp_path):
-    """lrq.calib.experts fits each entry's per-expert gains / biases so that the replicated
+def test_per_expert_calibration_reduces_expert_error(mx, tmp_path, capsys):
+    """lrq-calibrate (lrq.calib.experts) fits each entry's per-expert gains / biases so that the replicated
     experts of a Q4_0 file approach the F32 source on the tokens routed to them: on held-out
     tokens the routed experts' output error drops; fitted against another model it explodes."""
     import dataclasses
     import subprocess
     import sys
-    from lrq.calib.experts import calibrate_experts, capture
+    from lrq.calib.experts import capture
     from tiny_models import tiny_calib_text
     from tiny_moe import convert_moe_hf_dir, make_tiny_moe_hf
     arch = "qwen2moe"
@@ -570,9 +570,16 @@ def test_per_expert_calibration_reduces_expert_error(mx, tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
     text = tiny_calib_text(src, tmp_path / "calib.txt")
     wrong = convert_moe_hf_dir(make_tiny_moe_hf(arch, tmp_path / "wrong-hf", seed=1), tmp_path / "wrong.gguf")
+    from lrq.cli.calibrate import main as calibrate_cli
     for name, source in (("cal", src), ("wrong", wrong)):
         files[name] = tmp_path / f"{name}.gguf"
-        calibrate_experts(files["entries"], files[name], source, str(text), 1024, 64)
+        # lrq-calibrate on a file with entries: the per-expert fit
+        assert calibrate_cli(["-q", "--source", str(source), "--text", str(text), "--tokens", "1024",
+                              "--window", "64", str(files["entries"]), str(files[name])]) == 0
+    # the Adam fit's options have no meaning there: refused by name, nothing written
+    assert calibrate_cli(["-q", "--source", str(src), "--steps", "5", str(files["entries"]),
+                          str(tmp_path / "x.gguf")]) == 2
+    assert "--steps does not apply" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
     held = np.random.default_rng(123).integers(3, TINY_VOCAB, size=(4, 64))
     held[:, 0] = 1
     truth = Reference(open_model(src))

@@ -514,8 +514,10 @@ def open_job(src, out, source, text, n_tokens: int, window: int, windows: np.nda
     from ..constants import MOE_ARCHS
     if f.arch in MOE_ARCHS or f.has_tensor("blk.0.ffn_gate_inp.weight"):
         # the fits below know the seven dense block linears; a MoE FFN is a router + experts
-        raise CalibError(f"{f.path}: '{f.arch}' is a mixture-of-experts model, which lrq-calibrate and "
-                         f"lrq-distill do not fit yet (docs/moe.md); its schedule runs as converted")
+        raise CalibError(f"{f.path}: '{f.arch}' is a mixture-of-experts model, whose layers lrq-calibrate "
+                         f"and lrq-distill do not fit (docs/moe.md); its schedule runs as converted.  "
+                         f"lrq-calibrate fits per-expert replicas: give it a file with expert-replication "
+                         f"entries (lrq-select --moe, then lrq-convert --plan)")
     back = f.plan.first_backstep() if in_layer_order else None
     if back is not None:
         ex = f.plan.executions

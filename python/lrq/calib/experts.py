@@ -1,6 +1,6 @@
 """Per-expert calibration of expert replicas (format v4, docs/moe.md).
 
-    python -m lrq.calib.experts IN.gguf OUT.gguf --source F32.gguf [--text sotu-calib] [--tokens 2048]
+    lrq-calibrate IN.gguf OUT.gguf --source F32.gguf [--text sotu-calib] [--tokens 2048] [--window 256]
 
 IN is an LRQ file with expert-replication entries (lrq-convert --plan with an "experts" list,
 usually with quantized experts: --base-type Q4_0); SOURCE is the unquantized model it was made
@@ -23,9 +23,6 @@ before it replaces anything.
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 from pathlib import Path
 
 import gguf
@@ -178,31 +175,3 @@ def calibrate_experts(path, out, source, text="sotu-calib", n_tokens: int = 2048
     tensors = fit_entries(f, src, capture(f, windows))
     write_with_tensors(Path(path), Path(out), tensors)
     return tensors
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lrq.calib.experts", description=__doc__.splitlines()[0])
-    ap.add_argument("input", help="LRQ file with expert-replication entries")
-    ap.add_argument("output")
-    ap.add_argument("--source", required=True, help="the unquantized model (F32 GGUF) the file was made from")
-    ap.add_argument("--text", default="sotu-calib", help="calibration text (asset name or file)")
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--ctx", type=int, default=256)
-    ap.add_argument("-t", "--threads", type=int, default=None)
-    args = ap.parse_args(argv)
-    from ..select import SelectError
-    from ..model_file import ModelFileError
-    if Path(args.output).resolve() == Path(args.input).resolve():
-        print(f"lrq.calib.experts: error: {args.output}: the output must not be the input", file=sys.stderr)
-        return 2
-    try:
-        t = calibrate_experts(args.input, args.output, args.source, args.text, args.tokens, args.ctx, args.threads)
-    except (ExpertCalibError, SelectError, ModelFileError, LRQFileError, OSError) as e:
-        print(f"lrq.calib.experts: error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.output}: {len(t)} per-expert tensors")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,6 +9,8 @@ Examples:
         # an unchanged stock GGUF + an adapter (schedule and fitted parameters, docs/FORMAT.md 11)
     lrq-calibrate in.gguf out.gguf --source src.gguf --resume cal-state/
         # killed? the same command again goes on at the first unfinished layer
+    lrq-calibrate moe.entries.gguf moe.cal.gguf --source moe.f32.gguf --tokens 2048 --window 256
+        # a MoE file with expert-replication entries (lrq-select --moe): per-expert fit
 
 Codes stay frozen.  Block by block, every replica the schedule runs (replica 0 included) gets
 scale multipliers, grid offsets, gains and biases fitted with Adam so that the quantized layer,
@@ -31,12 +33,18 @@ manifest of the inputs and options); the same command again, after a kill at any
 them, reruns those layers with them to rebuild the stream and fits on from the first unfinished
 layer.  The output is byte-identical to an uninterrupted run's.  Other options or other input
 files are refused, naming what differs.  DIR is kept after success (remove it when done).
+A mixture-of-experts file with expert-replication entries (docs/moe.md) is calibrated per expert
+instead: on the calibration tokens routed to each listed expert, per-output-channel gains and
+biases of its replica fitted by least squares to the source's expert (lrq.calib.experts); of the
+options only --text, --tokens, --window and --threads apply there.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 from ._job import run_job
 
@@ -128,10 +136,66 @@ def main(argv: list[str] | None = None) -> int:
                             loss=args.loss, lowrank=args.lowrank, lr_lowrank=args.lr_lowrank,
                             resume=args.resume)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
+    if args.adapter is None and _has_expert_entries(args.src):
+        return _calibrate_experts(ap, args, out)
     return run_job("lrq-calibrate", out,
                    lambda: calibrate(args.src, out, args.source, opts, log=log, plan=args.plan,
                                      adapter=args.adapter is not None),
                    (CalibError,), args.quiet)
+
+
+# the options of the block-wise Adam fit, which the per-expert least-squares fit has no use for
+_ADAM_ONLY = ("steps", "batch_windows", "granularity", "params", "lr", "lr_offset", "lr_bias",
+              "serial_init", "act_clip_grid", "start_layer", "loss", "lowrank", "lr_lowrank", "seed",
+              "resume")
+
+
+def _has_expert_entries(path: str) -> bool:
+    """Whether ``path`` is an LRQ file with expert-replication entries (anything unreadable is
+    left to the dense calibrator, which names what is wrong with it)."""
+    from ..lrq_file import LRQModelFile
+    try:
+        f = LRQModelFile(path)
+    except Exception:       # noqa: BLE001 - reported by calibrate()'s own checks
+        return False
+    try:
+        return bool(f.expert_entries)
+    finally:
+        f.close()
+
+
+@dataclass
+class _ExpertSummary:
+    output: str
+    n_tensors: int
+    n_tokens: int
+
+    def lines(self) -> list[str]:
+        return [f"wrote {self.output}: {self.n_tensors} per-expert gain / bias tensors fitted on "
+                f"{self.n_tokens} calibration tokens"]
+
+
+def _calibrate_experts(ap: argparse.ArgumentParser, args, out: str) -> int:
+    from ..calib import CalibError
+    from ..calib.experts import ExpertCalibError, calibrate_experts
+    from ..lrq_file import LRQFileError
+    from ..model_file import ModelFileError
+    from ..select import SelectError
+    given = [k for k in _ADAM_ONLY if getattr(args, k) != ap.get_default(k)]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        print(f"lrq-calibrate: error: {args.src} has expert-replication entries, fitted per expert by "
+              f"least squares: {flag} does not apply (only --text, --tokens, --window, --threads)",
+              file=sys.stderr)
+        return 2
+
+    def job():
+        if Path(out).resolve() == Path(args.src).resolve():
+            raise CalibError(f"{out}: the output would overwrite the input")
+        t = calibrate_experts(args.src, out, args.source, args.text, args.tokens, args.window)
+        return _ExpertSummary(out, len(t), args.tokens)
+    return run_job("lrq-calibrate", out, job,
+                   (CalibError, ExpertCalibError, SelectError, ModelFileError, LRQFileError), args.quiet)
 
 
 if __name__ == "__main__":
