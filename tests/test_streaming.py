@@ -1,6 +1,7 @@
 """Block streaming (issue 20 item 2): the reference executor loads a block when a pass reaches it
-and keeps only the last few (``Reference(max_blocks=k)``), so calibration and sequential GPTQ
-hold a couple of blocks' weights instead of the whole full-precision model.
+and keeps only the last few (``Reference(max_blocks=k)``), and the embedding and output head
+when first used (a block-wise job dequantizes only its windows' embedding rows), so calibration
+and sequential GPTQ hold a couple of blocks' weights instead of the whole full-precision model.
 
 Each test compares a streamed run with an eager one (every block loaded up front, the oracle's
 default) and asks for the same numbers, bit for bit: streaming changes where the weights live,
@@ -73,6 +74,23 @@ def test_streamed_moe_reference_drops_the_experts_with_the_layer(moe_models):  #
     # the router and stacked experts of the layers no longer held are gone with them
     assert set(streamed._moe) == {last} and set(streamed._norms) == {last}
     assert streamed.blocks.held() == [(last, 0)]
+
+
+def test_embedding_rows_without_the_matrix(tiny_models, tmp_path):
+    """A Q8_0 source (its embedding quantized): embed() dequantizes only the windows' rows and
+    gives tok_embd[ids]'s values; a streamed SourceActivations never loads the embedding or the
+    output head whole, and its block outputs are the eager ones."""
+    q8 = tiny_models.gguf("llama", "q8_0")
+    assert open_model(q8).tensor_type("token_embd.weight") == "Q8_0"
+    ids = np.random.default_rng(1).integers(0, 100, size=(3, 16))
+    lazy, eager = Reference(open_model(q8), torch.float32, max_blocks=1), Reference(open_model(q8), torch.float32)
+    assert torch.equal(lazy.embed(ids), eager.tok_embd[torch.from_numpy(ids)])
+    assert lazy._tok_embd is None and lazy._output is None
+    streamed = SourceActivations(q8, ids)
+    control = SourceActivations(q8, ids, reference=eager)
+    for layer in range(streamed.n_layer):
+        assert torch.equal(streamed.block_output(layer), control.block_output(layer))
+    assert streamed.ref._tok_embd is None and streamed.ref._output is None
 
 
 def test_block_cache_refuses_what_it_cannot_hold(src):  # noqa: F811

@@ -158,3 +158,17 @@ def dequantize_tensor(t) -> np.ndarray:
                  gguf.GGMLQuantizationType.F64):
         return np.asarray(t.data, dtype=np.float64).reshape(numpy_shape(t))
     return gguf.quants.dequantize(t.data, qtype).astype(np.float64).reshape(numpy_shape(t))
+
+
+def dequantize_rows(t, ids) -> np.ndarray:
+    """float64 rows ``ids`` (numpy's first axis) of a stock-typed 2-D ReaderTensor, shape
+    ``[*ids.shape, n_cols]``, dequantizing only those rows (the token embeddings of some
+    tokens, without the whole matrix: 152k x 5120 x 8 bytes on a 32B model)."""
+    uniq, inv = np.unique(np.asarray(ids, dtype=np.int64).ravel(), return_inverse=True)
+    data = np.asarray(t.data)[uniq]
+    if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                         gguf.GGMLQuantizationType.F64):
+        out = data.astype(np.float64)
+    else:
+        out = gguf.quants.dequantize(data, t.tensor_type).astype(np.float64)
+    return out.reshape(len(uniq), -1)[inv].reshape(*np.shape(ids), -1)

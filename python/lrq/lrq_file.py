@@ -30,8 +30,8 @@ from .constants import (ARCH_PREFIX, EXEC_WARN_FACTOR, EXPERT_PARAMS, EXPERT_PRO
                         TERNARY_BITS, TWO_LEVEL_SUB_SIZES, TWO_LEVEL_VERSION, Keys, is_block_linear,
                         layer_of, lrq_bits, min_name, parse_replica_param_name, replica_param_name,
                         scale_name, sub_name)
-from .gguf_hparams import (GGUFFileError, check_tokens_unique, dequantize_tensor, hparams, numpy_shape,
-                           open_reader, read_kv)
+from .gguf_hparams import (GGUFFileError, check_tokens_unique, dequantize_rows, dequantize_tensor, hparams,
+                           numpy_shape, open_reader, read_kv)
 from .bpw_count import count_bpw
 from .gguf_types import type_name
 from .plan import (Execution, ExpertEntry, Plan, PlanError, check_expert_entries,
@@ -519,13 +519,7 @@ class LRQModelFile:
         t = self._get(name)
         if lrq_bits(t.tensor_type) is not None or len(numpy_shape(t)) != 2:
             raise LRQFileError(f"{self.path}: rows() needs a stock-typed 2-D tensor, not {name}")
-        uniq, inv = np.unique(np.asarray(ids, dtype=np.int64).ravel(), return_inverse=True)
-        data = np.asarray(t.data)[uniq]
-        if t.tensor_type in (F32, F16, gguf.GGMLQuantizationType.F64):
-            out = data.astype(np.float64)
-        else:
-            out = gguf.quants.dequantize(data, t.tensor_type).astype(np.float64)
-        return out.reshape(len(uniq), -1)[inv].reshape(*np.shape(ids), -1)
+        return dequantize_rows(t, ids)
 
     def weight(self, name: str, replica: int = 0) -> tuple[np.ndarray, ReplicaParams]:
         """(W_r float64 [n_out, n_in], ReplicaParams) of replica ``replica``.

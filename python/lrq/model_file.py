@@ -282,6 +282,19 @@ class ModelFile:
                                  f"which gguf-py cannot dequantize") from e
         return np.asarray(arr, dtype=np.float64).reshape(shape)
 
+    def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """float64 rows ``ids`` of a 2-D tensor (numpy's first axis), dequantizing only those."""
+        from .gguf_hparams import dequantize_rows
+        t = self._require_tensor(name)
+        if len(t.shape) != 2:
+            raise ModelFileError(f"{self.path}: rows() needs a 2-D tensor, '{name}' has shape "
+                                 f"{list(reversed(t.shape.tolist()))}")
+        try:
+            return dequantize_rows(t, ids)
+        except NotImplementedError as e:
+            raise ModelFileError(f"{self.path}: tensor '{name}' has type {t.tensor_type.name}, "
+                                 f"which gguf-py cannot dequantize") from e
+
     def weight(self, name: str, replica: int = 0) -> tuple[np.ndarray, ReplicaParams]:
         """(W float64 [n_out, n_in], ReplicaParams): a plain file has one copy of every weight,
         which every replica uses, with default parameters."""

@@ -138,7 +138,7 @@ class SourceActivations(_Stream):
                  dtype: torch.dtype = torch.float32, progress: bool = False,
                  max_checkpoint_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES, reference=None):
         super().__init__(source, windows, dtype, progress, reference)
-        x0 = self.ref.tok_embd[torch.from_numpy(self.windows)]
+        x0 = self.ref.embed(self.windows)
         per_layer = x0.numel() * x0.element_size()
         self.stride = max(1, math.ceil(per_layer * self.n_layer / max(max_checkpoint_bytes, 1)))
         self._ckpt: dict[int, torch.Tensor] = {0: x0}
@@ -274,7 +274,7 @@ class QuantizedStream(_Stream):
     def __init__(self, source: str | os.PathLike, windows: np.ndarray, *,
                  dtype: torch.dtype = torch.float32, progress: bool = False, reference=None):
         super().__init__(source, windows, dtype, progress, reference)
-        self.x = self.ref.tok_embd[torch.from_numpy(self.windows)]
+        self.x = self.ref.embed(self.windows)
         self.layer = 0
 
     @property

@@ -154,10 +154,11 @@ class Reference:
                               if hp.has_rope_freqs else None)
         self.schedule = list(model.schedule)
         self.steps = self._plan_steps()
-        self.tok_embd = self._t(model.tensor("token_embd.weight"))
+        # the embedding and the output head are loaded on first use: a block-wise job embeds
+        # its windows (embed()) and never needs either whole (Qwen2.5-1.5B: 0.93 GB each)
+        self._tok_embd: torch.Tensor | None = None
+        self._output: torch.Tensor | None = None
         self.output_norm = self._t(model.tensor("output_norm.weight"))
-        self.output = (self.tok_embd if hp.tied_embeddings
-                       else self._t(model.tensor("output.weight")))
         self._norms: dict[int, tuple] = {}
         self._moe: dict[int, MoEFFN] = {}
         keys = list(dict.fromkeys((e.layer, e.replica) for e in self.schedule))
@@ -167,6 +168,35 @@ class Reference:
             self.blocks = BlockCache(self, keys, max_blocks)
 
     # ---- loading ---------------------------------------------------------------------------
+    @property
+    def tok_embd(self) -> torch.Tensor:
+        if self._tok_embd is None:
+            self._tok_embd = self._t(self.model.tensor("token_embd.weight"))
+        return self._tok_embd
+
+    @tok_embd.setter
+    def tok_embd(self, v: torch.Tensor | None) -> None:      # None: drop it (reloaded when used)
+        self._tok_embd = v
+
+    @property
+    def output(self) -> torch.Tensor:
+        if self._output is None:
+            self._output = (self.tok_embd if self.hp.tied_embeddings
+                            else self._t(self.model.tensor("output.weight")))
+        return self._output
+
+    @output.setter
+    def output(self, v: torch.Tensor | None) -> None:
+        self._output = v
+
+    def embed(self, ids) -> torch.Tensor:
+        """Token embeddings [*ids.shape, n_embd] (the same values as tok_embd[ids]); without
+        the whole matrix loaded, only these rows are dequantized."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self._tok_embd is None and hasattr(self.model, "rows"):
+            return self._t(self.model.rows("token_embd.weight", ids))
+        return self.tok_embd[torch.from_numpy(ids)]
+
     def _t(self, a: np.ndarray | None) -> torch.Tensor | None:
         return None if a is None else torch.from_numpy(np.asarray(a, dtype=np.float64)).to(self.dtype)
 
