@@ -93,6 +93,26 @@ def test_embedding_rows_without_the_matrix(tiny_models, tmp_path):
     assert streamed.ref._tok_embd is None and streamed.ref._output is None
 
 
+def test_missing_block_tensor_is_refused_before_any_work(src, windows, tmp_path, capsys):  # noqa: F811
+    """Loading blocks late must not turn a damaged source into a failure halfway through a long
+    job: a missing block tensor is refused when the stream is made, by name (lrq-calibrate: one
+    line, exit 1)."""
+    from gguf_edit import rewrite
+
+    from lrq.cli.calibrate import main as calibrate_cli
+    n = open_model(src).hparams.n_layer
+    bad = rewrite(src, tmp_path / "bad.gguf", drop=(f"blk.{n - 1}.ffn_up.weight",))
+    with pytest.raises(ReferenceError, match=f"tensor 'blk.{n - 1}.ffn_up.weight' is missing"):
+        SourceActivations(bad, windows)
+    lrq = tmp_path / "in.gguf"
+    convert(src, lrq, ConvertOptions(bits=2, group_size=32, progress=False))
+    assert calibrate_cli(["-q", "--source", str(bad), "--tokens", "256", "--window", "64",
+                          str(lrq), str(tmp_path / "out.gguf")]) == 1
+    err = capsys.readouterr().err
+    assert "bad.gguf" in err and f"blk.{n - 1}.ffn_up.weight" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out.gguf").exists()
+
+
 def test_block_cache_refuses_what_it_cannot_hold(src):  # noqa: F811
     with pytest.raises(ReferenceError, match="max_blocks must be >= 1"):
         Reference(open_model(src), max_blocks=0)

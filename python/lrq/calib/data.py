@@ -71,7 +71,10 @@ def calibration_windows(source: str | os.PathLike, text: str | os.PathLike = "so
     from .. import _native
     from ..model_file import open_model
     mf = open_model(src)
-    tok = _native.Model(str(src), n_ctx=window, n_threads=1)
+    try:
+        tok = _native.Model(str(src), n_ctx=window, n_threads=1)
+    except RuntimeError as e:          # _native.LoadError: llama.cpp refuses the file (it says why)
+        raise CalibError(str(e).strip()) from None
 
     def tokenize(piece: str) -> np.ndarray:
         try:

@@ -165,6 +165,9 @@ class Reference:
         if max_blocks is None:
             self.blocks: dict[tuple[int, int], Block] | BlockCache = {k: self._load_block(*k) for k in keys}
         else:
+            # what loading would find missing is refused now, not halfway through a long job
+            for layer in sorted({k[0] for k in keys}):
+                self._check_block_tensors(layer)
             self.blocks = BlockCache(self, keys, max_blocks)
 
     # ---- loading ---------------------------------------------------------------------------
@@ -206,6 +209,17 @@ class Reference:
 
     def _opt(self, name: str) -> torch.Tensor | None:
         return self._t(self.model.tensor(name)) if self._has(name) else None
+
+    def _check_block_tensors(self, layer: int) -> None:
+        p = f"blk.{layer}"
+        moe = self._has(f"{p}.ffn_gate_inp.weight")
+        names = [f"{p}.attn_norm.weight", f"{p}.ffn_norm.weight"]
+        names += [f"{p}.{n}.weight" for n in (_LINEARS[:4] if moe else _LINEARS)]
+        if moe:
+            names += [f"{p}.ffn_{n}_exps.weight" for n in ("gate", "up", "down")]
+        for n in names:
+            if not self._has(n):
+                raise ReferenceError(f"{getattr(self.model, 'path', 'model')}: tensor '{n}' is missing")
 
     def _load_block(self, layer: int, replica: int) -> Block:
         p = f"blk.{layer}"
