@@ -21,7 +21,7 @@ from lrq.calib.activations import LINEARS, QuantizedStream, SourceActivations
 from lrq.calib.calibrate import CalibrateOptions, calibrate
 from lrq.convert import ConvertOptions, convert
 from lrq.model_file import open_model
-from lrq.reference import Reference
+from lrq.reference import STREAM_BLOCKS, Reference
 from lrq.reference.executor import BlockCache, ReferenceError
 
 # the tiny llama, its calibration text and windows; the tiny MoE models
@@ -131,7 +131,7 @@ def test_source_activations_stream_two_blocks(src, windows):  # noqa: F811
         a, b = streamed.linear_stats(layer), eager.linear_stats(layer)
         for name in LINEARS:
             assert np.array_equal(a[name].xtx, b[name].xtx) and a[name].n == b[name].n
-    assert streamed.ref.blocks.peak <= activations.STREAM_BLOCKS < n
+    assert streamed.ref.blocks.peak <= STREAM_BLOCKS < n
 
 
 def test_quantized_stream_holds_two_blocks(src, windows):  # noqa: F811
@@ -141,7 +141,25 @@ def test_quantized_stream_holds_two_blocks(src, windows):  # noqa: F811
         qs.quantize_layer(lambda name, st: None)
     eager = SourceActivations(src, windows, reference=Reference(open_model(src), torch.float32))
     assert torch.equal(qs.x, eager.block_output(qs.n_layer - 1))
-    assert qs.ref.blocks.peak <= activations.STREAM_BLOCKS < qs.n_layer
+    assert qs.ref.blocks.peak <= STREAM_BLOCKS < qs.n_layer
+
+
+def test_select_statistics_streamed_equal_the_eager_ones(src, windows):  # noqa: F811
+    """lrq-select's capture (all windows through a block, then the next) on a streamed
+    reference gives the sums a window-by-window pass on the eager reference gives."""
+    from lrq.select.measure import CaptureReference, capture_stats
+    m = open_model(src)
+    streamed = CaptureReference(m, torch.float32, max_blocks=STREAM_BLOCKS)
+    a = capture_stats(streamed, windows)
+    eager = CaptureReference(m, torch.float32)
+    eager.stats = {}
+    for w in windows:          # the window-by-window pass of the eager reference
+        eager.hidden(w)
+    b = eager.stats
+    assert sorted(a) == sorted(b) == list(range(m.hparams.n_layer))
+    for k in a:
+        assert (a[k].n, a[k].s1, a[k].s2, a[k].sa) == (b[k].n, b[k].s1, b[k].s2, b[k].sa)
+    assert streamed.blocks.peak <= STREAM_BLOCKS < m.hparams.n_layer
 
 
 def test_calibration_streamed_writes_the_eager_file(src, text_file, tmp_path, monkeypatch):  # noqa: F811
@@ -160,7 +178,7 @@ def test_calibration_streamed_writes_the_eager_file(src, text_file, tmp_path, mo
     monkeypatch.setattr(calibrate_mod, "SourceActivations", Spy)
     opts = dict(text=str(text_file), n_tokens=256, window=64, steps=3, progress=False)
     calibrate(lrq, tmp_path / "streamed.gguf", src, CalibrateOptions(**opts))
-    monkeypatch.setattr(activations, "STREAM_BLOCKS", None)
+    monkeypatch.setattr(activations, "STREAM_BLOCKS", None)     # the name activations reads
     calibrate(lrq, tmp_path / "eager.gguf", src, CalibrateOptions(**opts))
     assert (tmp_path / "streamed.gguf").read_bytes() == (tmp_path / "eager.gguf").read_bytes()
     assert isinstance(held[0], BlockCache) and held[0].peak <= 2 < n

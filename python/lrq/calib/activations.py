@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from ..model_file import open_model
-from ..reference import Reference
+from ..reference import STREAM_BLOCKS, Reference
 from ..reference.executor import _LINEARS, Block
 from ..reference.ops import rope_angles
 
@@ -58,10 +58,6 @@ SHARED_INPUT = {"attn_q": "attn_q", "attn_k": "attn_q", "attn_v": "attn_q",
                 "attn_output": "attn_output", "ffn_gate": "ffn_gate", "ffn_up": "ffn_gate",
                 "ffn_down": "ffn_down"}
 DEFAULT_MAX_CHECKPOINT_BYTES = 2 << 30
-# source blocks a stream holds in memory at once: the block being fitted and the one a pass
-# recomputes through (a stream reaches its blocks in order, so more would only be dropped later);
-# the model's own weights are never all in memory (Qwen2.5-1.5B's F32 source: 7.1 GB, a block 0.19)
-STREAM_BLOCKS = 2
 # a block's linears grouped by the input they read, in the order the block computes them
 STAGES = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
 

@@ -6,10 +6,10 @@
     ref.logits(tokens); ref.perplexity(tokens, n_ctx=512, n_chunks=40)
 """
 
-from .executor import Block, KVCache, Reference, ReferenceError
+from .executor import STREAM_BLOCKS, Block, BlockCache, KVCache, Reference, ReferenceError
 from .ops import Linear, act_clip_quant, apply_rope, attention, rms_norm, rope_angles
 from .perplexity import PerplexityResult, perplexity, token_nll
 
-__all__ = ["Reference", "ReferenceError", "KVCache", "Block", "Linear", "PerplexityResult",
+__all__ = ["Reference", "ReferenceError", "KVCache", "Block", "BlockCache", "STREAM_BLOCKS", "Linear", "PerplexityResult",
            "perplexity", "token_nll", "act_clip_quant", "apply_rope", "attention", "rms_norm",
            "rope_angles"]

@@ -82,6 +82,13 @@ def _lowrank_terms(params) -> tuple[np.ndarray | None, np.ndarray | None]:
     return getattr(params, "lr_u", None), getattr(params, "lr_v", None)
 
 
+# blocks a streamed pass holds at once (Reference(max_blocks=...) of lrq-calibrate, lrq-convert's
+# statistics and lrq-select): the block being worked on and the one a pass recomputes through
+# (passes reach their blocks in order, so more would only be dropped later); the model's weights
+# are never all in memory (Qwen2.5-1.5B's float32 source: 7.1 GB, a block 0.19)
+STREAM_BLOCKS = 2
+
+
 class BlockCache(Mapping):
     """The blocks of a Reference, loaded on first use, at most ``max_blocks`` kept (the least
     recently used is dropped, with its layer's norms and MoE tensors once no block of that layer

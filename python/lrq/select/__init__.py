@@ -35,6 +35,7 @@ def select_layers(model_path: str | os.PathLike, spec: QuantSpec, text: str | os
     from tqdm import tqdm
 
     from ..quant import QuantError
+    from ..reference import STREAM_BLOCKS
     from .measure import (CaptureReference, calib_tokens, capture_stats, layer_weights,
                           measured_loss, open_plain, set_threads)
 
@@ -50,7 +51,9 @@ def select_layers(model_path: str | os.PathLike, spec: QuantSpec, text: str | os
     n_layer = model.hparams.n_layer
     windows = calib_tokens(model_path, text, max(n_tokens, measure_tokens), ctx)
     stat_windows = windows[: max(1, n_tokens // ctx)]
-    ref = CaptureReference(model, torch.float32)
+    # the score alone needs one pass, block by block: the source streamed; the measured score
+    # runs the model from every layer on, so it keeps every block
+    ref = CaptureReference(model, torch.float32, max_blocks=None if measure_tokens else STREAM_BLOCKS)
     stats = capture_stats(ref, stat_windows, progress)
     missing = [k for k in range(n_layer) if k not in stats]
     if missing:

@@ -69,8 +69,8 @@ def calib_tokens(model_path: str | os.PathLike, text: str | os.PathLike, n_token
 class CaptureReference(Reference):
     """Reference that records each block's input (see the module doc)."""
 
-    def __init__(self, model, dtype: torch.dtype = torch.float32):
-        super().__init__(model, dtype)
+    def __init__(self, model, dtype: torch.dtype = torch.float32, max_blocks: int | None = None):
+        super().__init__(model, dtype, max_blocks)
         self.stats: dict[int, ActStats] | None = None
         self.inputs: dict[int, torch.Tensor] | None = None
 
@@ -110,12 +110,23 @@ def open_plain(model_path: str | os.PathLike):
 
 
 def capture_stats(ref: CaptureReference, windows: np.ndarray, progress: bool = False) -> dict[int, ActStats]:
-    """Input statistics of every layer over the windows."""
+    """Input statistics of every layer over the windows.  The windows go through the model block
+    by block (all of them through block k, then block k + 1), so a streamed reference
+    (``max_blocks``) holds one block at a time; each block's input is recorded window by window
+    in window order, the order of a window-by-window pass, so the sums are the same."""
     from tqdm import tqdm
+    windows = np.asarray(windows, dtype=np.int64)
+    hp = ref.hp
+    pos = torch.arange(windows.shape[1])
+    cos, sin = rope_angles(pos, hp.rope_dim, hp.rope_theta, ref._freq_scale, ref._freq_factors, ref.dtype)
     ref.stats, ref.inputs = {}, None
     try:
-        for w in tqdm(windows, desc="capture", unit="win", disable=not progress, leave=False):
-            ref.hidden(w)
+        x = ref.embed(windows)
+        with torch.no_grad():
+            for s in tqdm(ref.steps, desc="capture", unit="layer", disable=not progress, leave=False):
+                blk = ref.blocks[(s.layer, s.replicas[0])]
+                x = torch.stack([ref._block(x[w], blk, ref.new_cache(), s.execs[0], pos, cos, sin)
+                                 for w in range(x.shape[0])])
         return ref.stats
     finally:
         stats, ref.stats = ref.stats, None
