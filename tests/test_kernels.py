@@ -364,7 +364,7 @@ def test_quantize_rejects_bad_arguments():
         K.quantize(w, 2, 64, "asym", "best")
 
 
-# ---- the AVX-512 VNNI kernel (single-level LRQ2, q8-avx512.c) --------------------------------------
+# ---- the AVX-512 VNNI kernel (LRQ2, q8-avx512.c; two-level: test_kernels_two_level.py) -----------------
 
 AVX512_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}   # q8.c's run-time check
 # A control (a wrong kernel: the two 4-byte words of each block's codes swapped, the mistake a
@@ -443,9 +443,6 @@ def test_avx512_kernel_refuses_other_layouts(avx512):
     codes, d, m = K.quantize(w, 4, 64, "asym", "minmax")
     with pytest.raises(ValueError):
         K.mul_mat(codes, d, m, 4, 64, "asym", x, impl="avx512")
-    codes, d, dmin, sub = K.quantize_two_level(w, 64, 16)
-    with pytest.raises(ValueError):
-        K.mul_mat(codes, d, dmin, 2, 64, "asym", x, impl="avx512", sub=sub)
 
 
 # ---- int8 activations (lrq_quantize_act_q8; AVX2 code without clip / act_bits) -----------------------

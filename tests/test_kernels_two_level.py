@@ -6,14 +6,19 @@
 - C dequantization against lrq.quant_two_level.dequantize_replica with per-super-block,
   per-channel and per-tensor replica parameters;
 - the reference mat-mul against numpy dequantize-then-matmul in float64, the int8 fast path
-  against the reference, its AVX2 and portable versions against each other, ggml's op (the CPU
-  backend) against the kernels; and controls that a wrong implementation (the min nibble ignored,
+  against the reference, its AVX2 and portable versions against each other, the AVX-512 VNNI
+  kernel against the portable one (where the CPU has it), ggml's op (the CPU backend) against the
+  kernels; and controls that a wrong implementation (the min nibble ignored,
   the wrong sub-block size) falls outside each bound.
 
 The NEON version is checked against the portable one in tests/test_neon.py (qemu-aarch64).
 """
 
 from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,6 +55,7 @@ ACT_SETTINGS = [(1.0, 0), (0.75, 0), (float(np.float32(0.9)), 4), (1.0, 12)]
 # shorter last super-block
 SHAPES = [(256, 256, 16), (576, 256, 16), (576, 256, 32), (576, 128, 16), (96, 64, 32), (96, 32, 16)]
 N_OUT = 37          # not a multiple of the 16-row block nor of the SIMD widths
+AVX512_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}   # q8.c's run-time check
 
 
 def _weights(rng, n_out, n_in):
@@ -62,6 +68,20 @@ def _weights(rng, n_out, n_in):
     w[5] *= 300.0                           # large values, still within fp16
     w[6, ::3] = 0.0
     return w
+
+
+def _cpu_flags() -> set:
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.machine() not in ("x86_64", "AMD64") or not cpuinfo.exists():
+        return set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+# impl="fast" runs the AVX-512 kernel for two-level weights here (lrq_mul_mat_q8's choice)
+AVX512_FAST = AVX512_FLAGS <= _cpu_flags() and os.environ.get("LRQ_NO_AVX512") != "1"
 
 
 def _files(t):
@@ -175,6 +195,8 @@ def test_mul_mat_ref_and_fast_against_numpy(n_in, S, B):
                 assert e <= FAST_ERR_FACTOR * expected, f"fast: {where}: {e:.3g} > {FAST_ERR_FACTOR} x {expected:.3g}"
             generic = _mm(codes, d, dmin, sub, S, x, "generic", rep, act)
             assert nmse(generic, fast) <= SIMD_NMSE_TOL, f"generic vs fast: {where}"
+            if AVX512_FAST:     # the dispatch really takes the AVX-512 kernel for two-level weights
+                assert np.array_equal(_mm(codes, d, dmin, sub, S, x, "avx512", rep, act), fast), where
             half = 19       # rows split as ggml splits them over threads
             parts = [_mm(codes, d, dmin, sub, S, x, "fast", rep, act, row0=0, row1=half),
                      _mm(codes, d, dmin, sub, S, x, "fast", rep, act, row0=half, row1=N_OUT)]
@@ -193,6 +215,55 @@ def test_mul_mat_ref_and_fast_against_numpy(n_in, S, B):
     # the int8 rounding is really there (a fast path that ran the reference would pass the bounds;
     # single cases range 0.02 .. 3.4: few tokens, outlier rows)
     assert max(ratios) > INT8_SEEN, ratios
+
+
+def _swap_sub_pairs(sub: np.ndarray) -> np.ndarray:
+    """sub with the bytes of sub-blocks 2j and 2j + 1 exchanged (an even count kept)."""
+    out = sub.copy()
+    n = sub.shape[1] // 2 * 2
+    out[:, 0:n:2], out[:, 1:n:2] = sub[:, 1:n:2], sub[:, 0:n:2]
+    return out
+
+
+# (n_out, n_in, super-block, tokens): n_out 37 / 21 / 130: row blocks of 16 and a partial one;
+# 576 = 256 + 256 + 64 and 576 = 4 x 128 + 64, 96 = 64 + 32, 2080 = 8 x 256 + 32: a shorter last
+# super-block; 2080 at B = 16: 130 sub-blocks, more than the kernel's stack scratch holds (its
+# malloc path) and a last chunk of 2 sub-block bytes; tokens in passes of 4 and 1 (9 = 4 + 4 + 1).
+AVX512_CASES = [(37, 576, 256, 1), (21, 576, 128, 4), (37, 96, 64, 9), (130, 1536, 256, 1), (21, 2080, 256, 5)]
+
+
+@pytest.mark.parametrize("B", [16, 32])
+def test_avx512_kernel_equals_generic(B):
+    """The AVX-512 VNNI kernel on two-level weights against the portable kernel: the same integer
+    dots (with B = 16 each block's dot split into its two sub-blocks), float32 sums in another order."""
+    if not AVX512_FLAGS <= _cpu_flags():
+        pytest.skip("the CPU lacks AVX-512 F/BW/VL/DQ/VNNI")
+    rng = np.random.default_rng(B)
+    kinds = ["none", "super", "channel", "tensor"]
+    for case, (n_out, n_in, S, n_tok) in enumerate(AVX512_CASES):
+        w = _weights(rng, n_out, n_in)
+        codes, d, dmin, sub = _files(tl.quantize(w, super_size=S, sub_size=B))
+        x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+        x[:, ::17] *= 6.0
+        for a, act in enumerate(ACT_SETTINGS[:3]):
+            kind = kinds[(case + a) % len(kinds)]
+            rep = (None,) * 4 if kind == "none" else _replica(rng, n_out, d.shape[1], kind)
+            where = f"{n_out}x{n_in} S={S} B={B} n_tok={n_tok} act={act} replica={kind}"
+            generic = _mm(codes, d, dmin, sub, S, x, "generic", rep, act)
+            simd = _mm(codes, d, dmin, sub, S, x, "avx512", rep, act)
+            e = nmse(simd, generic)
+            assert e <= SIMD_NMSE_TOL, f"avx512 vs generic: {where}: {e:.3g}"
+            if AVX512_FAST:
+                assert np.array_equal(_mm(codes, d, dmin, sub, S, x, "fast", rep, act), simd), where
+            # rows split anywhere (ggml's threads) give the same bits
+            for half in (5, 19):
+                parts = [_mm(codes, d, dmin, sub, S, x, "avx512", rep, act, row0=0, row1=half),
+                         _mm(codes, d, dmin, sub, S, x, "avx512", rep, act, row0=half, row1=n_out)]
+                assert np.array_equal(np.concatenate(parts, axis=1), simd), f"row split at {half}: {where}"
+            # control: the bound catches a kernel that gives a block's halves (B = 16) or
+            # neighbouring blocks (B = 32) each other's factors
+            wrong = _mm(codes, d, dmin, _swap_sub_pairs(sub), S, x, "generic", rep, act)
+            assert nmse(wrong, generic) > 1e3 * SIMD_NMSE_TOL, f"control: {where}"
 
 
 @pytest.mark.parametrize("B", [16, 32])

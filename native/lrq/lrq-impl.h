@@ -93,7 +93,7 @@ int lrq_mul_mat_q8_avx2(const lrq_weight * w, const lrq_replica * r, const lrq_a
 void lrq_quantize_blocks_avx2(const float * x, int64_t nb, int8_t * qs, float * dx, int32_t * isum);
 #endif
 
-// The AVX-512 VNNI kernel for single-level LRQ2 (q8-avx512.c), selected at run time by q8.c.
+// The AVX-512 VNNI kernel for LRQ2 and two-level weights (q8-avx512.c), selected at run time by q8.c.
 // Only where the build compiles that file with its flags and says so (CMake defines
 // LRQ_WITH_AVX512 for lrq_kernels): builds that list the sources themselves keep AVX2.
 #if defined(LRQ_HAVE_AVX2_KERNEL) && defined(LRQ_WITH_AVX512)

@@ -1,7 +1,7 @@
-// lrq kernels: the AVX-512 VNNI mat-mul of the fast path for single-level LRQ2 (the 2-bit
-// layout of the decode-speed target), compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq
-// -mavx512vnni as a source property and only called after a run-time CPU check (q8.c); other
-// layouts stay on AVX2.
+// lrq kernels: the AVX-512 VNNI mat-mul of the fast path for LRQ2 (the 2-bit layout of the
+// decode-speed target) and the two-level 2-bit layout (the same codes), compiled with -mavx512f
+// -mavx512bw -mavx512vl -mavx512dq -mavx512vnni as a source property and only called after a
+// run-time CPU check (q8.c); other layouts stay on AVX2.
 //
 // The AVX2 kernel works row by row: per 32 weights of one row it unpacks, dots, sums the 8 int32
 // partials' floats and applies dx, and none of that is shared between rows, so at one token it is
@@ -16,6 +16,7 @@
 // Numerics as lrq_mul_mat_q8_generic (q8.c): each block's integer dot q . xq is exact (vpdpbusd
 // sums u8 x s8 products in int32 without saturation: |dot| <= 32 * 3 * 127), dx_b multiplies it in
 // float32, only the float summation order differs.
+// Two-level weights take the same code path with their per-sub-block factors (rows16_tl).
 #include "lrq-impl.h"
 
 #ifdef LRQ_HAVE_AVX512_KERNEL
@@ -251,10 +252,182 @@ static void rows16_ntb(const lrq_weight * w, const lrq_replica * r, const lrq_ac
     rows16(w, r, a, y, y_stride, row0, o0, nr, nr_next, t0, adT, offT, LRQ_MAX_NT);
 }
 
+// The two-level layout: the factors of sub-block k of rows o0..o0+15 in the lane layout, adT[k * 16 + rr],
+// offT[k * 16 + rr], as lrq_two_level_row_factors computes them (the same float operations:
+// ad = (d alpha) sc, off = ad beta - dmin mn), 16 rows per operation: one sub-block factor per row
+// and sub-block is as much float work as a g32 group's, done per row it would cost more than the
+// code dots at one token.  The sub-block bytes of the 16 rows come 64 at a time, transposed as
+// 32-bit words (4 sub-blocks of every row in one vector); the per-super-block d alpha, beta and
+// dmin of each lane first go to sbT (room for 3 * 16 * n_super floats).  Lanes past nr get zeros.
+static void factors16_tl(const lrq_weight * w, const lrq_replica * r, int64_t o0, int nr, float * sbT, float * adT,
+                         float * offT) {
+    const int64_t nk = w->n_in / w->sub_size, kps = w->group_size / w->sub_size, ns = (nk + kps - 1) / kps;
+    float *       dT = sbT, * bT = sbT + 16 * ns, * mT = sbT + 32 * ns;
+    for (int64_t G = 0; G < ns; ++G) {
+        for (int rr = 0; rr < 16; ++rr) {
+            float d = 0.0f, beta = 0.0f, dmin = 0.0f;
+            if (rr < nr) {
+                const int64_t o = o0 + rr;
+                d = _cvtsh_ss(w->d[o * w->d_row_stride + G]);
+                if (r && r->alpha) d *= _cvtsh_ss(r->alpha[o * r->alpha_row_stride + G * r->alpha_group_stride]);
+                if (r && r->beta) beta = _cvtsh_ss(r->beta[o * r->beta_row_stride + G * r->beta_group_stride]);
+                dmin = _cvtsh_ss(w->m[o * w->m_row_stride + G]);
+            }
+            dT[G * 16 + rr] = d;
+            bT[G * 16 + rr] = beta;
+            mT[G * 16 + rr] = dmin;
+        }
+    }
+    const __m512i lo4 = _mm512_set1_epi32(15);
+    __m512i       T[16];
+    for (int64_t K0 = 0; K0 < nk; K0 += 64) {
+        const int       n  = (int) (nk - K0 < 64 ? nk - K0 : 64);
+        const __mmask64 mk = n == 64 ? ~(__mmask64) 0 : (((__mmask64) 1 << n) - 1);   // bytes: no read past a row
+        for (int rr = 0; rr < 16; ++rr) {
+            T[rr] = _mm512_maskz_loadu_epi8(rr < nr ? mk : 0, w->sub + (o0 + rr) * w->sub_row_stride + K0);
+        }
+        transpose16(T);   // T[j] lane rr: sub-blocks K0 + 4j .. 4j + 3 of row o0 + rr, a byte each
+        for (int j = 0; 4 * j < n; ++j) {
+            for (int i = 0; i < 4 && 4 * j + i < n; ++i) {
+                const int64_t k  = K0 + 4 * j + i, G = k / kps;
+                const __m512i v  = _mm512_srli_epi32(T[j], 8 * i);
+                const __m512  sc = _mm512_cvtepi32_ps(_mm512_and_si512(v, lo4));
+                const __m512  mn = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 4), lo4));
+                const __m512  ad = _mm512_mul_ps(_mm512_loadu_ps(dT + G * 16), sc);
+                _mm512_storeu_ps(adT + k * 16, ad);
+                _mm512_storeu_ps(offT + k * 16, _mm512_sub_ps(_mm512_mul_ps(ad, _mm512_loadu_ps(bT + G * 16)),
+                                                              _mm512_mul_ps(_mm512_loadu_ps(mT + G * 16), mn)));
+            }
+        }
+    }
+}
+
+// rows16 for a two-level weight with sub-blocks of B (16 or 32, a constant after inlining), adT /
+// offT from factors16_tl: the same codes, loads, prefetches and lane arithmetic, but each block's
+// dot ends in its sub-blocks' factors instead of a group sum:
+//   y[t, o - row0] = gain[o] * (sum_b dx_b sum_{k in b} ad_k (q . xq)_k + sum_k off_k Sx_k) + bias[o]
+// With B = 16 the block's dot is kept as its two halves (weights 0-15, 16-31), each an exact
+// integer, scaled by its own ad_k.  The next row block's sub-block bytes are fetched beside its
+// codes, d and m.
+LRQ_INLINE void rows16_tl(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y,
+                          int64_t y_stride, int64_t row0, int64_t o0, int nr, int nr_next, int64_t t0,
+                          const float * adT, const float * offT, const int NT, const int B) {
+    const int64_t   n_in = w->n_in, nb = n_in / LRQ_QK, nk = n_in / B;
+    const size_t    rb   = w->codes_row_bytes;
+    const uint8_t * base = w->codes + (size_t) o0 * rb;
+    const int8_t *  xq[LRQ_MAX_NT];
+    const float *   dx[LRQ_MAX_NT];
+    __m512          acc0[LRQ_MAX_NT], acc1[LRQ_MAX_NT];
+    for (int tt = 0; tt < NT; ++tt) {
+        xq[tt]          = a->qs + (t0 + tt) * n_in;
+        dx[tt]          = a->dx + (t0 + tt) * nb;
+        const float * sx = a->sx + (t0 + tt) * nk;   // per sub-block (lrq_act_group_size)
+        acc0[tt] = _mm512_setzero_ps();
+        acc1[tt] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < nk; ++k) {
+            acc1[tt] = _mm512_fmadd_ps(_mm512_loadu_ps(offT + k * 16), _mm512_set1_ps(sx[k]), acc1[tt]);
+        }
+    }
+    const __m512i m3     = _mm512_set1_epi8(3);
+    const int64_t nchunk = (nb + 7) / 8;
+    for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+        const int64_t c = b0 / 8;
+        if (nr_next) {
+            prefetch_part(base + 16 * rb, (size_t) nr_next * rb, c, nchunk);
+            prefetch_part(w->sub + (o0 + 16) * w->sub_row_stride, (size_t) nr_next * (size_t) w->sub_row_stride, c,
+                          nchunk);
+            prefetch_part(w->d + (o0 + 16) * w->d_row_stride, (size_t) nr_next * (size_t) w->d_row_stride * 2, c, nchunk);
+            prefetch_part(w->m + (o0 + 16) * w->m_row_stride, (size_t) nr_next * (size_t) w->m_row_stride * 2, c, nchunk);
+        }
+        if (o0 == row0 && b0 + 16 < nb) {
+            for (int rr = 0; rr < nr; ++rr) _mm_prefetch((const char *) (base + rr * rb + (b0 + 16) * 8), _MM_HINT_T0);
+        }
+        const int       nblk = (int) (nb - b0 < 8 ? nb - b0 : 8);
+        const __mmask16 mask = (__mmask16) ((1u << (2 * nblk)) - 1u);   // 2 words per block
+        __m512i         T[16];
+        for (int rr = 0; rr < 16; ++rr) T[rr] = _mm512_maskz_loadu_epi32(rr < nr ? mask : 0, base + rr * rb + b0 * 8);
+        transpose16(T);
+        for (int bb = 0; bb < nblk; ++bb) {
+            const int64_t b = b0 + bb;
+            // as rows16: q[k] holds weights 4k..4k+3, so q[0..3] are the block's first 16 weights
+            const __m512i z0 = T[2 * bb], z1 = T[2 * bb + 1];
+            const __m512i q[8] = {
+                _mm512_and_si512(z0, m3), _mm512_and_si512(z1, m3),
+                _mm512_and_si512(_mm512_srli_epi32(z0, 2), m3), _mm512_and_si512(_mm512_srli_epi32(z1, 2), m3),
+                _mm512_and_si512(_mm512_srli_epi32(z0, 4), m3), _mm512_and_si512(_mm512_srli_epi32(z1, 4), m3),
+                _mm512_and_si512(_mm512_srli_epi32(z0, 6), m3), _mm512_and_si512(_mm512_srli_epi32(z1, 6), m3)};
+            for (int tt = 0; tt < NT; ++tt) {
+                const int8_t * xb = xq[tt] + b * LRQ_QK;
+                __m512i        i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[0], bcast4(xb + 0));   // weights 0-15
+                __m512i        i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[4], bcast4(xb + 16));  // 16-31
+                i0 = _mm512_dpbusd_epi32(i0, q[1], bcast4(xb + 4));
+                i1 = _mm512_dpbusd_epi32(i1, q[5], bcast4(xb + 20));
+                i0 = _mm512_dpbusd_epi32(i0, q[2], bcast4(xb + 8));
+                i1 = _mm512_dpbusd_epi32(i1, q[6], bcast4(xb + 24));
+                i0 = _mm512_dpbusd_epi32(i0, q[3], bcast4(xb + 12));
+                i1 = _mm512_dpbusd_epi32(i1, q[7], bcast4(xb + 28));
+                __m512 s;   // sum_{k in b} ad_k (q . xq)_k
+                if (B == 16) {
+                    s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_loadu_ps(adT + (2 * b) * 16),
+                                        _mm512_mul_ps(_mm512_cvtepi32_ps(i1), _mm512_loadu_ps(adT + (2 * b + 1) * 16)));
+                } else {
+                    s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), _mm512_loadu_ps(adT + b * 16));
+                }
+                acc0[tt] = _mm512_fmadd_ps(s, _mm512_set1_ps(dx[tt][b]), acc0[tt]);
+            }
+        }
+    }
+    const __mmask16 mr   = (__mmask16) ((1u << nr) - 1u);
+    const __m512    gain = (r && r->gain) ? _mm512_maskz_loadu_ps(mr, r->gain + o0) : _mm512_set1_ps(1.0f);
+    const __m512    bias = (r && r->bias) ? _mm512_maskz_loadu_ps(mr, r->bias + o0) : _mm512_setzero_ps();
+    for (int tt = 0; tt < NT; ++tt) {
+        _mm512_mask_storeu_ps(y + (t0 + tt) * y_stride + (o0 - row0), mr,
+                              _mm512_fmadd_ps(gain, _mm512_add_ps(acc0[tt], acc1[tt]), bias));
+    }
+}
+
+#define LRQ_ROWS16_TL(NAME, NT, B)                                                                                    \
+    static void NAME(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y, int64_t y_stride, \
+                     int64_t row0, int64_t o0, int nr, int nr_next, int64_t t0, const float * adT, const float * offT) { \
+        rows16_tl(w, r, a, y, y_stride, row0, o0, nr, nr_next, t0, adT, offT, NT, B);                                 \
+    }
+LRQ_ROWS16_TL(rows16_tl_nt1_b16, 1, 16)
+LRQ_ROWS16_TL(rows16_tl_ntb_b16, LRQ_MAX_NT, 16)
+LRQ_ROWS16_TL(rows16_tl_nt1_b32, 1, 32)
+LRQ_ROWS16_TL(rows16_tl_ntb_b32, LRQ_MAX_NT, 32)
+
+static int mul_mat_two_level(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y,
+                             int64_t y_stride, int64_t row0, int64_t row1) {
+    const int64_t nk   = w->n_in / w->sub_size, ns = lrq_n_groups(w->n_in, w->group_size);
+    const size_t  need = (size_t) (2 * 16 * nk + 3 * 16 * ns);   // adT, offT, factors16_tl's sbT
+    float         stack_buf[4096];                                // n_in up to 1536 at B = 16 without malloc
+    float *       buf = need <= 4096 ? stack_buf : (float *) malloc(need * sizeof(float));
+    if (!buf) return LRQ_ERR_NOMEM;
+    float * adT = buf, * offT = adT + 16 * nk, * sbT = offT + 16 * nk;
+    const int b16 = w->sub_size == 16;
+    for (int64_t o0 = row0; o0 < row1; o0 += LRQ_ROW_BLOCK) {
+        const int64_t o1 = o0 + LRQ_ROW_BLOCK < row1 ? o0 + LRQ_ROW_BLOCK : row1;
+        const int     nr = (int) (o1 - o0), nr_next = (int) (row1 - o1 < LRQ_ROW_BLOCK ? row1 - o1 : LRQ_ROW_BLOCK);
+        factors16_tl(w, r, o0, nr, sbT, adT, offT);
+        int64_t t0 = 0;   // as in lrq_mul_mat_q8_avx512
+        for (; t0 + LRQ_MAX_NT <= a->n_tok; t0 += LRQ_MAX_NT) {
+            (b16 ? rows16_tl_ntb_b16 : rows16_tl_ntb_b32)(w, r, a, y, y_stride, row0, o0, nr, t0 ? 0 : nr_next, t0,
+                                                          adT, offT);
+        }
+        for (; t0 < a->n_tok; ++t0) {
+            (b16 ? rows16_tl_nt1_b16 : rows16_tl_nt1_b32)(w, r, a, y, y_stride, row0, o0, nr, t0 ? 0 : nr_next, t0,
+                                                          adT, offT);
+        }
+    }
+    if (buf != stack_buf) free(buf);
+    return LRQ_OK;
+}
+
 // shape: y[t, o - row0] = act_r(x)[t, :] . W_r[o, :] + bias[o], t < a->n_tok, row0 <= o < row1
-// for a single-level LRQ2 weight (arguments checked by the caller, q8.c).
+// for an LRQ2 or two-level weight (arguments checked by the caller, q8.c).
 int lrq_mul_mat_q8_avx512(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y,
                           int64_t y_stride, int64_t row0, int64_t row1) {
+    if (w->sub) return mul_mat_two_level(w, r, a, y, y_stride, row0, row1);
     const int64_t ng   = lrq_n_groups(w->n_in, w->group_size);
     const int64_t ngp  = (ng + 15) / 16 * 16;
     const size_t  need = (size_t) (4 * 16 * ngp);   // adT, offT, and factors16's rows

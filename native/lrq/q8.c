@@ -258,8 +258,9 @@ static int use_avx512_env(void) {
     return cached;
 }
 
-// The AVX-512 kernel covers single-level LRQ2, the 2-bit layout of the decode-speed target.
-static int use_avx512(const lrq_weight * w) { return w->bits == 2 && !w->sub && cpu_has_avx512() && use_avx512_env(); }
+// The AVX-512 kernel covers the 2-bit codes: LRQ2, the layout of the decode-speed target, and the
+// two-level layout (the same codes with per-sub-block factors).
+static int use_avx512(const lrq_weight * w) { return w->bits == 2 && cpu_has_avx512() && use_avx512_env(); }
 #endif
 
 const char * lrq_kernels_simd(void) {
@@ -310,7 +311,7 @@ static int mul_mat_q8_avx512_checked(const lrq_weight * w, const lrq_replica * r
                                      int64_t y_stride, int64_t row0, int64_t row1) {
     const int rc = check_q8(w, r, a, y, y_stride, row0, row1);
     if (rc) return rc;
-    if (w->bits != 2 || w->sub) return LRQ_ERR_ARG;
+    if (w->bits != 2) return LRQ_ERR_ARG;
     return lrq_mul_mat_q8_avx512(w, r, a, y, y_stride, row0, row1);
 }
 #endif

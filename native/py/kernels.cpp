@@ -378,7 +378,7 @@ void lrq_register_kernels(py::module_ & parent) {
        py::arg("row0") = 0, py::arg("row1") = py::none(), py::arg("sub") = py::none(),
        "y float32 [n_tok, row1 - row0] = act_r(x) . W_r[row0:row1]^T + bias.\n"
        "impl: 'ref' (double), 'fast' (int8 activations, the best kernel for this CPU), 'generic' (the same, portable C),\n"
-       "'avx2' / 'avx512' (that kernel; ValueError where unavailable; 'avx512': single-level LRQ2 only).");
+       "'avx2' / 'avx512' (that kernel; ValueError where unavailable; 'avx512': 2-bit codes only, LRQ2 or two-level).");
 
     m.def("quantize_act_q8", [](const F32Array & x, int group_size, double act_clip, int act_bits) {
         if (x.ndim() != 2) bad_shape("x", "[n_tok, n_in]", x);
