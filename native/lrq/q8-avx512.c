@@ -16,7 +16,9 @@
 // Numerics as lrq_mul_mat_q8_generic (q8.c): each block's integer dot q . xq is exact (vpdpbusd
 // sums u8 x s8 products in int32 without saturation: |dot| <= 32 * 3 * 127), dx_b multiplies it in
 // float32, only the float summation order differs.
-// Two-level weights take the same code path with their per-sub-block factors (rows16_tl).
+// Two-level weights take the same code path (rows16_tl): each sub-block's 4-bit scale index
+// multiplies its integer dot (vpmaddwd, exact in int32), the super-block's factor applies in float
+// once per super-block.
 #include "lrq-impl.h"
 
 #ifdef LRQ_HAVE_AVX512_KERNEL
@@ -252,34 +254,60 @@ static void rows16_ntb(const lrq_weight * w, const lrq_replica * r, const lrq_ac
     rows16(w, r, a, y, y_stride, row0, o0, nr, nr_next, t0, adT, offT, LRQ_MAX_NT);
 }
 
-// The two-level layout: the factors of sub-block k of rows o0..o0+15 in the lane layout, adT[k * 16 + rr],
-// offT[k * 16 + rr], as lrq_two_level_row_factors computes them (the same float operations:
-// ad = (d alpha) sc, off = ad beta - dmin mn), 16 rows per operation: one sub-block factor per row
-// and sub-block is as much float work as a g32 group's, done per row it would cost more than the
-// code dots at one token.  The sub-block bytes of the 16 rows come 64 at a time, transposed as
-// 32-bit words (4 sub-blocks of every row in one vector); the per-super-block d alpha, beta and
-// dmin of each lane first go to sbT (room for 3 * 16 * n_super floats).  Lanes past nr get zeros.
-static void factors16_tl(const lrq_weight * w, const lrq_replica * r, int64_t o0, int nr, float * sbT, float * adT,
+// The two-level layout in the lane layout, rows o0..o0+15 (lanes past nr get zeros), as llama.cpp's
+// Q2_K kernels apply its scales: the 4-bit scale index sc_k multiplies the block's integer dots and
+// the super-block's d alpha applies once per super-block, so the float work per block is that of
+// LRQ2 (rows16_tl); only the offsets need a float factor per sub-block.
+//   dT[G * 16 + rr]  = (d alpha)_G of row o0 + rr, and beside it beta_G and dmin_G (sbT: room for
+//                      3 * 16 * n_super floats)
+//   scT[b * 16 + rr] = the sc of block b's sub-blocks as int16 multipliers of madd: B = 16 the
+//                      first half's in the low 16 bits, the second half's in the high; B = 32 sc, 0
+//   offT[k * 16 + rr] = ad_k beta_G - dmin_G mn_k, ad_k = (d alpha)_G sc_k: the float operations
+//                      of lrq_two_level_row_factors, so the same values
+// d and dmin come as factors16 takes d and m (16 super-blocks of fp16 per row in one vector,
+// transposed), the sub-block bytes 64 at a time, transposed as 32-bit words (4 sub-blocks of every
+// row in one vector): per row and sub-block the work would cost more than the code dots at one token.
+static void factors16_tl(const lrq_weight * w, const lrq_replica * r, int64_t o0, int nr, float * sbT, int32_t * scT,
                          float * offT) {
-    const int64_t nk = w->n_in / w->sub_size, kps = w->group_size / w->sub_size, ns = (nk + kps - 1) / kps;
+    const int     B  = w->sub_size;
+    const int64_t nk = w->n_in / B, ns = lrq_n_groups(w->n_in, w->group_size);
+    const int     kps_sh = __builtin_ctz((unsigned) (w->group_size / B));   // powers of two: shifts, not divisions
     float *       dT = sbT, * bT = sbT + 16 * ns, * mT = sbT + 32 * ns;
-    for (int64_t G = 0; G < ns; ++G) {
+    __m512i       T[16];
+    for (int64_t G0 = 0; G0 < ns; G0 += 16) {
+        const int       n  = (int) (ns - G0 < 16 ? ns - G0 : 16);
+        const __mmask16 mk = (__mmask16) ((1u << n) - 1u);
         for (int rr = 0; rr < 16; ++rr) {
-            float d = 0.0f, beta = 0.0f, dmin = 0.0f;
-            if (rr < nr) {
-                const int64_t o = o0 + rr;
-                d = _cvtsh_ss(w->d[o * w->d_row_stride + G]);
-                if (r && r->alpha) d *= _cvtsh_ss(r->alpha[o * r->alpha_row_stride + G * r->alpha_group_stride]);
-                if (r && r->beta) beta = _cvtsh_ss(r->beta[o * r->beta_row_stride + G * r->beta_group_stride]);
-                dmin = _cvtsh_ss(w->m[o * w->m_row_stride + G]);
-            }
-            dT[G * 16 + rr] = d;
-            bT[G * 16 + rr] = beta;
-            mT[G * 16 + rr] = dmin;
+            const __mmask16 mr = rr < nr ? mk : 0;
+            const __m256i   dv = _mm256_maskz_loadu_epi16(mr, w->d + (o0 + rr) * w->d_row_stride + G0);
+            const __m256i   mv = _mm256_maskz_loadu_epi16(mr, w->m + (o0 + rr) * w->m_row_stride + G0);
+            T[rr] = _mm512_inserti64x4(_mm512_castsi256_si512(dv), mv, 1);
+        }
+        transpose16(T);   // T[j] lane rr: (d, d) of super-blocks G0 + 2j, 2j + 1 (j < 8), (dmin, dmin) at 8 + j
+        for (int g = 0; g < n; ++g) {
+            const __m512i dw = g % 2 ? _mm512_srli_epi32(T[g / 2], 16) : T[g / 2];
+            const __m512i mw = g % 2 ? _mm512_srli_epi32(T[8 + g / 2], 16) : T[8 + g / 2];
+            _mm512_storeu_ps(dT + (G0 + g) * 16, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dw)));
+            _mm512_storeu_ps(mT + (G0 + g) * 16, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(mw)));
         }
     }
-    const __m512i lo4 = _mm512_set1_epi32(15);
-    __m512i       T[16];
+    memset(bT, 0, (size_t) (16 * ns) * sizeof(float));
+    if (r && (r->alpha || r->beta)) {
+        for (int rr = 0; rr < nr; ++rr) {
+            const int64_t o = o0 + rr;
+            for (int64_t G = 0; G < ns; ++G) {
+                if (r->alpha) dT[G * 16 + rr] *= _cvtsh_ss(r->alpha[o * r->alpha_row_stride + G * r->alpha_group_stride]);
+                if (r->beta) bT[G * 16 + rr] = _cvtsh_ss(r->beta[o * r->beta_row_stride + G * r->beta_group_stride]);
+            }
+        }
+    }
+    // pshufb control of sc: byte c of every 32-bit lane (of the nibble-masked bytes) to its low 16
+    // bits and, with B = 16, byte c + 1 to its high 16 bits (0x80: zero; the lane's base offset
+    // 4l within the 128-bit lane added to every byte keeps the high bit)
+    const __m512i lane  = _mm512_set_epi32(0x0c0c0c0c, 0x08080808, 0x04040404, 0, 0x0c0c0c0c, 0x08080808, 0x04040404, 0,
+                                           0x0c0c0c0c, 0x08080808, 0x04040404, 0, 0x0c0c0c0c, 0x08080808, 0x04040404, 0);
+    const __m512i lo4b  = _mm512_set1_epi8(15);
+    const __m512  nib   = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);   // vpermps: nibble
     for (int64_t K0 = 0; K0 < nk; K0 += 64) {
         const int       n  = (int) (nk - K0 < 64 ? nk - K0 : 64);
         const __mmask64 mk = n == 64 ? ~(__mmask64) 0 : (((__mmask64) 1 << n) - 1);   // bytes: no read past a row
@@ -288,13 +316,19 @@ static void factors16_tl(const lrq_weight * w, const lrq_replica * r, int64_t o0
         }
         transpose16(T);   // T[j] lane rr: sub-blocks K0 + 4j .. 4j + 3 of row o0 + rr, a byte each
         for (int j = 0; 4 * j < n; ++j) {
+            const __m512i scb = _mm512_and_si512(T[j], lo4b);
             for (int i = 0; i < 4 && 4 * j + i < n; ++i) {
-                const int64_t k  = K0 + 4 * j + i, G = k / kps;
-                const __m512i v  = _mm512_srli_epi32(T[j], 8 * i);
-                const __m512  sc = _mm512_cvtepi32_ps(_mm512_and_si512(v, lo4));
-                const __m512  mn = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 4), lo4));
-                const __m512  ad = _mm512_mul_ps(_mm512_loadu_ps(dT + G * 16), sc);
-                _mm512_storeu_ps(adT + k * 16, ad);
+                const int64_t k = K0 + 4 * j + i, G = k >> kps_sh;
+                if (B == 32 || i % 2 == 0) {   // k starts a block (K0 is a multiple of 4 blocks)
+                    const int c = B == 16 ? i | 0x80 << 8 | (i + 1) << 16 | 0x80 << 24 : i | 0x808080 << 8;
+                    _mm512_storeu_si512(scT + (B == 16 ? k / 2 : k) * 16,
+                                        _mm512_shuffle_epi8(scb, _mm512_add_epi8(_mm512_set1_epi32(c), lane)));
+                }
+                // the float of a nibble by vpermps from the 16 values (indices: the low 4 bits of each
+                // lane), as cvtdq2ps would give it, without masking it out
+                const __m512 sc = _mm512_permutexvar_ps(_mm512_srli_epi32(T[j], 8 * i), nib);
+                const __m512 mn = _mm512_permutexvar_ps(_mm512_srli_epi32(T[j], 8 * i + 4), nib);
+                const __m512 ad = _mm512_mul_ps(_mm512_loadu_ps(dT + G * 16), sc);
                 _mm512_storeu_ps(offT + k * 16, _mm512_sub_ps(_mm512_mul_ps(ad, _mm512_loadu_ps(bT + G * 16)),
                                                               _mm512_mul_ps(_mm512_loadu_ps(mT + G * 16), mn)));
             }
@@ -302,28 +336,33 @@ static void factors16_tl(const lrq_weight * w, const lrq_replica * r, int64_t o0
     }
 }
 
-// rows16 for a two-level weight with sub-blocks of B (16 or 32, a constant after inlining), adT /
-// offT from factors16_tl: the same codes, loads, prefetches and lane arithmetic, but each block's
-// dot ends in its sub-blocks' factors instead of a group sum:
-//   y[t, o - row0] = gain[o] * (sum_b dx_b sum_{k in b} ad_k (q . xq)_k + sum_k off_k Sx_k) + bias[o]
-// With B = 16 the block's dot is kept as its two halves (weights 0-15, 16-31), each an exact
-// integer, scaled by its own ad_k.  The next row block's sub-block bytes are fetched beside its
-// codes, d and m.
+// rows16 for a two-level weight with sub-blocks of B (16 or 32, a constant after inlining), dT /
+// scT / offT from factors16_tl: the same codes, loads, prefetches and lane arithmetic, with the
+// super-block as the group and each block's dot weighted by its sub-blocks' sc in integers:
+//   y[t, o - row0] = gain[o] * (sum_G (d alpha)_G sum_{b in G} dx_b sum_{k in b} sc_k (q . xq)_k
+//                               + sum_k off_k Sx_k) + bias[o]
+// With B = 16 the block's dot is kept as its two halves (weights 0-15, 16-31; |dot| <= 16 * 3 * 127
+// fits int16), packed into the 16-bit halves of each lane for vpmaddwd with the (sc, sc) pair; with
+// B = 32 the whole dot (<= 32 * 3 * 127) times sc, 0.  Exact in int32.  The next row block's
+// sub-block bytes are fetched beside its codes, d and m.
 LRQ_INLINE void rows16_tl(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y,
                           int64_t y_stride, int64_t row0, int64_t o0, int nr, int nr_next, int64_t t0,
-                          const float * adT, const float * offT, const int NT, const int B) {
+                          const float * dT, const int32_t * scT, const float * offT, const int NT, const int B) {
     const int64_t   n_in = w->n_in, nb = n_in / LRQ_QK, nk = n_in / B;
+    const int64_t   bps  = w->group_size / LRQ_QK;
+    const int       sh   = __builtin_ctz((unsigned) bps);   // group sizes are powers of two: no division per block
     const size_t    rb   = w->codes_row_bytes;
     const uint8_t * base = w->codes + (size_t) o0 * rb;
     const int8_t *  xq[LRQ_MAX_NT];
     const float *   dx[LRQ_MAX_NT];
-    __m512          acc0[LRQ_MAX_NT], acc1[LRQ_MAX_NT];
+    __m512          acc0[LRQ_MAX_NT], acc1[LRQ_MAX_NT], gs[LRQ_MAX_NT];
     for (int tt = 0; tt < NT; ++tt) {
         xq[tt]          = a->qs + (t0 + tt) * n_in;
         dx[tt]          = a->dx + (t0 + tt) * nb;
         const float * sx = a->sx + (t0 + tt) * nk;   // per sub-block (lrq_act_group_size)
         acc0[tt] = _mm512_setzero_ps();
         acc1[tt] = _mm512_setzero_ps();
+        gs[tt]   = _mm512_setzero_ps();
         for (int64_t k = 0; k < nk; ++k) {
             acc1[tt] = _mm512_fmadd_ps(_mm512_loadu_ps(offT + k * 16), _mm512_set1_ps(sx[k]), acc1[tt]);
         }
@@ -356,6 +395,8 @@ LRQ_INLINE void rows16_tl(const lrq_weight * w, const lrq_replica * r, const lrq
                 _mm512_and_si512(_mm512_srli_epi32(z0, 2), m3), _mm512_and_si512(_mm512_srli_epi32(z1, 2), m3),
                 _mm512_and_si512(_mm512_srli_epi32(z0, 4), m3), _mm512_and_si512(_mm512_srli_epi32(z1, 4), m3),
                 _mm512_and_si512(_mm512_srli_epi32(z0, 6), m3), _mm512_and_si512(_mm512_srli_epi32(z1, 6), m3)};
+            const __m512i sc   = _mm512_loadu_si512(scT + b * 16);
+            const int     last = ((b + 1) & (bps - 1)) == 0 || b + 1 == nb;
             for (int tt = 0; tt < NT; ++tt) {
                 const int8_t * xb = xq[tt] + b * LRQ_QK;
                 __m512i        i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[0], bcast4(xb + 0));   // weights 0-15
@@ -366,14 +407,13 @@ LRQ_INLINE void rows16_tl(const lrq_weight * w, const lrq_replica * r, const lrq
                 i1 = _mm512_dpbusd_epi32(i1, q[6], bcast4(xb + 24));
                 i0 = _mm512_dpbusd_epi32(i0, q[3], bcast4(xb + 12));
                 i1 = _mm512_dpbusd_epi32(i1, q[7], bcast4(xb + 28));
-                __m512 s;   // sum_{k in b} ad_k (q . xq)_k
-                if (B == 16) {
-                    s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_loadu_ps(adT + (2 * b) * 16),
-                                        _mm512_mul_ps(_mm512_cvtepi32_ps(i1), _mm512_loadu_ps(adT + (2 * b + 1) * 16)));
-                } else {
-                    s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), _mm512_loadu_ps(adT + b * 16));
+                const __m512i v = B == 16 ? _mm512_mask_blend_epi16(0xAAAAAAAAu, i0, _mm512_slli_epi32(i1, 16))
+                                          : _mm512_add_epi32(i0, i1);
+                gs[tt] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(v, sc)), _mm512_set1_ps(dx[tt][b]), gs[tt]);
+                if (last) {
+                    acc0[tt] = _mm512_fmadd_ps(gs[tt], _mm512_loadu_ps(dT + (b >> sh) * 16), acc0[tt]);
+                    gs[tt]   = _mm512_setzero_ps();
                 }
-                acc0[tt] = _mm512_fmadd_ps(s, _mm512_set1_ps(dx[tt][b]), acc0[tt]);
             }
         }
     }
@@ -388,8 +428,9 @@ LRQ_INLINE void rows16_tl(const lrq_weight * w, const lrq_replica * r, const lrq
 
 #define LRQ_ROWS16_TL(NAME, NT, B)                                                                                    \
     static void NAME(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y, int64_t y_stride, \
-                     int64_t row0, int64_t o0, int nr, int nr_next, int64_t t0, const float * adT, const float * offT) { \
-        rows16_tl(w, r, a, y, y_stride, row0, o0, nr, nr_next, t0, adT, offT, NT, B);                                 \
+                     int64_t row0, int64_t o0, int nr, int nr_next, int64_t t0, const float * dT,                     \
+                     const int32_t * scT, const float * offT) {                                                        \
+        rows16_tl(w, r, a, y, y_stride, row0, o0, nr, nr_next, t0, dT, scT, offT, NT, B);                             \
     }
 LRQ_ROWS16_TL(rows16_tl_nt1_b16, 1, 16)
 LRQ_ROWS16_TL(rows16_tl_ntb_b16, LRQ_MAX_NT, 16)
@@ -398,25 +439,26 @@ LRQ_ROWS16_TL(rows16_tl_ntb_b32, LRQ_MAX_NT, 32)
 
 static int mul_mat_two_level(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y,
                              int64_t y_stride, int64_t row0, int64_t row1) {
-    const int64_t nk   = w->n_in / w->sub_size, ns = lrq_n_groups(w->n_in, w->group_size);
-    const size_t  need = (size_t) (2 * 16 * nk + 3 * 16 * ns);   // adT, offT, factors16_tl's sbT
-    float         stack_buf[4096];                                // n_in up to 1536 at B = 16 without malloc
+    const int64_t nb = w->n_in / LRQ_QK, nk = w->n_in / w->sub_size, ns = lrq_n_groups(w->n_in, w->group_size);
+    const size_t  need = (size_t) (16 * nb + 16 * nk + 3 * 16 * ns);   // scT, offT, factors16_tl's sbT
+    float         stack_buf[4096];                                    // n_in up to 2048 at B = 16 without malloc
     float *       buf = need <= 4096 ? stack_buf : (float *) malloc(need * sizeof(float));
     if (!buf) return LRQ_ERR_NOMEM;
-    float * adT = buf, * offT = adT + 16 * nk, * sbT = offT + 16 * nk;
-    const int b16 = w->sub_size == 16;
+    int32_t * scT  = (int32_t *) buf;   // (float and int32_t: the same size and alignment)
+    float *   offT = buf + 16 * nb, * sbT = offT + 16 * nk;
+    const int b16  = w->sub_size == 16;
     for (int64_t o0 = row0; o0 < row1; o0 += LRQ_ROW_BLOCK) {
         const int64_t o1 = o0 + LRQ_ROW_BLOCK < row1 ? o0 + LRQ_ROW_BLOCK : row1;
         const int     nr = (int) (o1 - o0), nr_next = (int) (row1 - o1 < LRQ_ROW_BLOCK ? row1 - o1 : LRQ_ROW_BLOCK);
-        factors16_tl(w, r, o0, nr, sbT, adT, offT);
+        factors16_tl(w, r, o0, nr, sbT, scT, offT);
         int64_t t0 = 0;   // as in lrq_mul_mat_q8_avx512
         for (; t0 + LRQ_MAX_NT <= a->n_tok; t0 += LRQ_MAX_NT) {
             (b16 ? rows16_tl_ntb_b16 : rows16_tl_ntb_b32)(w, r, a, y, y_stride, row0, o0, nr, t0 ? 0 : nr_next, t0,
-                                                          adT, offT);
+                                                          sbT, scT, offT);
         }
         for (; t0 < a->n_tok; ++t0) {
             (b16 ? rows16_tl_nt1_b16 : rows16_tl_nt1_b32)(w, r, a, y, y_stride, row0, o0, nr, t0 ? 0 : nr_next, t0,
-                                                          adT, offT);
+                                                          sbT, scT, offT);
         }
     }
     if (buf != stack_buf) free(buf);
