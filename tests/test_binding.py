@@ -60,6 +60,20 @@ def test_tokenize_roundtrip(model):
     assert model.detokenize(tokens) == text
 
 
+def test_vocab_only_tokenizes_as_the_model_and_evaluates_nothing(model, smollm2):
+    """The tokenizer load of the calibration tools (no weights, no context): the same tokens as
+    the whole model; evaluation refused by name, not a crash on a missing context."""
+    text = "Fellow citizens, the state of the Union is strong. \u00e9t\u00e9 \u4e16\u754c"
+    vocab = _native.Model(str(smollm2), n_ctx=64, vocab_only=True)
+    for special in (False, True):
+        assert np.array_equal(vocab.tokenize(text, add_special=special), model.tokenize(text, add_special=special))
+    assert vocab.n_vocab == model.n_vocab
+    with pytest.raises(ValueError, match=f"{smollm2}: loaded with vocab_only"):
+        vocab.eval(np.array([1, 2, 3], dtype=np.int32))
+    with pytest.raises(ValueError, match="loaded with vocab_only"):
+        vocab.perplexity(np.arange(1, 200, dtype=np.int32), 64)
+
+
 def test_unencodable_text_is_a_clear_error(tiny_models):
     # the tiny llama's SentencePiece vocabulary has no byte fallback: llama.cpp's tokenizer throws
     # std::out_of_range ("unordered_map::at") on a character it lacks; the binding names the file

@@ -93,7 +93,7 @@ def test_embedding_rows_without_the_matrix(tiny_models, tmp_path):
     assert streamed.ref._tok_embd is None and streamed.ref._output is None
 
 
-def test_missing_block_tensor_is_refused_before_any_work(src, windows, tmp_path, capsys):  # noqa: F811
+def test_missing_block_tensor_is_refused_before_any_work(src, text_file, windows, tmp_path, capsys):  # noqa: F811
     """Loading blocks late must not turn a damaged source into a failure halfway through a long
     job: a missing block tensor is refused when the stream is made, by name (lrq-calibrate: one
     line, exit 1)."""
@@ -106,8 +106,8 @@ def test_missing_block_tensor_is_refused_before_any_work(src, windows, tmp_path,
         SourceActivations(bad, windows)
     lrq = tmp_path / "in.gguf"
     convert(src, lrq, ConvertOptions(bits=2, group_size=32, progress=False))
-    assert calibrate_cli(["-q", "--source", str(bad), "--tokens", "256", "--window", "64",
-                          str(lrq), str(tmp_path / "out.gguf")]) == 1
+    assert calibrate_cli(["-q", "--source", str(bad), "--text", str(text_file), "--tokens", "256",
+                          "--window", "64", str(lrq), str(tmp_path / "out.gguf")]) == 1
     err = capsys.readouterr().err
     assert "bad.gguf" in err and f"blk.{n - 1}.ffn_up.weight" in err and "Traceback" not in err, err
     assert not (tmp_path / "out.gguf").exists()

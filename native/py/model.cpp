@@ -115,12 +115,13 @@ std::string LogBuffer::text() const {
 // ---- Model -----------------------------------------------------------------------------------
 
 Model::Model(const std::string & path, int n_ctx, int n_threads, int n_batch, bool kv_f32, int flash_attn,
-             const std::string & layers, const std::string & adapter)
+             const std::string & layers, const std::string & adapter, bool vocab_only)
     : path_(path), n_ctx_(n_ctx), n_batch_(n_batch > 0 ? std::min(n_batch, n_ctx) : n_ctx) {
     // No lock: no other thread can reach this Model before its constructor returns.
     LogScope scope(log_);
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = 0;
+    mp.vocab_only = vocab_only;
     // the same kv-overrides as the tools' --lrq-layers / --lrq-adapter (lrq-args.h)
     std::vector<llama_model_kv_override> overrides;
     try {
@@ -141,6 +142,9 @@ Model::Model(const std::string & path, int n_ctx, int n_threads, int n_batch, bo
     model_ = llama_model_load_from_file(path.c_str(), mp);
     if (!model_) {
         throw LoadError("cannot load GGUF '" + path + "': llama.cpp refused it:" + log_.text());
+    }
+    if (vocab_only) {
+        return;
     }
     llama_context_params cp = llama_context_default_params();
     cp.n_ctx = (uint32_t) n_ctx;
@@ -254,6 +258,9 @@ std::string Model::detokenize(const int32_t * tokens, int n) const {
 // Decode tokens[0..n) as positions 0..n-1 of sequence 0 in an empty cache; keep the logits of
 // positions >= first_output, appended to `out` row by row.
 void Model::decode_window(const int32_t * tokens, int n, int first_output, std::vector<float> & out) {
+    if (!ctx_) {
+        throw std::invalid_argument(path_ + ": loaded with vocab_only (a tokenizer): nothing to evaluate");
+    }
     if (n > n_ctx_) {
         throw std::invalid_argument("cannot evaluate " + std::to_string(n) + " tokens in a context of " +
                                     std::to_string(n_ctx_));

@@ -65,9 +65,11 @@ public:
     // n_ctx: context size of the one sequence; n_threads <= 0: llama.cpp's default.
     // kv_f32: F32 KV cache instead of llama.cpp's default F16; flash_attn: llama_flash_attn_type
     // (-1 auto, 0 off, 1 on).  layers / adapter: lrq's load options (--lrq-layers MAP,
-    // --lrq-adapter FILE; "" = none), docs/FORMAT.md sections 7.1 and 11.
+    // --lrq-adapter FILE; "" = none), docs/FORMAT.md sections 7.1 and 11.  vocab_only: the
+    // vocabulary alone (llama.cpp's vocab_only load: no weights, no context), to tokenize a text
+    // without the model's memory (a 32B file's CPU buffers); eval / perplexity then throw.
     Model(const std::string & path, int n_ctx, int n_threads, int n_batch, bool kv_f32 = false, int flash_attn = -1,
-          const std::string & layers = "", const std::string & adapter = "");
+          const std::string & layers = "", const std::string & adapter = "", bool vocab_only = false);
     ~Model();
     Model(const Model &) = delete;
     Model & operator=(const Model &) = delete;

@@ -100,7 +100,7 @@ PYBIND11_MODULE(_native, m) {
 
     py::class_<lrq::Model>(m, "Model")
         .def(py::init([](const std::string & path, int n_ctx, int n_threads, int n_batch, bool kv_f32,
-                         int flash_attn, const std::string & layers, const std::string & adapter) {
+                         int flash_attn, const std::string & layers, const std::string & adapter, bool vocab_only) {
                  if (n_ctx < 4) {
                      throw py::value_error("n_ctx must be >= 4, got " + std::to_string(n_ctx));
                  }
@@ -113,11 +113,13 @@ PYBIND11_MODULE(_native, m) {
                  }
                  py::gil_scoped_release nogil;
                  return std::make_unique<lrq::Model>(path, n_ctx, n_threads, n_batch, kv_f32, flash_attn, layers,
-                                                     adapter);
+                                                     adapter, vocab_only);
              }),
              py::arg("path"), py::arg("n_ctx") = 512, py::arg("n_threads") = 0, py::arg("n_batch") = 0,
              py::arg("kv_f32") = false, py::arg("flash_attn") = -1, py::arg("layers") = "", py::arg("adapter") = "",
+             py::arg("vocab_only") = false,
              "Load a GGUF (plain or LRQ) on the CPU. n_threads <= 0: llama.cpp's default.\n"
+             "vocab_only: the vocabulary alone, to tokenize (no weights, no context; eval raises).\n"
              "kv_f32: F32 KV cache (default F16, as llama.cpp); flash_attn: -1 auto, 0 off, 1 on.\n"
              "layers: a layer map ('0..15,11..31', '27x2'), adapter: an lrq adapter GGUF (docs/FORMAT.md 7.1, 11).")
         .def_property_readonly("path", &lrq::Model::path)

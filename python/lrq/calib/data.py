@@ -72,7 +72,7 @@ def calibration_windows(source: str | os.PathLike, text: str | os.PathLike = "so
     from ..model_file import open_model
     mf = open_model(src)
     try:
-        tok = _native.Model(str(src), n_ctx=window, n_threads=1)
+        tok = _native.Model(str(src), n_ctx=window, n_threads=1, vocab_only=True)
     except RuntimeError as e:          # _native.LoadError: llama.cpp refuses the file (it says why)
         raise CalibError(str(e).strip()) from None
 

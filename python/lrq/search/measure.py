@@ -85,7 +85,7 @@ def holdout_windows(model: str | os.PathLike, text: str | os.PathLike, n: int, c
     except CalibError as e:
         raise SearchError(str(e)) from None
     mf = open_model(model)
-    tok = _native.Model(str(model), n_ctx=max(ctx, 4), n_threads=1)
+    tok = _native.Model(str(model), n_ctx=max(ctx, 4), n_threads=1, vocab_only=True)
     bad = _grams(avoid) if avoid is not None and len(avoid) else set()
     out = np.empty((n, ctx), dtype=np.int64)
     for j in range(n):

@@ -43,7 +43,7 @@ def calib_tokens(model_path: str | os.PathLike, text: str | os.PathLike, n_token
     except AssetError as e:
         raise SelectError(str(e)) from None
     m = open_model(model_path)
-    native = _native.Model(str(model_path), n_ctx=ctx)
+    native = _native.Model(str(model_path), n_ctx=ctx, vocab_only=True)
     need = n_win * ctx
     chars = need * 8                       # ~4 characters per token in English; 2x margin
     while True:
