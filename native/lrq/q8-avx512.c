@@ -291,6 +291,7 @@ static void factors16_tl(const lrq_weight * w, const lrq_replica * r, int64_t o0
             _mm512_storeu_ps(mT + (G0 + g) * 16, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(mw)));
         }
     }
+    const int has_beta = r && r->beta;
     memset(bT, 0, (size_t) (16 * ns) * sizeof(float));
     if (r && (r->alpha || r->beta)) {
         for (int rr = 0; rr < nr; ++rr) {
@@ -326,11 +327,15 @@ static void factors16_tl(const lrq_weight * w, const lrq_replica * r, int64_t o0
                 }
                 // the float of a nibble by vpermps from the 16 values (indices: the low 4 bits of each
                 // lane), as cvtdq2ps would give it, without masking it out
-                const __m512 sc = _mm512_permutexvar_ps(_mm512_srli_epi32(T[j], 8 * i), nib);
                 const __m512 mn = _mm512_permutexvar_ps(_mm512_srli_epi32(T[j], 8 * i + 4), nib);
+                const __m512 dm = _mm512_mul_ps(_mm512_loadu_ps(mT + G * 16), mn);
+                if (!has_beta) {   // ad * 0 - dmin mn: the same value without ad (half the work of a sub-block)
+                    _mm512_storeu_ps(offT + k * 16, _mm512_sub_ps(_mm512_setzero_ps(), dm));
+                    continue;
+                }
+                const __m512 sc = _mm512_permutexvar_ps(_mm512_srli_epi32(T[j], 8 * i), nib);
                 const __m512 ad = _mm512_mul_ps(_mm512_loadu_ps(dT + G * 16), sc);
-                _mm512_storeu_ps(offT + k * 16, _mm512_sub_ps(_mm512_mul_ps(ad, _mm512_loadu_ps(bT + G * 16)),
-                                                              _mm512_mul_ps(_mm512_loadu_ps(mT + G * 16), mn)));
+                _mm512_storeu_ps(offT + k * 16, _mm512_sub_ps(_mm512_mul_ps(ad, _mm512_loadu_ps(bT + G * 16)), dm));
             }
         }
     }
