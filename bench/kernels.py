@@ -117,8 +117,8 @@ def cpu_time(args) -> None:
         impls = [i for i in impls if i != "generic"] or impls
     load0 = os.getloadavg()[0]
     print(f"LRQ{args.bits} {args.mode} g{args.group_size}: thread CPU time per call, 1 thread, best of "
-          f"{args.rounds} rounds; kernels here: {', '.join(impls)} (lrq_mul_mat_q8 takes avx512 for single-level LRQ2 "
-          f"where present, else avx2); load average (1 min) {load0:.2f} "
+          f"{args.rounds} rounds; kernels here: {', '.join(impls)} (lrq_mul_mat_q8 takes avx512 for LRQ2, single-level "
+          f"or two-level, where present, else avx2); load average (1 min) {load0:.2f} "
           f"on {os.cpu_count()} cores")
     hdr = (f"{'n_out x n_in':>13} {'tokens':>6} " + " ".join(f"{i + ' us':>11}" for i in impls) +
            f" {'act us':>8} {'best/avx2':>9}")

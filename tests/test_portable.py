@@ -11,7 +11,7 @@ Westmere with SIGILL at `llama backend init`.  Checked, each against an independ
   reports (llama.cpp's system_info line) are the ones of the CPU: the emulated model's (table
   below) or the host's /proc/cpuinfo;
 - the LRQ kernel that ran (system_info's LRQ_KERNELS, patches/0005): "generic" without AVX2,
-  "avx2" with AVX2 + FMA + F16C, "avx512+avx2" where the CPU also has AVX-512 VNNI (single-level LRQ2);
+  "avx2" with AVX2 + FMA + F16C, "avx512+avx2" where the CPU also has AVX-512 VNNI (LRQ2, single-level and two-level);
 - with the op's reference arithmetic (LRQ_CPU_REF=1) the perplexity under Westmere is the host's
   up to float rounding.
 The binding loads the same modules (module.cpp): its system_info names the host's variant too.
@@ -147,7 +147,7 @@ def test_host_loads_the_best_variant_it_supports(host_run):
         assert _loaded_variant(host_run.stderr) not in ("x64", "sse42", "sandybridge", "ivybridge", "piledriver")
     want = "avx2" if LRQ_AVX2_FLAGS <= flags else "generic"
     if want == "avx2" and LRQ_AVX512_FLAGS <= flags and os.environ.get("LRQ_NO_AVX512") != "1":
-        want = "avx512+avx2"      # single-level LRQ2 on the AVX-512 VNNI kernel, the rest on AVX2
+        want = "avx512+avx2"      # LRQ2 (both layouts) on the AVX-512 VNNI kernel, the rest on AVX2
     assert feats.get("LRQ_KERNELS") == want, feats
 
 

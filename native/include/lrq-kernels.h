@@ -213,8 +213,8 @@ int lrq_mul_mat_q8_generic(const lrq_weight * w, const lrq_replica * r, const lr
 
 // One implementation of lrq_mul_mat_q8 by name, with the same argument checks, for tests and
 // benchmarks that compare them: "generic", "avx2" (x86-64), "avx512" (x86-64 with AVX-512 F / BW /
-// VL / DQ / VNNI; single-level LRQ2 only, other weights give LRQ_ERR_ARG).  lrq_mul_mat_q8 uses
-// "avx512" for single-level LRQ2 where the CPU has it (unless LRQ_NO_AVX512=1 is in the
+// VL / DQ / VNNI; LRQ2, single-level or two-level, only: other weights give LRQ_ERR_ARG).
+// lrq_mul_mat_q8 uses "avx512" for LRQ2 (both layouts) where the CPU has it (unless LRQ_NO_AVX512=1 is in the
 // environment: the A/B in a model), else "avx2", else "generic" (or NEON).
 // NULL when the library lacks the implementation or this CPU cannot run it.
 typedef int (*lrq_mul_mat_q8_fn)(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a,
