@@ -294,7 +294,7 @@ def test_fast_path_uses_avx2_when_the_cpu_has_it():
                 flags = set(line.split(":", 1)[1].split())
                 break
     want = "avx2" if {"avx2", "fma", "f16c"} <= flags else "generic"
-    # single-level LRQ2 on the AVX-512 VNNI kernel (AVX512_FLAGS below: q8.c's cpu_has_avx512)
+    # LRQ2 (both layouts) on the AVX-512 VNNI kernel (AVX512_FLAGS below: q8.c's cpu_has_avx512)
     if want == "avx2" and AVX512_FLAGS <= flags and os.environ.get("LRQ_NO_AVX512") != "1":
         want = "avx512+avx2"
     if platform.machine() in ("aarch64", "arm64"):

@@ -17,8 +17,6 @@ The NEON version is checked against the portable one in tests/test_neon.py (qemu
 from __future__ import annotations
 
 import os
-import platform
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +24,7 @@ import pytest
 from lrq import quant, quant_two_level as tl
 from lrq import _native  # built by `make build`; a missing build must fail, not skip
 from numerics import int8_error_power, nmse
+from test_kernels import AVX512_FLAGS, _cpu_flags   # q8.c's run-time check and this CPU's flags
 
 K = _native.kernels
 
@@ -55,7 +54,6 @@ ACT_SETTINGS = [(1.0, 0), (0.75, 0), (float(np.float32(0.9)), 4), (1.0, 12)]
 # shorter last super-block
 SHAPES = [(256, 256, 16), (576, 256, 16), (576, 256, 32), (576, 128, 16), (96, 64, 32), (96, 32, 16)]
 N_OUT = 37          # not a multiple of the 16-row block nor of the SIMD widths
-AVX512_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}   # q8.c's run-time check
 
 
 def _weights(rng, n_out, n_in):
@@ -68,16 +66,6 @@ def _weights(rng, n_out, n_in):
     w[5] *= 300.0                           # large values, still within fp16
     w[6, ::3] = 0.0
     return w
-
-
-def _cpu_flags() -> set:
-    cpuinfo = Path("/proc/cpuinfo")
-    if platform.machine() not in ("x86_64", "AMD64") or not cpuinfo.exists():
-        return set()
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 # impl="fast" runs the AVX-512 kernel for two-level weights here (lrq_mul_mat_q8's choice)

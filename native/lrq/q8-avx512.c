@@ -148,6 +148,33 @@ LRQ_STATIC_ASSERT(LRQ_ROW_BLOCK == 16, "rows16 takes a whole row block in the 16
 
 #define LRQ_MAX_NT 4   // tokens per pass of rows16 over a row block's codes
 
+// The codes of blocks b0..b0+7 (fewer at the row's end: the count is returned) of rows
+// base + rr * rb, rr < nr (lanes past nr read nothing), transposed: T[2 bb + h] lane rr = word h of
+// block b0 + bb of row rr.  first: the call's first row block, whose own codes are fetched two
+// steps ahead (the later ones were fetched by the row block before them).
+LRQ_INLINE int load_chunk16(const uint8_t * base, size_t rb, int nr, int64_t nb, int64_t b0, int first,
+                            __m512i * T) {
+    if (first && b0 + 16 < nb) {
+        for (int rr = 0; rr < nr; ++rr) _mm_prefetch((const char *) (base + rr * rb + (b0 + 16) * 8), _MM_HINT_T0);
+    }
+    const int       nblk = (int) (nb - b0 < 8 ? nb - b0 : 8);
+    const __mmask16 mask = (__mmask16) ((1u << (2 * nblk)) - 1u);   // 2 words per block
+    for (int rr = 0; rr < 16; ++rr) T[rr] = _mm512_maskz_loadu_epi32(rr < nr ? mask : 0, base + rr * rb + b0 * 8);
+    transpose16(T);
+    return nblk;
+}
+
+// The 2-bit codes of block bb of a chunk from load_chunk16 as bytes: q[k] holds weights 4k..4k+3
+// of each lane's row (word h of a block row holds bytes 4h..4h+3; bits 2l..2l+1 of byte k are
+// weight 8l + k).
+LRQ_INLINE void unpack_block16(const __m512i * T, int bb, __m512i * q) {
+    const __m512i m3 = _mm512_set1_epi8(3), z0 = T[2 * bb], z1 = T[2 * bb + 1];
+    for (int l = 0; l < 4; ++l) {
+        q[2 * l]     = _mm512_and_si512(_mm512_srli_epi32(z0, 2 * l), m3);
+        q[2 * l + 1] = _mm512_and_si512(_mm512_srli_epi32(z1, 2 * l), m3);
+    }
+}
+
 // Part c of n of the cache lines of [p, p + bytes): software prefetch into L2 (hint T1).
 LRQ_INLINE void prefetch_part(const void * p, size_t bytes, int64_t c, int64_t n) {
     const char * s = (const char *) p;
@@ -187,7 +214,6 @@ LRQ_INLINE void rows16(const lrq_weight * w, const lrq_replica * r, const lrq_ac
             acc1[tt] = _mm512_fmadd_ps(_mm512_loadu_ps(offT + G * 16), _mm512_set1_ps(sx[G]), acc1[tt]);
         }
     }
-    const __m512i m3     = _mm512_set1_epi8(3);
     const int64_t nchunk = (nb + 7) / 8;
     for (int64_t b0 = 0; b0 < nb; b0 += 8) {
         const int64_t c = b0 / 8;
@@ -199,23 +225,12 @@ LRQ_INLINE void rows16(const lrq_weight * w, const lrq_replica * r, const lrq_ac
                               nchunk);
             }
         }
-        if (o0 == row0 && b0 + 16 < nb) {
-            for (int rr = 0; rr < nr; ++rr) _mm_prefetch((const char *) (base + rr * rb + (b0 + 16) * 8), _MM_HINT_T0);
-        }
-        const int       nblk = (int) (nb - b0 < 8 ? nb - b0 : 8);
-        const __mmask16 mask = (__mmask16) ((1u << (2 * nblk)) - 1u);   // 2 words per block
-        __m512i         T[16];
-        for (int rr = 0; rr < 16; ++rr) T[rr] = _mm512_maskz_loadu_epi32(rr < nr ? mask : 0, base + rr * rb + b0 * 8);
-        transpose16(T);
+        __m512i   T[16];
+        const int nblk = load_chunk16(base, rb, nr, nb, b0, o0 == row0, T);
         for (int bb = 0; bb < nblk; ++bb) {
             const int64_t b = b0 + bb;
-            // word h of a block row holds bytes 4h..4h+3; bits 2l..2l+1 of byte k are weight 8l + k
-            const __m512i z0 = T[2 * bb], z1 = T[2 * bb + 1];
-            const __m512i q[8] = {
-                _mm512_and_si512(z0, m3), _mm512_and_si512(z1, m3),
-                _mm512_and_si512(_mm512_srli_epi32(z0, 2), m3), _mm512_and_si512(_mm512_srli_epi32(z1, 2), m3),
-                _mm512_and_si512(_mm512_srli_epi32(z0, 4), m3), _mm512_and_si512(_mm512_srli_epi32(z1, 4), m3),
-                _mm512_and_si512(_mm512_srli_epi32(z0, 6), m3), _mm512_and_si512(_mm512_srli_epi32(z1, 6), m3)};
+            __m512i q[8];
+            unpack_block16(T, bb, q);
             const int last = (b + 1) % bpg == 0 || b + 1 == nb;
             for (int tt = 0; tt < NT; ++tt) {
                 const int8_t * xb = xq[tt] + b * LRQ_QK;   // q[k] holds weights 4k..4k+3 of each lane's row
@@ -369,7 +384,6 @@ LRQ_INLINE void rows16_tl(const lrq_weight * w, const lrq_replica * r, const lrq
         acc1[tt] = _mm512_setzero_ps();
         gs[tt]   = _mm512_setzero_ps();
     }
-    const __m512i m3     = _mm512_set1_epi8(3);
     const int64_t nchunk = (nb + 7) / 8;
     for (int64_t b0 = 0; b0 < nb; b0 += 8) {
         const int64_t c = b0 / 8;
@@ -380,23 +394,12 @@ LRQ_INLINE void rows16_tl(const lrq_weight * w, const lrq_replica * r, const lrq
             prefetch_part(w->d + (o0 + 16) * w->d_row_stride, (size_t) nr_next * (size_t) w->d_row_stride * 2, c, nchunk);
             prefetch_part(w->m + (o0 + 16) * w->m_row_stride, (size_t) nr_next * (size_t) w->m_row_stride * 2, c, nchunk);
         }
-        if (o0 == row0 && b0 + 16 < nb) {
-            for (int rr = 0; rr < nr; ++rr) _mm_prefetch((const char *) (base + rr * rb + (b0 + 16) * 8), _MM_HINT_T0);
-        }
-        const int       nblk = (int) (nb - b0 < 8 ? nb - b0 : 8);
-        const __mmask16 mask = (__mmask16) ((1u << (2 * nblk)) - 1u);   // 2 words per block
-        __m512i         T[16];
-        for (int rr = 0; rr < 16; ++rr) T[rr] = _mm512_maskz_loadu_epi32(rr < nr ? mask : 0, base + rr * rb + b0 * 8);
-        transpose16(T);
+        __m512i   T[16];
+        const int nblk = load_chunk16(base, rb, nr, nb, b0, o0 == row0, T);
         for (int bb = 0; bb < nblk; ++bb) {
             const int64_t b = b0 + bb;
-            // as rows16: q[k] holds weights 4k..4k+3, so q[0..3] are the block's first 16 weights
-            const __m512i z0 = T[2 * bb], z1 = T[2 * bb + 1];
-            const __m512i q[8] = {
-                _mm512_and_si512(z0, m3), _mm512_and_si512(z1, m3),
-                _mm512_and_si512(_mm512_srli_epi32(z0, 2), m3), _mm512_and_si512(_mm512_srli_epi32(z1, 2), m3),
-                _mm512_and_si512(_mm512_srli_epi32(z0, 4), m3), _mm512_and_si512(_mm512_srli_epi32(z1, 4), m3),
-                _mm512_and_si512(_mm512_srli_epi32(z0, 6), m3), _mm512_and_si512(_mm512_srli_epi32(z1, 6), m3)};
+            __m512i q[8];   // q[0..3]: the block's first 16 weights, q[4..7] the last 16
+            unpack_block16(T, bb, q);
             const __m512i sc   = _mm512_loadu_si512(scT + b * 16);
             const int     last = ((b + 1) & (bps - 1)) == 0 || b + 1 == nb;
             for (int tt = 0; tt < NT; ++tt) {
