@@ -91,6 +91,23 @@ LRQ_INLINE __m512i bcast4(const int8_t * p) {
     return _mm512_set1_epi32(v);
 }
 
+// The fp16 d and m of groups G0..G0+15 (fewer at the row's end: the count is returned) of rows
+// o0..o0+nr-1, row rr's 16 d and 16 m as one vector of 32-bit words (d pairs, then m pairs; m 0
+// without m), transposed: T[j] lane rr = (d, d) of groups G0 + 2j, 2j + 1 (j < 8), (m, m) at 8 + j.
+LRQ_INLINE int load_dm16(const lrq_weight * w, int64_t o0, int nr, int64_t ng, int64_t G0, __m512i * T) {
+    const int       n  = (int) (ng - G0 < 16 ? ng - G0 : 16);
+    const __mmask16 mk = (__mmask16) ((1u << n) - 1u);
+    for (int rr = 0; rr < 16; ++rr) {
+        const __mmask16 mr = rr < nr ? mk : 0;
+        const __m256i   dv = _mm256_maskz_loadu_epi16(mr, w->d + (o0 + rr) * w->d_row_stride + G0);
+        const __m256i   mv = w->m ? _mm256_maskz_loadu_epi16(mr, w->m + (o0 + rr) * w->m_row_stride + G0)
+                                  : _mm256_setzero_si256();
+        T[rr] = _mm512_inserti64x4(_mm512_castsi256_si512(dv), mv, 1);
+    }
+    transpose16(T);
+    return n;
+}
+
 // The factors of rows o0..o0+15 in the lane layout: adT[G * 16 + rr], offT[G * 16 + rr] (ad, off
 // of row o0 + rr, group G; room for 16 * ng rounded up to 16).  Without alpha / beta (replica 0)
 // straight from the fp16 d and m, 16 groups at a time: row rr's 16 d and 16 m as one vector of
@@ -120,16 +137,7 @@ static void factors16(const lrq_weight * w, const lrq_replica * r, int64_t o0, i
     }
     const __m512 mz = _mm512_set1_ps(-z);
     for (int64_t G0 = 0; G0 < ng; G0 += 16) {
-        const int       n  = (int) (ng - G0 < 16 ? ng - G0 : 16);
-        const __mmask16 mk = (__mmask16) ((1u << n) - 1u);
-        for (int rr = 0; rr < 16; ++rr) {
-            const __mmask16 mr = rr < nr ? mk : 0;
-            const __m256i   dv = _mm256_maskz_loadu_epi16(mr, w->d + (o0 + rr) * w->d_row_stride + G0);
-            const __m256i   mv = w->m ? _mm256_maskz_loadu_epi16(mr, w->m + (o0 + rr) * w->m_row_stride + G0)
-                                      : _mm256_setzero_si256();
-            T[rr] = _mm512_inserti64x4(_mm512_castsi256_si512(dv), mv, 1);
-        }
-        transpose16(T);   // T[j] lane rr: (d, d) of groups G0 + 2j, 2j + 1 (j < 8), (m, m) of 2(j - 8), +1
+        const int n = load_dm16(w, o0, nr, ng, G0, T);   // T[j] lane rr: (d, d) of groups G0 + 2j, 2j + 1 (j < 8), (m, m) of 2(j - 8), +1
         for (int j = 0; 2 * j < n; ++j) {
             for (int h = 0; h < 2; ++h) {
                 const __m512i dw = h ? _mm512_srli_epi32(T[j], 16) : T[j];
@@ -162,6 +170,32 @@ LRQ_INLINE int load_chunk16(const uint8_t * base, size_t rb, int nr, int64_t nb,
     for (int rr = 0; rr < 16; ++rr) T[rr] = _mm512_maskz_loadu_epi32(rr < nr ? mask : 0, base + rr * rb + b0 * 8);
     transpose16(T);
     return nblk;
+}
+
+// The integer dots of a block's first and last 16 weights (q from unpack_block16) with its
+// activations xb, 4 broadcast activations per vpdpbusd; exact in int32, so the sum of the two is
+// the block's dot in any order.
+LRQ_INLINE void dot_halves16(const __m512i * q, const int8_t * xb, __m512i * lo, __m512i * hi) {
+    __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[0], bcast4(xb + 0));
+    __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[4], bcast4(xb + 16));
+    for (int k = 1; k < 4; ++k) {
+        i0 = _mm512_dpbusd_epi32(i0, q[k], bcast4(xb + 4 * k));
+        i1 = _mm512_dpbusd_epi32(i1, q[4 + k], bcast4(xb + 16 + 4 * k));
+    }
+    *lo = i0;
+    *hi = i1;
+}
+
+// y[t0 + tt, o0 + rr - row0] = gain * (acc0 + acc1) + bias for the nr rows of the lanes, NT tokens.
+LRQ_INLINE void store_rows16(const lrq_replica * r, float * y, int64_t y_stride, int64_t row0, int64_t o0, int nr,
+                             int64_t t0, const __m512 * acc0, const __m512 * acc1, const int NT) {
+    const __mmask16 mr   = (__mmask16) ((1u << nr) - 1u);
+    const __m512    gain = (r && r->gain) ? _mm512_maskz_loadu_ps(mr, r->gain + o0) : _mm512_set1_ps(1.0f);
+    const __m512    bias = (r && r->bias) ? _mm512_maskz_loadu_ps(mr, r->bias + o0) : _mm512_setzero_ps();
+    for (int tt = 0; tt < NT; ++tt) {
+        _mm512_mask_storeu_ps(y + (t0 + tt) * y_stride + (o0 - row0), mr,
+                              _mm512_fmadd_ps(gain, _mm512_add_ps(acc0[tt], acc1[tt]), bias));
+    }
 }
 
 // The 2-bit codes of block bb of a chunk from load_chunk16 as bytes: q[k] holds weights 4k..4k+3
@@ -233,15 +267,8 @@ LRQ_INLINE void rows16(const lrq_weight * w, const lrq_replica * r, const lrq_ac
             unpack_block16(T, bb, q);
             const int last = (b + 1) % bpg == 0 || b + 1 == nb;
             for (int tt = 0; tt < NT; ++tt) {
-                const int8_t * xb = xq[tt] + b * LRQ_QK;   // q[k] holds weights 4k..4k+3 of each lane's row
-                __m512i        i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[0], bcast4(xb + 0));
-                __m512i        i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[1], bcast4(xb + 4));
-                i0 = _mm512_dpbusd_epi32(i0, q[2], bcast4(xb + 8));
-                i1 = _mm512_dpbusd_epi32(i1, q[3], bcast4(xb + 12));
-                i0 = _mm512_dpbusd_epi32(i0, q[4], bcast4(xb + 16));
-                i1 = _mm512_dpbusd_epi32(i1, q[5], bcast4(xb + 20));
-                i0 = _mm512_dpbusd_epi32(i0, q[6], bcast4(xb + 24));
-                i1 = _mm512_dpbusd_epi32(i1, q[7], bcast4(xb + 28));
+                __m512i i0, i1;
+                dot_halves16(q, xq[tt] + b * LRQ_QK, &i0, &i1);
                 gs[tt] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), _mm512_set1_ps(dx[tt][b]), gs[tt]);
                 if (last) {
                     acc0[tt] = _mm512_fmadd_ps(gs[tt], _mm512_loadu_ps(adT + (b / bpg) * 16), acc0[tt]);
@@ -250,13 +277,7 @@ LRQ_INLINE void rows16(const lrq_weight * w, const lrq_replica * r, const lrq_ac
             }
         }
     }
-    const __mmask16 mr   = (__mmask16) ((1u << nr) - 1u);
-    const __m512    gain = (r && r->gain) ? _mm512_maskz_loadu_ps(mr, r->gain + o0) : _mm512_set1_ps(1.0f);
-    const __m512    bias = (r && r->bias) ? _mm512_maskz_loadu_ps(mr, r->bias + o0) : _mm512_setzero_ps();
-    for (int tt = 0; tt < NT; ++tt) {
-        _mm512_mask_storeu_ps(y + (t0 + tt) * y_stride + (o0 - row0), mr,
-                              _mm512_fmadd_ps(gain, _mm512_add_ps(acc0[tt], acc1[tt]), bias));
-    }
+    store_rows16(r, y, y_stride, row0, o0, nr, t0, acc0, acc1, NT);
 }
 
 static void rows16_nt1(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y, int64_t y_stride,
@@ -290,15 +311,7 @@ static void factors16_tl(const lrq_weight * w, const lrq_replica * r, int64_t o0
     float *       dT = sbT, * bT = sbT + 16 * ns, * mT = sbT + 32 * ns;
     __m512i       T[16];
     for (int64_t G0 = 0; G0 < ns; G0 += 16) {
-        const int       n  = (int) (ns - G0 < 16 ? ns - G0 : 16);
-        const __mmask16 mk = (__mmask16) ((1u << n) - 1u);
-        for (int rr = 0; rr < 16; ++rr) {
-            const __mmask16 mr = rr < nr ? mk : 0;
-            const __m256i   dv = _mm256_maskz_loadu_epi16(mr, w->d + (o0 + rr) * w->d_row_stride + G0);
-            const __m256i   mv = _mm256_maskz_loadu_epi16(mr, w->m + (o0 + rr) * w->m_row_stride + G0);
-            T[rr] = _mm512_inserti64x4(_mm512_castsi256_si512(dv), mv, 1);
-        }
-        transpose16(T);   // T[j] lane rr: (d, d) of super-blocks G0 + 2j, 2j + 1 (j < 8), (dmin, dmin) at 8 + j
+        const int n = load_dm16(w, o0, nr, ns, G0, T);   // T[j] lane rr: (d, d) of super-blocks G0 + 2j, 2j + 1 (j < 8), (dmin, dmin) at 8 + j
         for (int g = 0; g < n; ++g) {
             const __m512i dw = g % 2 ? _mm512_srli_epi32(T[g / 2], 16) : T[g / 2];
             const __m512i mw = g % 2 ? _mm512_srli_epi32(T[8 + g / 2], 16) : T[8 + g / 2];
@@ -403,15 +416,8 @@ LRQ_INLINE void rows16_tl(const lrq_weight * w, const lrq_replica * r, const lrq
             const __m512i sc   = _mm512_loadu_si512(scT + b * 16);
             const int     last = ((b + 1) & (bps - 1)) == 0 || b + 1 == nb;
             for (int tt = 0; tt < NT; ++tt) {
-                const int8_t * xb = xq[tt] + b * LRQ_QK;
-                __m512i        i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[0], bcast4(xb + 0));   // weights 0-15
-                __m512i        i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[4], bcast4(xb + 16));  // 16-31
-                i0 = _mm512_dpbusd_epi32(i0, q[1], bcast4(xb + 4));
-                i1 = _mm512_dpbusd_epi32(i1, q[5], bcast4(xb + 20));
-                i0 = _mm512_dpbusd_epi32(i0, q[2], bcast4(xb + 8));
-                i1 = _mm512_dpbusd_epi32(i1, q[6], bcast4(xb + 24));
-                i0 = _mm512_dpbusd_epi32(i0, q[3], bcast4(xb + 12));
-                i1 = _mm512_dpbusd_epi32(i1, q[7], bcast4(xb + 28));
+                __m512i i0, i1;   // weights 0-15, 16-31
+                dot_halves16(q, xq[tt] + b * LRQ_QK, &i0, &i1);
                 const __m512i v = B == 16 ? _mm512_mask_blend_epi16(0xAAAAAAAAu, i0, _mm512_slli_epi32(i1, 16))
                                           : _mm512_add_epi32(i0, i1);
                 gs[tt] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(v, sc)), _mm512_set1_ps(dx[tt][b]), gs[tt]);
@@ -429,13 +435,7 @@ LRQ_INLINE void rows16_tl(const lrq_weight * w, const lrq_replica * r, const lrq
             }
         }
     }
-    const __mmask16 mr   = (__mmask16) ((1u << nr) - 1u);
-    const __m512    gain = (r && r->gain) ? _mm512_maskz_loadu_ps(mr, r->gain + o0) : _mm512_set1_ps(1.0f);
-    const __m512    bias = (r && r->bias) ? _mm512_maskz_loadu_ps(mr, r->bias + o0) : _mm512_setzero_ps();
-    for (int tt = 0; tt < NT; ++tt) {
-        _mm512_mask_storeu_ps(y + (t0 + tt) * y_stride + (o0 - row0), mr,
-                              _mm512_fmadd_ps(gain, _mm512_add_ps(acc0[tt], acc1[tt]), bias));
-    }
+    store_rows16(r, y, y_stride, row0, o0, nr, t0, acc0, acc1, NT);
 }
 
 #define LRQ_ROWS16_TL(NAME, NT, B)                                                                                    \
