@@ -5,7 +5,9 @@ peak anonymous memory of the whole process tree (RssAnon summed over the process
 children, sampled every SAMPLE_S: the memory a step needs, without the pages of memory-mapped
 files, which the kernel can drop and re-read), the peak total RSS (with those pages), and the
 bytes the step wrote under its work directory.  Then a least-squares line per step through the
-(parameters, peak anonymous memory) points and its value at 32 B parameters.
+(parameters, peak anonymous memory) points and its value at 32 B parameters, and one through the
+(parameters of one block, peak anonymous memory) points, the quantity block streaming makes the
+memory follow, at the block of Qwen2.5-32B (bench/synth_model.py's shape, 488 M parameters).
 
 Steps (each a command as a user types it):
   convert      lrq-convert SRC lrq2.gguf --bits 2 --group-size 64            (round to nearest)
@@ -121,9 +123,16 @@ def source_of(model: str, work: Path) -> tuple[Path, float]:
     return out, float(synth_model.n_params(model))
 
 
-def fit(rows: list[dict], step: str) -> tuple[float, float] | None:
-    """(MiB per B parameters, intercept MiB) of peak anon memory, least squares."""
-    pts = [(r["params"] / 1e9, r["anon_mib"]) for r in rows if r["step"] == step and r["rc"] == 0]
+def block_params_of(src: Path) -> int:
+    """Parameters of block 0 of a GGUF (the tensor shapes of blk.0.*)."""
+    from lrq.gguf_hparams import numpy_shape, open_reader
+    import numpy as np
+    return sum(int(np.prod(numpy_shape(t))) for t in open_reader(src).tensors if t.name.startswith("blk.0."))
+
+
+def fit(rows: list[dict], step: str, key: str = "params") -> tuple[float, float] | None:
+    """(MiB per B of ``key``, intercept MiB) of peak anon memory, least squares."""
+    pts = [(r[key] / 1e9, r["anon_mib"]) for r in rows if r["step"] == step and r["rc"] == 0]
     if len(pts) < 2:
         return None
     n = len(pts)
@@ -140,11 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", default=",".join(STEPS))
     ap.add_argument("--tokens", type=int, default=1024, help="calibration tokens of every step (default 1024)")
     ap.add_argument("--work", type=Path, default=REPO / "out" / "growth")
+    ap.add_argument("--report", action="store_true", help="run nothing: the tables of the recorded runs")
     a = ap.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     results = a.work / "growth.jsonl"
     rows = [json.loads(l) for l in results.read_text().splitlines()] if results.exists() else []
-    for model in a.models.split(","):
+    for model in ([] if a.report else a.models.split(",")):
         src, params = source_of(model, a.work)
         w = a.work / model
         w.mkdir(exist_ok=True)
@@ -167,12 +177,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['model']} | {r['params'] / 1e9:.2f} | {r['source_mib']:.0f} | {r['step']}{rc} | "
               f"{r['wall_s']:.0f}{flag} | {r['anon_mib']:.0f} | {r['rss_mib']:.0f} | {r['written_mib']:.0f} | "
               f"{r['load']:.1f} |")
-    print("\n| step | anon MiB per B params | intercept MiB | at 32 B (GiB) |")
-    print("|---|---|---|---|")
+    import synth_model
+    blocks = {}
+    for r in rows:
+        if r["model"] not in blocks:
+            blocks[r["model"]] = block_params_of(source_of(r["model"], a.work)[0])
+        r["block_params"] = blocks[r["model"]]
+    target = synth_model.block_params("qwen2.5-32b") / 1e9
+    print("\n| step | anon MiB per B params | intercept MiB | at 32 B params (GiB) | anon MiB per B block "
+          f"params | intercept MiB | at Qwen2.5-32B's block, {target * 1e3:.0f} M (GiB) |")
+    print("|---|---|---|---|---|---|---|")
     for step in STEPS:
-        f = fit(rows, step)
-        if f:
-            print(f"| {step} | {f[0]:.0f} | {f[1]:.0f} | {(f[0] * 32 + f[1]) / 1024:.1f} |")
+        f, g = fit(rows, step), fit(rows, step, "block_params")
+        if f and g:
+            print(f"| {step} | {f[0]:.0f} | {f[1]:.0f} | {(f[0] * 32 + f[1]) / 1024:.1f} | {g[0]:.0f} | {g[1]:.0f} | "
+                  f"{(g[0] * target + g[1]) / 1024:.1f} |")
     return 0
 
 

@@ -30,6 +30,9 @@ SHAPES = {
                        num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
     "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+    # the method's target; its shape is used for extrapolation (a 65 GB F16 file is not written here)
+    "qwen2.5-32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+                        num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
 }
 TEMPLATE = "qwen2.5-1.5b"          # lrq's bundled asset of the same family (keys, tokenizer)
 STD = 0.02
@@ -46,12 +49,17 @@ def block_tensors(n_embd: int, n_ff: int, n_kv: int) -> list[tuple[str, tuple[in
             ("ffn_down.weight", (n_embd, n_ff))]
 
 
+def block_params(name: str) -> int:
+    c = SHAPES[name]
+    d, f = c["hidden_size"], c["intermediate_size"]
+    n_kv = d // c["num_attention_heads"] * c["num_key_value_heads"]
+    return sum(int(np.prod(s)) for _, s in block_tensors(d, f, n_kv))
+
+
 def n_params(name: str, n_vocab: int = 151936) -> int:
     c = SHAPES[name]
-    d, f, L = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
-    n_kv = d // c["num_attention_heads"] * c["num_key_value_heads"]
-    block = sum(int(np.prod(s)) for _, s in block_tensors(d, f, n_kv))
-    return n_vocab * d * (1 if c["tie_word_embeddings"] else 2) + d + L * block
+    d = c["hidden_size"]
+    return n_vocab * d * (1 if c["tie_word_embeddings"] else 2) + d + c["num_hidden_layers"] * block_params(name)
 
 
 def write(name: str, out: Path, seed: int = 0) -> Path:
