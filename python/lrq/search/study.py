@@ -39,7 +39,6 @@ import json
 import math
 import os
 import socket
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
