@@ -1,6 +1,10 @@
 """A SmolLM2 lrq-calibrate killed with SIGKILL halfway and resumed (docs/resume.md).
 
     flock /tmp/lrq-heavy.lock .venv/bin/python bench/resume_kill.py [--out out/resume] [--kill-at 15]
+    # a larger model, against an uninterrupted run made before with the same options (bench/growth.py's):
+    .venv/bin/python bench/resume_kill.py --out out/resume-3b --lrq out/growth/qwen2.5-3b/lrq2.gguf \
+        --source out/growth/qwen2.5-3b.f16.gguf --tokens 512 --steps 2 --threads 2 --kill-at 17 \
+        --uninterrupted out/growth/qwen2.5-3b/cal.gguf
 
 1. ``lrq-convert SRC x.gguf --base-type IQ2_XS --plan none --calib sotu-calib`` (kept when there);
 2. ``lrq-calibrate x.gguf y.gguf --source <F32 ref> --tokens 512 --steps 10 --threads 1``
@@ -68,6 +72,13 @@ def main() -> int:
     ap.add_argument("--kill-at", type=int, default=15, help="kill once this layer's file exists (default 15)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lrq", default=None, help="calibrate this file instead of SmolLM2's IQ2_XS conversion")
+    ap.add_argument("--source", default=None, help="with --lrq: its source")
+    ap.add_argument("--uninterrupted", default=None,
+                    help="with --lrq: the output of an uninterrupted run with these options, made earlier "
+                         "(e.g. bench/growth.py's cal.gguf): the two uninterrupted runs are skipped")
     a = ap.parse_args()
     sys.path.insert(0, str(REPO / "python"))
     from lrq import assets
@@ -76,29 +87,35 @@ def main() -> int:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    src = assets.path("smollm2-135m")
-    ref = reference_f32(src)
-    x = out / "x.IQ2_XS.gguf"
-    if not x.exists():
-        subprocess.run([str(BIN / "lrq-convert"), str(src), str(x), "--base-type", "IQ2_XS", "--plan", "none",
-                        "--calib", "sotu-calib", "-q"], check=True)
+    if a.lrq:
+        x, ref = Path(a.lrq), Path(a.source)
+    else:
+        src = assets.path("smollm2-135m")
+        ref = reference_f32(src)
+        x = out / "x.IQ2_XS.gguf"
+        if not x.exists():
+            subprocess.run([str(BIN / "lrq-convert"), str(src), str(x), "--base-type", "IQ2_XS", "--plan", "none",
+                            "--calib", "sotu-calib", "-q"], check=True)
     cal = [str(BIN / "lrq-calibrate"), str(x)]
-    opts = ["--source", str(ref), "--tokens", str(a.tokens), "--steps", str(a.steps), "--threads", "1", "-q"]
+    opts = ["--source", str(ref), "--tokens", str(a.tokens), "--window", str(a.window), "--steps", str(a.steps),
+            "--threads", str(a.threads), "-q"]
     for d in ("D1", "D2"):
         shutil.rmtree(out / d, ignore_errors=True)
     rows = []
-    r0 = timed(cal + [str(out / "y0.gguf"), *opts], out / "run0.log")
-    rows.append(("uninterrupted, no --resume", r0))
-    r1 = timed(cal + [str(out / "y1.gguf"), *opts, "--resume", str(out / "D1")], out / "run1.log")
-    rows.append(("uninterrupted, --resume D1 (fresh)", r1))
+    y0_path = Path(a.uninterrupted) if a.uninterrupted else out / "y0.gguf"
+    if not a.uninterrupted:
+        r0 = timed(cal + [str(out / "y0.gguf"), *opts], out / "run0.log")
+        rows.append(("uninterrupted, no --resume", r0))
+        r1 = timed(cal + [str(out / "y1.gguf"), *opts, "--resume", str(out / "D1")], out / "run1.log")
+        rows.append(("uninterrupted, --resume D1 (fresh)", r1))
     r2 = timed(cal + [str(out / "y2.gguf"), *opts, "--resume", str(out / "D2")], out / "run2.log",
                kill_when=out / "D2" / LAYER_FILE.format(a.kill_at))
     n_left = len([n for n in os.listdir(out / "D2") if n.startswith("layer-")])
     rows.append((f"--resume D2, SIGKILL once layer {a.kill_at} is written ({n_left} layers kept)", r2))
     r3 = timed(cal + [str(out / "y2.gguf"), *opts, "--resume", str(out / "D2")], out / "run3.log")
     rows.append(("--resume D2 again (resumed)", r3))
-    y0 = (out / "y0.gguf").read_bytes()
-    same1 = (out / "y1.gguf").read_bytes() == y0
+    y0 = y0_path.read_bytes()
+    same1 = a.uninterrupted is not None or (out / "y1.gguf").read_bytes() == y0
     same2 = (out / "y2.gguf").read_bytes() == y0
     print("| run | exit | wall s | peak RSS MiB |")
     print("|---|---|---|---|")
@@ -106,8 +123,9 @@ def main() -> int:
         rc = "SIGKILL" if r["killed"] else str(r["rc"])
         print(f"| {what} | {rc} | {r['wall']:.1f} | {r['rss_mib']:.0f} |")
     print(f"\noutput of the --resume run == uninterrupted: {same1}; resumed after the kill == uninterrupted: {same2}")
-    print(f"resume directory: {sum(f.stat().st_size for f in (out / 'D1').iterdir()) / 2**20:.2f} MiB "
-          f"({len(list((out / 'D1').iterdir()))} files)")
+    kept = out / ("D2" if a.uninterrupted else "D1")
+    print(f"resume directory: {sum(f.stat().st_size for f in kept.iterdir()) / 2**20:.2f} MiB "
+          f"({len(list(kept.iterdir()))} files)")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     return 0 if (same1 and same2 and r2["killed"]) else 1
 
