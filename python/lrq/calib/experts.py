@@ -161,11 +161,9 @@ def write_with_tensors(src: Path, dst: Path, tensors: dict[str, np.ndarray]) -> 
     return dst
 
 
-def calibrate_experts(path, out, source, text="sotu-calib", n_tokens: int = 2048, ctx: int = 256,
-                      threads: int | None = None) -> dict[str, np.ndarray]:
+def calibrate_experts(path, out, source, text="sotu-calib", n_tokens: int = 2048,
+                      ctx: int = 256) -> dict[str, np.ndarray]:
     from ..select.measure import calib_tokens
-    if threads:
-        torch.set_num_threads(threads)
     f = LRQModelFile(path)
     if not f.expert_entries:
         raise ExpertCalibError(f"{path}: the file has no expert-replication entries (lrq.moe.*); make them "

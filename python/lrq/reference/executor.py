@@ -97,7 +97,8 @@ class BlockCache(Mapping):
     def __init__(self, ref: "Reference", keys: list[tuple[int, int]], max_blocks: int):
         if max_blocks < 1:
             raise ReferenceError(f"max_blocks must be >= 1, got {max_blocks}")
-        self._ref, self._keys, self.max_blocks = ref, tuple(keys), int(max_blocks)
+        # a dict for its order (iteration) and its O(1) membership (every block access asks)
+        self._ref, self._keys, self.max_blocks = ref, dict.fromkeys(keys), int(max_blocks)
         self._held: OrderedDict[tuple[int, int], Block] = OrderedDict()
         self.loads = 0
         self.peak = 0
@@ -203,7 +204,7 @@ class Reference:
         """Token embeddings [*ids.shape, n_embd] (the same values as tok_embd[ids]); without
         the whole matrix loaded, only these rows are dequantized."""
         ids = np.asarray(ids, dtype=np.int64)
-        if self._tok_embd is None and hasattr(self.model, "rows"):
+        if self._tok_embd is None:
             return self._t(self.model.rows("token_embd.weight", ids))
         return self.tok_embd[torch.from_numpy(ids)]
 
@@ -217,12 +218,17 @@ class Reference:
     def _opt(self, name: str) -> torch.Tensor | None:
         return self._t(self.model.tensor(name)) if self._has(name) else None
 
+    def _is_moe(self, layer: int) -> bool:
+        return self._has(f"blk.{layer}.ffn_gate_inp.weight")
+
+    def _linears(self, layer: int) -> tuple[str, ...]:
+        """The block linears of a layer: a MoE layer's FFN is its router and experts instead."""
+        return _LINEARS[:4] if self._is_moe(layer) else _LINEARS
+
     def _check_block_tensors(self, layer: int) -> None:
         p = f"blk.{layer}"
-        moe = self._has(f"{p}.ffn_gate_inp.weight")
-        names = [f"{p}.attn_norm.weight", f"{p}.ffn_norm.weight"]
-        names += [f"{p}.{n}.weight" for n in (_LINEARS[:4] if moe else _LINEARS)]
-        if moe:
+        names = [f"{p}.attn_norm.weight", f"{p}.ffn_norm.weight"] + [f"{p}.{n}.weight" for n in self._linears(layer)]
+        if self._is_moe(layer):
             names += [f"{p}.ffn_{n}_exps.weight" for n in ("gate", "up", "down")]
         for n in names:
             if not self._has(n):
@@ -231,8 +237,8 @@ class Reference:
     def _load_block(self, layer: int, replica: int) -> Block:
         p = f"blk.{layer}"
         lin = {}
-        moe = self._load_moe(layer) if self._has(f"{p}.ffn_gate_inp.weight") else None
-        for name in (_LINEARS[:4] if moe is not None else _LINEARS):
+        moe = self._load_moe(layer) if self._is_moe(layer) else None
+        for name in self._linears(layer):
             w, params = self.model.weight(f"{p}.{name}.weight", replica)
             gain, rbias, act_clip, bits, clip = _replica_terms(params)
             lr_u, lr_v = _lowrank_terms(params)
