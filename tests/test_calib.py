@@ -31,6 +31,9 @@ from numerics import nmse
 from tiny_models import tiny_calib_text
 
 N_WIN, WINDOW = 4, 128          # 512 calibration tokens: > n_in (<= 192) of every tiny linear
+# E[x^2] is summed in float64 (measured max relative difference to numpy's float64 mean: 3.6e-16);
+# the float32 diagonal of X^T X it replaced differs by up to 4.2e-7 and fails this bound
+SQ_MEAN_RTOL = 1e-12
 # float32 torch vs float64 numpy on O(1) weights: relative error ~1e-7; 1e-5 leaves margin
 F32_RTOL = 1e-5
 # two float32 paths through the same blocks (calibrator's modules vs the reference executor on
@@ -98,7 +101,39 @@ def test_activations_follow_the_reference(src, windows, acts):
         X = inputs[name].double()
         assert stats[name].n == X.shape[0] == windows.size
         np.testing.assert_allclose(stats[name].xtx, (X.T @ X).numpy(), rtol=1e-4, atol=1e-3)
-        np.testing.assert_allclose(stats[name].sq_mean, (X ** 2).mean(0).numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(stats[name].sq_mean, (X ** 2).mean(0).numpy(), rtol=SQ_MEAN_RTOL, atol=0)
+
+
+def test_statistics_without_xtx(src, windows, acts):
+    """full_stats=False (act-mse, lrq-calibrate) gathers no X^T X and the same E[x^2] / max |x|
+    to the bit: a conversion with act-mse cannot tell which statistics it was given."""
+    diag = SourceActivations(src, windows, full_stats=False)
+    for layer in range(acts.n_layer):
+        full, only = acts.linear_stats(layer), diag.linear_stats(layer)
+        assert sorted(only) == sorted(full) == sorted(LINEARS)
+        for name in LINEARS:
+            assert only[name].xtx is None and only[name].n == full[name].n
+            assert np.array_equal(only[name].sq_mean, full[name].sq_mean), (layer, name)
+            assert np.array_equal(only[name].abs_max, full[name].abs_max), (layer, name)
+            with pytest.raises(ValueError, match=r"E\[x\^2\] per channel only"):
+                only[name].hessian
+
+
+def test_act_mse_conversion_matches_full_statistics(src, text_file, acts, tmp_path):
+    """lrq-convert --scale-search act-mse (which now gathers E[x^2] only) writes exactly the codes
+    of the importance-weighted quantizer fed by the full statistics of the float stream."""
+    opts = ConvertOptions(bits=2, group_size=32, scale_search="act-mse", calib_text=str(text_file),
+                          calib_tokens=N_WIN * WINDOW, calib_window=WINDOW, progress=False)
+    out = tmp_path / "act-mse.gguf"
+    convert(src, out, opts)
+    f, mf = LRQModelFile(out), open_model(src)
+    for layer in range(acts.n_layer):
+        st = acts.linear_stats(layer)
+        for name in LINEARS:
+            w = mf.tensor(f"blk.{layer}.{name}.weight").astype(np.float32)
+            q, d, m = weighted_quantize_codes(w, 2, 32, "asym", st[name].sq_mean, refit=opts.refits)
+            want = dequantize_codes(q, d, m, 2, 32, "asym")
+            assert np.array_equal(f.tensor(f"blk.{layer}.{name}.weight"), want), (layer, name)
 
 
 # ---- the differentiable replica dequantization ----------------------------------------------
@@ -123,6 +158,10 @@ def test_replica_linear_matches_format(mode, bits, g, granularity):
     ex = mod.export()
     assert ex["scale_mult"].dtype == np.float16 and ex["scale_mult"].shape == (n_out, ng)
     assert ex["gain"].dtype == np.float32 and ex["act"].tolist() == [0.8000000119209290, 0.0]
+    # what the module keeps between steps: one byte of codes per weight, d / m per group and the
+    # group index (a per-weight float32 d, d * level and m, as before, would be 12 bytes per weight)
+    kept = sum(b.numel() * b.element_size() for b in mod.buffers())
+    assert kept <= n_out * n_in + 2 * 4 * n_out * qt.n_groups + 8 * n_in, kept
 
 
 # ---- GPTQ and the importance-weighted search ------------------------------------------------

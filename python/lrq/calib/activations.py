@@ -6,8 +6,8 @@ windows and gives, per block L:
 - ``block_input(L)`` / ``block_output(L)``: the residual stream entering / leaving block L,
   float32 ``[n_windows, window, n_embd]``;
 - ``linear_stats(L)``: per linear, the sum X^T X over all calibration tokens of its input
-  (float64 ``[n_in, n_in]``, GPTQ's Hessian up to a factor 2/n), the token count, E[x_i^2] and
-  max |x_i| per input channel;
+  (float64 ``[n_in, n_in]``, GPTQ's Hessian up to a factor 2/n; not gathered with
+  ``full_stats=False``), the token count, E[x_i^2] and max |x_i| per input channel;
 - ``linear_inputs(L)``: the raw inputs ``[n_tokens, n_in]`` (memory heavy; for small models,
   tests and diagnostics).
 
@@ -65,19 +65,50 @@ STAGES = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up
 @dataclass
 class LinearStats:
     """Second-moment statistics of one linear's input over the calibration tokens."""
-    xtx: np.ndarray          # float64 [n_in, n_in]: sum_t x_t x_t^T
+    xtx: np.ndarray | None   # float64 [n_in, n_in]: sum_t x_t x_t^T; None: not gathered (full=False)
     n: int                   # tokens
     abs_max: np.ndarray      # float64 [n_in]: max_t |x_t,i|
+    sq_sum: np.ndarray       # float64 [n_in]: sum_t x_t,i^2 (in float64, with or without xtx)
 
     @property
     def sq_mean(self) -> np.ndarray:
         """E[x_i^2] per input channel (the importance of AWQ-style searches)."""
-        return np.diag(self.xtx) / max(self.n, 1)
+        return self.sq_sum / max(self.n, 1)
 
     @property
     def hessian(self) -> np.ndarray:
         """H = X^T X / n (GPTQ's Hessian of the layer's squared output error, up to 2)."""
+        if self.xtx is None:
+            raise ValueError("these statistics hold E[x^2] per channel only (gathered with full=False)")
         return self.xtx / max(self.n, 1)
+
+
+class _StatsSink:
+    """Accumulates LinearStats of the inputs handed to it.  ``full``: also X^T X, n_in^2 float64
+    (GPTQ needs it; act-mse and the low-rank initialisation need only E[x^2], and X^T X of a 32B
+    model's ffn_down alone is 6.1 GB)."""
+
+    def __init__(self, full: bool = True):
+        self.full = full
+        self.xtx = self.amax = self.sq = None
+        self.n = 0
+
+    def __call__(self, x):
+        x = x.detach()
+        sq = (x.to(torch.float64) ** 2).sum(dim=0).numpy()
+        amax = x.abs().amax(dim=0).to(torch.float64).numpy()
+        xtx = (x.T @ x).to(torch.float64).numpy() if self.full else None
+        if self.n == 0:
+            self.xtx, self.amax, self.sq = xtx, amax, sq
+        else:
+            if self.full:
+                self.xtx += xtx
+            self.amax = np.maximum(self.amax, amax)
+            self.sq += sq
+        self.n += x.shape[0]
+
+    def stats(self) -> LinearStats:
+        return LinearStats(self.xtx, self.n, self.amax, self.sq)
 
 
 class _Recorder:
@@ -132,8 +163,11 @@ class SourceActivations(_Stream):
 
     def __init__(self, source: str | os.PathLike, windows: np.ndarray, *,
                  dtype: torch.dtype = torch.float32, progress: bool = False,
-                 max_checkpoint_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES, reference=None):
+                 max_checkpoint_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES, reference=None,
+                 full_stats: bool = True):
+        """full_stats False: ``linear_stats`` gathers E[x^2] and max |x| only (no X^T X)."""
         super().__init__(source, windows, dtype, progress, reference)
+        self.full_stats = full_stats
         x0 = self.ref.embed(self.windows)
         per_layer = x0.numel() * x0.element_size()
         self.stride = max(1, math.ceil(per_layer * self.n_layer / max(max_checkpoint_bytes, 1)))
@@ -187,23 +221,10 @@ class SourceActivations(_Stream):
         """{linear name: LinearStats} of block ``layer`` (the last layer asked is cached)."""
         if self._stats_layer == layer:
             return self._stats
-        acc: dict[str, list] = {}
-
-        def sink_for(name):
-            def sink(x):
-                x = x.detach()
-                xtx = (x.T @ x).to(torch.float64).numpy()
-                amax = x.abs().amax(dim=0).to(torch.float64).numpy()
-                if name not in acc:
-                    acc[name] = [xtx, x.shape[0], amax]
-                else:
-                    a = acc[name]
-                    a[0] += xtx; a[1] += x.shape[0]; a[2] = np.maximum(a[2], amax)
-            return sink
-
-        self._capture(layer, sink_for)
+        sinks: dict[str, _StatsSink] = {}
+        self._capture(layer, lambda name: sinks.setdefault(name, _StatsSink(self.full_stats)))
         # a MoE block has no dense ffn_* linears (their inputs were never recorded)
-        self._stats = {n: LinearStats(*acc[SHARED_INPUT[n]]) for n in LINEARS if SHARED_INPUT[n] in acc}
+        self._stats = {n: sinks[SHARED_INPUT[n]].stats() for n in LINEARS if SHARED_INPUT[n] in sinks}
         self._stats_layer = layer
         return self._stats
 
@@ -233,29 +254,6 @@ class _Tap:
         raise _Stop
 
 
-class _StatsSink:
-    """Accumulates LinearStats of the inputs handed to it."""
-
-    def __init__(self):
-        self.xtx = None
-        self.n = 0
-        self.amax = None
-
-    def __call__(self, x):
-        x = x.detach()
-        xtx = (x.T @ x).to(torch.float64).numpy()
-        amax = x.abs().amax(dim=0).to(torch.float64).numpy()
-        if self.xtx is None:
-            self.xtx, self.amax = xtx, amax
-        else:
-            self.xtx += xtx
-            self.amax = np.maximum(self.amax, amax)
-        self.n += x.shape[0]
-
-    def stats(self) -> LinearStats:
-        return LinearStats(self.xtx, self.n, self.amax)
-
-
 # quantize_fn(linear name, stats of its input on the quantized stream) -> the dequantized weight
 # [n_out, n_in] the block should use from now on, or None to keep the source's weight
 QuantizeFn = Callable[[str, LinearStats], "np.ndarray | None"]
@@ -268,8 +266,11 @@ class QuantizedStream(_Stream):
     advances the stream through it; ``x`` is the stream entering block ``layer``."""
 
     def __init__(self, source: str | os.PathLike, windows: np.ndarray, *,
-                 dtype: torch.dtype = torch.float32, progress: bool = False, reference=None):
+                 dtype: torch.dtype = torch.float32, progress: bool = False, reference=None,
+                 full_stats: bool = True):
+        """full_stats False: the statistics handed to quantize_fn hold no X^T X."""
         super().__init__(source, windows, dtype, progress, reference)
+        self.full_stats = full_stats
         self.x = self.ref.embed(self.windows)
         self.layer = 0
 
@@ -279,7 +280,7 @@ class QuantizedStream(_Stream):
 
     def _record(self, blk: Block, name: str) -> LinearStats:
         """Stats of linear ``name``'s input: block passes up to that linear, every window."""
-        sink = _StatsSink()
+        sink = _StatsSink(self.full_stats)
         tapped = dataclasses.replace(blk, lin={**blk.lin, name: _Tap(sink)})
         pos, cos, sin = self.ctx
         with torch.no_grad():

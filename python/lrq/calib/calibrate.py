@@ -553,7 +553,7 @@ def calibrate(src: str | os.PathLike, out: str | os.PathLike, source: str | os.P
     store = _resume_dir(opts, f, src, source, windows, adapter, log) if opts.resume else None
     n_done = store.finished() if store is not None else 0
     try:
-        acts = SourceActivations(source, windows, progress=opts.progress)
+        acts = SourceActivations(source, windows, progress=opts.progress, full_stats=False)   # E[x^2] only
     except ValueError as e:       # ModelFileError / ReferenceError: the source cannot be run
         raise CalibError(f"{source}: {e}") from None
     check_pairing(f, acts.ref, source)

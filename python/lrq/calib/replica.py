@@ -3,8 +3,8 @@
     W_r[o, i] = gamma[o] * ( alpha[o, G] * d[o, G] * (level(q[o, i]) + beta[o, G]) + m[o, G] )
     y_r[t, o] = sum_i W_r[o, i] * act(x)[t, i] + bias[o]  (+ the model's own bias, e.g. qwen2 q/k/v)
 
-``ReplicaLinear`` holds the frozen codes (as float levels), the frozen fp16 base parameters d
-and m, and the replica's parameters alpha (scale_mult), beta (grid_offset), gamma (gain) and bias
+``ReplicaLinear`` holds the frozen codes (one byte per weight), the frozen fp16 base parameters d
+and m (one per group), and the replica's parameters alpha (scale_mult), beta (grid_offset), gamma (gain) and bias
 as torch Parameters (alpha and beta of shape [n_out, n_groups] or [n_out, 1]); the activation
 clip ratio c and bits k are plain attributes.  ``export()`` gives the tensors to write with
 ``lrq.convert.update.set_replica_params`` (F16 alpha / beta, F32 gain / bias / act);
@@ -149,15 +149,16 @@ class ReplicaLinear(_LowRank, torch.nn.Module):
         n_out, n_in, ng = qt.n_out, qt.n_in, qt.n_groups
         self.n_out, self.n_in, self.n_groups, self.group_size = n_out, n_in, ng, qt.group_size
         self.learn = tuple(learn)
-        level = unpack(qt.codes, qt.bits, n_in).astype(np.float32) - np.float32(zero_point(qt.bits, qt.mode))
+        # The codes stay one byte per weight and d / m one value per group: W is rebuilt from
+        # them at every step (per-weight float32 buffers would hold 12 more bytes per weight for
+        # as long as the module lives; RESULTS "How the pipeline grows with the model").  The
+        # float32 operations are those of the expanded form, so W and its gradients are the same
+        # bits.
+        self.register_buffer("codes", torch.from_numpy(unpack(qt.codes, qt.bits, n_in)))
+        self.zero_point = float(np.float32(zero_point(qt.bits, qt.mode)))
         self.register_buffer("gidx", torch.from_numpy(group_index(n_in, qt.group_size)))
-        gi = group_index(n_in, qt.group_size)
-        d = qt.scale.astype(np.float32)[:, gi]
-        # per-weight d, d * level and m, expanded once (the fit rebuilds W every step)
-        self.register_buffer("d_w", torch.from_numpy(d))
-        self.register_buffer("dl_w", torch.from_numpy(d * level))
-        self.register_buffer("m_w", None if qt.min is None
-                             else torch.from_numpy(qt.min.astype(np.float32)[:, gi]))
+        self.register_buffer("d", torch.from_numpy(qt.scale.astype(np.float32)))
+        self.register_buffer("m", None if qt.min is None else torch.from_numpy(qt.min.astype(np.float32)))
         self.register_buffer("model_bias", None if model_bias is None
                              else torch.as_tensor(np.asarray(model_bias, dtype=np.float32)))
         width = ng if granularity == "group" else 1
@@ -181,9 +182,11 @@ class ReplicaLinear(_LowRank, torch.nn.Module):
     def base_weight(self) -> torch.Tensor:
         """alpha * d * (level + beta) + m (without the gain), float32 [n_out, n_in]."""
         # alpha * d * (level + beta) + m = alpha * (d * level + d * beta) + m
-        w = self._expand(self.scale_mult) * (self.dl_w + self.d_w * self._expand(self.grid_offset))
-        if self.m_w is not None:
-            w = w + self.m_w
+        d = self.d[:, self.gidx]
+        level = self.codes.to(torch.float32) - self.zero_point
+        w = self._expand(self.scale_mult) * (d * level + d * self._expand(self.grid_offset))
+        if self.m is not None:
+            w = w + self.m[:, self.gidx]
         return w
 
     def weight(self) -> torch.Tensor:

@@ -561,10 +561,13 @@ class _CalibratedQuantizer:
             if self.n_done:
                 log(f"resuming: layers 0..{self.n_done - 1} were quantized by an earlier run "
                     f"({self.store.dir})")
+        # X^T X (n_in^2 float64 per linear) only for GPTQ; act-mse needs E[x^2] per channel
+        full = opts.gptq
         if opts.calib_stream == "float":
-            self.acts, self.stream = SourceActivations(src, windows, progress=opts.progress), None
+            self.acts, self.stream = SourceActivations(src, windows, progress=opts.progress,
+                                                       full_stats=full), None
         else:
-            self.acts, self.stream = None, QuantizedStream(src, windows)
+            self.acts, self.stream = None, QuantizedStream(src, windows, full_stats=full)
 
     def _layer_names(self, layer: int) -> list[str]:
         return sorted(n for n in self.lrq_names if layer_of(n) == layer)
