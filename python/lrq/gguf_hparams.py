@@ -15,6 +15,7 @@ import gguf
 import numpy as np
 
 from . import gguf_types
+from .gguf_lean import LeanGGUFReader
 
 GGUF_MAGIC = b"GGUF"
 _MIN_SIZE = 24          # magic + version + tensor count + kv count
@@ -38,7 +39,7 @@ def open_reader(path: str | os.PathLike) -> gguf.GGUFReader:
     if magic != GGUF_MAGIC:
         raise GGUFFileError(f"{p}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
     try:
-        reader = gguf.GGUFReader(p)
+        reader = LeanGGUFReader(p)
     except Exception as e:  # gguf-py raises ValueError/IndexError/... on short or corrupt data
         raise GGUFFileError(f"{p}: cannot parse the GGUF ({type(e).__name__}: {e}); the file is "
                             f"truncated or corrupt") from None

@@ -165,6 +165,7 @@ class ModelFile:
 
     def __init__(self, path: str | os.PathLike, meta: dict | None = None):
         import gguf  # deferred: importing gguf-py costs ~0.3 s
+        from .gguf_lean import LeanGGUFReader
         self.path = Path(path)
         try:
             if meta is None or "GGUF.tensor_infos" not in meta:
@@ -183,7 +184,7 @@ class ModelFile:
         except GGUFMetaError as e:
             raise ModelFileError(str(e)) from None
         try:
-            self._reader = gguf.GGUFReader(self.path, "r")
+            self._reader = LeanGGUFReader(self.path, "r")
         except Exception as e:  # gguf-py raises ValueError/IndexError/... on damaged files
             raise ModelFileError(f"{self.path}: cannot read GGUF tensors ({type(e).__name__}: {e}); "
                                  f"the file is corrupt") from e
