@@ -62,13 +62,13 @@ def select_layers(model_path: str | os.PathLike, spec: QuantSpec, text: str | os
     quantized: dict[int, dict[str, np.ndarray]] = {}
     out: list[LayerScore] = []
     for k in tqdm(range(n_layer), desc="quant error", unit="layer", disable=not progress, leave=False):
-        pairs = []
-        for name, w in layer_weights(model, k).items():
-            wq = quantize_dequantize(w, spec)
-            pairs.append((w, wq))
-            if measure_tokens:
-                quantized.setdefault(k, {})[name] = wq.astype(np.float32)
-        err = relative_error_pairs(pairs)
+        def pairs(k=k):       # one linear at a time: its error is summed, the weights dropped
+            for name, w in layer_weights(model, k):
+                wq = quantize_dequantize(w, spec)
+                if measure_tokens:
+                    quantized.setdefault(k, {})[name] = wq.astype(np.float32)
+                yield w, wq
+        err = relative_error_pairs(pairs())
         sens, mass = stats[k].sensitivity(), stats[k].massive()
         out.append(LayerScore(k, err, sens, mass, score(err, sens, mass)))
     del stats
