@@ -95,6 +95,21 @@ def run_step(cmd: list[str], work: Path, log: Path) -> dict:
             "written_mib": (_bytes_under(work) - before) / 2**20, "load": max(load0, os.getloadavg()[0])}
 
 
+# what each step writes under the model's directory: removed before the step runs, so that a
+# rerun's "written" counts its output again instead of the difference to the earlier one
+OUTPUTS = {"convert": "lrq2.gguf", "convert-act": "lrq2-act.gguf", "calibrate": "cal.gguf",
+           "eval": "eval", "select": "plan.json"}
+
+
+def remove_output(w: Path, step: str) -> None:
+    import shutil
+    out = w / OUTPUTS[step]
+    if out.is_dir() and not out.is_symlink():
+        shutil.rmtree(out)
+    elif out.exists() or out.is_symlink():
+        out.unlink()
+
+
 def commands(src: Path, w: Path, tokens: int) -> dict[str, list[str]]:
     lrq2 = str(w / "lrq2.gguf")
     return {
@@ -160,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         w.mkdir(exist_ok=True)
         cmds = commands(src, w, a.tokens)
         for step in a.steps.split(","):
+            if step in ("calibrate", "eval") and not (w / OUTPUTS["convert"]).exists():
+                raise SystemExit(f"{w / OUTPUTS['convert']} is missing: run the convert step first")
+            remove_output(w, step)
             r = run_step(cmds[step], w, w / f"{step}.log")
             r.update(model=model, step=step, params=params, source=src.name,
                      source_mib=src.stat().st_size / 2**20, cmd=" ".join(cmds[step]))
