@@ -27,6 +27,7 @@ from lrq.model_file import open_model
 from lrq.quant import (ReplicaParams, dequantize, dequantize_codes, quantize, quantize_activations,
                        quantize_codes)
 from lrq.reference import Reference, rms_norm
+from lrq.reference.ops import act_clip_quant
 from numerics import nmse
 from tiny_models import tiny_calib_text
 
@@ -162,6 +163,35 @@ def test_replica_linear_matches_format(mode, bits, g, granularity):
     # group index (a per-weight float32 d, d * level and m, as before, would be 12 bytes per weight)
     kept = sum(b.numel() * b.element_size() for b in mod.buffers())
     assert kept <= n_out * n_in + 2 * 4 * n_out * qt.n_groups + 8 * n_in, kept
+
+
+@pytest.mark.parametrize("mode,bits,g,granularity,lead", [("asym", 2, 64, "channel", (3, 40)),
+                                                          ("asym", 2, 32, "group", (40,)),
+                                                          ("sym", 3, 128, "channel", (1, 17)),
+                                                          ("ternary", 2, 64, "group", (2, 5))])
+def test_replica_matmul_gradients_are_autograds(mode, bits, g, granularity, lead):
+    """The module's matmul rebuilds W in backward (nothing per weight kept); its output and every
+    gradient equal, bit for bit, autograd's through the plain composition x @ base_weight().T
+    (a backward that reduces in another order, e.g. gw = (x^T g)^T, differs by ~1e-4)."""
+    rng = np.random.default_rng(2)
+    n_out, n_in = 96, 256
+    qt = quantize(rng.standard_normal((n_out, n_in)).astype(np.float32), bits, g, mode)
+    ng = qt.n_groups if granularity == "group" else 1
+    rp = ReplicaParams(scale_mult=(1 + 0.1 * rng.standard_normal((n_out, ng))).astype(np.float16),
+                       grid_offset=(0.3 * rng.standard_normal((n_out, ng))).astype(np.float16),
+                       gain=1 + 0.2 * rng.standard_normal(n_out), bias=rng.standard_normal(n_out),
+                       act_clip=0.9)
+    x0 = torch.from_numpy(rng.standard_normal(lead + (n_in,)).astype(np.float32))
+    got = []
+    for plain in (False, True):
+        m = ReplicaLinear(qt, rp, granularity=granularity)
+        x = x0.clone().requires_grad_(True)
+        y = ((act_clip_quant(x, m.act_clip, m.act_bits) @ m.base_weight().T) * m.gain + m.bias
+             if plain else m(x))
+        y.sin().sum().backward()
+        got.append([y.detach(), x.grad, m.scale_mult.grad, m.grid_offset.grad, m.gain.grad, m.bias.grad])
+    for a, b in zip(*got):
+        assert torch.equal(a, b)
 
 
 # ---- GPTQ and the importance-weighted search ------------------------------------------------

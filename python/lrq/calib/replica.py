@@ -133,6 +133,50 @@ def _init(value, n_out: int, ng: int, width: int, default: float) -> torch.Tenso
     return v.expand(n_out, width).clone()
 
 
+class _ReplicaMatmul(torch.autograd.Function):
+    """x @ W^T for W = alpha * (d * level + d * beta) + m (``ReplicaLinear.base_weight``), W rebuilt
+    from the codes in backward instead of kept: autograd would keep d, the bracket and W itself,
+    12 bytes per weight for every linear of a block until its backward.  alpha and beta come in
+    as the module expands them ([n_out, 1] or [n_out, n_in]); the backward makes the products and
+    reductions autograd makes, in its order, so the gradients are the same bits
+    (tests/test_calib.py)."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, beta, mod):
+        with torch.no_grad():
+            w = mod._compose(alpha, beta)
+        ctx.save_for_backward(x, alpha, beta)
+        ctx.mod = mod
+        x2 = x.reshape(-1, x.shape[-1])
+        return (x2 @ w.T).reshape(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, alpha, beta = ctx.saved_tensors
+        mod = ctx.mod
+        with torch.no_grad():
+            d = mod.d[:, mod.gidx]
+            inner = d * mod._level() + d * beta
+            w = alpha * inner
+            if mod.m is not None:
+                w = w + mod.m[:, mod.gidx]
+            x2, g2 = x.reshape(-1, x.shape[-1]), gy.reshape(-1, gy.shape[-1])
+            gx = (g2 @ w).reshape(x.shape) if ctx.needs_input_grad[0] else None
+            ga = gb = None
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+                gw = g2.T @ x2                          # autograd's gradient of W in x @ W.T
+                if ctx.needs_input_grad[1]:
+                    ga = _sum_to(gw * inner, alpha.shape)
+                if ctx.needs_input_grad[2]:
+                    gb = _sum_to((gw * alpha) * d, beta.shape)
+        return gx, ga, gb, None
+
+
+def _sum_to(g: torch.Tensor, shape) -> torch.Tensor:
+    """autograd's reduction of a broadcast operand's gradient to its shape."""
+    return g.sum(dim=1, keepdim=True) if tuple(shape) != tuple(g.shape) else g
+
+
 class ReplicaLinear(_LowRank, torch.nn.Module):
     """One LRQ weight seen through one replica's parameters (see the module doc)."""
 
@@ -179,22 +223,29 @@ class ReplicaLinear(_LowRank, torch.nn.Module):
     def _expand(self, p: torch.Tensor) -> torch.Tensor:
         return p[:, self.gidx] if p.shape[1] > 1 else p
 
-    def base_weight(self) -> torch.Tensor:
-        """alpha * d * (level + beta) + m (without the gain), float32 [n_out, n_in]."""
+    def _level(self) -> torch.Tensor:
+        return self.codes.to(torch.float32) - self.zero_point
+
+    def _compose(self, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         # alpha * d * (level + beta) + m = alpha * (d * level + d * beta) + m
         d = self.d[:, self.gidx]
-        level = self.codes.to(torch.float32) - self.zero_point
-        w = self._expand(self.scale_mult) * (d * level + d * self._expand(self.grid_offset))
+        w = alpha * (d * self._level() + d * beta)
         if self.m is not None:
             w = w + self.m[:, self.gidx]
         return w
+
+    def base_weight(self) -> torch.Tensor:
+        """alpha * d * (level + beta) + m (without the gain), float32 [n_out, n_in]."""
+        return self._compose(self._expand(self.scale_mult), self._expand(self.grid_offset))
 
     def weight(self) -> torch.Tensor:
         """W_r of FORMAT.md §6, gain included."""
         return self.gain[:, None] * self.base_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = (act_clip_quant(x, self.act_clip, self.act_bits) @ self.base_weight().T) * self.gain + self.bias
+        y = _ReplicaMatmul.apply(act_clip_quant(x, self.act_clip, self.act_bits),
+                                 self._expand(self.scale_mult), self._expand(self.grid_offset), self) \
+            * self.gain + self.bias
         lr = self.lowrank_term(x)
         if lr is not None:
             y = y + lr
