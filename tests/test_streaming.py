@@ -183,3 +183,15 @@ def test_calibration_streamed_writes_the_eager_file(src, text_file, tmp_path, mo
     assert (tmp_path / "streamed.gguf").read_bytes() == (tmp_path / "eager.gguf").read_bytes()
     assert isinstance(held[0], BlockCache) and held[0].peak <= 2 < n
     assert isinstance(held[1], dict) and len(held[1]) == n       # the control held every block
+
+
+def test_distillation_targets_stream_the_source(src, windows):  # noqa: F811
+    """lrq-distill's reference pass runs the source block by block over every window (at most
+    STREAM_BLOCKS blocks held) and gives the eager reference's log-probabilities, bit for bit."""
+    from lrq.calib.distill import _targets, reference_target
+    streamed = Reference(open_model(src), torch.float32, max_blocks=STREAM_BLOCKS)
+    got = _targets(streamed, windows, 0, None, {}, False)
+    eager = Reference(open_model(src), torch.float32)
+    want = torch.stack([reference_target(eager.forward(w), 0)["logp"] for w in windows])
+    assert torch.equal(got["logp"], want)
+    assert isinstance(streamed.blocks, BlockCache) and streamed.blocks.peak <= STREAM_BLOCKS < eager.hp.n_layer

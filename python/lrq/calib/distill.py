@@ -17,8 +17,11 @@ schedule that goes back to an earlier layer trains that layer's parameters on ev
 Each schedule step runs under ``torch.utils.checkpoint`` (its activations are recomputed in the
 backward pass): memory holds one step's activations plus one residual stream per step.
 
-The reference runs once: its log-probabilities (all of them, or the top-k and the remaining
-mass with ``top_k``) are kept for the whole run, and with a resume directory also on disk.
+The reference runs once, block by block over every window (the source streamed: two of its
+blocks held, then freed): its log-probabilities (all of them, or the top-k and the remaining
+mass with ``top_k``) are kept for the whole run, and with a resume directory also on disk.  The
+quantized model is held whole: LRQ codes one byte per weight, a stock-typed base's weights
+dequantized to float32.
 Every ``checkpoint_every`` steps the parameters, Adam's state, the step and the loss curve are
 written atomically to the resume directory; a run given the same directory continues from
 there and ends with the same parameters as an uninterrupted run (the windows of step s are a
@@ -51,9 +54,9 @@ from .. import atomic
 from ..constants import replica_param_name
 from ..lrq_file import LRQModelFile
 from ..plan import Execution
-from ..reference import Reference
+from ..reference import STREAM_BLOCKS, Reference
 from ..reference.ops import rms_norm
-from .activations import rope_context
+from .activations import SourceActivations, rope_context
 from .calibrate import CalibrateOptions, QuantLayer, check_pairing, open_job
 from .data import CalibError
 from .replica import GRANULARITIES, PARAMS
@@ -314,17 +317,17 @@ def _targets(ref: Reference, windows: np.ndarray, top_k: int, resume: Path | Non
              recipe: dict, progress: bool) -> dict[str, torch.Tensor]:
     """The reference's targets of every window (from the resume directory when there)."""
     def compute() -> dict[str, torch.Tensor]:
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=len(windows), desc="reference", unit="window", leave=False)
+        # block by block over every window (the source streamed, two blocks held), then the
+        # head window by window: the operations of ref.forward, so the same logits
+        acts = SourceActivations(ref.model.path, windows, reference=ref, progress=progress,
+                                 max_checkpoint_bytes=0, full_stats=False)
+        h = acts.block_output(ref.hp.n_layer - 1)
+        del acts
         parts = []
-        for w in windows:
-            parts.append(reference_target(ref.forward(w), top_k))
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+        with torch.no_grad():
+            for x in h:
+                parts.append(reference_target(rms_norm(x, ref.output_norm, ref.hp.rms_eps) @ ref.output.T,
+                                              top_k))
         return {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
 
     if resume is None:
@@ -378,7 +381,7 @@ def distill(src: str | os.PathLike, out: str | os.PathLike, source: str | os.Pat
     state = _load_state(resume, recipe) if resume is not None else None
 
     try:
-        ref = Reference(source, torch.float32)
+        ref = Reference(source, torch.float32, max_blocks=STREAM_BLOCKS)
     except ValueError as e:      # ModelFileError / ReferenceError: the source cannot be run
         raise CalibError(f"{source}: {e}") from None
     check_pairing(f, ref, source)
