@@ -15,6 +15,7 @@ Steps (each a command as a user types it):
   calibrate    lrq-calibrate lrq2.gguf cal.gguf --source SRC --tokens T --steps 2
   eval         lrq-eval --ref SRC --ref-type source --stock "" --chunks 2 lrq2.gguf
   select       lrq-select SRC -o plan.json --k 2 --tokens T
+  distill      lrq-distill lrq2.gguf dist.gguf --source SRC --tokens T --steps 2 --top-k 256
 
 Models: the bundled SmolLM2-135M (Q4_1) and Qwen2.5-Coder-1.5B (Q4_K_M) and random F16 models
 of Qwen2.5-0.5B / 3B / 7B shape (bench/synth_model.py, written first when missing).
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SAMPLE_S = 0.2
 BIN = Path(sys.executable).parent
-STEPS = ("convert", "convert-act", "calibrate", "eval", "select")
+STEPS = ("convert", "convert-act", "calibrate", "eval", "select", "distill")
 BUNDLED = {"smollm2-135m": 0.1348e9, "qwen2.5-1.5b": 1.777e9}      # parameters (lrq-inspect)
 
 
@@ -98,7 +99,7 @@ def run_step(cmd: list[str], work: Path, log: Path) -> dict:
 # what each step writes under the model's directory: removed before the step runs, so that a
 # rerun's "written" counts its output again instead of the difference to the earlier one
 OUTPUTS = {"convert": "lrq2.gguf", "convert-act": "lrq2-act.gguf", "calibrate": "cal.gguf",
-           "eval": "eval", "select": "plan.json"}
+           "eval": "eval", "select": "plan.json", "distill": "dist.gguf"}
 
 
 def remove_output(w: Path, step: str) -> None:
@@ -123,6 +124,8 @@ def commands(src: Path, w: Path, tokens: int) -> dict[str, list[str]]:
                  "--chunks", "2", "-t", "2", "--work-dir", str(w / "eval"), "-q", lrq2],
         "select": [str(BIN / "lrq-select"), str(src), "-o", str(w / "plan.json"), "--k", "2",
                    "--tokens", str(tokens), "-q"],
+        "distill": [str(BIN / "lrq-distill"), lrq2, str(w / "dist.gguf"), "--source", str(src),
+                    "--tokens", str(tokens), "--steps", "2", "--top-k", "256", "--threads", "2", "-q"],
     }
 
 
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         w.mkdir(exist_ok=True)
         cmds = commands(src, w, a.tokens)
         for step in a.steps.split(","):
-            if step in ("calibrate", "eval") and not (w / OUTPUTS["convert"]).exists():
+            if step in ("calibrate", "eval", "distill") and not (w / OUTPUTS["convert"]).exists():
                 raise SystemExit(f"{w / OUTPUTS['convert']} is missing: run the convert step first")
             remove_output(w, step)
             r = run_step(cmds[step], w, w / f"{step}.log")

@@ -24,8 +24,8 @@ from lrq.cli import convert as convert_cli
 from lrq.convert import ConvertOptions, convert
 from lrq.lrq_file import LRQModelFile
 from lrq.model_file import open_model
-from lrq.quant import (ReplicaParams, dequantize, dequantize_codes, quantize, quantize_activations,
-                       quantize_codes)
+from lrq.quant import (ReplicaParams, dequantize, dequantize_codes, pack, quantize, quantize_activations,
+                       quantize_codes, unpack, unpack_torch)
 from lrq.reference import Reference, rms_norm
 from lrq.reference.ops import act_clip_quant
 from numerics import nmse
@@ -139,6 +139,16 @@ def test_act_mse_conversion_matches_full_statistics(src, text_file, acts, tmp_pa
 
 # ---- the differentiable replica dequantization ----------------------------------------------
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_unpack_torch_matches_numpy(bits):
+    """The calibrator's torch unpacking of packed codes gives numpy's codes (FORMAT.md 4)."""
+    rng = np.random.default_rng(bits)
+    q = rng.integers(0, 1 << bits, size=(5, 96)).astype(np.uint8)
+    packed = pack(q, bits)
+    got = unpack_torch(torch.from_numpy(packed), bits, 96).numpy()
+    assert np.array_equal(got, unpack(packed, bits, 96)) and np.array_equal(got, q)
+
+
 @pytest.mark.parametrize("mode,bits,g,granularity", [("asym", 2, 32, "group"), ("sym", 3, 64, "channel"),
                                                      ("ternary", 2, 128, "group"), ("asym", 4, 128, "channel")])
 def test_replica_linear_matches_format(mode, bits, g, granularity):
@@ -159,10 +169,11 @@ def test_replica_linear_matches_format(mode, bits, g, granularity):
     ex = mod.export()
     assert ex["scale_mult"].dtype == np.float16 and ex["scale_mult"].shape == (n_out, ng)
     assert ex["gain"].dtype == np.float32 and ex["act"].tolist() == [0.8000000119209290, 0.0]
-    # what the module keeps between steps: one byte of codes per weight, d / m per group and the
-    # group index (a per-weight float32 d, d * level and m, as before, would be 12 bytes per weight)
+    # what the module keeps between steps: the packed codes (bits / 8 bytes per weight), d / m per
+    # group and the group index (unpacked codes would be 1 byte per weight; a per-weight float32
+    # d, d * level and m, as an earlier version kept, 12)
     kept = sum(b.numel() * b.element_size() for b in mod.buffers())
-    assert kept <= n_out * n_in + 2 * 4 * n_out * qt.n_groups + 8 * n_in, kept
+    assert kept <= n_out * n_in * bits // 8 + 2 * 4 * n_out * qt.n_groups + 8 * n_in, kept
 
 
 @pytest.mark.parametrize("mode,bits,g,granularity,lead", [("asym", 2, 64, "channel", (3, 40)),

@@ -296,6 +296,28 @@ def _unpack_simple(p: np.ndarray, bits: int, n_in: int) -> np.ndarray:
     return q.reshape(*lead, n_in)
 
 
+def unpack_torch(packed, bits: int, n_in: int):
+    """``unpack`` on a torch uint8 tensor [..., row_bytes] (the same arithmetic, torch ops):
+    codes uint8 [..., n_in].  The calibrator keeps codes packed and unpacks them per step."""
+    import torch
+    if packed.shape[-1] != row_bytes(n_in, bits):
+        raise QuantError(f"{packed.shape[-1]} bytes per row do not hold {n_in} {bits}-bit codes "
+                         f"(expected {row_bytes(n_in, bits)})")
+
+    def simple(p, b):
+        nbytes = 4 * b
+        blocks = p.reshape(*p.shape[:-1], n_in // LRQ_BLOCK, 1, nbytes)
+        shifts = (b * torch.arange(LRQ_BLOCK // nbytes, dtype=torch.uint8)).reshape(-1, 1)
+        return ((blocks >> shifts) & ((1 << b) - 1)).reshape(*p.shape[:-1], n_in)
+
+    if bits != 3:
+        return simple(packed, bits)
+    blocks = packed.reshape(*packed.shape[:-1], -1, 12)
+    lo = simple(blocks[..., :8].reshape(*packed.shape[:-1], -1), 2)
+    hi = simple(blocks[..., 8:].reshape(*packed.shape[:-1], -1), 1)
+    return lo | (hi << 2)
+
+
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
     """Codes uint8 [..., n_in] -> planar blocks uint8 [..., n_in / 32 * 4b] (FORMAT.md)."""
     q = np.asarray(q)

@@ -3,7 +3,7 @@
     W_r[o, i] = gamma[o] * ( alpha[o, G] * d[o, G] * (level(q[o, i]) + beta[o, G]) + m[o, G] )
     y_r[t, o] = sum_i W_r[o, i] * act(x)[t, i] + bias[o]  (+ the model's own bias, e.g. qwen2 q/k/v)
 
-``ReplicaLinear`` holds the frozen codes (one byte per weight), the frozen fp16 base parameters d
+``ReplicaLinear`` holds the frozen codes (packed, as in the file), the frozen fp16 base parameters d
 and m (one per group), and the replica's parameters alpha (scale_mult), beta (grid_offset), gamma (gain) and bias
 as torch Parameters (alpha and beta of shape [n_out, n_groups] or [n_out, 1]); the activation
 clip ratio c and bits k are plain attributes.  ``export()`` gives the tensors to write with
@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..quant import QuantizedTensor, ReplicaParams, group_index, unpack, zero_point
+from ..quant import QuantizedTensor, ReplicaParams, group_index, unpack_torch, zero_point
 from ..reference.ops import act_clip_quant
 
 PARAMS = ("scale_mult", "grid_offset", "gain", "bias")
@@ -193,12 +193,13 @@ class ReplicaLinear(_LowRank, torch.nn.Module):
         n_out, n_in, ng = qt.n_out, qt.n_in, qt.n_groups
         self.n_out, self.n_in, self.n_groups, self.group_size = n_out, n_in, ng, qt.group_size
         self.learn = tuple(learn)
-        # The codes stay one byte per weight and d / m one value per group: W is rebuilt from
-        # them at every step (per-weight float32 buffers would hold 12 more bytes per weight for
+        # The codes stay packed (bits / 8 bytes per weight) and d / m one value per group: W is
+        # rebuilt from them at every step (per-weight float32 buffers would hold 12 more bytes per weight for
         # as long as the module lives; RESULTS "How the pipeline grows with the model").  The
         # float32 operations are those of the expanded form, so W and its gradients are the same
         # bits.
-        self.register_buffer("codes", torch.from_numpy(unpack(qt.codes, qt.bits, n_in)))
+        self.register_buffer("codes", torch.from_numpy(np.array(qt.codes, dtype=np.uint8)))
+        self.bits = qt.bits
         self.zero_point = float(np.float32(zero_point(qt.bits, qt.mode)))
         self.register_buffer("gidx", torch.from_numpy(group_index(n_in, qt.group_size)))
         self.register_buffer("d", torch.from_numpy(qt.scale.astype(np.float32)))
@@ -224,7 +225,7 @@ class ReplicaLinear(_LowRank, torch.nn.Module):
         return p[:, self.gidx] if p.shape[1] > 1 else p
 
     def _level(self) -> torch.Tensor:
-        return self.codes.to(torch.float32) - self.zero_point
+        return unpack_torch(self.codes, self.bits, self.n_in).to(torch.float32) - self.zero_point
 
     def _compose(self, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         # alpha * d * (level + beta) + m = alpha * (d * level + d * beta) + m
