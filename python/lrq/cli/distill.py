@@ -2,8 +2,8 @@
 
 Examples:
     lrq-distill smol.cal.gguf smol.dist.gguf --source SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --calib-text mix-calib --tokens 2048 --steps 100 --resume smol.dist.resume
-    lrq-distill in.gguf out.gguf --source src.gguf --calib-text my-text.txt --top-k 256 --lr 5e-4
+        --calib-text mix-calib --resume smol.dist.resume          # 16384 tokens, 160 steps, top-256
+    lrq-distill in.gguf out.gguf --source src.gguf --calib-text my-text.txt --tokens 4096 --top-k 0 --lr 5e-4
 
 Codes, base parameters, norms, embeddings and the head stay frozen.  Every per-replica
 parameter of every layer (gains, biases, scale multipliers, grid offsets, and any other trainable
@@ -38,10 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib-text", "--text", dest="text", default="sotu-calib", metavar="NAME|FILE",
                     help="calibration text: sotu-calib, mix-calib (several domains) or a text "
                          "file (default sotu-calib)")
-    ap.add_argument("--tokens", type=int, default=2048, help="calibration tokens (default 2048)")
+    ap.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     ap.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
-    ap.add_argument("--steps", type=int, default=100,
-                    help="Adam steps in all; a resumed run continues up to this (default 100)")
+    ap.add_argument("--steps", type=int, default=160,
+                    help="Adam steps in all; a resumed run continues up to this (default 160)")
     ap.add_argument("--batch-windows", type=int, default=1, help="windows per Adam step (default 1)")
     ap.add_argument("--lr", type=float, default=1e-3,
                     help="Adam lr of gains, scale multipliers and other parameters; grid offsets "
@@ -51,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--granularity", choices=("channel", "group"), default="channel",
                     help="shape of scale_mult / grid_offset the input lacks: per output channel "
                          "(default) or per group")
-    ap.add_argument("--top-k", type=int, default=0,
+    ap.add_argument("--top-k", type=int, default=256,
                     help="keep only the reference's top-k log-probabilities and the rest's mass "
-                         "(saves memory on large vocabularies; default 0 = all)")
+                         "(0 = all: n_tokens x vocabulary floats; default 256)")
     ap.add_argument("--resume", default=None, metavar="DIR",
                     help="resume directory: state saved there, and a run with the same DIR continues")
     ap.add_argument("--checkpoint-every", type=int, default=10,
