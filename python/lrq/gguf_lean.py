@@ -26,52 +26,52 @@ from gguf.gguf_reader import ReaderField
 _HEAD_PARTS = 5
 
 
-class _StringArrayParts(Sequence):
-    """The parts of an array-of-strings field, each string's two views made on demand."""
+class _LazyParts(Sequence):
+    """An array field's parts as gguf-py lists them: the head parts, then each item's parts, the
+    latter made when asked for (``_item``)."""
 
-    def __init__(self, reader: "LeanGGUFReader", head: list, starts: np.ndarray):
-        self._reader, self._head, self._starts = reader, head, starts
+    def __init__(self, head: list, n_item_parts: int):
+        self._head, self._n = head, _HEAD_PARTS + n_item_parts
 
     def __len__(self) -> int:
-        return _HEAD_PARTS + 2 * len(self._starts)
+        return self._n
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        n = len(self)
+            return [self[j] for j in range(*i.indices(self._n))]
         if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"part {i} of {n}")
-        if i < _HEAD_PARTS:
-            return self._head[i]
-        k, which = divmod(i - _HEAD_PARTS, 2)
-        off = int(self._starts[k])
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(f"part {i} of {self._n}")
+        return self._head[i] if i < _HEAD_PARTS else self._item(i - _HEAD_PARTS)
+
+    def _item(self, k: int):
+        raise NotImplementedError
+
+
+class _StringArrayParts(_LazyParts):
+    """The parts of an array-of-strings field, each string's two views made on demand."""
+
+    def __init__(self, reader: "LeanGGUFReader", head: list, starts: np.ndarray):
+        super().__init__(head, 2 * len(starts))
+        self._reader, self._starts = reader, starts
+
+    def _item(self, k: int):
+        s, which = divmod(k, 2)
+        off = int(self._starts[s])
         slen = self._reader._get(off, np.uint64)
         return slen if which == 0 else self._reader._get(off + 8, np.uint8, slen[0])
 
 
-class _ScalarArrayParts(Sequence):
+class _ScalarArrayParts(_LazyParts):
     """The parts of an array-of-scalars field: one view of the whole array, one-element views of
     it made on demand (gguf-py makes one view per element: token types, scores)."""
 
     def __init__(self, head: list, values: np.ndarray):
-        self._head, self._values = head, values
+        super().__init__(head, len(values))
+        self._values = values
 
-    def __len__(self) -> int:
-        return _HEAD_PARTS + len(self._values)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"part {i} of {n}")
-        if i < _HEAD_PARTS:
-            return self._head[i]
-        k = i - _HEAD_PARTS
+    def _item(self, k: int):
         return self._values[k:k + 1]
 
 
