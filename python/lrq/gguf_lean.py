@@ -6,9 +6,10 @@ array-of-strings field while it parses the header.  A Qwen2.5 vocabulary (151,93
 opened, and lrq-calibrate opens its files several times (RESULTS "How the pipeline grows with the
 model").  ``LeanGGUFReader`` parses every other field exactly as gguf-py does; an array of
 strings keeps only the offset of each string (8 bytes each) and makes a string's two views when
-they are asked for; an array of numbers is one view (gguf-py: one per element).  Its fields behave as gguf-py's: ``contents()``, ``parts[i]`` for the indices
-in ``data``, ``len(data)``, ``types`` (tests/test_gguf_lean.py compares both readers field by
-field on every kind of GGUF the tests make and on the bundled models).
+they are asked for; an array of numbers is one view (gguf-py: one per element).  Its fields
+behave as gguf-py's: ``contents()``, ``parts[i]`` for the indices in ``data``, ``len(data)``,
+``types`` (tests/test_gguf_lean.py compares both readers field by field on a GGUF of every value
+type, the tiny models, an LRQ file and the bundled SmolLM2).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ backward pass): memory holds one step's activations plus one residual stream per
 The reference runs once, block by block over every window (the source streamed: two of its
 blocks held, then freed): its log-probabilities (all of them, or the top-k and the remaining
 mass with ``top_k``) are kept for the whole run, and with a resume directory also on disk.  The
-quantized model is held whole: LRQ codes one byte per weight, a stock-typed base's weights
+quantized model is held whole: LRQ codes packed as in the file, a stock-typed base's weights
 dequantized to float32.
 Every ``checkpoint_every`` steps the parameters, Adam's state, the step and the loss curve are
 written atomically to the resume directory; a run given the same directory continues from

@@ -3,10 +3,10 @@
     W_r[o, i] = gamma[o] * ( alpha[o, G] * d[o, G] * (level(q[o, i]) + beta[o, G]) + m[o, G] )
     y_r[t, o] = sum_i W_r[o, i] * act(x)[t, i] + bias[o]  (+ the model's own bias, e.g. qwen2 q/k/v)
 
-``ReplicaLinear`` holds the frozen codes (packed, as in the file), the frozen fp16 base parameters d
-and m (one per group), and the replica's parameters alpha (scale_mult), beta (grid_offset), gamma (gain) and bias
-as torch Parameters (alpha and beta of shape [n_out, n_groups] or [n_out, 1]); the activation
-clip ratio c and bits k are plain attributes.  ``export()`` gives the tensors to write with
+``ReplicaLinear`` holds the frozen codes (packed, as in the file), the frozen fp16 base
+parameters d and m (one per group), and the replica's parameters alpha (scale_mult), beta
+(grid_offset), gamma (gain) and bias as torch Parameters (alpha and beta of shape
+[n_out, n_groups] or [n_out, 1]); the activation clip ratio c and bits k are plain attributes.  ``export()`` gives the tensors to write with
 ``lrq.convert.update.set_replica_params`` (F16 alpha / beta, F32 gain / bias / act);
 ``round_to_storage()`` rounds alpha and beta to fp16 in place so what is evaluated is what is
 written.
@@ -155,11 +155,7 @@ class _ReplicaMatmul(torch.autograd.Function):
         x, alpha, beta = ctx.saved_tensors
         mod = ctx.mod
         with torch.no_grad():
-            d = mod.d[:, mod.gidx]
-            inner = d * mod._level() + d * beta
-            w = alpha * inner
-            if mod.m is not None:
-                w = w + mod.m[:, mod.gidx]
+            w, inner, d = mod._compose_parts(alpha, beta)
             x2, g2 = x.reshape(-1, x.shape[-1]), gy.reshape(-1, gy.shape[-1])
             gx = (g2 @ w).reshape(x.shape) if ctx.needs_input_grad[0] else None
             ga = gb = None
@@ -194,10 +190,9 @@ class ReplicaLinear(_LowRank, torch.nn.Module):
         self.n_out, self.n_in, self.n_groups, self.group_size = n_out, n_in, ng, qt.group_size
         self.learn = tuple(learn)
         # The codes stay packed (bits / 8 bytes per weight) and d / m one value per group: W is
-        # rebuilt from them at every step (per-weight float32 buffers would hold 12 more bytes per weight for
-        # as long as the module lives; RESULTS "How the pipeline grows with the model").  The
-        # float32 operations are those of the expanded form, so W and its gradients are the same
-        # bits.
+        # rebuilt from them at every step (per-weight float32 buffers would hold 12 more bytes per
+        # weight for as long as the module lives; RESULTS "How the pipeline grows with the
+        # model").  The float32 operations are those of the expanded form: the same bits.
         self.register_buffer("codes", torch.from_numpy(np.array(qt.codes, dtype=np.uint8)))
         self.bits = qt.bits
         self.zero_point = float(np.float32(zero_point(qt.bits, qt.mode)))
@@ -227,13 +222,18 @@ class ReplicaLinear(_LowRank, torch.nn.Module):
     def _level(self) -> torch.Tensor:
         return unpack_torch(self.codes, self.bits, self.n_in).to(torch.float32) - self.zero_point
 
-    def _compose(self, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    def _compose_parts(self, alpha: torch.Tensor, beta: torch.Tensor):
+        """(W, the bracket d * level + d * beta, d expanded): W = alpha * bracket + m."""
         # alpha * d * (level + beta) + m = alpha * (d * level + d * beta) + m
         d = self.d[:, self.gidx]
-        w = alpha * (d * self._level() + d * beta)
+        inner = d * self._level() + d * beta
+        w = alpha * inner
         if self.m is not None:
             w = w + self.m[:, self.gidx]
-        return w
+        return w, inner, d
+
+    def _compose(self, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        return self._compose_parts(alpha, beta)[0]
 
     def base_weight(self) -> torch.Tensor:
         """alpha * d * (level + beta) + m (without the gain), float32 [n_out, n_in]."""
