@@ -519,7 +519,7 @@ def test_distill_runs_a_revisiting_schedule_in_order(files, tmp_path):
     lrq = tmp_path / "revisit.lrq.gguf"
     convert(files.src, lrq, ConvertOptions(bits=2, group_size=32, plan="0..2,1..2", progress=False))
     assert [(e.layer, e.replica) for e in open_model(lrq).schedule] == [(0, 0), (1, 0), (2, 0), (1, 1), (2, 1)]
-    s = distill(lrq, tmp_path / "d.gguf", files.src, DistillOptions(steps=0, progress=False), windows=windows)
+    s = distill(lrq, tmp_path / "d.gguf", files.src, DistillOptions(steps=0, top_k=0, progress=False), windows=windows)
 
     def kl(model_ref):
         src_ref = Reference(files.src)
