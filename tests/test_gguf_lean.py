@@ -86,7 +86,7 @@ def test_bundled_model():
 
 def test_truncated_string_array_is_refused(every_type, tmp_path):
     data = every_type.read_bytes()
-    cut = data.index(b"zzz" if b"zzz" in data else "ü".encode() * 10) + 5     # inside t.strs
+    cut = data.index("ü".encode() * 10) + 5          # inside the long string of t.strs
     bad = tmp_path / "cut.gguf"
     bad.write_bytes(data[:cut])
     with pytest.raises(GGUFFileError, match="cut.gguf"):

@@ -104,9 +104,8 @@ class LeanGGUFReader(GGUFReader):
             offs += int(raw_kv_type.nbytes)
             parts = [kv_klen, kv_kdata, raw_kv_type]
             name = str(bytes(kv_kdata), encoding="utf-8")
-            itype = self._get(offs, np.uint32)[0] if raw_kv_type[0] == GGUFValueType.ARRAY else None
-            nptype = self.gguf_scalar_to_np.get(GGUFValueType(itype)) if itype is not None and \
-                itype in GGUFValueType._value2member_map_ else None
+            itype = int(self._get(offs, np.uint32)[0]) if raw_kv_type[0] == GGUFValueType.ARRAY else None
+            nptype = self.gguf_scalar_to_np.get(itype)      # None for strings, nested arrays, junk
             if itype == GGUFValueType.STRING or nptype is not None:
                 raw_itype = self._get(offs, np.uint32)
                 alen = self._get(offs + 4, np.uint64)

@@ -75,13 +75,6 @@ class LinearStats:
         """E[x_i^2] per input channel (the importance of AWQ-style searches)."""
         return self.sq_sum / max(self.n, 1)
 
-    @property
-    def hessian(self) -> np.ndarray:
-        """H = X^T X / n (GPTQ's Hessian of the layer's squared output error, up to 2)."""
-        if self.xtx is None:
-            raise ValueError("these statistics hold E[x^2] per channel only (gathered with full=False)")
-        return self.xtx / max(self.n, 1)
-
 
 class _StatsSink:
     """Accumulates LinearStats of the inputs handed to it.  ``full``: also X^T X, n_in^2 float64
@@ -146,7 +139,8 @@ class _Stream:
     """A model (the reference executor on ``source``) run on calibration windows [n, T]."""
 
     def __init__(self, source: str | os.PathLike, windows: np.ndarray, dtype: torch.dtype,
-                 progress: bool, reference=None):
+                 progress: bool, reference=None, full_stats: bool = True):
+        """full_stats False: the statistics gathered hold E[x^2] and max |x| only (no X^T X)."""
         self.ref = (reference if reference is not None
                     else Reference(open_model(source), dtype, max_blocks=STREAM_BLOCKS))
         self.hp = self.ref.hp
@@ -156,6 +150,7 @@ class _Stream:
             raise ValueError(f"windows must be [n_windows, window], got shape {self.windows.shape}")
         self.ctx = rope_context(self.ref, self.windows.shape[1])
         self.progress = progress
+        self.full_stats = full_stats
 
 
 class SourceActivations(_Stream):
@@ -165,9 +160,7 @@ class SourceActivations(_Stream):
                  dtype: torch.dtype = torch.float32, progress: bool = False,
                  max_checkpoint_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES, reference=None,
                  full_stats: bool = True):
-        """full_stats False: ``linear_stats`` gathers E[x^2] and max |x| only (no X^T X)."""
-        super().__init__(source, windows, dtype, progress, reference)
-        self.full_stats = full_stats
+        super().__init__(source, windows, dtype, progress, reference, full_stats)
         x0 = self.ref.embed(self.windows)
         per_layer = x0.numel() * x0.element_size()
         self.stride = max(1, math.ceil(per_layer * self.n_layer / max(max_checkpoint_bytes, 1)))
@@ -268,9 +261,7 @@ class QuantizedStream(_Stream):
     def __init__(self, source: str | os.PathLike, windows: np.ndarray, *,
                  dtype: torch.dtype = torch.float32, progress: bool = False, reference=None,
                  full_stats: bool = True):
-        """full_stats False: the statistics handed to quantize_fn hold no X^T X."""
-        super().__init__(source, windows, dtype, progress, reference)
-        self.full_stats = full_stats
+        super().__init__(source, windows, dtype, progress, reference, full_stats)
         self.x = self.ref.embed(self.windows)
         self.layer = 0
 
