@@ -22,7 +22,7 @@ import pytest
 
 from lrq.search import (Candidate, Evaluator, SearchConfig, SearchError, Space, create_or_load, grid,
                         holdout_windows, load_study, make_groups, memory_report, memory_split, open_storage,
-                        results)
+                        reclaim_stale, register_worker, results)
 from lrq.search.measure import NGRAM
 from lrq.search.study import MAX_REPEATS_IN_ROW, counted, total_budget
 
@@ -365,6 +365,45 @@ def test_kill_then_resume(tiny, tmp_path):
     n = len(study.trials)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and len(load_study(open_storage(str(journal), None), "run")[0].trials) == n
+
+
+def _killed_before_tag(journal: Path) -> int:
+    """A registered worker SIGKILLed between Optuna's RUNNING write and the objective's tag."""
+    dying = subprocess.run([PY, "-c", (
+        "import os, signal, optuna\n"
+        "from lrq.search import open_storage, register_worker\n"
+        f"s = optuna.load_study(study_name='run', storage=open_storage({str(journal)!r}, None))\n"
+        "register_worker(s)\n"
+        "t = s.ask()\n"
+        "print(t.number, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")], capture_output=True, text=True, timeout=120)
+    assert dying.returncode == -signal.SIGKILL, dying.stderr
+    return int(dying.stdout.split()[0])
+
+
+def test_untagged_running_trial_is_reclaimed_only_when_its_workers_are_dead(tiny, tmp_path):
+    """The window the tag cannot close: a worker killed right after Optuna made its trial RUNNING.
+    Reclaimed when every registered worker is dead; left alone while another one lives (it may be
+    that worker's trial, about to be tagged) -- a rule that reclaims every untagged trial fails
+    the second half, one that needs the tag fails the first."""
+    journal = tmp_path / "search.journal"
+    create_or_load(open_storage(str(journal), None), "run", _cfg(tiny, budget=5))
+    study = lambda: load_study(open_storage(str(journal), None), "run")[0]  # noqa: E731
+    killed = _killed_before_tag(journal)
+    assert "worker" not in study().trials[killed].user_attrs
+    live = subprocess.Popen([PY, "-c", "import time; time.sleep(120)"])
+    try:
+        register_worker(study(), f"{socket.gethostname()}:{live.pid}")
+        assert reclaim_stale(study()) == [] and study().trials[killed].state.name == "RUNNING"
+    finally:
+        live.kill()
+        live.wait()
+    assert reclaim_stale(study()) == [killed]
+    t = study().trials[killed]
+    assert t.state.name == "FAIL" and t.user_attrs.get("reclaimed") is True
+    # a grid trial's parameters go back to the queue
+    waiting = [w for w in study().trials if w.state.name == "WAITING"]
+    assert any(w.system_attrs.get("fixed_params") == t.system_attrs["fixed_params"] for w in waiting)
 
 
 def test_pareto_front_and_calibrated_finalist(tiny, tmp_path):

@@ -17,9 +17,9 @@ from .measure import Evaluator, Measurement, OverBound, holdout_windows, kld_top
 from .space import (PARAM_KINDS, Candidate, SearchError, Space, candidate_from_params, grid,
                     make_groups, suggest)
 from .study import (SearchConfig, best, create_or_load, load_study, open_storage, reclaim_stale,
-                    remaining, results, run_worker, total_budget)
+                    register_worker, remaining, results, run_worker, total_budget)
 
 __all__ = ["Evaluator", "Measurement", "OverBound", "holdout_windows", "kld_top1", "memory_report", "memory_split",
            "PARAM_KINDS", "Candidate", "SearchError", "Space", "candidate_from_params", "grid",
            "make_groups", "suggest", "SearchConfig", "best", "create_or_load", "load_study",
-           "open_storage", "reclaim_stale", "remaining", "results", "run_worker", "total_budget"]
+           "open_storage", "reclaim_stale", "register_worker", "remaining", "results", "run_worker", "total_budget"]

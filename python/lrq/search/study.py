@@ -27,7 +27,12 @@ workers - 1 trials over it.
 
 **Resume.**  A killed run leaves its trial RUNNING.  On the journal storage the next lrq-search
 on this machine fails the RUNNING trials whose worker process (host:pid, a user attribute) is
-gone and re-queues a grid trial's parameters; then it continues to the budget.
+gone and re-queues a grid trial's parameters; then it continues to the budget.  Optuna makes a
+trial RUNNING in one storage write and the objective tags it in the next, so a worker killed
+between the two leaves a RUNNING trial with no tag.  Every worker therefore registers itself in
+the study (a system attribute ``lrq.worker:host:pid``) before it takes any trial: an untagged
+RUNNING trial is failed and re-queued when every registered worker is a dead process of this
+host (a live one may be about to tag it; one on another host cannot be checked from here).
 
 Two trials that propose the same candidate (equal canonical key) are measured once: the second
 takes the first one's values (user attribute ``same_as``).
@@ -239,16 +244,37 @@ def _alive(pid: int) -> bool:
     return True
 
 
+WORKER_ATTR_PREFIX = "lrq.worker:"
+
+
+def register_worker(study, me: str | None = None) -> None:
+    """Record this process as a worker of ``study`` (before it takes any trial: see Resume)."""
+    study._storage.set_study_system_attr(study._study_id, WORKER_ATTR_PREFIX + (me or worker_id()), True)
+
+
+def _dead_here(worker: str, host: str) -> bool:
+    h, _, pid = worker.rpartition(":")
+    return h == host and pid.isdigit() and not _alive(int(pid))
+
+
 def reclaim_stale(study) -> list[int]:
-    """Fail the RUNNING trials of dead worker processes of this host; re-queue their grid
-    points.  Returns their trial numbers."""
+    """Fail the RUNNING trials of dead worker processes of this host (and the untagged ones when
+    every registered worker is such a process); re-queue their grid points.  Returns their trial
+    numbers."""
     from optuna.trial import TrialState
-    host = socket.gethostname()
+    host, me = socket.gethostname(), worker_id()
     out = []
     st = study._storage
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        h, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
-        if h != host or not pid.isdigit() or _alive(int(pid)):
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    # read after the trials: a worker whose untagged trial was read had registered before it
+    workers = [k[len(WORKER_ATTR_PREFIX):] for k in st.get_study_system_attrs(study._study_id)
+               if k.startswith(WORKER_ATTR_PREFIX)]
+    untagged_dead = all(_dead_here(w, host) for w in workers if w != me)
+    for t in running:
+        if "worker" in t.user_attrs:
+            if not _dead_here(str(t.user_attrs["worker"]), host):
+                continue
+        elif not untagged_dead:
             continue
         st.set_trial_user_attr(t._trial_id, "reclaimed", True)
         if not st.set_trial_state_values(t._trial_id, TrialState.FAIL):
@@ -345,6 +371,7 @@ def run_worker(study, cfg: SearchConfig, evaluator, log: Callable[[str], None] =
             study.set_user_attr("converged", trial.number)
             study.stop()
 
+    register_worker(study, me)
     if reclaimed := reclaim_stale(study):
         log(f"re-queued the trials of dead workers: {reclaimed}")
     if remaining(study, cfg) <= 0:
@@ -435,5 +462,5 @@ def best(rows: list[Result]) -> Result | None:
 
 
 __all__ = ["CONFIG_ATTR", "CONFIG_VERSION", "SearchConfig", "open_storage", "create_or_load",
-           "load_study", "worker_id", "reclaim_stale", "counted", "total_budget", "remaining",
+           "load_study", "worker_id", "register_worker", "reclaim_stale", "counted", "total_budget", "remaining",
            "run_worker", "Result", "results", "refresh_costs", "best"]
