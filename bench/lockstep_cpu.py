@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CPU time per decoded token of parallel groups with and without the lockstep order.
+"""CPU time per decoded token of parallel groups with and without the lockstep order and the fused run.
 
     .venv/bin/python bench/lockstep_cpu.py                      # Qwen2.5-1.5B files of bench/runtime.py
     .venv/bin/python bench/lockstep_cpu.py --rounds 5 --tokens 32
@@ -14,7 +14,9 @@ that is the steadiest figure there is (wall time stretches with the load; the pr
 `perf stat -e task-clock llama-bench -t 2` moved by seconds between identical runs at load 4-6,
 most of it ggml's threads spinning at barriers).  Memory stalls still count, so other jobs'
 use of the memory bus and L3 still moves it: compare rows of one run, taken interleaved in rounds.
-The parallel file runs twice, with LRQ_NO_LOCKSTEP=1 and without.
+The parallel file runs three times: as built (lockstep order, each run of the members' nodes over
+the same codes in one call: lrq_mul_mat_q8_multi), with LRQ_NO_FUSE=1 (lockstep order, one node
+per call) and with LRQ_NO_LOCKSTEP=1 (the built order: nothing to fuse).
 """
 
 from __future__ import annotations
@@ -35,21 +37,25 @@ FILES = {
     "last-8 serial": "lrq2-g64.last-8-serial",
     "last-8 parallel": "lrq2-g64.last-8-parallel",
 }
-# (row, file key, LRQ_NO_LOCKSTEP)
+SWITCHES = ("LRQ_NO_LOCKSTEP", "LRQ_NO_FUSE")
+# (row, file key, switches set to 1)
 CONFIGS = [
-    ("none", "none", False),
-    ("last-8 serial", "last-8 serial", False),
-    ("last-8 parallel, lockstep", "last-8 parallel", False),
-    ("last-8 parallel, LRQ_NO_LOCKSTEP=1", "last-8 parallel", True),
+    ("none", "none", ()),
+    ("last-8 serial", "last-8 serial", ()),
+    ("last-8 parallel, lockstep + fused", "last-8 parallel", ()),
+    ("last-8 parallel, LRQ_NO_FUSE=1", "last-8 parallel", ("LRQ_NO_FUSE",)),
+    ("last-8 parallel, LRQ_NO_LOCKSTEP=1", "last-8 parallel", ("LRQ_NO_LOCKSTEP",)),
 ]
 
 
-def _set_switch(off: bool) -> None:
-    # read by libllama whenever it builds a graph (context creation, a new batch shape)
-    if off:
-        os.environ["LRQ_NO_LOCKSTEP"] = "1"
-    else:
-        os.environ.pop("LRQ_NO_LOCKSTEP", None)
+def _set_switches(on: tuple[str, ...]) -> None:
+    # LRQ_NO_LOCKSTEP is read by libllama whenever it builds a graph (context creation, a new batch
+    # shape), LRQ_NO_FUSE by ggml-cpu at every graph computation
+    for k in SWITCHES:
+        if k in on:
+            os.environ[k] = "1"
+        else:
+            os.environ.pop(k, None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     per_tok: dict[str, list[float]] = {name: [] for name, _, _ in CONFIGS}
     load = []
     for _ in range(args.rounds):
-        for name, key, off in CONFIGS:   # interleaved: drift of the machine hits every row alike
-            _set_switch(off)
+        for name, key, on in CONFIGS:   # interleaved: drift of the machine hits every row alike
+            _set_switches(on)
             model = _native.Model(str(paths[key]), n_ctx=2 * args.tokens, n_threads=1, n_batch=1)
             model.eval(toks[:2])   # first graphs built, weights paged in
             load.append(os.getloadavg()[0])
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             model.eval(toks)
             per_tok[name].append((time.thread_time() - t0) / args.tokens * 1e3)
             del model
-    _set_switch(False)
+    _set_switches(())
     base = statistics.median(per_tok["none"])
     print(f"CPU ms per decoded token (calling thread's CPU time, 1 thread, {args.tokens} one-token decodes), "
           f"median (min-max) of {args.rounds} rounds; 1-minute load {min(load):.2f}-{max(load):.2f} on "

@@ -437,6 +437,56 @@ def test_avx512_kernel_equals_generic(avx512, mode, group_size):
             assert nmse(wrong, generic) > CONTROL_MARGIN * SIMD_NMSE_TOL, f"control: {where}"
 
 
+# (replicas, tokens): the slot passes of 4 (2 x 2, 3 x 3 = 4 + 4 + 1, 4 x 1) and a lone replica
+MULTI_CASES = [(2, 1), (3, 1), (2, 2), (3, 3), (4, 1), (1, 5)]
+
+
+@pytest.mark.parametrize("mode,bits", [("asym", 2), ("sym", 2), ("ternary", 2), ("asym", 3)])
+def test_multi_replica_call_equals_one_replica_at_a_time(mode, bits):
+    """lrq_mul_mat_q8_multi (the members of a parallel group in one pass over the codes; the
+    AVX-512 kernel shares each block's load, transpose and unpack among them, other layouts run the
+    members in turn) gives every member the bits lrq_mul_mat_q8 gives it alone: each member has its
+    own activations, act clip / bits, alpha / beta, gain / bias.  A pass that mixed the members'
+    factors or activations up would differ (the control below: the members' parameters swapped)."""
+    rng = np.random.default_rng(31 * bits + len(mode))
+    kinds = ["none", "group", "channel", "tensor"]
+    for case, (n_rep, n_tok) in enumerate(MULTI_CASES):
+        n_out, n_in, g = (37, 576, 64) if case % 2 else (21, 2080, 32)   # (2080, 32): the kernel's malloc path
+        qt = quant.quantize((rng.standard_normal((n_out, n_in)) * 0.05).astype(np.float32), bits, g, mode)
+        xs = [rng.standard_normal((n_tok, n_in)).astype(np.float32) for _ in range(n_rep)]
+        reps = []
+        for j in range(n_rep):
+            kind = kinds[(case + j) % len(kinds)]
+            act = ACT_SETTINGS[(case + j) % 3]
+            r = {"act_clip": act[0], "act_bits": act[1]}
+            if kind != "none":
+                r.update(zip(("alpha", "beta", "gain", "bias"), _replica(rng, n_out, qt.n_groups, kind)))
+            reps.append(r)
+        where = f"{n_rep} replicas x {n_tok} tokens, {n_out}x{n_in} g{g}"
+        fused = K.mul_mat_multi(qt.codes, qt.scale, qt.min, bits, g, mode, xs, reps)
+        alone = [_mul_mat(qt, x, "fast", tuple(r.get(k) for k in ("alpha", "beta", "gain", "bias")),
+                          (r["act_clip"], r["act_bits"])) for x, r in zip(xs, reps)]
+        for j in range(n_rep):
+            assert np.array_equal(fused[j], alone[j]), f"member {j}: {where}"
+        if n_rep > 1:   # control: the members' parameters swapped
+            swapped = K.mul_mat_multi(qt.codes, qt.scale, qt.min, bits, g, mode, xs, reps[1:] + reps[:1])
+            assert not np.array_equal(swapped[0], alone[0]), f"control: {where}"
+
+
+def test_multi_replica_call_rejects_bad_arguments(small_qt):
+    qt = small_qt
+    x = np.zeros((2, qt.n_in), np.float32)
+    call = lambda xs, reps: K.mul_mat_multi(qt.codes, qt.scale, qt.min, qt.bits, qt.group_size, qt.mode, xs, reps)  # noqa: E731
+    with pytest.raises(ValueError, match="one length"):
+        call([x, x], [{}])
+    with pytest.raises(ValueError, match="unknown key 'gian'"):
+        call([x], [{"gian": None}])
+    with pytest.raises(ValueError, match=r"xs\[1\]"):
+        call([x, x[:1]], [{}, {}])
+    with pytest.raises(ValueError, match="act_clip"):
+        call([x], [{"act_clip": 0.0}])
+
+
 def test_avx512_kernel_refuses_other_layouts(avx512):
     w = (np.random.default_rng(2).standard_normal((4, 64)) * 0.05).astype(np.float32)
     x = np.ones((1, 64), np.float32)

@@ -278,6 +278,26 @@ def test_ggml_op_runs_the_two_level_kernels(B):
     assert nmse(plain, ref) > 1e-2
 
 
+@pytest.mark.parametrize("n_in,S,B", [(576, 256, 16), (96, 64, 32)])
+def test_multi_replica_call_equals_one_replica_at_a_time(n_in, S, B):
+    """lrq_mul_mat_q8_multi on two-level codes (the members in turn over each row range): every
+    member gets the bits lrq_mul_mat_q8 gives it alone; the control swaps the members' parameters."""
+    rng = np.random.default_rng(n_in + B)
+    codes, d, dmin, sub = _files(tl.quantize(_weights(rng, N_OUT, n_in), super_size=S, sub_size=B))
+    for n_rep, n_tok in ((2, 1), (3, 5)):
+        xs = [rng.standard_normal((n_tok, n_in)).astype(np.float32) for _ in range(n_rep)]
+        reps = [dict(zip(("alpha", "beta", "gain", "bias"), _replica(rng, N_OUT, d.shape[1], kind)),
+                     act_clip=ACT_SETTINGS[j][0], act_bits=ACT_SETTINGS[j][1])
+                for j, kind in enumerate(["super", "channel", "tensor"][:n_rep])]
+        fused = K.mul_mat_multi(codes, d, dmin, 2, S, "asym", xs, reps, sub=sub)
+        alone = [_mm(codes, d, dmin, sub, S, x, "fast", tuple(r[k] for k in ("alpha", "beta", "gain", "bias")),
+                     (r["act_clip"], r["act_bits"])) for x, r in zip(xs, reps)]
+        for j in range(n_rep):
+            assert np.array_equal(fused[j], alone[j]), f"member {j} of {n_rep}, {n_tok} tokens"
+        swapped = K.mul_mat_multi(codes, d, dmin, 2, S, "asym", xs, reps[1:] + reps[:1], sub=sub)
+        assert not np.array_equal(swapped[0], alone[0])
+
+
 def test_sub_argument_is_checked():
     rng = np.random.default_rng(0)
     t = tl.quantize(_weights(rng, 8, 64), super_size=64, sub_size=16)

@@ -115,6 +115,21 @@ def test_lockstep_logits_are_bit_identical(files, monkeypatch, kind, n_batch):
     assert float(np.max(np.abs(on - off))) == SAME
 
 
+@pytest.mark.parametrize("n_batch", [64, 1])
+def test_fused_members_are_bit_identical(files, monkeypatch, n_batch):
+    """ggml-cpu hands each run of adjacent same-codes LRQ nodes to one call (patch 0014,
+    lrq_mul_mat_q8_multi: one pass over the codes for every member); LRQ_NO_FUSE=1 computes them
+    one node at a time.  Each member's arithmetic is its own, so the logits are bit-identical.
+    A run that gave every member the first member's replica parameters, or the first member's
+    activations, changes them (checked by breaking lrq-cpu.c so: max |diff| 3.2 and 3.0)."""
+    toks = _tokens(3, 24)
+    fused = _logits(files["lrq"], toks, monkeypatch, True, n_batch=n_batch)
+    monkeypatch.setenv("LRQ_NO_FUSE", "1")
+    apart = _logits(files["lrq"], toks, monkeypatch, True, n_batch=n_batch)
+    assert np.isfinite(fused).all()
+    assert float(np.max(np.abs(fused - apart))) == SAME
+
+
 def test_lockstep_matches_reference(files, monkeypatch):
     monkeypatch.setenv("LRQ_CPU_REF", "1")   # the op on the spec's arithmetic
     toks = _tokens(2, 24)

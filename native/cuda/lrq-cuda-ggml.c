@@ -25,18 +25,7 @@ size_t ggml_lrq_mul_mat_cuda_work_size(const struct ggml_tensor * node) {
 }
 
 int ggml_lrq_mul_mat_cuda_fusable(struct ggml_tensor * const * nodes, int n) {
-    const struct ggml_tensor * a = nodes[0];
-    int                        k = 1;
-    for (; k < n && k < LRQ_CUDA_MAX_REP; ++k) {
-        const struct ggml_tensor * b = nodes[k];
-        if (!(b->flags & GGML_TENSOR_FLAG_COMPUTE) || !ggml_lrq_mul_mat_shares_codes(a, b)) break;
-        bool reads_run = false;   // b must not read any earlier member of the run, not only the first
-        for (int j = 0; j < k; ++j) {
-            for (int s = 0; s < LRQ_SRC_COUNT; ++s) reads_run = reads_run || b->src[s] == nodes[j];
-        }
-        if (reads_run) break;
-    }
-    return k;
+    return ggml_lrq_mul_mat_run(nodes, n, LRQ_CUDA_MAX_REP);
 }
 
 // alpha / beta [n_groups | 1, n_out | 1] -> (row stride, group stride), 0 = broadcast

@@ -80,6 +80,12 @@ GGML_API const char * ggml_lrq_mul_mat_check(const struct ggml_tensor * op);
 // (native/cuda/lrq-cuda-ggml.c).
 GGML_API bool ggml_lrq_mul_mat_shares_codes(const struct ggml_tensor * a, const struct ggml_tensor * b);
 
+// How many of nodes[0..n) (at most max_run) one pass over the codes computes together: nodes[0]
+// and the nodes after it, each marked for compute, sharing its codes and reading no earlier node
+// of the run.  0 when nodes[0] is not an LRQ_MUL_MAT node.  The CPU backend (lrq-cpu.c) and the
+// CUDA backend (native/cuda/lrq-cuda-ggml.c) fuse such runs.
+GGML_API int ggml_lrq_mul_mat_run(struct ggml_tensor * const * nodes, int n, int max_run);
+
 // The loader marks the meta tensors a two-level weight's op reads (codes, d / dmin, replica
 // parameters) with this value in op_params[LRQ_PROBE_TWO_LEVEL_PARAM] (unused in a meta tensor):
 // lrq_make_supports_test_op then probes a two-level node, so that only a backend that runs the

@@ -207,6 +207,13 @@ int lrq_quantize_act_q8(const float * x, int64_t x_stride, float act_clip, int a
 // (integer block dots are exact; only the float summation order differs).
 int lrq_mul_mat_q8(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a,
                    float * y, int64_t y_stride, int64_t row0, int64_t row1);
+// n replicas of one weight at once (the members of a parallel group: the same codes, d, m and
+// sub-block indices, each with its own replica parameters, activations a[j] and output y[j]):
+// y[j] gets exactly the bits lrq_mul_mat_q8(w, r[j], &a[j], y[j], ...) gives.  The AVX-512 kernel
+// reads, transposes and unpacks each block of codes once for all of them (single-level LRQ2);
+// elsewhere the replicas run one after the other over the rows.  r[j] may be NULL (replica 0).
+int lrq_mul_mat_q8_multi(const lrq_weight * w, int n, const lrq_replica * const * r, const lrq_act_q8 * a,
+                         float * const * y, int64_t y_stride, int64_t row0, int64_t row1);
 // The portable implementation, whatever the CPU (for tests).
 int lrq_mul_mat_q8_generic(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a,
                            float * y, int64_t y_stride, int64_t row0, int64_t row1);

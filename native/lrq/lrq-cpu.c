@@ -14,6 +14,12 @@
 //   3. (row block x token block) chunks are taken dynamically from the threadpool's counter.
 // Every thread executes the same barriers (with OpenMP ggml_barrier is `omp barrier`), so there is
 // no early return before the barrier.
+//
+// Parallel groups: the lockstep order (lrq-graph.cpp) puts the members' nodes over the same codes
+// side by side, and ggml-cpu's graph loop (patches/0014) hands such a run (ggml_lrq_mul_mat_run)
+// to one call of ggml_compute_forward_lrq_mul_mat_run: every member's activations are quantized
+// in phase 1, and each chunk of phase 2 computes all members (lrq_mul_mat_q8_multi: one pass over
+// the codes on the AVX-512 kernel), bit for bit what the members give one node at a time.
 #include "lrq-ggml.h"
 #include "lrq-kernels.h"
 
@@ -87,9 +93,9 @@ static lrq_act_q8 lrq_act_rows(const lrq_act_q8 * all, int64_t t0, int64_t t1) {
     return a;
 }
 
-void ggml_compute_forward_lrq_mul_mat(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+// The kernels' descriptors of an LRQ_MUL_MAT node: the shared weight and the node's replica.
+static void lrq_node_args(const struct ggml_tensor * dst, lrq_weight * w, lrq_replica * r) {
     const struct ggml_tensor * tw = dst->src[LRQ_SRC_CODES];
-    const struct ggml_tensor * tx = dst->src[LRQ_SRC_X];
     const struct ggml_tensor * td = dst->src[LRQ_SRC_SCALE];
     const struct ggml_tensor * tm = dst->src[LRQ_SRC_MIN];
     const struct ggml_tensor * ta = dst->src[LRQ_SRC_ALPHA];
@@ -100,17 +106,12 @@ void ggml_compute_forward_lrq_mul_mat(const struct ggml_compute_params * params,
     const struct ggml_tensor * ts = dst->src[LRQ_SRC_SUB];   // format v4 two-level layout | NULL
 
     const int     g        = ggml_get_op_params_i32(dst, LRQ_OP_PARAM_GROUP_SIZE);
-    const int64_t n_in     = tw->ne[0];
-    const int64_t n_out    = tw->ne[1];
-    const int64_t n_groups = lrq_n_groups(n_in, g);
-    const int64_t T        = lrq_op_tokens(tx);
-    const int64_t xs       = (int64_t) (tx->nb[1] / sizeof(float));   // row stride (elements)
-
-    lrq_weight w = {
+    const int64_t n_groups = lrq_n_groups(tw->ne[0], g);
+    *w = (lrq_weight) {
         .codes           = (const uint8_t *) tw->data,
         .codes_row_bytes = tw->nb[1],
-        .n_in            = n_in,
-        .n_out           = n_out,
+        .n_in            = tw->ne[0],
+        .n_out           = tw->ne[1],
         .bits            = lrq_type_bits(tw->type),
         .mode            = (lrq_mode) ggml_get_op_params_i32(dst, LRQ_OP_PARAM_MODE),
         .group_size      = g,
@@ -120,23 +121,67 @@ void ggml_compute_forward_lrq_mul_mat(const struct ggml_compute_params * params,
         .m_row_stride    = n_groups,
         .sub             = ts ? (const uint8_t *) ts->data : NULL,
         .sub_row_stride  = ts ? ts->ne[0] : 0,
-        .sub_size        = ts ? (int) (n_in / ts->ne[0]) : 0,
+        .sub_size        = ts ? (int) (tw->ne[0] / ts->ne[0]) : 0,
     };
-    lrq_replica r;
-    lrq_replica_init(&r);
+    lrq_replica_init(r);
     if (ta) {
-        r.alpha = (const uint16_t *) ta->data;
-        lrq_grid_strides(ta, &r.alpha_row_stride, &r.alpha_group_stride);
+        r->alpha = (const uint16_t *) ta->data;
+        lrq_grid_strides(ta, &r->alpha_row_stride, &r->alpha_group_stride);
     }
     if (tb) {
-        r.beta = (const uint16_t *) tb->data;
-        lrq_grid_strides(tb, &r.beta_row_stride, &r.beta_group_stride);
+        r->beta = (const uint16_t *) tb->data;
+        lrq_grid_strides(tb, &r->beta_row_stride, &r->beta_group_stride);
     }
-    r.gain = tg ? (const float *) tg->data : NULL;
-    r.bias = tc ? (const float *) tc->data : NULL;
+    r->gain = tg ? (const float *) tg->data : NULL;
+    r->bias = tc ? (const float *) tc->data : NULL;
     if (tk) {   // read at compute time: the values live in the (host) weight buffer
-        r.act_clip = ((const float *) tk->data)[0];
-        r.act_bits = (int) ((const float *) tk->data)[1];
+        r->act_clip = ((const float *) tk->data)[0];
+        r->act_bits = (int) ((const float *) tk->data)[1];
+    }
+}
+
+// The members of a parallel group computed by one call (LRQ_NO_FUSE=1 in the environment: one
+// node per call, the A/B of the fusion, read at every graph computation like LRQ_CPU_REF).  More
+// would fit; a group has 2-4 members in practice.
+#define LRQ_CPU_MAX_RUN 8
+
+int ggml_lrq_mul_mat_cpu_run(struct ggml_tensor * const * nodes, int n) {
+    const char * e = getenv("LRQ_NO_FUSE");
+    const int    k = ggml_lrq_mul_mat_run(nodes, n, e && e[0] == '1' ? 1 : LRQ_CPU_MAX_RUN);
+    return k > 0 ? k : 1;
+}
+
+// Sized for the longest run whatever LRQ_NO_FUSE says: the plan and the computation read it at
+// different times.
+size_t ggml_lrq_mul_mat_run_work_size(struct ggml_tensor * const * nodes, int n, int n_tasks) {
+    const int k = ggml_lrq_mul_mat_run(nodes, n, LRQ_CPU_MAX_RUN);
+    return (size_t) (k > 0 ? k : 1) * ggml_lrq_mul_mat_work_size(nodes[0], n_tasks);
+}
+
+void ggml_compute_forward_lrq_mul_mat_run(const struct ggml_compute_params * params, struct ggml_tensor * const * nodes,
+                                          int n) {
+    GGML_ASSERT(n >= 1 && n <= LRQ_CPU_MAX_RUN);
+    const struct ggml_tensor * tx    = nodes[0]->src[LRQ_SRC_X];
+    const int64_t              n_out = nodes[0]->src[LRQ_SRC_CODES]->ne[1];
+    const int64_t              T     = lrq_op_tokens(tx);
+    const size_t               act_bytes = ggml_lrq_mul_mat_work_size(nodes[0], params->nth);
+
+    lrq_weight          w;
+    lrq_replica         rs[LRQ_CPU_MAX_RUN];
+    const lrq_replica * rp[LRQ_CPU_MAX_RUN];
+    const float *       x[LRQ_CPU_MAX_RUN];
+    int64_t             xs[LRQ_CPU_MAX_RUN];   // row strides (elements)
+    float *             y[LRQ_CPU_MAX_RUN];
+    lrq_act_q8          act[LRQ_CPU_MAX_RUN];
+    for (int j = 0; j < n; ++j) {
+        lrq_node_args(nodes[j], &w, &rs[j]);   // w is the same for every member (ggml_lrq_mul_mat_run)
+        rp[j] = &rs[j];
+        x[j]  = (const float *) nodes[j]->src[LRQ_SRC_X]->data;
+        xs[j] = (int64_t) (nodes[j]->src[LRQ_SRC_X]->nb[1] / sizeof(float));
+        y[j]  = (float *) nodes[j]->data;
+        char * buf = (char *) params->wdata + (size_t) j * act_bytes;
+        buf += (64 - ((uintptr_t) buf % 64)) % 64;
+        lrq_act_q8_init(&act[j], buf, T, w.n_in, lrq_act_group_size(&w));
     }
 
     // LRQ_CPU_REF=1 in the environment: the spec's arithmetic (float activations, double sums)
@@ -144,21 +189,15 @@ void ggml_compute_forward_lrq_mul_mat(const struct ggml_compute_params * params,
     // separates the graph (virtual layers, schedule, replica wiring) from the int8 rounding.
     const char * ref_env = getenv("LRQ_CPU_REF");
     const bool   use_ref = params->use_ref || (ref_env && ref_env[0] == '1');
-    const int ith = params->ith, nth = params->nth;
-    const float * x = (const float *) tx->data;
-    float *       y = (float *) dst->data;
+    const int    ith = params->ith, nth = params->nth;
 
     // phase 1: activations, split among threads by token
-    lrq_act_q8 act;
-    char * buf = (char *) params->wdata;
-    buf += (64 - ((uintptr_t) buf % 64)) % 64;
-    lrq_act_q8_init(&act, buf, T, n_in, lrq_act_group_size(&w));
     if (!use_ref) {
         const int64_t t0 = T * ith / nth, t1 = T * (ith + 1) / nth;
-        if (t1 > t0) {
-            lrq_act_q8 part = lrq_act_rows(&act, t0, t1);
-            const int rc = lrq_quantize_act_q8(x + t0 * xs, xs, r.act_clip, r.act_bits, &part);
-            if (rc) GGML_ABORT("%s: %s", dst->name, lrq_status_str(rc));
+        for (int j = 0; j < n && t1 > t0; ++j) {
+            lrq_act_q8 part = lrq_act_rows(&act[j], t0, t1);
+            const int  rc   = lrq_quantize_act_q8(x[j] + t0 * xs[j], xs[j], rs[j].act_clip, rs[j].act_bits, &part);
+            if (rc) GGML_ABORT("%s: %s", nodes[j]->name, lrq_status_str(rc));
         }
     }
     if (ith == 0) {
@@ -166,7 +205,8 @@ void ggml_compute_forward_lrq_mul_mat(const struct ggml_compute_params * params,
     }
     ggml_barrier(params->threadpool);
 
-    // phase 2: (rows x tokens) chunks, taken dynamically
+    // phase 2: (rows x tokens) chunks, taken dynamically; a chunk computes every member, so the
+    // members read the chunk's codes once (the AVX-512 kernel) or while they are in L1 / L2
     const int64_t nc_r = (n_out + LRQ_CPU_ROW_CHUNK - 1) / LRQ_CPU_ROW_CHUNK;
     const int64_t nc_t = (T + LRQ_CPU_TOK_CHUNK - 1) / LRQ_CPU_TOK_CHUNK;
     const int64_t n_chunks = nc_r * nc_t;
@@ -174,13 +214,24 @@ void ggml_compute_forward_lrq_mul_mat(const struct ggml_compute_params * params,
         const int64_t o0 = (c % nc_r) * LRQ_CPU_ROW_CHUNK, t0 = (c / nc_r) * LRQ_CPU_TOK_CHUNK;
         const int64_t o1 = o0 + LRQ_CPU_ROW_CHUNK < n_out ? o0 + LRQ_CPU_ROW_CHUNK : n_out;
         const int64_t t1 = t0 + LRQ_CPU_TOK_CHUNK < T ? t0 + LRQ_CPU_TOK_CHUNK : T;
-        int rc;
+        int           rc = 0;
         if (use_ref) {   // the spec: float activations, double accumulation
-            rc = lrq_mul_mat_ref(&w, &r, x + t0 * xs, xs, t1 - t0, y + t0 * n_out + o0, n_out, o0, o1);
+            for (int j = 0; j < n && !rc; ++j) {
+                rc = lrq_mul_mat_ref(&w, rp[j], x[j] + t0 * xs[j], xs[j], t1 - t0, y[j] + t0 * n_out + o0, n_out, o0, o1);
+            }
         } else {
-            const lrq_act_q8 part = lrq_act_rows(&act, t0, t1);
-            rc = lrq_mul_mat_q8(&w, &r, &part, y + t0 * n_out + o0, n_out, o0, o1);
+            lrq_act_q8 part[LRQ_CPU_MAX_RUN];
+            float *    yc[LRQ_CPU_MAX_RUN];
+            for (int j = 0; j < n; ++j) {
+                part[j] = lrq_act_rows(&act[j], t0, t1);
+                yc[j]   = y[j] + t0 * n_out + o0;
+            }
+            rc = lrq_mul_mat_q8_multi(&w, n, rp, part, yc, n_out, o0, o1);
         }
-        if (rc) GGML_ABORT("%s: %s", dst->name, lrq_status_str(rc));
+        if (rc) GGML_ABORT("%s: %s", nodes[0]->name, lrq_status_str(rc));
     }
+}
+
+void ggml_compute_forward_lrq_mul_mat(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+    ggml_compute_forward_lrq_mul_mat_run(params, &dst, 1);
 }

@@ -42,6 +42,21 @@ bool ggml_lrq_mul_mat_shares_codes(const struct ggml_tensor * a, const struct gg
     return true;
 }
 
+int ggml_lrq_mul_mat_run(struct ggml_tensor * const * nodes, int n, int max_run) {
+    if (n < 1 || nodes[0]->op != GGML_OP_LRQ_MUL_MAT) return 0;
+    int k = 1;
+    for (; k < n && k < max_run; ++k) {
+        const struct ggml_tensor * b = nodes[k];
+        if (!(b->flags & GGML_TENSOR_FLAG_COMPUTE) || !ggml_lrq_mul_mat_shares_codes(nodes[0], b)) break;
+        bool reads_run = false;   // b must not read any earlier member of the run, not only the first
+        for (int j = 1; j < k; ++j) {
+            for (int s = 0; s < GGML_MAX_SRC; ++s) reads_run = reads_run || b->src[s] == nodes[j];
+        }
+        if (reads_run) break;
+    }
+    return k;
+}
+
 const char * ggml_lrq_mul_mat_check(const struct ggml_tensor * op) {
     const struct ggml_tensor * w = op->src[LRQ_SRC_CODES];
     const struct ggml_tensor * x = op->src[LRQ_SRC_X];

@@ -100,6 +100,8 @@ void lrq_quantize_blocks_avx2(const float * x, int64_t nb, int8_t * qs, float * 
 #define LRQ_HAVE_AVX512_KERNEL 1
 int lrq_mul_mat_q8_avx512(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a,
                           float * y, int64_t y_stride, int64_t row0, int64_t row1);
+int lrq_mul_mat_q8_avx512_multi(const lrq_weight * w, int n, const lrq_replica * const * r, const lrq_act_q8 * a,
+                                float * const * y, int64_t y_stride, int64_t row0, int64_t row1);
 #endif
 
 // The NEON kernel (q8-neon.c); aarch64 only, where NEON is baseline (no run-time check).

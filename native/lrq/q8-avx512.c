@@ -11,7 +11,8 @@
 // a horizontal sum, and the conversion and float work per block is one operation for 16 rows.  The
 // codes are brought into that layout in registers: 64 bytes (8 blocks) of each of the 16 rows, a
 // 16 x 16 transpose of 32-bit words, so that word j of every row sits in one vector; the
-// transposed codes serve up to 4 tokens.
+// transposed codes serve up to 4 tokens, of one replica or of several (the members of a parallel
+// group share the codes: lrq_mul_mat_q8_multi).
 //
 // Numerics as lrq_mul_mat_q8_generic (q8.c): each block's integer dot q . xq is exact (vpdpbusd
 // sums u8 x s8 products in int32 without saturation: |dot| <= 32 * 3 * 127), dx_b multiplies it in
@@ -154,7 +155,7 @@ static void factors16(const lrq_weight * w, const lrq_replica * r, int64_t o0, i
 
 LRQ_STATIC_ASSERT(LRQ_ROW_BLOCK == 16, "rows16 takes a whole row block in the 16 lanes");
 
-#define LRQ_MAX_NT 4   // tokens per pass of rows16 over a row block's codes
+#define LRQ_MAX_NT 4   // slots (tokens x replicas) per pass of rows16 over a row block's codes
 
 // The codes of blocks b0..b0+7 (fewer at the row's end: the count is returned) of rows
 // base + rr * rb, rr < nr (lanes past nr read nothing), transposed: T[2 bb + h] lane rr = word h of
@@ -186,15 +187,34 @@ LRQ_INLINE void dot_halves16(const __m512i * q, const int8_t * xb, __m512i * lo,
     *hi = i1;
 }
 
-// y[t0 + tt, o0 + rr - row0] = gain * (acc0 + acc1) + bias for the nr rows of the lanes, NT tokens.
+// One pass of rows16 over a row block's codes serves up to LRQ_MAX_NT slots: each slot is one
+// token of one replica (a parallel group's members read the same codes: lrq_mul_mat_q8_multi),
+// with that token's int8 activations, the replica's factors (factors16) and output parameters,
+// and the token's output row.
+typedef struct {
+    const int8_t *      xq;     // [n_in]
+    const float *       dx;     // [n_in / 32]
+    const float *       sx;     // [n_groups]
+    const float *       adT;    // factors16 of the slot's replica
+    const float *       offT;
+    const lrq_replica * r;      // gain, bias
+    float *             y;      // the token's outputs, indexed by o - row0
+} slot16;
+
+// y[o0 + rr - row0] = gain * (acc0 + acc1) + bias for the nr rows of the lanes, one slot.
+LRQ_INLINE void store_slot16(const slot16 * s, int64_t row0, int64_t o0, int nr, __m512 acc0, __m512 acc1) {
+    const __mmask16 mr   = (__mmask16) ((1u << nr) - 1u);
+    const __m512    gain = (s->r && s->r->gain) ? _mm512_maskz_loadu_ps(mr, s->r->gain + o0) : _mm512_set1_ps(1.0f);
+    const __m512    bias = (s->r && s->r->bias) ? _mm512_maskz_loadu_ps(mr, s->r->bias + o0) : _mm512_setzero_ps();
+    _mm512_mask_storeu_ps(s->y + (o0 - row0), mr, _mm512_fmadd_ps(gain, _mm512_add_ps(acc0, acc1), bias));
+}
+
+// store_slot16 for NT tokens of one replica from t0 (the two-level kernel's passes).
 LRQ_INLINE void store_rows16(const lrq_replica * r, float * y, int64_t y_stride, int64_t row0, int64_t o0, int nr,
                              int64_t t0, const __m512 * acc0, const __m512 * acc1, const int NT) {
-    const __mmask16 mr   = (__mmask16) ((1u << nr) - 1u);
-    const __m512    gain = (r && r->gain) ? _mm512_maskz_loadu_ps(mr, r->gain + o0) : _mm512_set1_ps(1.0f);
-    const __m512    bias = (r && r->bias) ? _mm512_maskz_loadu_ps(mr, r->bias + o0) : _mm512_setzero_ps();
     for (int tt = 0; tt < NT; ++tt) {
-        _mm512_mask_storeu_ps(y + (t0 + tt) * y_stride + (o0 - row0), mr,
-                              _mm512_fmadd_ps(gain, _mm512_add_ps(acc0[tt], acc1[tt]), bias));
+        const slot16 s = {.r = r, .y = y + (t0 + tt) * y_stride};
+        store_slot16(&s, row0, o0, nr, acc0[tt], acc1[tt]);
     }
 }
 
@@ -217,35 +237,30 @@ LRQ_INLINE void prefetch_part(const void * p, size_t bytes, int64_t c, int64_t n
     }
 }
 
-// Rows o0..o0+nr-1 (nr <= 16), NT tokens from t0; adT / offT from factors16.  Lanes past nr
-// compute zeros and are not stored; every row takes the same lane arithmetic wherever the row
-// range starts or ends, so a split of the rows (ggml's threads) gives the same bits.
+// Rows o0..o0+nr-1 (nr <= 16) for NT slots.  Lanes past nr compute zeros and are not stored;
+// every row takes the same lane arithmetic wherever the row range starts or ends, so a split of
+// the rows (ggml's threads) gives the same bits, and a slot's arithmetic does not depend on the
+// other slots of its pass (a replica computed with others gives the bits it gives alone).
 // nr_next: rows of the next row block of the call (0: none).  In a model's decode the codes come
 // from memory, and the 16 row streams read 64 bytes at a time are more than the hardware
 // prefetchers follow, so the loop fetches the next row block's codes, d and m (each contiguous)
 // a part per 8-block step ahead of use; the first row block of a call fetches its own codes two
 // steps ahead.
-//   y[t, o - row0] = gain[o] * (sum_G ad_G sum_{b in G} dx_b (q_b . xq_b) + sum_G off_G Sx_G) + bias[o]
-// The NT tokens share each transpose and unpack of the codes (NT a constant after inlining).
-LRQ_INLINE void rows16(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y, int64_t y_stride,
-                       int64_t row0, int64_t o0, int nr, int nr_next, int64_t t0, const float * adT,
-                       const float * offT, const int NT) {
+//   y[o - row0] = gain[o] * (sum_G ad_G sum_{b in G} dx_b (q_b . xq_b) + sum_G off_G Sx_G) + bias[o]
+// The NT slots share each transpose and unpack of the codes (NT a constant after inlining).
+LRQ_INLINE void rows16(const lrq_weight * w, const slot16 * s, int64_t row0, int64_t o0, int nr, int nr_next,
+                       const int NT) {
     const int64_t   n_in = w->n_in, nb = n_in / LRQ_QK, ng = lrq_n_groups(n_in, w->group_size);
     const int64_t   bpg  = w->group_size / LRQ_QK;
     const size_t    rb   = w->codes_row_bytes;
     const uint8_t * base = w->codes + (size_t) o0 * rb;
-    const int8_t *  xq[LRQ_MAX_NT];
-    const float *   dx[LRQ_MAX_NT];
     __m512          acc0[LRQ_MAX_NT], acc1[LRQ_MAX_NT], gs[LRQ_MAX_NT];
     for (int tt = 0; tt < NT; ++tt) {
-        xq[tt]          = a->qs + (t0 + tt) * n_in;
-        dx[tt]          = a->dx + (t0 + tt) * nb;
-        const float * sx = a->sx + (t0 + tt) * ng;
         acc0[tt] = _mm512_setzero_ps();
         acc1[tt] = _mm512_setzero_ps();
         gs[tt]   = _mm512_setzero_ps();
         for (int64_t G = 0; G < ng; ++G) {
-            acc1[tt] = _mm512_fmadd_ps(_mm512_loadu_ps(offT + G * 16), _mm512_set1_ps(sx[G]), acc1[tt]);
+            acc1[tt] = _mm512_fmadd_ps(_mm512_loadu_ps(s[tt].offT + G * 16), _mm512_set1_ps(s[tt].sx[G]), acc1[tt]);
         }
     }
     const int64_t nchunk = (nb + 7) / 8;
@@ -268,27 +283,29 @@ LRQ_INLINE void rows16(const lrq_weight * w, const lrq_replica * r, const lrq_ac
             const int last = (b + 1) % bpg == 0 || b + 1 == nb;
             for (int tt = 0; tt < NT; ++tt) {
                 __m512i i0, i1;
-                dot_halves16(q, xq[tt] + b * LRQ_QK, &i0, &i1);
-                gs[tt] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), _mm512_set1_ps(dx[tt][b]), gs[tt]);
+                dot_halves16(q, s[tt].xq + b * LRQ_QK, &i0, &i1);
+                gs[tt] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), _mm512_set1_ps(s[tt].dx[b]), gs[tt]);
                 if (last) {
-                    acc0[tt] = _mm512_fmadd_ps(gs[tt], _mm512_loadu_ps(adT + (b / bpg) * 16), acc0[tt]);
+                    acc0[tt] = _mm512_fmadd_ps(gs[tt], _mm512_loadu_ps(s[tt].adT + (b / bpg) * 16), acc0[tt]);
                     gs[tt]   = _mm512_setzero_ps();
                 }
             }
         }
     }
-    store_rows16(r, y, y_stride, row0, o0, nr, t0, acc0, acc1, NT);
+    for (int tt = 0; tt < NT; ++tt) store_slot16(&s[tt], row0, o0, nr, acc0[tt], acc1[tt]);
 }
 
-static void rows16_nt1(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y, int64_t y_stride,
-                       int64_t row0, int64_t o0, int nr, int nr_next, int64_t t0, const float * adT, const float * offT) {
-    rows16(w, r, a, y, y_stride, row0, o0, nr, nr_next, t0, adT, offT, 1);
-}
-
-static void rows16_ntb(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y, int64_t y_stride,
-                       int64_t row0, int64_t o0, int nr, int nr_next, int64_t t0, const float * adT, const float * offT) {
-    rows16(w, r, a, y, y_stride, row0, o0, nr, nr_next, t0, adT, offT, LRQ_MAX_NT);
-}
+#define LRQ_ROWS16(name, NT)                                                                                        \
+    static void name(const lrq_weight * w, const slot16 * s, int64_t row0, int64_t o0, int nr, int nr_next) {  \
+        rows16(w, s, row0, o0, nr, nr_next, NT);                                                                    \
+    }
+LRQ_ROWS16(rows16_nt1, 1)
+LRQ_ROWS16(rows16_nt2, 2)
+LRQ_ROWS16(rows16_nt3, 3)
+LRQ_ROWS16(rows16_nt4, 4)
+LRQ_STATIC_ASSERT(LRQ_MAX_NT == 4, "one rows16 instance per slot count 1..LRQ_MAX_NT");
+static void (*const rows16_nt[LRQ_MAX_NT + 1])(const lrq_weight *, const slot16 *, int64_t, int64_t, int, int) = {
+    NULL, rows16_nt1, rows16_nt2, rows16_nt3, rows16_nt4};
 
 // The two-level layout in the lane layout, rows o0..o0+15 (lanes past nr get zeros), as llama.cpp's
 // Q2_K kernels apply its scales: the 4-bit scale index sc_k multiplies the block's integer dots and
@@ -477,30 +494,64 @@ static int mul_mat_two_level(const lrq_weight * w, const lrq_replica * r, const 
     return LRQ_OK;
 }
 
+// shape: y_j[t, o - row0] = act_rj(x_j)[t, :] . W_rj[o, :] + bias_j[o] for the n replicas j of a
+// single-level LRQ2 weight, t < a[j].n_tok, row0 <= o < row1 (arguments checked by the caller,
+// q8.c).  Per row block: each replica's factors, then passes of rows16 over the codes with up to
+// LRQ_MAX_NT (replica, token) slots each, so the replicas share each load, transpose and unpack.
+static int mul_mat_multi(const lrq_weight * w, int n, const lrq_replica * const * r, const lrq_act_q8 * a,
+                         float * const * y, int64_t y_stride, int64_t row0, int64_t row1) {
+    const int64_t n_in = w->n_in, nb = n_in / LRQ_QK, ng = lrq_n_groups(n_in, w->group_size);
+    const int64_t ngp  = (ng + 15) / 16 * 16;
+    const size_t  need = (size_t) (2 * 16 * ngp) * (size_t) (n + 1);   // adT, offT per replica; factors16's rows
+    float         stack_buf[4096];                                      // n_in up to 4096 at g = 64, one replica
+    float *       buf = need <= 4096 ? stack_buf : (float *) malloc(need * sizeof(float));
+    if (!buf) return LRQ_ERR_NOMEM;
+    float * rows = buf + (size_t) (2 * 16 * ngp) * (size_t) n;
+    for (int64_t o0 = row0; o0 < row1; o0 += LRQ_ROW_BLOCK) {
+        const int64_t o1 = o0 + LRQ_ROW_BLOCK < row1 ? o0 + LRQ_ROW_BLOCK : row1;
+        int           nr_next = (int) (row1 - o1 < LRQ_ROW_BLOCK ? row1 - o1 : LRQ_ROW_BLOCK);
+        const int     nr = (int) (o1 - o0);
+        for (int j = 0; j < n; ++j) {
+            float * adT = buf + (size_t) (2 * 16 * ngp) * (size_t) j;
+            factors16(w, r[j], o0, nr, ng, lrq_zero_point(2, w->mode), rows, adT, adT + 16 * ngp);
+        }
+        slot16 s[LRQ_MAX_NT];
+        int    ns = 0;
+        for (int j = 0; j < n; ++j) {
+            const float * adT = buf + (size_t) (2 * 16 * ngp) * (size_t) j;
+            for (int64_t t = 0; t < a[j].n_tok; ++t) {
+                s[ns++] = (slot16) {a[j].qs + t * n_in, a[j].dx + t * nb, a[j].sx + t * ng, adT, adT + 16 * ngp, r[j],
+                                    y[j] + t * y_stride};
+                if (ns == LRQ_MAX_NT) {   // the next row block is fetched during the first pass only
+                    rows16_nt[ns](w, s, row0, o0, nr, nr_next);
+                    ns      = 0;
+                    nr_next = 0;
+                }
+            }
+        }
+        if (ns) rows16_nt[ns](w, s, row0, o0, nr, nr_next);
+    }
+    if (buf != stack_buf) free(buf);
+    return LRQ_OK;
+}
+
+int lrq_mul_mat_q8_avx512_multi(const lrq_weight * w, int n, const lrq_replica * const * r, const lrq_act_q8 * a,
+                                float * const * y, int64_t y_stride, int64_t row0, int64_t row1) {
+    if (w->sub) {   // two-level: one replica at a time (its factors live per sub-block)
+        for (int j = 0; j < n; ++j) {
+            const int rc = mul_mat_two_level(w, r[j], &a[j], y[j], y_stride, row0, row1);
+            if (rc) return rc;
+        }
+        return LRQ_OK;
+    }
+    return mul_mat_multi(w, n, r, a, y, y_stride, row0, row1);
+}
+
 // shape: y[t, o - row0] = act_r(x)[t, :] . W_r[o, :] + bias[o], t < a->n_tok, row0 <= o < row1
 // for an LRQ2 or two-level weight (arguments checked by the caller, q8.c).
 int lrq_mul_mat_q8_avx512(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y,
                           int64_t y_stride, int64_t row0, int64_t row1) {
-    if (w->sub) return mul_mat_two_level(w, r, a, y, y_stride, row0, row1);
-    const int64_t ng   = lrq_n_groups(w->n_in, w->group_size);
-    const int64_t ngp  = (ng + 15) / 16 * 16;
-    const size_t  need = (size_t) (4 * 16 * ngp);   // adT, offT, and factors16's rows
-    float         stack_buf[4096];                  // n_in up to 4096 at g = 64 without malloc
-    float *       buf = need <= 4096 ? stack_buf : (float *) malloc(need * sizeof(float));
-    if (!buf) return LRQ_ERR_NOMEM;
-    float * adT = buf, * offT = adT + 16 * ngp, * rows = offT + 16 * ngp;
-    for (int64_t o0 = row0; o0 < row1; o0 += LRQ_ROW_BLOCK) {
-        const int64_t o1 = o0 + LRQ_ROW_BLOCK < row1 ? o0 + LRQ_ROW_BLOCK : row1;
-        const int     nr = (int) (o1 - o0), nr_next = (int) (row1 - o1 < LRQ_ROW_BLOCK ? row1 - o1 : LRQ_ROW_BLOCK);
-        factors16(w, r, o0, nr, ng, lrq_zero_point(2, w->mode), rows, adT, offT);
-        int64_t t0 = 0;   // the next row block is fetched during the first pass only
-        for (; t0 + LRQ_MAX_NT <= a->n_tok; t0 += LRQ_MAX_NT) {
-            rows16_ntb(w, r, a, y, y_stride, row0, o0, nr, t0 ? 0 : nr_next, t0, adT, offT);
-        }
-        for (; t0 < a->n_tok; ++t0) rows16_nt1(w, r, a, y, y_stride, row0, o0, nr, t0 ? 0 : nr_next, t0, adT, offT);
-    }
-    if (buf != stack_buf) free(buf);
-    return LRQ_OK;
+    return lrq_mul_mat_q8_avx512_multi(w, 1, &r, a, &y, y_stride, row0, row1);
 }
 
 #endif  // LRQ_HAVE_AVX512_KERNEL

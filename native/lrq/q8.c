@@ -299,6 +299,23 @@ int lrq_mul_mat_q8(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8
     return lrq_mul_mat_q8_generic(w, r, a, y, y_stride, row0, row1);
 }
 
+int lrq_mul_mat_q8_multi(const lrq_weight * w, int n, const lrq_replica * const * r, const lrq_act_q8 * a,
+                         float * const * y, int64_t y_stride, int64_t row0, int64_t row1) {
+    if (n < 1 || !r || !a || !y) return LRQ_ERR_ARG;
+    for (int j = 0; j < n; ++j) {
+        const int rc = check_q8(w, r[j], &a[j], y[j], y_stride, row0, row1);
+        if (rc) return rc;
+    }
+#ifdef LRQ_HAVE_AVX512_KERNEL
+    if (use_avx512(w)) return lrq_mul_mat_q8_avx512_multi(w, n, r, a, y, y_stride, row0, row1);
+#endif
+    for (int j = 0; j < n; ++j) {
+        const int rc = lrq_mul_mat_q8(w, r[j], &a[j], y[j], y_stride, row0, row1);
+        if (rc) return rc;
+    }
+    return LRQ_OK;
+}
+
 #ifdef LRQ_HAVE_AVX2_KERNEL
 static int mul_mat_q8_avx2_checked(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a, float * y,
                                    int64_t y_stride, int64_t row0, int64_t row1) {

@@ -380,6 +380,69 @@ void lrq_register_kernels(py::module_ & parent) {
        "impl: 'ref' (double), 'fast' (int8 activations, the best kernel for this CPU), 'generic' (the same, portable C),\n"
        "'avx2' / 'avx512' (that kernel; ValueError where unavailable; 'avx512': 2-bit codes only, LRQ2 or two-level).");
 
+    m.def("mul_mat_multi", [](const py::object & codes, const py::object & d, const py::object & m_obj, int bits,
+                              int group_size, const std::string & mode, const py::list & xs, const py::list & replicas,
+                              bool fused, const py::object & sub) {
+        WeightArgs wa = weight_args(codes, d, m_obj, bits, group_size, mode);
+        attach_sub(wa, sub);
+        const size_t n = xs.size();
+        if (n < 1 || replicas.size() != n) throw py::value_error("xs and replicas must be lists of one length >= 1");
+        std::vector<ReplicaArgs> ra;
+        std::vector<F32Array>    x;
+        for (size_t j = 0; j < n; ++j) {
+            const py::dict p = replicas[j].cast<py::dict>();
+            auto get = [&](const char * k) { return p.contains(k) ? py::object(p[k]) : py::object(py::none()); };
+            for (auto item : p) {
+                const std::string k = item.first.cast<std::string>();
+                if (k != "alpha" && k != "beta" && k != "gain" && k != "bias" && k != "act_clip" && k != "act_bits") {
+                    throw py::value_error("replica " + std::to_string(j) + ": unknown key '" + k + "'");
+                }
+            }
+            ra.push_back(replica_args(wa.w, get("alpha"), get("beta"), get("gain"), get("bias"),
+                                      p.contains("act_clip") ? p["act_clip"].cast<double>() : 1.0,
+                                      p.contains("act_bits") ? p["act_bits"].cast<int>() : 0));
+            x.push_back(F32Array::ensure(xs[j]));
+            if (!x[j] || x[j].ndim() != 2 || x[j].shape(1) != wa.w.n_in || x[j].shape(0) != x[0].shape(0)) {
+                throw py::value_error("xs[" + std::to_string(j) + "] must be float32 [n_tok, n_in] = [n_tok, " +
+                                      std::to_string(wa.w.n_in) + "], n_tok equal for all");
+            }
+        }
+        const int64_t n_tok = x[0].shape(0), n_out = wa.w.n_out, gs = lrq_act_group_size(&wa.w);
+        const size_t  act_size = lrq_act_q8_size(n_tok, wa.w.n_in, (int) gs) + 32;
+        std::vector<char>                buf(act_size * n);
+        std::vector<lrq_act_q8>          a(n);
+        std::vector<const lrq_replica *> rp(n);
+        std::vector<py::array_t<float>>  y;
+        std::vector<float *>             yp(n);
+        for (size_t j = 0; j < n; ++j) {
+            lrq_act_q8_init(&a[j], buf.data() + j * act_size, n_tok, wa.w.n_in, (int) gs);
+            rp[j] = &ra[j].r;
+            y.emplace_back(std::vector<py::ssize_t>{(py::ssize_t) n_tok, (py::ssize_t) n_out});
+            yp[j] = y[j].mutable_data();
+        }
+        int rc = LRQ_OK;
+        {
+            py::gil_scoped_release nogil;
+            for (size_t j = 0; j < n && !rc; ++j) {
+                rc = lrq_quantize_act_q8(x[j].data(), wa.w.n_in, ra[j].r.act_clip, ra[j].r.act_bits, &a[j]);
+            }
+            if (rc || n_tok == 0) {
+            } else if (fused) {
+                rc = lrq_mul_mat_q8_multi(&wa.w, (int) n, rp.data(), a.data(), yp.data(), n_out, 0, n_out);
+            } else {
+                for (size_t j = 0; j < n && !rc; ++j) rc = lrq_mul_mat_q8(&wa.w, rp[j], &a[j], yp[j], n_out, 0, n_out);
+            }
+        }
+        check_status(rc, "mul_mat_multi");
+        py::list out;
+        for (auto & yj : y) out.append(yj);
+        return out;
+    }, py::arg("codes"), py::arg("d"), py::arg("m"), py::arg("bits"), py::arg("group_size"), py::arg("mode"),
+       py::arg("xs"), py::arg("replicas"), py::arg("fused") = true, py::arg("sub") = py::none(),
+       "The replicas of one weight at once: [y_j float32 [n_tok, n_out]] for xs[j] and replicas[j] (a dict of\n"
+       "alpha, beta, gain, bias, act_clip, act_bits, as mul_mat takes them).  fused=True: lrq_mul_mat_q8_multi (one\n"
+       "pass over the codes for all replicas where the kernel shares it); False: lrq_mul_mat_q8 per replica.");
+
     m.def("quantize_act_q8", [](const F32Array & x, int group_size, double act_clip, int act_bits) {
         if (x.ndim() != 2) bad_shape("x", "[n_tok, n_in]", x);
         const int64_t n_tok = x.shape(0), n_in = x.shape(1);
