@@ -437,8 +437,10 @@ def test_avx512_kernel_equals_generic(avx512, mode, group_size):
             assert nmse(wrong, generic) > CONTROL_MARGIN * SIMD_NMSE_TOL, f"control: {where}"
 
 
-# (replicas, tokens): the slot passes of 4 (2 x 2, 3 x 3 = 4 + 4 + 1, 4 x 1) and a lone replica
-MULTI_CASES = [(2, 1), (3, 1), (2, 2), (3, 3), (4, 1), (1, 5)]
+# (replicas, tokens, members that read member 0's input): the slot passes of 4 (2 x 2, 3 x 3 =
+# 4 + 4 + 1, 4 x 1) and a lone replica; shared inputs as a parallel group's q / k / v and gate / up
+# have them (lrq_act_q8_share: the dots once), also across the passes of 3 x 3
+MULTI_CASES = [(2, 1, ()), (3, 1, (2,)), (2, 2, (1,)), (3, 3, (1, 2)), (4, 1, (1, 3)), (1, 5, ())]
 
 
 @pytest.mark.parametrize("mode,bits", [("asym", 2), ("sym", 2), ("ternary", 2), ("asym", 3)])
@@ -446,18 +448,21 @@ def test_multi_replica_call_equals_one_replica_at_a_time(mode, bits):
     """lrq_mul_mat_q8_multi (the members of a parallel group in one pass over the codes; the
     AVX-512 kernel shares each block's load, transpose and unpack among them, other layouts run the
     members in turn) gives every member the bits lrq_mul_mat_q8 gives it alone: each member has its
-    own activations, act clip / bits, alpha / beta, gain / bias.  A pass that mixed the members'
+    own activations, act clip / bits, alpha / beta, gain / bias.  Members that read one input
+    (equal activations and act settings) share their integer dots.  A pass that mixed the members'
     factors or activations up would differ (the control below: the members' parameters swapped)."""
     rng = np.random.default_rng(31 * bits + len(mode))
     kinds = ["none", "group", "channel", "tensor"]
-    for case, (n_rep, n_tok) in enumerate(MULTI_CASES):
+    for case, (n_rep, n_tok, same_input) in enumerate(MULTI_CASES):
         n_out, n_in, g = (37, 576, 64) if case % 2 else (21, 2080, 32)   # (2080, 32): the kernel's malloc path
         qt = quant.quantize((rng.standard_normal((n_out, n_in)) * 0.05).astype(np.float32), bits, g, mode)
         xs = [rng.standard_normal((n_tok, n_in)).astype(np.float32) for _ in range(n_rep)]
+        for j in same_input:
+            xs[j] = xs[0].copy()
         reps = []
         for j in range(n_rep):
             kind = kinds[(case + j) % len(kinds)]
-            act = ACT_SETTINGS[(case + j) % 3]
+            act = ACT_SETTINGS[0 if j in same_input or (j == 0 and same_input) else (case + j) % 3]
             r = {"act_clip": act[0], "act_bits": act[1]}
             if kind != "none":
                 r.update(zip(("alpha", "beta", "gain", "bias"), _replica(rng, n_out, qt.n_groups, kind)))

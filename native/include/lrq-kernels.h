@@ -207,6 +207,12 @@ int lrq_quantize_act_q8(const float * x, int64_t x_stride, float act_clip, int a
 // (integer block dots are exact; only the float summation order differs).
 int lrq_mul_mat_q8(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8 * a,
                    float * y, int64_t y_stride, int64_t row0, int64_t row1);
+// Members of a parallel group that read one input (the same activation values, clip and bits)
+// quantize it to the same bytes: a[j] whose qs, dx and sx equal an earlier a[k]'s is made a view
+// of a[k]'s buffers, which tells lrq_mul_mat_q8_multi to compute their integer dots once.
+// Returns how many were made views.
+int lrq_act_q8_share(lrq_act_q8 * a, int n);
+
 // n replicas of one weight at once (the members of a parallel group: the same codes, d, m and
 // sub-block indices, each with its own replica parameters, activations a[j] and output y[j]):
 // y[j] gets exactly the bits lrq_mul_mat_q8(w, r[j], &a[j], y[j], ...) gives.  The AVX-512 kernel

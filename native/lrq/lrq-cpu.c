@@ -204,6 +204,9 @@ void ggml_compute_forward_lrq_mul_mat_run(const struct ggml_compute_params * par
         ggml_threadpool_chunk_set(params->threadpool, nth);
     }
     ggml_barrier(params->threadpool);
+    if (!use_ref && n > 1) {
+        lrq_act_q8_share(act, n);   // members that read one input: their dots once (each thread alike)
+    }
 
     // phase 2: (rows x tokens) chunks, taken dynamically; a chunk computes every member, so the
     // members read the chunk's codes once (the AVX-512 kernel) or while they are in L1 / L2

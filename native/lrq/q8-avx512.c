@@ -110,15 +110,18 @@ LRQ_INLINE int load_dm16(const lrq_weight * w, int64_t o0, int nr, int64_t ng, i
 }
 
 // The factors of rows o0..o0+15 in the lane layout: adT[G * 16 + rr], offT[G * 16 + rr] (ad, off
-// of row o0 + rr, group G; room for 16 * ng rounded up to 16).  Without alpha / beta (replica 0)
+// of row o0 + rr, group G; room for 16 * ng rounded up to 16).  Without alpha / beta (replica 0),
+// or with them per channel / per tensor (a replica's usual grid offset: one value per lane),
 // straight from the fp16 d and m, 16 groups at a time: row rr's 16 d and 16 m as one vector of
-// 32-bit words (d pairs, then m pairs), transposed, converted.  With them: row_factors per row
-// into rows (room for 16 rows of ng rounded up to 16), then the same transpose of the floats.
+// 32-bit words (d pairs, then m pairs), transposed, converted.  With alpha or beta per group:
+// row_factors per row into rows (room for 16 rows of ng rounded up to 16), then the same transpose
+// of the floats.
 static void factors16(const lrq_weight * w, const lrq_replica * r, int64_t o0, int nr, int64_t ng, float z,
                       float * rows, float * adT, float * offT) {
     const int64_t ngp = (ng + 15) / 16 * 16;
     __m512i       T[16];
-    if (r && (r->alpha || r->beta)) {
+    // alpha / beta per group: row by row (row_factors), then the transpose of the floats
+    if (r && ((r->alpha && r->alpha_group_stride) || (r->beta && r->beta_group_stride))) {
         for (int rr = 0; rr < 16; ++rr) {
             if (rr < nr) {
                 row_factors(w, r, o0 + rr, ng, z, rows + rr * 2 * ngp, rows + rr * 2 * ngp + ngp);
@@ -136,18 +139,25 @@ static void factors16(const lrq_weight * w, const lrq_replica * r, int64_t o0, i
         }
         return;
     }
-    const __m512 mz = _mm512_set1_ps(-z);
+    // none, or per channel / per tensor: one value per row, i.e. per lane, for every group; the
+    // operations of row_factors in its order (ad = d alpha; off = ad (-z + beta) + m)
+    const int    has_a = r && r->alpha, has_b = r && r->beta;
+    const __m512 av    = has_a ? load16_h(r->alpha + o0 * r->alpha_row_stride, r->alpha_row_stride, nr) : _mm512_set1_ps(1.0f);
+    const __m512 lv    = has_b ? _mm512_add_ps(_mm512_set1_ps(-z),
+                                               load16_h(r->beta + o0 * r->beta_row_stride, r->beta_row_stride, nr))
+                               : _mm512_set1_ps(-z);
     for (int64_t G0 = 0; G0 < ng; G0 += 16) {
         const int n = load_dm16(w, o0, nr, ng, G0, T);   // T[j] lane rr: (d, d) of groups G0 + 2j, 2j + 1 (j < 8), (m, m) of 2(j - 8), +1
         for (int j = 0; 2 * j < n; ++j) {
             for (int h = 0; h < 2; ++h) {
                 const __m512i dw = h ? _mm512_srli_epi32(T[j], 16) : T[j];
                 const __m512i mw = h ? _mm512_srli_epi32(T[8 + j], 16) : T[8 + j];
-                const __m512  d  = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dw));
+                __m512        d  = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dw));
                 const __m512  m  = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(mw));
+                if (has_a) d = _mm512_mul_ps(d, av);
                 _mm512_storeu_ps(adT + (G0 + 2 * j + h) * 16, d);
-                // as row_factors: ad * (beta - z) + m with beta = 0 (and m = 0 without m)
-                _mm512_storeu_ps(offT + (G0 + 2 * j + h) * 16, _mm512_add_ps(_mm512_mul_ps(d, mz), m));
+                // m = 0 without m
+                _mm512_storeu_ps(offT + (G0 + 2 * j + h) * 16, _mm512_add_ps(_mm512_mul_ps(d, lv), m));
             }
         }
     }
@@ -247,9 +257,12 @@ LRQ_INLINE void prefetch_part(const void * p, size_t bytes, int64_t c, int64_t n
 // a part per 8-block step ahead of use; the first row block of a call fetches its own codes two
 // steps ahead.
 //   y[o - row0] = gain[o] * (sum_G ad_G sum_{b in G} dx_b (q_b . xq_b) + sum_G off_G Sx_G) + bias[o]
-// The NT slots share each transpose and unpack of the codes (NT a constant after inlining).
-LRQ_INLINE void rows16(const lrq_weight * w, const slot16 * s, int64_t row0, int64_t o0, int nr, int nr_next,
-                       const int NT) {
+// The NT slots share each transpose and unpack of the codes (NT a constant after inlining).  A slot
+// whose activations are an earlier slot's (own[tt] < tt: the same buffers, i.e. members of a
+// parallel group that read one input, lrq_act_q8_share) also shares its integer dots and their
+// per-group float sums; only its factors apply on their own (adT, offT, gain, bias).
+LRQ_INLINE void rows16(const lrq_weight * w, const slot16 * s, const int * own, int64_t row0, int64_t o0, int nr,
+                       int nr_next, const int NT, const int SHARE) {
     const int64_t   n_in = w->n_in, nb = n_in / LRQ_QK, ng = lrq_n_groups(n_in, w->group_size);
     const int64_t   bpg  = w->group_size / LRQ_QK;
     const size_t    rb   = w->codes_row_bytes;
@@ -280,32 +293,45 @@ LRQ_INLINE void rows16(const lrq_weight * w, const slot16 * s, int64_t row0, int
             const int64_t b = b0 + bb;
             __m512i q[8];
             unpack_block16(T, bb, q);
-            const int last = (b + 1) % bpg == 0 || b + 1 == nb;
             for (int tt = 0; tt < NT; ++tt) {
+                if (SHARE && own[tt] != tt) continue;   // the activations of an earlier slot: its sums serve
                 __m512i i0, i1;
                 dot_halves16(q, s[tt].xq + b * LRQ_QK, &i0, &i1);
                 gs[tt] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), _mm512_set1_ps(s[tt].dx[b]), gs[tt]);
-                if (last) {
-                    acc0[tt] = _mm512_fmadd_ps(gs[tt], _mm512_loadu_ps(s[tt].adT + (b / bpg) * 16), acc0[tt]);
-                    gs[tt]   = _mm512_setzero_ps();
+            }
+            if ((b + 1) % bpg == 0 || b + 1 == nb) {   // a group's last block
+                for (int tt = 0; tt < NT; ++tt) {
+                    // constant indices only (NT unrolled): gs stays in registers
+                    __m512 g = gs[tt];
+                    for (int k = 0; SHARE && k < tt; ++k) g = own[tt] == k ? gs[k] : g;
+                    acc0[tt] = _mm512_fmadd_ps(g, _mm512_loadu_ps(s[tt].adT + (b / bpg) * 16), acc0[tt]);
                 }
+                for (int tt = 0; tt < NT; ++tt) gs[tt] = _mm512_setzero_ps();
             }
         }
     }
     for (int tt = 0; tt < NT; ++tt) store_slot16(&s[tt], row0, o0, nr, acc0[tt], acc1[tt]);
 }
 
-#define LRQ_ROWS16(name, NT)                                                                                        \
-    static void name(const lrq_weight * w, const slot16 * s, int64_t row0, int64_t o0, int nr, int nr_next) {  \
-        rows16(w, s, row0, o0, nr, nr_next, NT);                                                                    \
+// One instance per slot count, without and with shared activations (SHARE = 0 compiles the
+// checks out: one replica's tokens, or members with inputs of their own).
+#define LRQ_ROWS16(name, NT, SHARE)                                                                             \
+    static void name(const lrq_weight * w, const slot16 * s, const int * own, int64_t row0, int64_t o0, int nr,    \
+                     int nr_next) {                                                                             \
+        rows16(w, s, own, row0, o0, nr, nr_next, NT, SHARE);                                                    \
     }
-LRQ_ROWS16(rows16_nt1, 1)
-LRQ_ROWS16(rows16_nt2, 2)
-LRQ_ROWS16(rows16_nt3, 3)
-LRQ_ROWS16(rows16_nt4, 4)
+LRQ_ROWS16(rows16_nt1, 1, 0)
+LRQ_ROWS16(rows16_nt2, 2, 0)
+LRQ_ROWS16(rows16_nt3, 3, 0)
+LRQ_ROWS16(rows16_nt4, 4, 0)
+LRQ_ROWS16(rows16_nt2_shared, 2, 1)
+LRQ_ROWS16(rows16_nt3_shared, 3, 1)
+LRQ_ROWS16(rows16_nt4_shared, 4, 1)
 LRQ_STATIC_ASSERT(LRQ_MAX_NT == 4, "one rows16 instance per slot count 1..LRQ_MAX_NT");
-static void (*const rows16_nt[LRQ_MAX_NT + 1])(const lrq_weight *, const slot16 *, int64_t, int64_t, int, int) = {
-    NULL, rows16_nt1, rows16_nt2, rows16_nt3, rows16_nt4};
+typedef void (*rows16_fn)(const lrq_weight *, const slot16 *, const int *, int64_t, int64_t, int, int);
+static const rows16_fn rows16_nt[2][LRQ_MAX_NT + 1] = {
+    {NULL, rows16_nt1, rows16_nt2, rows16_nt3, rows16_nt4},
+    {NULL, rows16_nt1, rows16_nt2_shared, rows16_nt3_shared, rows16_nt4_shared}};
 
 // The two-level layout in the lane layout, rows o0..o0+15 (lanes past nr get zeros), as llama.cpp's
 // Q2_K kernels apply its scales: the 4-bit scale index sc_k multiplies the block's integer dots and
@@ -516,20 +542,30 @@ static int mul_mat_multi(const lrq_weight * w, int n, const lrq_replica * const 
             factors16(w, r[j], o0, nr, ng, lrq_zero_point(2, w->mode), rows, adT, adT + 16 * ngp);
         }
         slot16 s[LRQ_MAX_NT];
-        int    ns = 0;
+        int    own[LRQ_MAX_NT];   // the first slot of the pass with the same activations
+        int    ns = 0, shared = 0;
         for (int j = 0; j < n; ++j) {
             const float * adT = buf + (size_t) (2 * 16 * ngp) * (size_t) j;
             for (int64_t t = 0; t < a[j].n_tok; ++t) {
-                s[ns++] = (slot16) {a[j].qs + t * n_in, a[j].dx + t * nb, a[j].sx + t * ng, adT, adT + 16 * ngp, r[j],
-                                    y[j] + t * y_stride};
-                if (ns == LRQ_MAX_NT) {   // the next row block is fetched during the first pass only
-                    rows16_nt[ns](w, s, row0, o0, nr, nr_next);
+                s[ns] = (slot16) {a[j].qs + t * n_in, a[j].dx + t * nb, a[j].sx + t * ng, adT, adT + 16 * ngp, r[j],
+                                  y[j] + t * y_stride};
+                own[ns] = ns;
+                for (int k = 0; k < ns; ++k) {
+                    if (s[k].xq == s[ns].xq && s[k].dx == s[ns].dx && s[k].sx == s[ns].sx) {
+                        own[ns] = k;
+                        shared  = 1;
+                        break;
+                    }
+                }
+                if (++ns == LRQ_MAX_NT) {   // the next row block is fetched during the first pass only
+                    rows16_nt[shared][ns](w, s, own, row0, o0, nr, nr_next);
                     ns      = 0;
+                    shared  = 0;
                     nr_next = 0;
                 }
             }
         }
-        if (ns) rows16_nt[ns](w, s, row0, o0, nr, nr_next);
+        if (ns) rows16_nt[shared][ns](w, s, own, row0, o0, nr, nr_next);
     }
     if (buf != stack_buf) free(buf);
     return LRQ_OK;

@@ -299,6 +299,25 @@ int lrq_mul_mat_q8(const lrq_weight * w, const lrq_replica * r, const lrq_act_q8
     return lrq_mul_mat_q8_generic(w, r, a, y, y_stride, row0, row1);
 }
 
+int lrq_act_q8_share(lrq_act_q8 * a, int n) {
+    int shared = 0;
+    for (int j = 1; j < n; ++j) {
+        const size_t nq = (size_t) (a[j].n_tok * a[j].n_in), nb = (size_t) (a[j].n_tok * (a[j].n_in / LRQ_QK));
+        const size_t ng = (size_t) (a[j].n_tok * lrq_n_groups(a[j].n_in, a[j].group_size));
+        for (int k = 0; k < j; ++k) {
+            if (a[k].qs == a[j].qs) break;   // j already shares
+            if (a[k].n_tok == a[j].n_tok && a[k].n_in == a[j].n_in && a[k].group_size == a[j].group_size &&
+                !memcmp(a[k].qs, a[j].qs, nq) && !memcmp(a[k].dx, a[j].dx, nb * sizeof(float)) &&
+                !memcmp(a[k].sx, a[j].sx, ng * sizeof(float))) {
+                a[j] = a[k];
+                ++shared;
+                break;
+            }
+        }
+    }
+    return shared;
+}
+
 int lrq_mul_mat_q8_multi(const lrq_weight * w, int n, const lrq_replica * const * r, const lrq_act_q8 * a,
                          float * const * y, int64_t y_stride, int64_t row0, int64_t row1) {
     if (n < 1 || !r || !a || !y) return LRQ_ERR_ARG;

@@ -427,7 +427,8 @@ void lrq_register_kernels(py::module_ & parent) {
                 rc = lrq_quantize_act_q8(x[j].data(), wa.w.n_in, ra[j].r.act_clip, ra[j].r.act_bits, &a[j]);
             }
             if (rc || n_tok == 0) {
-            } else if (fused) {
+            } else if (fused) {   // as the op: members with equal activations share them
+                lrq_act_q8_share(a.data(), (int) n);
                 rc = lrq_mul_mat_q8_multi(&wa.w, (int) n, rp.data(), a.data(), yp.data(), n_out, 0, n_out);
             } else {
                 for (size_t j = 0; j < n && !rc; ++j) rc = lrq_mul_mat_q8(&wa.w, rp[j], &a[j], yp[j], n_out, 0, n_out);
@@ -440,8 +441,9 @@ void lrq_register_kernels(py::module_ & parent) {
     }, py::arg("codes"), py::arg("d"), py::arg("m"), py::arg("bits"), py::arg("group_size"), py::arg("mode"),
        py::arg("xs"), py::arg("replicas"), py::arg("fused") = true, py::arg("sub") = py::none(),
        "The replicas of one weight at once: [y_j float32 [n_tok, n_out]] for xs[j] and replicas[j] (a dict of\n"
-       "alpha, beta, gain, bias, act_clip, act_bits, as mul_mat takes them).  fused=True: lrq_mul_mat_q8_multi (one\n"
-       "pass over the codes for all replicas where the kernel shares it); False: lrq_mul_mat_q8 per replica.");
+       "alpha, beta, gain, bias, act_clip, act_bits, as mul_mat takes them).  fused=True: as the op runs a parallel\n"
+       "group, lrq_act_q8_share then lrq_mul_mat_q8_multi (one pass over the codes for all replicas where the kernel\n"
+       "shares it; replicas with equal activations share their dots); False: lrq_mul_mat_q8 per replica.");
 
     m.def("quantize_act_q8", [](const F32Array & x, int group_size, double act_clip, int act_bits) {
         if (x.ndim() != 2) bad_shape("x", "[n_tok, n_in]", x);
