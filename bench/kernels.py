@@ -3,6 +3,7 @@
     .venv/bin/python bench/kernels.py [--bits 2] [--group-size 64] [--mode asym] [--tokens 1 16]
     .venv/bin/python bench/kernels.py --two-level [--tokens 1 16]
     .venv/bin/python bench/kernels.py --cpu-time [--bits 2] [--group-size 64] [--tokens 1 4]
+    .venv/bin/python bench/kernels.py --replicas [--tokens 1]
 
 For each weight shape (SmolLM2-135M's attention-ish 1536x576 -- n_out x n_in -- and
 Qwen2.5-1.5B's ffn_up-sized 8960x1536) it prints the time per call and tokens/s of the fast path
@@ -26,6 +27,12 @@ round-robin, the best of --rounds kept; the activation quantization's CPU time p
 printed beside.  --cold: each call on another copy of the weight (copies spanning more than
 the last-level cache, each called once per round, no warm-up), so that the codes stream from
 memory as in a model's decode, where every linear's weights are read once per token.
+
+--replicas: the members of a parallel group (lrq_mul_mat_q8_multi, LRQ2 asym g64) at the same
+shapes, thread CPU time per call, round-robin, best of --rounds: replica 0 alone; a replica with a
+per-channel grid offset (beta [n_out, 1], as lrq-convert writes a replica) alone; two members
+(replica 0 and such a replica) with inputs of their own, fused and as two calls; two members that
+read one input (q / k / v, gate / up of a group whose members share the block input), fused.
 """
 
 from __future__ import annotations
@@ -161,6 +168,34 @@ def cpu_time(args) -> None:
     print(f"load average (1 min) after: {load1:.2f}")
 
 
+def replicas(args) -> None:
+    rng = np.random.default_rng(0)
+    load0 = os.getloadavg()[0]
+    print(f"LRQ2 asym g64 replicas: thread CPU time per call (us), 1 thread, best of {args.rounds} rounds; load "
+          f"average (1 min) {load0:.2f} on {os.cpu_count()} cores; ratios to replica 0 alone")
+    cols = ["r0", "r1", "2 own, fused", "2 own, 2 calls", "2 one input, fused"]
+    hdr = f"{'n_out x n_in':>13} {'tokens':>6} " + " ".join(f"{c:>20}" for c in cols)
+    print(hdr)
+    print("-" * len(hdr))
+    for n_out, n_in in QWEN_SHAPES:
+        codes, d, m = K.quantize((rng.standard_normal((n_out, n_in)) * 0.02).astype(np.float32), 2, 64, "asym", "minmax")
+        r1 = {"beta": (0.3 * rng.standard_normal((n_out, 1))).astype(np.float16)}
+        for n_tok in args.tokens:
+            x0, x1 = (rng.standard_normal((n_tok, n_in)).astype(np.float32) for _ in range(2))
+            calls = {"r0": ([x0], [{}], True), "r1": ([x0], [r1], True), "2 own, fused": ([x0, x1], [{}, r1], True),
+                     "2 own, 2 calls": ([x0, x1], [{}, r1], False), "2 one input, fused": ([x0, x0], [{}, r1], True)}
+            reps = max(3, int(args.min_time / args.rounds / (n_out * n_in * n_tok * 1e-9)))
+            best = {c: float("inf") for c in cols}
+            for _ in range(args.rounds):
+                for c in cols:
+                    xs, rs, fused = calls[c]
+                    best[c] = min(best[c], K.bench_mul_mat_multi(codes, d, m, 2, 64, "asym", xs, rs, fused=fused,
+                                                                 reps=reps))
+            print(f"{f'{n_out}x{n_in}':>13} {n_tok:>6} " +
+                  " ".join(f"{best[c] * 1e6:11.1f} ({best[c] / best['r0']:.2f}x)" for c in cols))
+    print(f"load average (1 min) after: {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", type=int, default=2)
@@ -175,7 +210,14 @@ def main() -> None:
                     help="thread CPU time per call of each q8 kernel at Qwen2.5-1.5B's shapes (module doc)")
     ap.add_argument("--generic", action="store_true", help="--cpu-time: also time the portable C kernel")
     ap.add_argument("--cold", action="store_true", help="--cpu-time: weights read from memory (module doc)")
+    ap.add_argument("--replicas", action="store_true",
+                    help="a parallel group's members in one call against one at a time (module doc)")
     args = ap.parse_args()
+    if args.replicas:
+        if args.tokens == [1, 16]:
+            args.tokens = [1]
+        replicas(args)
+        return
     if args.cpu_time:
         if args.tokens == [1, 16]:
             args.tokens = [1, 4]

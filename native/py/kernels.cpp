@@ -188,6 +188,80 @@ ReplicaArgs replica_args(const lrq_weight & w, const py::object & alpha, const p
     return ra;
 }
 
+double thread_cpu_s() {   // CPU time of this thread: what a loaded machine does not inflate (unlike wall time)
+    timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double) ts.tv_sec + 1e-9 * (double) ts.tv_nsec;
+}
+
+// The replicas of one weight for lrq_mul_mat_q8_multi: validated arguments, activation buffers and
+// outputs.  xs[j] float32 [n_tok, n_in] (n_tok equal for all), replicas[j] a dict of mul_mat's
+// replica arguments.
+struct MultiCall {
+    const lrq_weight &               w;
+    std::vector<ReplicaArgs>         ra;
+    std::vector<F32Array>            x;
+    std::vector<char>                buf;
+    std::vector<lrq_act_q8>          a;
+    std::vector<const lrq_replica *> rp;
+    std::vector<py::array_t<float>>  y;
+    std::vector<float *>             yp;
+
+    MultiCall(const lrq_weight & w_, const py::list & xs, const py::list & replicas) : w(w_) {
+        const size_t n = xs.size();
+        if (n < 1 || replicas.size() != n) throw py::value_error("xs and replicas must be lists of one length >= 1");
+        for (size_t j = 0; j < n; ++j) {
+            const py::dict p = replicas[j].cast<py::dict>();
+            auto get = [&](const char * k) { return p.contains(k) ? py::object(p[k]) : py::object(py::none()); };
+            for (auto item : p) {
+                const std::string k = item.first.cast<std::string>();
+                if (k != "alpha" && k != "beta" && k != "gain" && k != "bias" && k != "act_clip" && k != "act_bits") {
+                    throw py::value_error("replica " + std::to_string(j) + ": unknown key '" + k + "'");
+                }
+            }
+            ra.push_back(replica_args(w, get("alpha"), get("beta"), get("gain"), get("bias"),
+                                      p.contains("act_clip") ? p["act_clip"].cast<double>() : 1.0,
+                                      p.contains("act_bits") ? p["act_bits"].cast<int>() : 0));
+            x.push_back(F32Array::ensure(xs[j]));
+            if (!x[j] || x[j].ndim() != 2 || x[j].shape(1) != w.n_in || x[j].shape(0) != x[0].shape(0)) {
+                throw py::value_error("xs[" + std::to_string(j) + "] must be float32 [n_tok, n_in] = [n_tok, " +
+                                      std::to_string(w.n_in) + "], n_tok equal for all");
+            }
+        }
+        const int64_t n_tok = x[0].shape(0);
+        const int     gs = lrq_act_group_size(&w);
+        const size_t  act_size = lrq_act_q8_size(n_tok, w.n_in, gs) + 32;
+        buf.resize(act_size * n);
+        a.resize(n);
+        rp.resize(n);
+        yp.resize(n);
+        for (size_t j = 0; j < n; ++j) {
+            lrq_act_q8_init(&a[j], buf.data() + j * act_size, n_tok, w.n_in, gs);
+            rp[j] = &ra[j].r;
+            y.emplace_back(std::vector<py::ssize_t>{(py::ssize_t) n_tok, (py::ssize_t) w.n_out});
+            yp[j] = y[j].mutable_data();
+        }
+    }
+    // Without the GIL.  fused: as the op runs a parallel group, members with equal activations share them.
+    int quantize(bool fused) {
+        for (size_t j = 0; j < x.size(); ++j) {
+            const int rc = lrq_quantize_act_q8(x[j].data(), w.n_in, ra[j].r.act_clip, ra[j].r.act_bits, &a[j]);
+            if (rc) return rc;
+        }
+        if (fused) lrq_act_q8_share(a.data(), (int) a.size());
+        return LRQ_OK;
+    }
+    int run(bool fused) {
+        if (a[0].n_tok == 0) return LRQ_OK;
+        if (fused) return lrq_mul_mat_q8_multi(&w, (int) a.size(), rp.data(), a.data(), yp.data(), w.n_out, 0, w.n_out);
+        for (size_t j = 0; j < a.size(); ++j) {
+            const int rc = lrq_mul_mat_q8(&w, rp[j], &a[j], yp[j], w.n_out, 0, w.n_out);
+            if (rc) return rc;
+        }
+        return LRQ_OK;
+    }
+};
+
 }  // namespace
 
 void lrq_register_kernels(py::module_ & parent) {
@@ -385,58 +459,16 @@ void lrq_register_kernels(py::module_ & parent) {
                               bool fused, const py::object & sub) {
         WeightArgs wa = weight_args(codes, d, m_obj, bits, group_size, mode);
         attach_sub(wa, sub);
-        const size_t n = xs.size();
-        if (n < 1 || replicas.size() != n) throw py::value_error("xs and replicas must be lists of one length >= 1");
-        std::vector<ReplicaArgs> ra;
-        std::vector<F32Array>    x;
-        for (size_t j = 0; j < n; ++j) {
-            const py::dict p = replicas[j].cast<py::dict>();
-            auto get = [&](const char * k) { return p.contains(k) ? py::object(p[k]) : py::object(py::none()); };
-            for (auto item : p) {
-                const std::string k = item.first.cast<std::string>();
-                if (k != "alpha" && k != "beta" && k != "gain" && k != "bias" && k != "act_clip" && k != "act_bits") {
-                    throw py::value_error("replica " + std::to_string(j) + ": unknown key '" + k + "'");
-                }
-            }
-            ra.push_back(replica_args(wa.w, get("alpha"), get("beta"), get("gain"), get("bias"),
-                                      p.contains("act_clip") ? p["act_clip"].cast<double>() : 1.0,
-                                      p.contains("act_bits") ? p["act_bits"].cast<int>() : 0));
-            x.push_back(F32Array::ensure(xs[j]));
-            if (!x[j] || x[j].ndim() != 2 || x[j].shape(1) != wa.w.n_in || x[j].shape(0) != x[0].shape(0)) {
-                throw py::value_error("xs[" + std::to_string(j) + "] must be float32 [n_tok, n_in] = [n_tok, " +
-                                      std::to_string(wa.w.n_in) + "], n_tok equal for all");
-            }
-        }
-        const int64_t n_tok = x[0].shape(0), n_out = wa.w.n_out, gs = lrq_act_group_size(&wa.w);
-        const size_t  act_size = lrq_act_q8_size(n_tok, wa.w.n_in, (int) gs) + 32;
-        std::vector<char>                buf(act_size * n);
-        std::vector<lrq_act_q8>          a(n);
-        std::vector<const lrq_replica *> rp(n);
-        std::vector<py::array_t<float>>  y;
-        std::vector<float *>             yp(n);
-        for (size_t j = 0; j < n; ++j) {
-            lrq_act_q8_init(&a[j], buf.data() + j * act_size, n_tok, wa.w.n_in, (int) gs);
-            rp[j] = &ra[j].r;
-            y.emplace_back(std::vector<py::ssize_t>{(py::ssize_t) n_tok, (py::ssize_t) n_out});
-            yp[j] = y[j].mutable_data();
-        }
-        int rc = LRQ_OK;
+        MultiCall mc(wa.w, xs, replicas);
+        int       rc = LRQ_OK;
         {
             py::gil_scoped_release nogil;
-            for (size_t j = 0; j < n && !rc; ++j) {
-                rc = lrq_quantize_act_q8(x[j].data(), wa.w.n_in, ra[j].r.act_clip, ra[j].r.act_bits, &a[j]);
-            }
-            if (rc || n_tok == 0) {
-            } else if (fused) {   // as the op: members with equal activations share them
-                lrq_act_q8_share(a.data(), (int) n);
-                rc = lrq_mul_mat_q8_multi(&wa.w, (int) n, rp.data(), a.data(), yp.data(), n_out, 0, n_out);
-            } else {
-                for (size_t j = 0; j < n && !rc; ++j) rc = lrq_mul_mat_q8(&wa.w, rp[j], &a[j], yp[j], n_out, 0, n_out);
-            }
+            rc = mc.quantize(fused);
+            if (!rc) rc = mc.run(fused);
         }
         check_status(rc, "mul_mat_multi");
         py::list out;
-        for (auto & yj : y) out.append(yj);
+        for (auto & yj : mc.y) out.append(yj);
         return out;
     }, py::arg("codes"), py::arg("d"), py::arg("m"), py::arg("bits"), py::arg("group_size"), py::arg("mode"),
        py::arg("xs"), py::arg("replicas"), py::arg("fused") = true, py::arg("sub") = py::none(),
@@ -444,6 +476,29 @@ void lrq_register_kernels(py::module_ & parent) {
        "alpha, beta, gain, bias, act_clip, act_bits, as mul_mat takes them).  fused=True: as the op runs a parallel\n"
        "group, lrq_act_q8_share then lrq_mul_mat_q8_multi (one pass over the codes for all replicas where the kernel\n"
        "shares it; replicas with equal activations share their dots); False: lrq_mul_mat_q8 per replica.");
+
+    m.def("bench_mul_mat_multi", [](const py::object & codes, const py::object & d, const py::object & m_obj, int bits,
+                                    int group_size, const std::string & mode, const py::list & xs,
+                                    const py::list & replicas, bool fused, int reps) {
+        WeightArgs wa = weight_args(codes, d, m_obj, bits, group_size, mode);
+        if (reps < 1) throw py::value_error("reps must be >= 1");
+        MultiCall mc(wa.w, xs, replicas);
+        int       rc = LRQ_OK;
+        double    t_mm = 0.0;
+        {
+            py::gil_scoped_release nogil;
+            rc = mc.quantize(fused);
+            if (!rc) rc = mc.run(fused);   // weights into the caches
+            const double t0 = thread_cpu_s();
+            for (int i = 0; i < reps && !rc; ++i) rc = mc.run(fused);
+            t_mm = (thread_cpu_s() - t0) / reps;
+        }
+        check_status(rc, "bench_mul_mat_multi");
+        return t_mm;
+    }, py::arg("codes"), py::arg("d"), py::arg("m"), py::arg("bits"), py::arg("group_size"), py::arg("mode"),
+       py::arg("xs"), py::arg("replicas"), py::arg("fused") = true, py::arg("reps") = 100,
+       "Thread CPU seconds per mul_mat_multi call over all rows (activations quantized once, outside the timed\n"
+       "loop; one warm-up call).  For bench/kernels.py --replicas.");
 
     m.def("quantize_act_q8", [](const F32Array & x, int group_size, double act_clip, int act_bits) {
         if (x.ndim() != 2) bad_shape("x", "[n_tok, n_in]", x);
@@ -479,12 +534,7 @@ void lrq_register_kernels(py::module_ & parent) {
         std::vector<float> y((size_t) (n_tok * n_out));
         lrq_act_q8         a;
         lrq_act_q8_init(&a, buf.data(), n_tok, wa.w.n_in, gs);
-        // CPU time of this thread: what a loaded machine does not inflate (unlike wall time)
-        auto cpu = []() {
-            timespec ts;
-            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-            return (double) ts.tv_sec + 1e-9 * (double) ts.tv_nsec;
-        };
+        auto cpu = thread_cpu_s;
         int    rc = LRQ_OK;
         double t_act = 0.0, t_mm = 0.0;
         {
