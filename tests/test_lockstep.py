@@ -1,4 +1,5 @@
-"""The lockstep order of parallel groups (native/lrq/lrq-graph.cpp, patch 0013).
+"""The lockstep order of parallel groups (native/lrq/lrq-graph.cpp, patch 0013) and the fused
+runs of same-codes nodes it makes (ggml-cpu, patch 0014).
 
 After llama.cpp builds the graph of a model with parallel groups, the nodes of each group are
 reordered so that the members run each linear back to back (their k-th LRQ_MUL_MATs over the same
